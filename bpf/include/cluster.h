@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Cluster load balancing: choose one endpoint of a cluster record. */
+#ifndef __KMESH_CLUSTER_H__
+#define __KMESH_CLUSTER_H__
+
+#include "kmesh_maps.h"
+#include "endpoint.h"
+
+/* Index masks for arrays whose length is a power of two: a value already
+ * below the length is unchanged, and the verifier sees the bound. */
+#define KMESH_INDEX_MASK(len) ((len) - 1)
+
+/* Bound an index for the verifier. clang knows the index is in range and
+ * would drop a plain mask; barrier_var() hides the value so the mask stays. */
+static __always_inline __u32 kmesh_bound(__u32 idx, __u32 mask)
+{
+	barrier_var(idx);
+	return idx & mask;
+}
+_Static_assert((KMESH_LB_SLOTS & (KMESH_LB_SLOTS - 1)) == 0, "slots: power of two");
+_Static_assert((KMESH_MAX_ENDPOINTS & (KMESH_MAX_ENDPOINTS - 1)) == 0, "endpoints: power of two");
+
+static __always_inline const struct kmesh_endpoint *
+cluster_slot_endpoint(const struct kmesh_cluster *c, __u32 pos)
+{
+	__u32 n = c->slot_count;
+	__u32 idx;
+
+	if (n == 0 || n > KMESH_LB_SLOTS)
+		return 0;
+	/* pos % n < n <= KMESH_LB_SLOTS already; the mask only proves it to
+	 * the verifier. */
+	idx = c->slots[kmesh_bound(pos % n, KMESH_INDEX_MASK(KMESH_LB_SLOTS))];
+	if (idx >= c->endpoint_count)
+		return 0;
+	return &c->endpoints[kmesh_bound(idx, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS))];
+}
+
+/* ROUND_ROBIN: one cursor per cluster shared by all CPUs, so consecutive
+ * connections take consecutive slots whichever CPU runs them. The slot table
+ * interleaves endpoints by weight (smooth WRR). */
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_round_robin(struct kmesh_cluster *c)
+{
+	return cluster_slot_endpoint(c, __sync_fetch_and_add(&c->rr_cursor, 1));
+}
+
+/* RANDOM: a uniform slot is an endpoint drawn in proportion to its weight. */
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_random(const struct kmesh_cluster *c)
+{
+	return cluster_slot_endpoint(c, bpf_get_prandom_u32());
+}
+
+/* LEAST_REQUEST: fewest active connections relative to weight, i.e. the
+ * smallest (active + 1) / weight, compared without division. The scan starts
+ * at a rotating offset so ties are spread instead of piling on endpoint 0. */
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_least_request(struct kmesh_cluster *c)
+{
+	__u32 n = c->endpoint_count;
+	__u32 start = __sync_fetch_and_add(&c->rr_cursor, 1);
+	const struct kmesh_endpoint *best = 0;
+	__u64 best_load = 0, best_weight = 1;
+
+	if (n == 0 || n > KMESH_MAX_ENDPOINTS)
+		return 0;
+	for (__u32 i = 0; i < KMESH_MAX_ENDPOINTS; i++) {
+		const struct kmesh_endpoint *ep;
+		__u64 load, weight;
+		__u32 idx;
+
+		if (i >= n)
+			break;
+		idx = kmesh_bound((start + i) % n, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS));
+		ep = &c->endpoints[idx];
+		weight = ep->weight ? ep->weight : 1;
+		load = endpoint_active(ep) + 1;
+		if (!best || load * best_weight < best_load * weight) {
+			best = ep;
+			best_load = load;
+			best_weight = weight;
+		}
+	}
+	return best;
+}
+
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_endpoint(struct kmesh_cluster *c)
+{
+	if (c->endpoint_count == 0 || c->slot_count == 0)
+		return 0;
+	switch (c->lb_policy) {
+	case KMESH_LB_RANDOM:
+		return cluster_pick_random(c);
+	case KMESH_LB_LEAST_REQUEST:
+		return cluster_pick_least_request(c);
+	default:
+		return cluster_pick_round_robin(c);
+	}
+}
+
+#endif /* __KMESH_CLUSTER_H__ */

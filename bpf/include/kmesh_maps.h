@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every map kmesh uses, declared once. The daemon pins them under
+ * <bpf-fs-path>/bpf_kmesh/map/<name>. */
+#ifndef __KMESH_MAPS_H__
+#define __KMESH_MAPS_H__
+
+#include "kmesh_records.h"
+
+/* Listener and cluster records are replaced whole by the daemon.
+ * BPF_F_NO_PREALLOC makes a replaced element wait an RCU grace period before
+ * it is freed, so a connect that already looked it up keeps reading a
+ * consistent record (a preallocated hash map would recycle it at once). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_LISTENERS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct kmesh_addr);
+	__type(value, struct kmesh_listener);
+} km_listener SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_CLUSTERS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct kmesh_cluster);
+} km_cluster SEC(".maps");
+
+/* Active connections per endpoint, for LEAST_REQUEST. Keyed by address, not
+ * by cluster record, so the counts survive config updates. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_TRACKED_ENDPOINTS);
+	__type(key, struct kmesh_addr);
+	__type(value, struct kmesh_ep_stats);
+} km_ep_active SEC(".maps");
+
+/* Which endpoint a tracked socket was sent to; freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct kmesh_addr);
+} km_sock_ep SEC(".maps");
+
+#endif /* __KMESH_MAPS_H__ */

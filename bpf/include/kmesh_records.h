@@ -1,0 +1,84 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Map record layouts shared by the BPF programs and the daemon.
+ *
+ * This header is the single source of truth: the daemon's ctypes records in
+ * src/kmesh/bpf/records.py are checked against the BTF that clang emits for
+ * these structs (tests/unit/test_records_btf.py, and at load time by value
+ * size). Every record is a flat, fixed-size struct; addresses and ports are
+ * stored in network byte order, exactly as connect4 sees them in
+ * bpf_sock_addr, so the hot path never converts.
+ */
+#ifndef __KMESH_RECORDS_H__
+#define __KMESH_RECORDS_H__
+
+/* Limits. Enums (not #defines) so that they land in BTF and the daemon can
+ * read them from the object instead of repeating the numbers. */
+enum kmesh_limits {
+	KMESH_MAX_LISTENERS = 16384,
+	KMESH_MAX_CLUSTERS = 16384,
+	/* Endpoints stored inline in one cluster record. */
+	KMESH_MAX_ENDPOINTS = 128,
+	/* Smooth weighted round-robin schedule length (see cluster.h). */
+	KMESH_LB_SLOTS = 256,
+	/* Weighted clusters of one tcp_proxy / route. */
+	KMESH_MAX_WEIGHTED_CLUSTERS = 32,
+	/* Distinct backends whose active connections are counted. */
+	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
+};
+
+enum kmesh_lb_policy {
+	KMESH_LB_ROUND_ROBIN = 0,
+	KMESH_LB_RANDOM = 1,
+	KMESH_LB_LEAST_REQUEST = 2,
+};
+
+/* An IPv4 socket address: listener key, endpoint key of the active-connection
+ * counters, and what a tracked socket remembers. */
+struct kmesh_addr {
+	__u32 ip;   /* network byte order */
+	__u16 port; /* network byte order */
+	__u16 pad;
+};
+
+struct kmesh_weighted_cluster {
+	__u32 cluster_id;
+	/* Running sum of weights up to and including this entry. */
+	__u32 cum_weight;
+};
+
+/* Value of km_listener: where a connection to (ip, port) goes. A single
+ * cluster is one entry with weight 1. */
+struct kmesh_listener {
+	__u32 cluster_count;
+	__u32 total_weight;
+	struct kmesh_weighted_cluster clusters[KMESH_MAX_WEIGHTED_CLUSTERS];
+};
+
+struct kmesh_endpoint {
+	__u32 ip;   /* network byte order */
+	__u16 port; /* network byte order */
+	__u16 pad;
+	__u32 weight;
+};
+
+/* Value of km_cluster, keyed by a cluster id the daemon allocates. The whole
+ * cluster, endpoints included, is one record, so replacing it is one atomic
+ * map update: a connect sees the old cluster or the new one, never a mix. */
+struct kmesh_cluster {
+	__u32 lb_policy;      /* enum kmesh_lb_policy */
+	__u32 endpoint_count; /* <= KMESH_MAX_ENDPOINTS */
+	__u32 slot_count;     /* <= KMESH_LB_SLOTS; 0 when endpoint_count == 0 */
+	__u32 rr_cursor;      /* shared round-robin position, bumped atomically */
+	struct kmesh_endpoint endpoints[KMESH_MAX_ENDPOINTS];
+	/* Endpoint indexes in smooth weighted round-robin order, computed by
+	 * the daemon: ROUND_ROBIN walks it, RANDOM samples it. */
+	__u8 slots[KMESH_LB_SLOTS];
+};
+
+/* Value of km_ep_active: connections currently open to one endpoint. */
+struct kmesh_ep_stats {
+	__u64 active;
+};
+
+#endif /* __KMESH_RECORDS_H__ */

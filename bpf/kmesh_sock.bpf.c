@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kmesh L4 data path, attached to the governed cgroup:
+ *   cgroup/connect4      rewrites a TCP connect to a service VIP into a
+ *                        connect to the endpoint its cluster chooses;
+ *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "kmesh_maps.h"
+#include "listener.h"
+#include "cluster.h"
+#include "endpoint.h"
+
+#define SOCK_ALLOW 1 /* cgroup sock_addr verdict: let the syscall go on */
+
+char LICENSE[] SEC("license") = "GPL";
+
+SEC("cgroup/connect4")
+int kmesh_connect4(struct bpf_sock_addr *ctx)
+{
+	const struct kmesh_endpoint *ep;
+	struct kmesh_listener *l;
+	struct kmesh_cluster *c;
+	__u32 cluster_id;
+
+	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
+	if (ctx->type != SOCK_STREAM)
+		return SOCK_ALLOW;
+
+	l = listener_lookup(ctx->user_ip4, (__u16)ctx->user_port);
+	if (!l)
+		return SOCK_ALLOW;
+	if (listener_pick_cluster(l, &cluster_id))
+		return SOCK_ALLOW;
+	c = bpf_map_lookup_elem(&km_cluster, &cluster_id);
+	if (!c)
+		return SOCK_ALLOW;
+	ep = cluster_pick_endpoint(c);
+	if (!ep)
+		return SOCK_ALLOW; /* no endpoint: the connect fails as it would without kmesh */
+
+	if (c->lb_policy == KMESH_LB_LEAST_REQUEST && ctx->sk)
+		endpoint_track(ctx->sk, ep);
+	ctx->user_ip4 = ep->ip;
+	ctx->user_port = ep->port;
+	return SOCK_ALLOW;
+}
+
+SEC("cgroup/sock_release")
+int kmesh_sock_release(struct bpf_sock *sk)
+{
+	if (sk->type == SOCK_STREAM)
+		endpoint_untrack(sk);
+	return SOCK_ALLOW;
+}

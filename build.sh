@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# kmesh build script. Kmesh's flags:
+#   -b  build: vmlinux.h from the running kernel's BTF, bpf/*.bpf.c -> CO-RE
+#       objects in build/bpf/, and the Python wheel in build/dist/
+#   -i  install CLIs, objects, unit and default config (same files as the RPM)
+#   -c  clean build outputs
+#   -u  uninstall (detaches and unpins first)
+# and the two commands of the README:
+#   setup  install what building and testing need (apt packages, .venv)
+#   demo   setup + build, then run kmesh-daemon on the bundled standalone example
+#   test   setup + build, then run the whole test suite
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+BUILD="$ROOT/build"
+VENV="${KMESH_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+PREFIX="${PREFIX:-/usr}"
+DESTDIR="${DESTDIR:-}"
+
+APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iproute2 procps)
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root (eBPF, cgroups and installs do): run it with sudo"; }
+
+clang_bin() {
+    for c in clang-19 clang; do command -v "$c" >/dev/null 2>&1 && { echo "$c"; return; }; done
+    die "clang not found: run ./build.sh setup"
+}
+
+setup_system() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        command -v apt-get >/dev/null || die "missing ${missing[*]}; install clang, bpftool, libbpf and curl with your package manager"
+        need_root "installing ${missing[*]}"
+        say "installing system packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # The nginx package may start a default site; kmesh's bench runs its own.
+    if [ -x /usr/sbin/nginx ] && pgrep -x nginx >/dev/null 2>&1 && [ -f /run/nginx.pid ]; then
+        /usr/sbin/nginx -s stop 2>/dev/null || true
+    fi
+}
+
+setup_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating virtualenv $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.kmesh-deps" want
+    want=$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        say "installing Python packages into $VENV"
+        "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+        "$VENV/bin/pip" install -q -e "$ROOT[test]"
+        echo "$want" > "$stamp"
+    fi
+}
+
+do_setup() { setup_system; setup_venv; }
+
+build_bpf() {
+    local clang; clang=$(clang_bin)
+    mkdir -p "$BUILD/bpf"
+    [ -r /sys/kernel/btf/vmlinux ] || die "/sys/kernel/btf/vmlinux missing: kmesh needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF)"
+    if [ ! -s "$BUILD/vmlinux.h" ] || [ /sys/kernel/btf/vmlinux -nt "$BUILD/vmlinux.h" ]; then
+        say "generating vmlinux.h from the running kernel's BTF"
+        bpftool btf dump file /sys/kernel/btf/vmlinux format c > "$BUILD/vmlinux.h.tmp"
+        mv "$BUILD/vmlinux.h.tmp" "$BUILD/vmlinux.h"
+    fi
+    local arch; arch=$(uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+    for src in "$ROOT"/bpf/*.bpf.c; do
+        local obj="$BUILD/bpf/$(basename "${src%.c}").o"
+        say "compiling $(basename "$src")"
+        "$clang" -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_"$arch" -Wall -Werror \
+            -I"$BUILD" -I"$ROOT/bpf/include" -c "$src" -o "$obj"
+    done
+}
+
+build_python() {
+    say "building the Python wheel"
+    mkdir -p "$BUILD/dist"
+    local py="$PYTHON"; [ -x "$VENV/bin/python" ] && py="$VENV/bin/python"
+    "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$BUILD/dist" "$ROOT" 2>/dev/null \
+        || "$py" -m pip wheel -q --no-deps -w "$BUILD/dist" "$ROOT"
+}
+
+do_build() { build_bpf; build_python; }
+
+do_clean() { rm -rf "$BUILD" "$ROOT"/src/*.egg-info; say "cleaned"; }
+
+# Installed layout; packaging/rpm/kmesh.spec installs the same files.
+LIBDIR="$DESTDIR$PREFIX/lib/kmesh"
+SHAREDIR="$DESTDIR$PREFIX/share/kmesh"
+BINDIR="$DESTDIR$PREFIX/bin"
+UNITDIR="$DESTDIR$PREFIX/lib/systemd/system"
+ETCDIR="$DESTDIR/etc/kmesh"
+SYSCONFIG="$DESTDIR/etc/sysconfig/kmesh"
+
+do_install() {
+    [ -n "$DESTDIR" ] || need_root "install"
+    ls "$BUILD"/dist/kmesh-*.whl >/dev/null 2>&1 && ls "$BUILD"/bpf/*.bpf.o >/dev/null 2>&1 \
+        || die "nothing built yet: run ./build.sh -b first"
+    say "installing into ${DESTDIR:-/}"
+    "$PYTHON" -m venv "$LIBDIR/venv"
+    "$LIBDIR/venv/bin/pip" install -q "$BUILD"/dist/kmesh-*.whl
+    install -d "$SHAREDIR/bpf" "$BINDIR" "$UNITDIR" "$ETCDIR" "$(dirname "$SYSCONFIG")" "$LIBDIR/scripts"
+    install -m 0644 "$BUILD"/bpf/*.bpf.o "$SHAREDIR/bpf/"
+    for b in kmesh-daemon kmesh-cmd; do
+        printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/share/kmesh/bpf} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
+            "$PREFIX" "$PREFIX" "$b" > "$BINDIR/$b"
+        chmod 0755 "$BINDIR/$b"
+    done
+    install -m 0755 "$ROOT"/systemd/*.sh "$LIBDIR/scripts/"
+    install -m 0644 "$ROOT/systemd/kmesh.service" "$UNITDIR/kmesh.service"
+    [ -e "$ETCDIR/kmesh.yaml" ] || install -m 0644 "$ROOT/config/kmesh.yaml" "$ETCDIR/kmesh.yaml"
+    [ -e "$SYSCONFIG" ] || install -m 0644 "$ROOT/systemd/kmesh.sysconfig" "$SYSCONFIG"
+    say "installed: $BINDIR/kmesh-daemon, $BINDIR/kmesh-cmd, $SHAREDIR/bpf, $UNITDIR/kmesh.service, $ETCDIR/kmesh.yaml, $SYSCONFIG"
+}
+
+do_uninstall() {
+    [ -n "$DESTDIR" ] || need_root "uninstall"
+    if [ -x "$BINDIR/kmesh-daemon" ] && [ -z "$DESTDIR" ]; then
+        command -v systemctl >/dev/null && systemctl stop kmesh.service 2>/dev/null || true
+        "$BINDIR/kmesh-daemon" cleanup || true
+    fi
+    rm -rf "$LIBDIR" "$SHAREDIR" "$BINDIR/kmesh-daemon" "$BINDIR/kmesh-cmd" "$UNITDIR/kmesh.service"
+    say "uninstalled (config in $ETCDIR and $SYSCONFIG kept)"
+}
+
+do_test() {
+    need_root "the test suite"
+    do_setup
+    do_build
+    say "running the tests"
+    cd "$ROOT"
+    "$VENV/bin/python" -m pytest "$@"
+}
+
+do_demo() {
+    need_root "the demo"
+    do_setup
+    do_build
+    exec "$VENV/bin/python" "$ROOT/examples/demo.py" "$@"
+}
+
+case "${1:-}" in
+    -b|build) do_setup; do_build ;;
+    -i|install) do_install ;;
+    -c|clean) do_clean ;;
+    -u|uninstall) do_uninstall ;;
+    setup) do_setup ;;
+    test) shift; do_test "$@" ;;
+    demo) shift; do_demo "$@" ;;
+    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,109 @@
+"""Admin API: readiness, options, decoded maps, the active config, and
+replacing the static config. Plain http.server: a handful of JSON endpoints
+on loopback need nothing more."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kmesh import __version__
+from kmesh.options import split_address
+
+log = logging.getLogger("kmesh.admin")
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+HELP = {
+    "GET /help": "this list",
+    "GET /version": "kmesh version",
+    "GET /options": "the daemon's options",
+    "GET /ready": "200 once programs are attached and the config applied, else 503",
+    "GET /status": "config version, last update result, warnings",
+    "GET /bpf/kmesh/maps": "BPF map contents decoded to JSON",
+    "GET /controller/envoy": "the active config as Envoy JSON",
+    "POST /controller/envoy": "replace the static config (YAML or JSON body; header X-Kmesh-Source names it)",
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = f"kmesh-admin/{__version__}"
+    daemon = None  # set per server class
+
+    def log_message(self, fmt, *args):  # quiet: requests at debug level
+        log.debug("request", extra={"kv": {"client": self.client_address[0], "line": fmt % args}})
+
+    def _send(self, status: int, body, content_type: str = "application/json") -> None:
+        data = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode() if content_type == "application/json" \
+            else str(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        d = self.daemon
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path in ("/", "/help"):
+            self._send(200, "\n".join(f"{k:28} {v}" for k, v in HELP.items()) + "\n", "text/plain")
+        elif path == "/version":
+            self._send(200, {"version": __version__})
+        elif path == "/options":
+            self._send(200, d.opts.as_dict())
+        elif path == "/ready":
+            if d.ready:
+                self._send(200, "ready\n", "text/plain")
+            else:
+                self._send(503, "not ready\n", "text/plain")
+        elif path == "/status":
+            self._send(200, {
+                "ready": d.ready, "config_version": d.version,
+                "config_source": d.active.source if d.active else None,
+                "listeners": len(d.mesh.listeners), "clusters": len(d.mesh.clusters),
+                "warnings": list(d.mesh.warnings),
+                "last_update": d.last_update.as_dict() if d.last_update else None,
+            })
+        elif path == "/bpf/kmesh/maps":
+            self._send(200, d.dump_maps())
+        elif path == "/controller/envoy":
+            self._send(200, d.active.to_json() if d.active else {})
+        else:
+            self._send(404, {"error": f"no such endpoint {path}; see /help"})
+
+    def do_POST(self):  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path != "/controller/envoy":
+            self._send(404, {"error": f"no such endpoint {path}; see /help"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_CONFIG_BYTES:
+            self._send(400, {"result": "rejected", "errors": [f"body must be 1..{MAX_CONFIG_BYTES} bytes of config"]})
+            return
+        text = self.rfile.read(length).decode("utf-8", errors="replace")
+        source = self.headers.get("X-Kmesh-Source") or "admin API"
+        res = self.daemon.apply_text(text, source)
+        self._send(200 if res.ok else 400, res.as_dict())
+
+
+class AdminServer:
+    def __init__(self, daemon, address: str):
+        host, port = split_address(address)
+        handler = type("Handler", (_Handler,), {"daemon": daemon})
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as e:
+            raise OSError(e.errno, f"admin API cannot listen on {address}: {e.strerror} "
+                                   "(choose another with -admin-address)") from None
+        self._httpd.daemon_threads = True
+        self.address = f"{host}:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="admin", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,1 @@
+"""BPF side of the daemon: libbpf binding, map records, program loader."""

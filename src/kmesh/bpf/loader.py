@@ -1,0 +1,190 @@
+"""Load kmesh's BPF object, pin its maps, attach its programs through pinned
+bpf_links, and take over what an earlier daemon pinned.
+
+Pin layout under ``<bpf-fs-path>/bpf_kmesh/``::
+
+    map/<map name>      every map (libbpf reuses a compatible pin on load)
+    link/<program>      the bpf_link holding each program on the cgroup
+
+A restarted daemon finds the links and swaps its freshly loaded programs in
+with BPF_LINK_UPDATE: the hook is never empty, so no connection goes by
+ungoverned.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmesh.bpf import libbpf, records
+
+log = logging.getLogger("kmesh.loader")
+
+OBJECT_NAME = "kmesh_sock.bpf.o"
+PIN_DIR = "bpf_kmesh"
+
+# Maps whose records the daemon reads or writes: name -> (key, value) ctypes.
+MAP_TYPES = {
+    "km_listener": (records.KmeshAddr, records.KmeshListener),
+    "km_cluster": (records.ClusterId, records.KmeshCluster),
+    "km_ep_active": (records.KmeshAddr, records.KmeshEpStats),
+}
+# Programs attached to the governed cgroup, in attach order.
+CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_connect4")
+
+
+def default_object_dir() -> str:
+    """Where the compiled objects are: $KMESH_BPF_DIR, the source tree's
+    build/ (development), or the installed location."""
+    env = os.environ.get("KMESH_BPF_DIR")
+    if env:
+        return env
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "build" / "bpf"
+        if (cand / OBJECT_NAME).exists():
+            return str(cand)
+    return "/usr/share/kmesh/bpf"
+
+
+class LoaderError(RuntimeError):
+    pass
+
+
+@dataclass
+class AttachResult:
+    program: str
+    action: str  # "attached" or "replaced"
+
+
+class Dataplane:
+    """The loaded object with its pinned maps and cgroup links."""
+
+    def __init__(self, bpf_fs_path: str, cgroup_path: str, object_dir: str | None = None):
+        self.pin_root = Path(bpf_fs_path) / PIN_DIR
+        self.map_dir = self.pin_root / "map"
+        self.link_dir = self.pin_root / "link"
+        self.cgroup_path = cgroup_path
+        self.object_path = str(Path(object_dir or default_object_dir()) / OBJECT_NAME)
+        self._obj: libbpf.BpfObject | None = None
+        self.maps: dict[str, libbpf.Map] = {}
+        self.prog_fds: dict[str, int] = {}
+        self.took_over = False
+
+    # -- load -------------------------------------------------------------
+    def load(self) -> None:
+        if not os.path.exists(self.object_path):
+            raise LoaderError(f"BPF object {self.object_path} not found: run ./build.sh -b "
+                              "(or set KMESH_BPF_DIR to the directory holding it)")
+        self.map_dir.mkdir(parents=True, exist_ok=True)
+        self.link_dir.mkdir(parents=True, exist_ok=True)
+        self.took_over = any(self.map_dir.iterdir())
+        obj = libbpf.BpfObject(self.object_path)
+        handles = obj.maps()
+        for name, (ktype, vtype) in MAP_TYPES.items():
+            h = handles.get(name)
+            if h is None:
+                raise LoaderError(f"{self.object_path} has no map {name}: object and daemon versions differ")
+            ks, vs = libbpf.bpf_map__key_size(h), libbpf.bpf_map__value_size(h)
+            if (ks, vs) != (ctypes.sizeof(ktype), ctypes.sizeof(vtype)):
+                raise LoaderError(f"map {name}: object has key/value {ks}/{vs} bytes, daemon expects "
+                                  f"{ctypes.sizeof(ktype)}/{ctypes.sizeof(vtype)}: rebuild with ./build.sh -b")
+        for name, h in handles.items():
+            libbpf._check(libbpf.bpf_map__set_pin_path(h, str(self.map_dir / name).encode()), f"pin path {name}")
+        try:
+            obj.load()
+        except libbpf.BpfError as e:
+            obj.close()
+            hint = ""
+            if "reuse" in libbpf.recent_libbpf_log():
+                hint = (f"\nA map pinned under {self.map_dir} has a different layout (another kmesh version?): "
+                        "stop that daemon, or remove the stale pins with `kmesh-daemon cleanup`.")
+            raise LoaderError(f"{e}{hint}") from None
+        self._obj = obj
+        for name, (ktype, vtype) in MAP_TYPES.items():
+            self.maps[name] = libbpf.Map(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
+        for name, h in obj.programs().items():
+            self.prog_fds[name] = libbpf.bpf_program__fd(h)
+        self._attach_types = {n: libbpf.bpf_program__expected_attach_type(h) for n, h in obj.programs().items()}
+        log.info("BPF object loaded", extra={"kv": {"object": self.object_path, "takeover": self.took_over}})
+
+    # -- attach -----------------------------------------------------------
+    def attach(self) -> list[AttachResult]:
+        cg_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            cg_id = os.fstat(cg_fd).st_ino
+            return [self._attach_one(name, cg_fd, cg_id) for name in CGROUP_PROGRAMS]
+        finally:
+            os.close(cg_fd)
+
+    def _attach_one(self, name: str, cg_fd: int, cg_id: int) -> AttachResult:
+        pin = str(self.link_dir / name)
+        prog_fd = self.prog_fds[name]
+        if os.path.exists(pin):
+            link_fd = libbpf.obj_get(pin)
+            try:
+                info = libbpf.link_info(link_fd)
+                if info.cgroup_id == cg_id:
+                    libbpf.link_update(link_fd, prog_fd)
+                    log.info("program replaced in pinned link", extra={"kv": {"program": name}})
+                    return AttachResult(name, "replaced")
+                # Pinned for another cgroup: that configuration is gone.
+                libbpf.link_detach(link_fd)
+                os.unlink(pin)
+            finally:
+                os.close(link_fd)
+        link_fd = libbpf.link_create(prog_fd, cg_fd, self._attach_types[name])
+        try:
+            libbpf.pin(link_fd, pin)
+        finally:
+            os.close(link_fd)
+        log.info("program attached", extra={"kv": {"program": name, "cgroup": self.cgroup_path}})
+        return AttachResult(name, "attached")
+
+    def attached(self) -> dict[str, bool]:
+        return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS}
+
+    # -- teardown ---------------------------------------------------------
+    def close(self) -> None:
+        """Drop this process's handles; pins (and so the data path) stay."""
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        self.maps.clear()
+        self.prog_fds.clear()
+
+
+def cleanup(bpf_fs_path: str) -> list[str]:
+    """Detach every pinned kmesh link and remove every kmesh pin.
+
+    Works without loading anything, so it also cleans up after a daemon that
+    died or after a version whose object no longer matches.
+    """
+    root = Path(bpf_fs_path) / PIN_DIR
+    removed: list[str] = []
+    link_dir = root / "link"
+    if link_dir.is_dir():
+        for pin in sorted(link_dir.iterdir()):
+            try:
+                fd = libbpf.obj_get(str(pin))
+                try:
+                    libbpf.link_detach(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                log.warning("could not detach pinned link", extra={"kv": {"pin": str(pin), "error": str(e)}})
+            pin.unlink(missing_ok=True)
+            removed.append(str(pin))
+    map_dir = root / "map"
+    if map_dir.is_dir():
+        for pin in sorted(map_dir.iterdir()):
+            pin.unlink(missing_ok=True)
+            removed.append(str(pin))
+    for d in (link_dir, map_dir, root):
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,0 +1,220 @@
+"""ctypes mirrors of ``bpf/include/kmesh_records.h``.
+
+The C header is the source of truth. These classes repeat its layout so that
+the daemon can build records without a compiler at run time; two checks keep
+them from drifting: ``tests/unit/test_records_btf.py`` compares every struct
+and enum here with the BTF clang emitted for the object, and the loader refuses
+to start when a map's key or value size differs from these classes.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import socket
+import struct
+from typing import Sequence
+
+# enum kmesh_limits
+KMESH_MAX_LISTENERS = 16384
+KMESH_MAX_CLUSTERS = 16384
+KMESH_MAX_ENDPOINTS = 128
+KMESH_LB_SLOTS = 256
+KMESH_MAX_WEIGHTED_CLUSTERS = 32
+KMESH_MAX_TRACKED_ENDPOINTS = 65536
+
+LIMITS = {
+    "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
+    "KMESH_MAX_CLUSTERS": KMESH_MAX_CLUSTERS,
+    "KMESH_MAX_ENDPOINTS": KMESH_MAX_ENDPOINTS,
+    "KMESH_LB_SLOTS": KMESH_LB_SLOTS,
+    "KMESH_MAX_WEIGHTED_CLUSTERS": KMESH_MAX_WEIGHTED_CLUSTERS,
+    "KMESH_MAX_TRACKED_ENDPOINTS": KMESH_MAX_TRACKED_ENDPOINTS,
+}
+
+
+class LbPolicy(enum.IntEnum):
+    """enum kmesh_lb_policy; names match Envoy's Cluster.LbPolicy."""
+
+    ROUND_ROBIN = 0
+    RANDOM = 1
+    LEAST_REQUEST = 2
+
+
+class KmeshAddr(ctypes.Structure):
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class KmeshWeightedCluster(ctypes.Structure):
+    _fields_ = [("cluster_id", ctypes.c_uint32), ("cum_weight", ctypes.c_uint32)]
+
+
+class KmeshListener(ctypes.Structure):
+    _fields_ = [
+        ("cluster_count", ctypes.c_uint32),
+        ("total_weight", ctypes.c_uint32),
+        ("clusters", KmeshWeightedCluster * KMESH_MAX_WEIGHTED_CLUSTERS),
+    ]
+
+
+class KmeshEndpoint(ctypes.Structure):
+    _fields_ = [
+        ("ip", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("weight", ctypes.c_uint32),
+    ]
+
+
+class KmeshCluster(ctypes.Structure):
+    _fields_ = [
+        ("lb_policy", ctypes.c_uint32),
+        ("endpoint_count", ctypes.c_uint32),
+        ("slot_count", ctypes.c_uint32),
+        ("rr_cursor", ctypes.c_uint32),
+        ("endpoints", KmeshEndpoint * KMESH_MAX_ENDPOINTS),
+        ("slots", ctypes.c_uint8 * KMESH_LB_SLOTS),
+    ]
+
+
+class KmeshEpStats(ctypes.Structure):
+    _fields_ = [("active", ctypes.c_uint64)]
+
+
+ClusterId = ctypes.c_uint32
+
+# Name in C -> ctypes class, for the BTF cross-check.
+STRUCTS = {
+    "kmesh_addr": KmeshAddr,
+    "kmesh_weighted_cluster": KmeshWeightedCluster,
+    "kmesh_listener": KmeshListener,
+    "kmesh_endpoint": KmeshEndpoint,
+    "kmesh_cluster": KmeshCluster,
+    "kmesh_ep_stats": KmeshEpStats,
+}
+ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy}}
+
+
+# --- encoding -----------------------------------------------------------------
+# IPs and ports are stored in network byte order. A c_uint32 field holds the
+# native-endian integer whose memory bytes are the network-order address.
+
+def _ip_field(ip: str) -> int:
+    return struct.unpack("=I", socket.inet_aton(ip))[0]
+
+
+def _port_field(port: int) -> int:
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def ip_of(field: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", field))
+
+
+def port_of(field: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", field))[0]
+
+
+def addr_key(ip: str, port: int) -> KmeshAddr:
+    ipaddress.IPv4Address(ip)  # raises on anything that is not dotted IPv4
+    return KmeshAddr(_ip_field(ip), _port_field(port), 0)
+
+
+def smooth_wrr_slots(weights: Sequence[int], max_slots: int = KMESH_LB_SLOTS) -> list[int]:
+    """Endpoint indexes in smooth weighted round-robin order (as nginx does).
+
+    Weights are first divided by their gcd; if the sum still exceeds
+    ``max_slots`` they are scaled down proportionally (each endpoint keeps at
+    least one slot), so the schedule is exact up to that rounding.
+    """
+    if not weights:
+        return []
+    from math import gcd
+    from functools import reduce
+
+    g = reduce(gcd, weights) or 1
+    w = [x // g for x in weights]
+    total = sum(w)
+    if total > max_slots:
+        # Largest-remainder scaling, at least one slot each.
+        budget = max_slots - len(w)
+        raw = [x * budget / total for x in w]
+        w = [1 + int(r) for r in raw]
+        rest = max_slots - sum(w)
+        for i in sorted(range(len(w)), key=lambda i: raw[i] - int(raw[i]), reverse=True)[:rest]:
+            w[i] += 1
+        total = sum(w)
+    current = [0] * len(w)
+    order = []
+    for _ in range(total):
+        for i, x in enumerate(w):
+            current[i] += x
+        best = max(range(len(w)), key=lambda i: current[i])
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]]) -> KmeshCluster:
+    """endpoints: (ip, port, weight) in config order."""
+    if len(endpoints) > KMESH_MAX_ENDPOINTS:
+        raise ValueError(f"{len(endpoints)} endpoints exceed the limit of {KMESH_MAX_ENDPOINTS}")
+    rec = KmeshCluster()
+    rec.lb_policy = int(lb_policy)
+    rec.endpoint_count = len(endpoints)
+    for i, (ip, port, weight) in enumerate(endpoints):
+        rec.endpoints[i] = KmeshEndpoint(_ip_field(ip), _port_field(port), 0, weight)
+    slots = smooth_wrr_slots([w for _, _, w in endpoints])
+    rec.slot_count = len(slots)
+    for i, s in enumerate(slots):
+        rec.slots[i] = s
+    return rec
+
+
+def listener_record(clusters: Sequence[tuple[int, int]]) -> KmeshListener:
+    """clusters: (cluster_id, weight); zero-weight entries are left out."""
+    live = [(cid, w) for cid, w in clusters if w > 0]
+    if len(live) > KMESH_MAX_WEIGHTED_CLUSTERS:
+        raise ValueError(f"{len(live)} weighted clusters exceed the limit of {KMESH_MAX_WEIGHTED_CLUSTERS}")
+    rec = KmeshListener()
+    total = 0
+    for i, (cid, w) in enumerate(live):
+        total += w
+        rec.clusters[i] = KmeshWeightedCluster(cid, total)
+    rec.cluster_count = len(live)
+    rec.total_weight = total
+    return rec
+
+
+def record_bytes(rec: ctypes.Structure) -> bytes:
+    """Bytes that identify a record's content (runtime counters zeroed)."""
+    raw = bytearray(bytes(rec))
+    if isinstance(rec, KmeshCluster):
+        off = KmeshCluster.rr_cursor.offset
+        raw[off:off + 4] = b"\0\0\0\0"
+    return bytes(raw)
+
+
+def decode_listener_key(key: KmeshAddr) -> str:
+    return f"{ip_of(key.ip)}:{port_of(key.port)}"
+
+
+def decode_listener(rec: KmeshListener) -> dict:
+    out, prev = [], 0
+    for i in range(rec.cluster_count):
+        wc = rec.clusters[i]
+        out.append({"cluster_id": wc.cluster_id, "weight": wc.cum_weight - prev})
+        prev = wc.cum_weight
+    return {"total_weight": rec.total_weight, "clusters": out}
+
+
+def decode_cluster(rec: KmeshCluster) -> dict:
+    return {
+        "lb_policy": LbPolicy(rec.lb_policy).name if rec.lb_policy in iter(LbPolicy) else rec.lb_policy,
+        "endpoints": [
+            {"address": f"{ip_of(e.ip)}:{port_of(e.port)}", "weight": e.weight}
+            for e in rec.endpoints[: rec.endpoint_count]
+        ],
+        "slot_count": rec.slot_count,
+        "rr_cursor": rec.rr_cursor,
+    }

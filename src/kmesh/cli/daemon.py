@@ -1,0 +1,64 @@
+"""kmesh-daemon: accepts Kmesh's Go-style flags (``-enable-ads=false``) and GNU
+ones (``--enable-ads=false``, ``--enable-ads false``)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from kmesh import __version__, log as kmlog, options
+from kmesh.config.errors import ConfigError
+
+_BOOL = dict(type=click.BOOL, is_flag=False, flag_value=True)
+
+
+def _opt(name: str, **kw):
+    return click.option(f"-{name}", f"--{name}", name.replace("-", "_"), show_default=True, **kw)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help", "-help"]})
+@_opt("enable-kmesh", default=True, help="run the kernel-native data path", **_BOOL)
+@_opt("enable-ads", default=True, help="get config over xDS from a control plane (false: standalone)", **_BOOL)
+@_opt("config-file", default=options.DEFAULT_CONFIG_FILE, help="Envoy v3 Bootstrap, YAML or JSON")
+@_opt("bpf-fs-path", default=options.DEFAULT_BPF_FS_PATH, help="bpffs mount; pins go to <path>/bpf_kmesh/")
+@_opt("cgroup2-path", default=options.DEFAULT_CGROUP2_PATH,
+      help="cgroup whose processes kmesh governs (mounted as cgroup2 when it is not)")
+@_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT")
+@_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
+@click.version_option(__version__, "-version", "--version")
+@click.pass_context
+def main(ctx, **kw):
+    """Run the kmesh data-plane daemon."""
+    opts = options.Options(**kw)
+    ctx.obj = opts
+    if ctx.invoked_subcommand is not None:
+        return
+    kmlog.setup(opts.log_level)
+    from kmesh.daemon import Daemon, StartError  # heavy imports only when running
+
+    d = Daemon(opts)
+    try:
+        d.start()
+    except ConfigError as e:
+        click.echo(f"kmesh-daemon: config rejected, nothing was changed:\n{e}", err=True)
+        sys.exit(2)
+    except StartError as e:
+        click.echo(f"kmesh-daemon: cannot start: {e}", err=True)
+        sys.exit(1)
+    sys.exit(d.run())
+
+
+@main.command()
+@click.pass_obj
+def cleanup(opts: options.Options):
+    """Detach kmesh's programs and remove its pins (after a crash, or to uninstall)."""
+    kmlog.setup(opts.log_level)
+    from kmesh.bpf.loader import cleanup as do_cleanup
+
+    removed = do_cleanup(opts.bpf_fs_path)
+    click.echo(f"removed {len(removed)} pins under {opts.bpf_fs_path}/bpf_kmesh")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Configuration: Envoy v3 resources in, kmesh's own model out."""

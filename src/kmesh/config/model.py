@@ -1,0 +1,48 @@
+"""kmesh's own view of a mesh config: what the data plane enforces.
+
+Both config sources (a standalone Bootstrap file, an xDS stream) are
+translated into these records, and only these records reach the BPF maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kmesh.bpf.records import LbPolicy
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ip: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    lb_policy: LbPolicy
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    cluster: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    ip: str  # "0.0.0.0" is the wildcard
+    port: int
+    clusters: tuple[WeightedCluster, ...]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    listeners: tuple[Listener, ...] = ()
+    clusters: tuple[Cluster, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def cluster(self, name: str) -> Cluster | None:
+        return next((c for c in self.clusters if c.name == name), None)

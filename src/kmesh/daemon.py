@@ -1,0 +1,210 @@
+"""kmesh-daemon's lifecycle: start, reload, apply, stop.
+
+Start order matters: the config is parsed before anything touches the
+kernel (a bad file costs nothing), the maps are filled before the programs are
+attached (the first connect already sees the whole config), and READY is sent
+only after both.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import sdnotify
+
+from kmesh import __version__, mounts
+from kmesh.bpf import loader
+from kmesh.config import bootstrap
+from kmesh.config.errors import ConfigError, Problem
+from kmesh.config.model import MeshConfig
+from kmesh.config.translate import translate_bootstrap
+from kmesh.dataplane.maps import ConfigMaps
+from kmesh.dataplane.plan import CapacityError, MapState, plan
+from kmesh.options import Options
+
+log = logging.getLogger("kmesh.daemon")
+
+
+class StartError(RuntimeError):
+    """The daemon cannot start; the message says what to do."""
+
+
+@dataclass
+class UpdateResult:
+    ok: bool
+    source: str
+    version: int
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    changes: dict[str, int] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict:
+        return {"result": "applied" if self.ok else "rejected", "source": self.source,
+                "config_version": self.version, "warnings": self.warnings, "errors": self.errors,
+                "changes": self.changes, "time": self.time}
+
+
+class Daemon:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.notifier = sdnotify.SystemdNotifier()
+        self.ready = False
+        self.version = 0
+        self.active: bootstrap.LoadedConfig | None = None
+        self.mesh = MeshConfig()
+        self.last_update: UpdateResult | None = None
+        self._lock = threading.Lock()
+        self._state = MapState()
+        self._dataplane: loader.Dataplane | None = None
+        self._maps: ConfigMaps | None = None
+        self._signals: queue.Queue[int] = queue.Queue()
+        self.admin = None
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        if not self.opts.enable_kmesh:
+            raise StartError("nothing to run: -enable-kmesh=false turns off the only data path kmesh has")
+        if self.opts.enable_ads:
+            raise StartError("ADS mode (-enable-ads=true, the default) is not available yet; "
+                             "run standalone with -enable-ads=false and a config file (-config-file)")
+        self._status("parsing config")
+        cfg = bootstrap.load_file(self.opts.config_file)   # ConfigError propagates
+        mesh = translate_bootstrap(cfg)
+        for w in mesh.warnings:
+            log.warning("config warning", extra={"kv": {"detail": w}})
+
+        from kmesh.admin.server import AdminServer  # late: keeps the CLI import light
+        try:
+            self.admin = AdminServer(self, self.opts.admin_address)
+        except OSError as e:
+            raise StartError(str(e)) from None
+        self.admin.start()  # /ready answers 503 until the end of start()
+
+        self._status("loading BPF programs")
+        try:
+            mounts.ensure_bpffs(self.opts.bpf_fs_path)
+            mounts.ensure_cgroup2(self.opts.cgroup2_path)
+        except OSError as e:
+            raise StartError(f"{e}; kmesh needs root (CAP_SYS_ADMIN) to mount bpffs and cgroup2") from None
+        dp = loader.Dataplane(self.opts.bpf_fs_path, self.opts.cgroup2_path)
+        try:
+            dp.load()
+        except (loader.LoaderError, OSError) as e:
+            raise StartError(str(e)) from None
+        self._dataplane = dp
+        self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"])
+        self._state = self._maps.read_state()
+
+        self._status("applying config")
+        result = self._apply(cfg, mesh)
+        if not result.ok:
+            raise StartError("; ".join(result.errors))
+        self._status("attaching programs")
+        try:
+            attached = dp.attach()
+        except OSError as e:
+            if not dp.took_over:
+                loader.cleanup(self.opts.bpf_fs_path)
+            raise StartError(f"attach to cgroup {self.opts.cgroup2_path}: {e}") from None
+
+        self.ready = True
+        self.notifier.notify("READY=1\nSTATUS=ready")
+        log.info("kmesh-daemon ready", extra={"kv": {
+            "version": __version__, "mode": "standalone", "config": self.opts.config_file,
+            "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
+            "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
+            "admin": self.admin.address}})
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config file."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, _f: self._signals.put(s))
+        while True:
+            try:
+                sig = self._signals.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if sig == signal.SIGHUP:
+                self.reload()
+            else:
+                self.stop()
+                return 0
+
+    def stop(self) -> None:
+        """Off means off: detach every program and remove every pin."""
+        self.ready = False
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping: detaching programs and removing pins")
+        if self.admin:
+            self.admin.stop()
+        removed = loader.cleanup(self.opts.bpf_fs_path)
+        if self._dataplane:
+            self._dataplane.close()
+        log.info("kmesh-daemon stopped", extra={"kv": {"pins_removed": len(removed)}})
+
+    def _status(self, text: str) -> None:
+        self.notifier.notify(f"STATUS={text}")
+        log.debug(text)
+
+    # -- config updates ---------------------------------------------------
+    def reload(self) -> UpdateResult:
+        """SIGHUP: re-read the config file; a bad file keeps the old config."""
+        log.info("reloading config", extra={"kv": {"file": self.opts.config_file}})
+        try:
+            cfg = bootstrap.load_file(self.opts.config_file)
+            mesh = translate_bootstrap(cfg)
+        except ConfigError as e:
+            return self._rejected(self.opts.config_file, e.problems)
+        return self._apply(cfg, mesh)
+
+    def apply_text(self, text: str, source: str) -> UpdateResult:
+        """Admin API / kmesh-cmd: replace the static config."""
+        try:
+            cfg = bootstrap.parse_text(text, source)
+            mesh = translate_bootstrap(cfg)
+        except ConfigError as e:
+            return self._rejected(source, e.problems)
+        return self._apply(cfg, mesh)
+
+    def _rejected(self, source: str, problems: list[Problem]) -> UpdateResult:
+        res = UpdateResult(False, source, self.version, errors=[str(p) for p in problems])
+        self.last_update = res
+        for p in problems:
+            log.error("config rejected; the previous config stays in force", extra={"kv": {"detail": str(p)}})
+        return res
+
+    def _apply(self, cfg: bootstrap.LoadedConfig, mesh: MeshConfig) -> UpdateResult:
+        with self._lock:
+            try:
+                p = plan(self._state, mesh)
+            except CapacityError as e:
+                return self._rejected(cfg.source, [Problem(cfg.source, "", str(e))])
+            try:
+                self._maps.apply(p)
+            except OSError as e:
+                # What was written is consistent (see plan.py); learn it back.
+                names = self._state.cluster_ids
+                self._state = self._maps.read_state()
+                self._state.cluster_ids = {n: i for n, i in names.items() if i in self._state.clusters}
+                return self._rejected(cfg.source, [Problem(cfg.source, "", f"writing the maps failed: {e}")])
+            self._state = p.new_state
+            self.version += 1
+            self.active, self.mesh = cfg, mesh
+            res = UpdateResult(True, cfg.source, self.version, warnings=list(mesh.warnings), changes=p.summary())
+            self.last_update = res
+        log.info("config applied", extra={"kv": {"source": cfg.source, "config_version": self.version,
+                                                  **p.summary()}})
+        return res
+
+    # -- views for the admin API --------------------------------------------
+    def cluster_names(self) -> dict[int, str]:
+        return {cid: name for name, cid in self._state.cluster_ids.items()}
+
+    def dump_maps(self) -> dict:
+        with self._lock:
+            return self._maps.dump(self.cluster_names()) if self._maps else {}

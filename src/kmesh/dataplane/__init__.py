@@ -1,0 +1,1 @@
+"""From the model to the BPF maps: diff planning (pure) and applying (I/O)."""

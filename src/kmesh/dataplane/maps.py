@@ -1,0 +1,55 @@
+"""Apply a Plan to the pinned maps and read their state back."""
+from __future__ import annotations
+
+import logging
+import time
+
+from kmesh.bpf import records
+from kmesh.bpf.libbpf import Map
+from kmesh.dataplane.plan import MapState, Plan
+
+log = logging.getLogger("kmesh.dataplane")
+
+# Connect programs run in well under a microsecond; a connect that read an
+# old listener record has finished long before this.
+DELETE_GRACE_SECONDS = 0.05
+
+
+class ConfigMaps:
+    """The listener and cluster maps, written in Plan order."""
+
+    def __init__(self, listener: Map, cluster: Map, ep_active: Map | None = None):
+        self.listener = listener
+        self.cluster = cluster
+        self.ep_active = ep_active
+
+    def read_state(self) -> MapState:
+        st = MapState()
+        for k, v in self.cluster.items():
+            st.clusters[int(k.value)] = records.record_bytes(v)
+        for k, v in self.listener.items():
+            st.listeners[(records.ip_of(k.ip), records.port_of(k.port))] = records.record_bytes(v)
+        return st
+
+    def apply(self, plan: Plan) -> None:
+        self.cluster.update_batch([(records.ClusterId(cid), rec) for cid, rec in plan.cluster_upserts])
+        self.listener.update_batch([(records.addr_key(*k), rec) for k, rec in plan.listener_upserts])
+        for k in plan.listener_deletes:
+            self.listener.delete(records.addr_key(*k))
+        if plan.cluster_deletes:
+            time.sleep(DELETE_GRACE_SECONDS)
+            for cid in plan.cluster_deletes:
+                self.cluster.delete(records.ClusterId(cid))
+
+    def dump(self, names: dict[int, str] | None = None) -> dict:
+        names = names or {}
+        clusters = {}
+        for k, v in self.cluster.items():
+            d = records.decode_cluster(v)
+            d["name"] = names.get(int(k.value))
+            clusters[str(int(k.value))] = d
+        listeners = {records.decode_listener_key(k): records.decode_listener(v) for k, v in self.listener.items()}
+        out = {"km_listener": listeners, "km_cluster": clusters}
+        if self.ep_active is not None:
+            out["km_ep_active"] = {records.decode_listener_key(k): v.active for k, v in self.ep_active.items()}
+        return out

@@ -1,0 +1,128 @@
+"""Plan map updates as an ordered diff (pure: no I/O, easy to test).
+
+Ordering is what keeps every connect consistent while a config changes:
+
+1. clusters are written first (new ids, or an in-place replace of a record:
+   one atomic map update, since a cluster record holds its endpoints);
+2. listeners are written next, so they only ever point at clusters that exist;
+3. listeners that went away are deleted;
+4. clusters nothing points at any more are deleted last, after a grace period
+   for connects that read an old listener record just before step 2.
+
+A restarted daemon does not know which cluster id stood for which name; it
+plans against what it reads from the pinned maps and reuses an id whose record
+is byte-identical to a wanted cluster, so a restart with the same config
+writes nothing at all, and any other difference is made before anything is
+removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kmesh.bpf import records
+from kmesh.config.model import MeshConfig
+
+ListenerKey = tuple[str, int]
+
+
+@dataclass
+class MapState:
+    """What the maps hold, as far as the daemon knows."""
+
+    cluster_ids: dict[str, int] = field(default_factory=dict)   # name -> id
+    clusters: dict[int, bytes] = field(default_factory=dict)    # id -> record_bytes
+    listeners: dict[ListenerKey, bytes] = field(default_factory=dict)
+
+    def copy(self) -> "MapState":
+        return MapState(dict(self.cluster_ids), dict(self.clusters), dict(self.listeners))
+
+
+@dataclass
+class Plan:
+    cluster_upserts: list[tuple[int, records.KmeshCluster]] = field(default_factory=list)
+    listener_upserts: list[tuple[ListenerKey, records.KmeshListener]] = field(default_factory=list)
+    listener_deletes: list[ListenerKey] = field(default_factory=list)
+    cluster_deletes: list[int] = field(default_factory=list)
+    new_state: MapState = field(default_factory=MapState)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.cluster_upserts or self.listener_upserts or self.listener_deletes or self.cluster_deletes)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "clusters_written": len(self.cluster_upserts),
+            "listeners_written": len(self.listener_upserts),
+            "listeners_deleted": len(self.listener_deletes),
+            "clusters_deleted": len(self.cluster_deletes),
+        }
+
+
+class CapacityError(ValueError):
+    pass
+
+
+def plan(state: MapState, config: MeshConfig,
+         max_clusters: int = records.KMESH_MAX_CLUSTERS,
+         max_listeners: int = records.KMESH_MAX_LISTENERS) -> Plan:
+    out = Plan()
+    new = MapState()
+    wanted = {
+        c.name: records.cluster_record(c.lb_policy, [(e.ip, e.port, e.weight) for e in c.endpoints])
+        for c in config.clusters
+    }
+    content = {name: records.record_bytes(rec) for name, rec in wanted.items()}
+
+    # Ids: keep a name's id; else adopt an unclaimed id with identical content
+    # (takeover after restart); else take the lowest free id.
+    claimed: set[int] = set()
+    for name in wanted:
+        cid = state.cluster_ids.get(name)
+        if cid is not None and cid in state.clusters:
+            new.cluster_ids[name] = cid
+            claimed.add(cid)
+    by_content: dict[bytes, list[int]] = {}
+    for cid, raw in sorted(state.clusters.items()):
+        if cid not in claimed:
+            by_content.setdefault(raw, []).append(cid)
+    for name in wanted:
+        if name in new.cluster_ids:
+            continue
+        spare = by_content.get(content[name])
+        if spare:
+            cid = spare.pop(0)
+            new.cluster_ids[name] = cid
+            claimed.add(cid)
+    next_id = 1
+    for name in wanted:
+        if name in new.cluster_ids:
+            continue
+        while next_id in state.clusters or next_id in claimed:
+            next_id += 1
+        new.cluster_ids[name] = next_id
+        claimed.add(next_id)
+
+    for name, rec in wanted.items():
+        cid = new.cluster_ids[name]
+        new.clusters[cid] = content[name]
+        if state.clusters.get(cid) != content[name]:
+            out.cluster_upserts.append((cid, rec))
+    out.cluster_deletes = sorted(cid for cid in state.clusters if cid not in new.clusters)
+
+    for lst in config.listeners:
+        key = (lst.ip, lst.port)
+        rec = records.listener_record([(new.cluster_ids[w.cluster], w.weight) for w in lst.clusters])
+        raw = records.record_bytes(rec)
+        new.listeners[key] = raw
+        if state.listeners.get(key) != raw:
+            out.listener_upserts.append((key, rec))
+    out.listener_deletes = [k for k in state.listeners if k not in new.listeners]
+
+    # Old and new clusters coexist between steps 1 and 4.
+    peak_clusters = len(set(state.clusters) | set(new.clusters))
+    if peak_clusters > max_clusters:
+        raise CapacityError(f"{peak_clusters} clusters during the update exceed the map size {max_clusters}")
+    if len(new.listeners) > max_listeners:
+        raise CapacityError(f"{len(new.listeners)} listener addresses exceed the map size {max_listeners}")
+    out.new_state = new
+    return out

@@ -1,0 +1,58 @@
+"""bpffs and cgroup2: find out what a path is on, mount when missing."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+log = logging.getLogger("kmesh.mounts")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_void_p]
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def fs_type(path: str) -> str | None:
+    """Filesystem type of the mount holding ``path`` (longest prefix wins)."""
+    path = os.path.realpath(path)
+    best, best_type = "", None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            mnt = _unescape(left.split()[4])
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, best_type = mnt, right.split()[0]
+    return best_type
+
+
+def is_mountpoint(path: str) -> bool:
+    return os.path.ismount(path)
+
+
+def _mount(source: str, target: str, fstype: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount -t {fstype} {target}: {os.strerror(err)}")
+
+
+def ensure_bpffs(path: str) -> bool:
+    """Make ``path`` a directory on bpffs; returns True if we mounted it."""
+    os.makedirs(path, exist_ok=True)
+    if fs_type(path) == "bpf":
+        return False
+    log.info("mounting bpffs", extra={"kv": {"path": path}})
+    _mount("bpf", path, "bpf")
+    return True
+
+
+def ensure_cgroup2(path: str) -> bool:
+    """Make ``path`` a cgroup2 directory; returns True if we mounted it."""
+    os.makedirs(path, exist_ok=True)
+    if fs_type(path) == "cgroup2":
+        return False
+    log.info("mounting cgroup2", extra={"kv": {"path": path}})
+    _mount("none", path, "cgroup2")
+    return True
