@@ -28,10 +28,16 @@ def main() -> None:
         def log_message(self, *args):
             pass
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer.request_queue_size = 1024
-    srv = ThreadingHTTPServer((host, port), Handler)
-    srv.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        allow_reuse_address = True
+        request_queue_size = 1024
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass  # clients that reset are normal here
+
+
+    srv = Server((host, port), Handler)
     print("listening", srv.server_address[1], flush=True)
     srv.serve_forever()
 

@@ -8,10 +8,12 @@ Envoy uses (``static_resources.clusters[1].load_assignment...``).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 from typing import Any, Iterator
 
-from google.protobuf import descriptor_pool, json_format, symbol_database
+from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -39,8 +41,14 @@ def _field(desc: Descriptor, key: str) -> FieldDescriptor | None:
     return f
 
 
+def _repeated(f: FieldDescriptor) -> bool:
+    # protobuf >= 5.28 has is_repeated; older releases only have label.
+    rep = getattr(f, "is_repeated", None)
+    return rep if rep is not None else f.label == FieldDescriptor.LABEL_REPEATED
+
+
 def _message_class(desc: Descriptor):
-    return symbol_database.Default().GetPrototype(desc)
+    return message_factory.GetMessageClass(desc)
 
 
 def locate(data: Any, desc: Descriptor, path: str = "") -> Iterator[tuple[str, str]]:
@@ -48,7 +56,7 @@ def locate(data: Any, desc: Descriptor, path: str = "") -> Iterator[tuple[str, s
     if desc.full_name.startswith(_WKT_PREFIX) and desc.full_name != "google.protobuf.Any":
         try:
             json_format.ParseDict(data, _message_class(desc)())
-        except (json_format.ParseError, TypeError, ValueError) as e:
+        except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
             yield path, _clean(str(e))
         return
     if desc.full_name == "google.protobuf.Any":
@@ -74,7 +82,7 @@ def locate(data: Any, desc: Descriptor, path: str = "") -> Iterator[tuple[str, s
             for k, v in value.items():
                 yield from _locate_value(v, vfield, f"{fpath}[{k!r}]", desc, f.name, {k: v})
             continue
-        if f.label == FieldDescriptor.LABEL_REPEATED:
+        if _repeated(f):
             if not isinstance(value, list):
                 yield fpath, f"expected a list, got {type(value).__name__}"
                 continue
@@ -90,7 +98,7 @@ def _locate_value(value, f: FieldDescriptor, path: str, parent: Descriptor, name
         return
     try:
         json_format.ParseDict({name: wrapped}, _message_class(parent)())
-    except (json_format.ParseError, TypeError, ValueError) as e:
+    except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
         yield path, _clean(str(e))
 
 
@@ -109,15 +117,59 @@ def _locate_any(data, path: str):
         yield _join(path, "@type"), f"unknown type '{type_url}'"
         return
     body = {k: v for k, v in data.items() if k != "@type"}
-    if desc.full_name.startswith(_WKT_PREFIX) and "value" in body:
+    if desc.full_name.startswith(_WKT_PREFIX):
+        if "value" not in body:
+            yield _join(path, "value"), f"an Any holding {desc.full_name} needs its 'value'"
+            return
         body = body["value"]
     yield from locate(body, desc, path)
 
 
+def _type_urls(data: Any) -> Iterator[str]:
+    if isinstance(data, dict):
+        t = data.get("@type")
+        if isinstance(t, str):
+            yield t
+        for v in data.values():
+            yield from _type_urls(v)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _type_urls(v)
+
+
+def import_types(data: Any) -> None:
+    """Import the generated modules of every ``@type`` in ``data``.
+
+    protobuf resolves Any only against imported modules; importing all of
+    Envoy's hundreds up front would slow every start, so import on demand
+    the package that a type name points at.
+    """
+    pool = descriptor_pool.Default()
+    for url in set(_type_urls(data)):
+        name = url.split("/")[-1]
+        try:
+            pool.FindMessageTypeByName(name)
+            continue
+        except KeyError:
+            pass
+        package = name.rpartition(".")[0]
+        try:
+            mod = importlib.import_module(package)
+        except ImportError:
+            continue
+        for info in pkgutil.iter_modules(getattr(mod, "__path__", [])):
+            if info.name.endswith("_pb2"):
+                try:
+                    importlib.import_module(f"{package}.{info.name}")
+                except ImportError:
+                    pass
+
+
 def parse(data: Any, message: type[Message], source: str, root: str = "") -> tuple[Message, list[tuple[str, str]]]:
     """Parse ``data`` into ``message``; returns (message, []) or (None, errors)."""
+    import_types(data)
     try:
         return json_format.ParseDict(data, message()), []
-    except (json_format.ParseError, TypeError, ValueError) as e:
+    except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
         found = list(locate(data, message.DESCRIPTOR, root))
         return None, found or [(root, _clean(str(e)))]

@@ -1,0 +1,59 @@
+"""Fixtures for end-to-end tests on the real kernel (root needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.support import harness
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _root_and_bpffs():
+    if os.geteuid() != 0:
+        pytest.fail("end-to-end tests load BPF programs: run them as root (./build.sh test)")
+    harness.ensure_bpffs()
+
+
+@pytest.fixture
+def cgroup():
+    cg = harness.Cgroup()
+    yield cg
+    cg.remove()
+
+
+@pytest.fixture
+def backends():
+    started: list[harness.Backend] = []
+
+    def start(*names: str) -> list[harness.Backend]:
+        new = [harness.start_backend(n) for n in names]
+        started.extend(new)
+        return new
+
+    yield start
+    for b in started:
+        b.proc.kill()
+        b.proc.wait()
+
+
+@pytest.fixture
+def kmesh(cgroup, tmp_path, bpf_object):
+    """Factory: kmesh(config_dict) -> a started daemon governing ``cgroup``."""
+    made: list[harness.Kmesh] = []
+
+    def start(config, wait: bool = True) -> harness.Kmesh:
+        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml")
+        made.append(k)
+        k.write_config(config)
+        return k.start(wait=wait)
+
+    yield start
+    for k in made:
+        k.teardown()

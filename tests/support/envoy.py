@@ -1,0 +1,43 @@
+"""Builders for Envoy v3 Bootstrap dicts used across the tests."""
+from __future__ import annotations
+
+TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def sock(ip: str, port: int) -> dict:
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+def lb_ep(ip: str, port: int, weight: int | None = None) -> dict:
+    ep = {"endpoint": {"address": sock(ip, port)}}
+    if weight is not None:
+        ep["load_balancing_weight"] = weight
+    return ep
+
+
+def cluster(name: str, *eps: dict, lb: str = "ROUND_ROBIN") -> dict:
+    return {"name": name, "type": "STATIC", "lb_policy": lb,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": list(eps)}]}}
+
+
+def tcp_listener(name: str, ip: str, port: int, target="c1") -> dict:
+    """target: a cluster name, or [(cluster, weight), ...]."""
+    tc = {"@type": TCP, "stat_prefix": name}
+    if isinstance(target, str):
+        tc["cluster"] = target
+    else:
+        tc["weighted_clusters"] = {"clusters": [{"name": n, "weight": w} for n, w in target]}
+    return {"name": name, "address": sock(ip, port),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": tc}]}]}
+
+
+def hcm_listener(name: str, ip: str, port: int, routes: list[dict]) -> dict:
+    return {"name": name, "address": sock(ip, port), "filter_chains": [{"filters": [{
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {"@type": HCM, "stat_prefix": name, "route_config": {
+            "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]}}}]}]}
+
+
+def bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
+    return {"static_resources": {"listeners": listeners, "clusters": clusters}}

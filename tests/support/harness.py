@@ -1,0 +1,233 @@
+"""Real-kernel test harness: child cgroups, backends, a kmesh-daemon per test.
+
+Safety: programs are only ever attached to a child cgroup this harness made;
+every cgroup, pin, process and port is unique to the test run and removed in
+teardown, also when the test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+BPFFS = Path("/sys/fs/bpf")
+RUN_ID = uuid.uuid4().hex[:8]
+CLIENT = ROOT / "tests" / "support" / "client.py"
+BACKEND = ROOT / "examples" / "backend.py"
+
+_counter = 0
+
+
+def unique(prefix: str) -> str:
+    global _counter
+    _counter += 1
+    return f"{prefix}-{RUN_ID}-{os.getpid()}-{_counter}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_bpffs() -> None:
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["findmnt", "-n", "-t", "bpf", str(BPFFS)], capture_output=True).returncode != 0:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Cgroup:
+    """A child cgroup v2; only test clients are put in it."""
+
+    def __init__(self):
+        self.path = CGROUP2_ROOT / unique("kmesh-test")
+        assert self.path.parent == CGROUP2_ROOT and self.path != CGROUP2_ROOT
+        self.path.mkdir()
+
+    def _enter(self) -> None:  # runs in the child between fork and exec
+        with open(self.path / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    def run(self, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, preexec_fn=self._enter, capture_output=True, text=True, timeout=timeout, **kw)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(argv, preexec_fn=self._enter, text=True, **kw)
+
+    def curl(self, url: str, extra: tuple[str, ...] = ()) -> list[str]:
+        """One curl process, a fresh connection per URL (URL globbing)."""
+        r = self.run(["curl", "-sS", "--max-time", "10", "-H", "Connection: close", *extra, url])
+        assert r.returncode == 0, f"curl {url} failed ({r.returncode}): {r.stderr}"
+        return r.stdout.split()
+
+    def client(self, *args) -> subprocess.CompletedProcess:
+        return self.run([sys.executable, str(CLIENT), *map(str, args)])
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                pids = (self.path / "cgroup.procs").read_text().split()
+            except FileNotFoundError:
+                return
+            for pid in pids:
+                _kill(int(pid))
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"could not remove cgroup {self.path}")
+
+
+@dataclass
+class Backend:
+    name: str
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+def start_backend(name: str) -> Backend:
+    for _ in range(5):
+        port = free_port()
+        p = subprocess.Popen([sys.executable, str(BACKEND), name, str(port)], stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        if line.startswith("listening"):
+            return Backend(name, port, p)
+        p.kill()
+        p.wait()
+    raise RuntimeError("backend did not start")
+
+
+@dataclass
+class Kmesh:
+    """A kmesh-daemon process with its own pins, cgroup and admin port."""
+
+    cgroup: Cgroup
+    config_path: Path
+    bpf_fs_path: Path = field(default_factory=lambda: BPFFS / unique("kmesh-test"))
+    admin_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def pin_root(self) -> Path:
+        return self.bpf_fs_path / "bpf_kmesh"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [str(BIN / "kmesh-daemon"), "-enable-ads=false", f"-config-file={self.config_path}",
+                f"-bpf-fs-path={self.bpf_fs_path}", f"-cgroup2-path={self.cgroup.path}",
+                f"-admin-address=127.0.0.1:{self.admin_port}", *extra]
+
+    def write_config(self, cfg: dict | str) -> None:
+        text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
+
+    def start(self, wait: bool = True) -> "Kmesh":
+        self.log_path = self.config_path.with_name(f"daemon-{int(time.time() * 1000)}.log")
+        self.proc = subprocess.Popen(self.argv(), stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"kmesh-daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.get("/ready", raw=True)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"kmesh-daemon not ready after {timeout}s:\n{self.log()}")
+
+    def get(self, path: str, raw: bool = False):
+        try:
+            with urllib.request.urlopen(self.admin + path, timeout=10) as r:
+                body = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            body, status = e.read(), e.code
+        return (status, body) if raw else json.loads(body)
+
+    def post_config(self, cfg: dict | str) -> tuple[int, dict]:
+        text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)
+        req = urllib.request.Request(self.admin + "/controller/envoy", data=text.encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def reload(self, timeout: float = 10) -> dict:
+        """SIGHUP and wait until the daemon reports the outcome."""
+        before = (self.get("/status").get("last_update") or {}).get("time")
+        self.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            last = self.get("/status").get("last_update") or {}
+            if last.get("time") != before:
+                return last
+            time.sleep(0.02)
+        raise AssertionError("reload did not finish")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def attached_programs(self) -> list[str]:
+        out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(self.cgroup.path)],
+                             capture_output=True, text=True).stdout.strip()
+        return [p.get("name", "") for p in json.loads(out or "[]")]
+
+    def teardown(self) -> None:
+        self.stop(signal.SIGKILL) if self.proc and self.proc.poll() is None else None
+        # Safety net: detach and unpin whatever is left, even after a crash.
+        subprocess.run([str(BIN / "kmesh-daemon"), f"-bpf-fs-path={self.bpf_fs_path}", "cleanup"],
+                       capture_output=True)
+        for d in (self.pin_root / "link", self.pin_root / "map", self.pin_root, self.bpf_fs_path):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
