@@ -75,9 +75,11 @@ build_bpf() {
         mv "$BUILD/vmlinux.h.tmp" "$BUILD/vmlinux.h"
     fi
     local arch; arch=$(uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-    for src in "$ROOT"/bpf/*.bpf.c; do
-        local obj="$BUILD/bpf/$(basename "${src%.c}").o"
-        say "compiling $(basename "$src")"
+    mkdir -p "$BUILD/bpf/tests"
+    for src in "$ROOT"/bpf/*.bpf.c "$ROOT"/bpf/tests/*.bpf.c; do
+        local rel=${src#"$ROOT"/bpf/}
+        local obj="$BUILD/bpf/${rel%.c}.o"
+        say "compiling bpf/$rel"
         "$clang" -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_"$arch" -Wall -Werror \
             -I"$BUILD" -I"$ROOT/bpf/include" -c "$src" -o "$obj"
     done

@@ -111,6 +111,9 @@ def parse_wrk(out: str) -> dict:
     if not m:
         raise BenchError(f"wrk output has no Requests/sec:\n{out}")
     res["rps"] = float(m.group(1))
+    m = re.search(r"^\s*Latency\s+([\d.]+(?:us|ms|s|m|h))\s", out, re.M)
+    if m:
+        res["mean_us"] = _to_us(m.group(1))
     for pct in ("50", "99"):
         m = re.search(rf"^\s*{pct}(?:\.0+)?%\s+(\S+)", out, re.M)
         if m:
@@ -440,39 +443,48 @@ static_resources:
 
         rows = []
 
-        def row(key, label, unit, d, v, target=None, better="higher"):
+        def row(key, label, unit, d, v, target=None, better="higher", test=None, field=None):
             ratio = v / d if (d and v is not None) else None
+            spread = None
+            if test is not None:
+                vals = [r[field] for r in runs[test]["direct"]]
+                spread = max(vals) / min(vals) if min(vals) > 0 else None
             ok = None
             if target is not None and ratio is not None:
                 ok = ratio >= target if better == "higher" else ratio <= target
             rows.append({"key": key, "metric": label, "unit": unit, "direct": d, "kmesh": v,
-                         "ratio": ratio, "target": target, "better": better, "ok": ok})
+                         "ratio": ratio, "direct_spread": spread, "target": target, "better": better, "ok": ok})
 
         sc = f"wrk -t{SHORT_THREADS} -c{SHORT_CONNS}, Connection: close"
         row("short_conn_rate", f"short connections/s ({sc})", "conn/s",
-            m("short", "direct", "rps"), m("short", "vip", "rps"), TARGETS["conn_rate_ratio_min"])
+            m("short", "direct", "rps"), m("short", "vip", "rps"), TARGETS["conn_rate_ratio_min"],
+            test="short", field="rps")
         for t, label in (("ka1", "wrk -t1 -c1"), ("ka16", "wrk -t2 -c16")):
             row(f"{t}_p50", f"keep-alive p50 latency ({label})", "us",
-                m(t, "direct", "p50_us"), m(t, "vip", "p50_us"), TARGETS["latency_ratio_max"], "lower")
+                m(t, "direct", "p50_us"), m(t, "vip", "p50_us"), TARGETS["latency_ratio_max"], "lower",
+                test=t, field="p50_us")
             row(f"{t}_p99", f"keep-alive p99 latency ({label})", "us",
-                m(t, "direct", "p99_us"), m(t, "vip", "p99_us"), TARGETS["latency_ratio_max"], "lower")
+                m(t, "direct", "p99_us"), m(t, "vip", "p99_us"), TARGETS["latency_ratio_max"], "lower",
+                test=t, field="p99_us")
+            row(f"{t}_mean", f"keep-alive mean latency ({label}; no target)", "us",
+                m(t, "direct", "mean_us"), m(t, "vip", "mean_us"), None, "lower", test=t, field="mean_us")
             row(f"{t}_rps", f"keep-alive requests/s ({label})", "req/s",
-                m(t, "direct", "rps"), m(t, "vip", "rps"), TARGETS["rate_ratio_min"])
+                m(t, "direct", "rps"), m(t, "vip", "rps"), TARGETS["rate_ratio_min"], test=t, field="rps")
         d_ns, d_cnt = ns_per_run("direct")
         v_ns, v_cnt = ns_per_run("vip")
         rows.append({"key": "connect4_ns_per_run",
                      "metric": "connect4 ns/run (bpf_stats; direct: listener miss, kmesh: redirect)",
-                     "unit": "ns", "direct": d_ns, "kmesh": v_ns, "ratio": None,
+                     "unit": "ns", "direct": d_ns, "kmesh": v_ns, "ratio": None, "direct_spread": None,
                      "target": TARGETS["connect4_ns_max"], "better": "lower",
                      "ok": (v_ns <= TARGETS["connect4_ns_max"]) if v_ns is not None else None,
                      "runs": {"direct": d_cnt, "kmesh": v_cnt}})
         acc = {mode: med(r["accepts"] / r["requests"] for r in runs["short"][mode]) for mode in ("direct", "vip")}
         rows.append({"key": "short_accepts_per_request", "metric": "short test: nginx accepts per request",
-                     "unit": "", "direct": acc["direct"], "kmesh": acc["vip"], "ratio": None,
+                     "unit": "", "direct": acc["direct"], "kmesh": acc["vip"], "ratio": None, "direct_spread": None,
                      "target": None, "better": None, "ok": None})
         c4 = {mode: med(r["connect4_runs"] / r["requests"] for r in runs["short"][mode]) for mode in ("direct", "vip")}
         rows.append({"key": "short_connect4_per_request", "metric": "short test: connect4 runs per request",
-                     "unit": "", "direct": c4["direct"], "kmesh": c4["vip"], "ratio": None,
+                     "unit": "", "direct": c4["direct"], "kmesh": c4["vip"], "ratio": None, "direct_spread": None,
                      "target": None, "better": None, "ok": None})
         return {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -586,8 +598,8 @@ def markdown(result: dict) -> str:
              f"VIP {s['vip']} -> backend nginx {s['backend']}; load average at start/end "
              f"{result['environment']['start']['loadavg'][0]}/{result['environment']['end']['loadavg'][0]}",
              "",
-             "| metric | unit | direct | kmesh VIP | kmesh/direct | target | met |",
-             "|---|---|---:|---:|---:|---|---|"]
+             "| metric | unit | direct | kmesh VIP | kmesh/direct | direct run spread (max/min) | target | met |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         if r["target"] is None:
             tgt = ""
@@ -597,8 +609,9 @@ def markdown(result: dict) -> str:
             tgt = f"{'>=' if r['better'] == 'higher' else '<='} {r['target']:g}"
         ok = "" if r["ok"] is None else ("yes" if r["ok"] else "**NO**")
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        spread = "" if r.get("direct_spread") is None else f"{r['direct_spread']:.2f}"
         lines.append(f"| {r['metric']} | {r['unit']} | {_fmt(r['direct'], r['unit'])} | "
-                     f"{_fmt(r['kmesh'], r['unit'])} | {ratio} | {tgt} | {ok} |")
+                     f"{_fmt(r['kmesh'], r['unit'])} | {ratio} | {spread} | {tgt} | {ok} |")
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ bpf_map_get_next_key = _fn("bpf_map_get_next_key", _c.c_int, _c.c_int, _vp, _vp)
 bpf_map_update_batch = _fn("bpf_map_update_batch", _c.c_int, _c.c_int, _vp, _vp, _c.POINTER(_c.c_uint32), _vp)
 bpf_map_delete_batch = _fn("bpf_map_delete_batch", _c.c_int, _c.c_int, _vp, _c.POINTER(_c.c_uint32), _vp)
 bpf_enable_stats = _fn("bpf_enable_stats", _c.c_int, _c.c_int)
+bpf_prog_test_run_opts = _fn("bpf_prog_test_run_opts", _c.c_int, _c.c_int, _vp)
 
 # Map update flags (uapi bpf.h).
 BPF_ANY = 0
@@ -137,6 +138,26 @@ class _LinkInfo(_c.Structure):
         ("attach_type", _c.c_uint32),
         ("_rest", _c.c_uint8 * 64),
     ]
+
+
+class _TestRunOpts(_c.Structure):
+    """struct bpf_test_run_opts (libbpf >= 0.7)."""
+
+    _fields_ = [
+        ("sz", _c.c_size_t),
+        ("data_in", _vp), ("data_out", _vp), ("data_size_in", _c.c_uint32), ("data_size_out", _c.c_uint32),
+        ("ctx_in", _vp), ("ctx_out", _vp), ("ctx_size_in", _c.c_uint32), ("ctx_size_out", _c.c_uint32),
+        ("retval", _c.c_uint32), ("repeat", _c.c_int), ("duration", _c.c_uint32), ("flags", _c.c_uint32),
+        ("cpu", _c.c_uint32), ("batch_size", _c.c_uint32),
+    ]
+
+
+def prog_test_run_syscall(prog_fd: int, ctx: _c.Structure) -> int:
+    """Run a SEC("syscall") program once on ``ctx`` (updated in place);
+    returns the program's return value."""
+    opts = _TestRunOpts(sz=_c.sizeof(_TestRunOpts), ctx_in=_c.addressof(ctx), ctx_size_in=_c.sizeof(ctx))
+    _check(bpf_prog_test_run_opts(prog_fd, _c.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval
 
 
 class Map:
