@@ -10,8 +10,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "kmesh_maps.h"
-#include "listener.h"
-#include "cluster.h"
+#include "decision.h"
 #include "endpoint.h"
 
 #define SOCK_ALLOW 1 /* cgroup sock_addr verdict: let the syscall go on */
@@ -21,26 +20,16 @@ char LICENSE[] SEC("license") = "GPL";
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
-	const struct kmesh_endpoint *ep;
-	struct kmesh_listener *l;
-	struct kmesh_cluster *c;
-	__u32 cluster_id;
+	const struct kmesh_endpoint *ep = 0;
+	struct kmesh_cluster *c = 0;
 
 	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
 	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
-
-	l = listener_lookup(ctx->user_ip4, (__u16)ctx->user_port);
-	if (!l)
+	/* Anything short of a redirect leaves the connect as the app asked:
+	 * without an endpoint it fails as it would without kmesh. */
+	if (kmesh_decide(ctx->user_ip4, (__u16)ctx->user_port, &c, &ep) != KMESH_REDIRECT)
 		return SOCK_ALLOW;
-	if (listener_pick_cluster(l, &cluster_id))
-		return SOCK_ALLOW;
-	c = bpf_map_lookup_elem(&km_cluster, &cluster_id);
-	if (!c)
-		return SOCK_ALLOW;
-	ep = cluster_pick_endpoint(c);
-	if (!ep)
-		return SOCK_ALLOW; /* no endpoint: the connect fails as it would without kmesh */
 
 	if (c->lb_policy == KMESH_LB_LEAST_REQUEST && ctx->sk)
 		endpoint_track(ctx->sk, ep);

@@ -38,21 +38,20 @@ def _mount(source: str, target: str, fstype: str) -> None:
         raise OSError(err, f"mount -t {fstype} {target}: {os.strerror(err)}")
 
 
+def _ensure(path: str, fstype: str, source: str) -> bool:
+    os.makedirs(path, exist_ok=True)
+    if fs_type(path) == fstype:
+        return False
+    log.info(f"mounting {fstype}", extra={"kv": {"path": path}})
+    _mount(source, path, fstype)
+    return True
+
+
 def ensure_bpffs(path: str) -> bool:
     """Make ``path`` a directory on bpffs; returns True if we mounted it."""
-    os.makedirs(path, exist_ok=True)
-    if fs_type(path) == "bpf":
-        return False
-    log.info("mounting bpffs", extra={"kv": {"path": path}})
-    _mount("bpf", path, "bpf")
-    return True
+    return _ensure(path, "bpf", "bpf")
 
 
 def ensure_cgroup2(path: str) -> bool:
     """Make ``path`` a cgroup2 directory; returns True if we mounted it."""
-    os.makedirs(path, exist_ok=True)
-    if fs_type(path) == "cgroup2":
-        return False
-    log.info("mounting cgroup2", extra={"kv": {"path": path}})
-    _mount("none", path, "cgroup2")
-    return True
+    return _ensure(path, "cgroup2", "none")

@@ -1,7 +1,7 @@
 """The connect4 decision logic, run in the kernel with BPF_PROG_TEST_RUN.
 
-bpf/tests/lb_test.bpf.c runs the same helpers as kmesh_connect4 (listener.h,
-cluster.h) from a syscall program, which BPF_PROG_TEST_RUN supports (the
+bpf/tests/lb_test.bpf.c runs the same decision as kmesh_connect4 (decision.h)
+from a syscall program, which BPF_PROG_TEST_RUN supports (the
 cgroup/connect4 type does not). Records are built by the daemon's own code.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ NO_LISTENER, NO_CLUSTER, NO_ENDPOINT, REDIRECT = 1, 2, 3, 4
 
 class Ctx(ctypes.Structure):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16),
-                ("result", ctypes.c_uint32), ("cluster_id", ctypes.c_uint32),
+                ("result", ctypes.c_uint32), ("lb_policy", ctypes.c_uint32),
                 ("ep_ip", ctypes.c_uint32), ("ep_port", ctypes.c_uint16), ("pad2", ctypes.c_uint16)]
 
 

@@ -92,7 +92,7 @@ def unit_copy(tmp_path: Path) -> Path:
 def analyze_verify(unit: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+        pytest.fail("systemd-analyze is not installed: ./build.sh setup installs it (Debian package systemd)")
     return run([exe, "verify", str(unit)], cwd=unit.parent)
 
 
@@ -170,7 +170,7 @@ def test_script_syntax(script: Path):
 def test_script_shellcheck(script: Path):
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.skip("shellcheck is not installed")
+        pytest.fail("shellcheck is not installed: ./build.sh setup installs it")
     res = run([exe, "-s", "sh", str(script)])
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -205,7 +205,7 @@ def bpffs() -> str:
     if mounts_of_type("bpf"):
         return mounts_of_type("bpf")[0]
     if os.geteuid() != 0:
-        pytest.skip("bpffs is not mounted and mounting it needs root")
+        pytest.fail("bpffs is not mounted and mounting it needs root")
     os.makedirs("/sys/fs/bpf", exist_ok=True)
     res = run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"])
     assert res.returncode == 0, res.stderr
@@ -216,7 +216,7 @@ def bpffs() -> str:
 def cgroup2() -> str:
     found = mounts_of_type("cgroup2")
     if not found:
-        pytest.skip("no cgroup2 mount on this host")
+        pytest.fail("no cgroup2 mount on this host")
     return found[0]
 
 
