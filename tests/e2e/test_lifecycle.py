@@ -179,3 +179,16 @@ def test_ads_mode_not_available_yet(cgroup, tmp_path):
     r = subprocess.run([a for a in k.argv() if a != "-enable-ads=false"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "-enable-ads=false" in r.stderr
     assert not k.pin_root.exists()
+
+
+def test_second_daemon_on_same_pins_is_refused(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
+    second = harness.Kmesh(cgroup, k.config_path, bpf_fs_path=k.bpf_fs_path)
+    r = subprocess.run(second.argv(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "another kmesh-daemon is using" in r.stderr
+    r = subprocess.run([str(harness.BIN / "kmesh-daemon"), f"-bpf-fs-path={k.bpf_fs_path}", "cleanup"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "running daemon" in r.stderr
+    assert cgroup.curl(f"http://{v}/") == ["A"]  # the first one is untouched

@@ -224,7 +224,7 @@ class Kmesh:
     def teardown(self) -> None:
         self.stop(signal.SIGKILL) if self.proc and self.proc.poll() is None else None
         # Safety net: detach and unpin whatever is left, even after a crash.
-        subprocess.run([str(BIN / "kmesh-daemon"), f"-bpf-fs-path={self.bpf_fs_path}", "cleanup"],
+        subprocess.run([str(BIN / "kmesh-daemon"), f"-bpf-fs-path={self.bpf_fs_path}", "cleanup", "--force"],
                        capture_output=True)
         for d in (self.pin_root / "link", self.pin_root / "map", self.pin_root, self.bpf_fs_path):
             try:

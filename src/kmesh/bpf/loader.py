@@ -13,6 +13,8 @@ ungoverned.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 from dataclasses import dataclass
@@ -53,6 +55,25 @@ class LoaderError(RuntimeError):
     pass
 
 
+def lock_pins(pin_root: Path) -> int:
+    """Hold an exclusive lock on the pin directory for this process's life.
+
+    Two daemons on the same pins would undo each other's updates; the lock
+    goes away with the process, so a crashed daemon never blocks a restart.
+    """
+    pin_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(pin_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LoaderError(f"another kmesh-daemon is using {pin_root}: stop it first "
+                              "(or give this one another -bpf-fs-path)") from None
+        raise
+    return fd
+
+
 @dataclass
 class AttachResult:
     program: str
@@ -69,6 +90,7 @@ class Dataplane:
         self.cgroup_path = cgroup_path
         self.object_path = str(Path(object_dir or default_object_dir()) / OBJECT_NAME)
         self._obj: libbpf.BpfObject | None = None
+        self._lock_fd = -1
         self.maps: dict[str, libbpf.Map] = {}
         self.prog_fds: dict[str, int] = {}
         self.took_over = False
@@ -78,6 +100,7 @@ class Dataplane:
         if not os.path.exists(self.object_path):
             raise LoaderError(f"BPF object {self.object_path} not found: run ./build.sh -b "
                               "(or set KMESH_BPF_DIR to the directory holding it)")
+        self._lock_fd = lock_pins(self.pin_root)
         self.map_dir.mkdir(parents=True, exist_ok=True)
         self.link_dir.mkdir(parents=True, exist_ok=True)
         self.took_over = any(self.map_dir.iterdir())
@@ -154,6 +177,9 @@ class Dataplane:
             self._obj = None
         self.maps.clear()
         self.prog_fds.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def cleanup(bpf_fs_path: str) -> list[str]:
@@ -187,4 +213,18 @@ def cleanup(bpf_fs_path: str) -> list[str]:
             d.rmdir()
         except FileNotFoundError:
             pass
+        except OSError as e:
+            log.warning("left a directory that is not empty", extra={"kv": {"path": str(d), "error": e.strerror}})
     return removed
+
+
+def in_use(bpf_fs_path: str) -> bool:
+    """True while a running daemon holds the pins under ``bpf_fs_path``."""
+    root = Path(bpf_fs_path) / PIN_DIR
+    if not root.is_dir():
+        return False
+    try:
+        os.close(lock_pins(root))
+        return False
+    except LoaderError:
+        return True

@@ -50,12 +50,17 @@ def main(ctx, **kw):
 
 
 @main.command()
+@click.option("--force", is_flag=True, help="clean up even while a daemon is running")
 @click.pass_obj
-def cleanup(opts: options.Options):
+def cleanup(opts: options.Options, force: bool):
     """Detach kmesh's programs and remove its pins (after a crash, or to uninstall)."""
     kmlog.setup(opts.log_level)
-    from kmesh.bpf.loader import cleanup as do_cleanup
+    from kmesh.bpf.loader import cleanup as do_cleanup, in_use
 
+    if in_use(opts.bpf_fs_path) and not force:
+        click.echo(f"kmesh-daemon: a running daemon holds {opts.bpf_fs_path}/bpf_kmesh: stop it "
+                   "(systemctl stop kmesh), or pass --force", err=True)
+        sys.exit(1)
     removed = do_cleanup(opts.bpf_fs_path)
     click.echo(f"removed {len(removed)} pins under {opts.bpf_fs_path}/bpf_kmesh")
 
