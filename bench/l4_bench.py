@@ -138,7 +138,8 @@ class Bench:
         self.nginx: subprocess.Popen | None = None
         self.daemon: subprocess.Popen | None = None
         self.children: list[subprocess.Popen] = []
-        self.old_bpf_stats: str | None = None
+        self.old_bpf_stats: str | None = None   # set only when we changed it
+        self.bpf_stats_before: str | None = None
         self.backend_port = 0
         self.admin = ""
         self.connect4_id: int | None = None
@@ -167,7 +168,11 @@ class Bench:
 
     def sweep_stale(self) -> None:
         """Remove what a SIGKILLed earlier run left (its daemon unpins itself on
-        parent death, but the pin dir and the empty cgroup stay)."""
+        parent death, but the pin dir, the empty cgroup and the temp dir stay)."""
+        for p in Path(tempfile.gettempdir()).glob("kmesh-bench-*-*"):
+            pid = p.name.split("-")[2]
+            if p.is_dir() and pid.isdigit() and int(pid) != self.pid and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(p, ignore_errors=True)
         for base in (BPFFS, CGROUP2_ROOT):
             for p in base.glob("kmesh-bench-*"):
                 pid = p.name.rsplit("-", 1)[-1]
@@ -307,8 +312,16 @@ static_resources:
         return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
     def enable_bpf_stats(self) -> None:
-        self.old_bpf_stats = BPF_STATS.read_text().strip()
-        BPF_STATS.write_text("1\n")
+        """Turn stats on only if they are off, and later turn off only what we
+        turned on. The sysctl is a reference count shared with BPF_ENABLE_STATS
+        fds: writing back a "1" we read could leave stats on for good if the
+        fd that made it 1 was closed in between."""
+        self.bpf_stats_before = BPF_STATS.read_text().strip()
+        if self.bpf_stats_before == "0":
+            self.old_bpf_stats = "0"
+            BPF_STATS.write_text("1\n")
+        else:
+            log(f"kernel.bpf_stats_enabled is already {self.bpf_stats_before}: leaving it alone")
 
     @staticmethod
     def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -493,7 +506,8 @@ static_resources:
             "settings": {"duration_s": self.args.duration, "rounds": self.args.rounds, "quick": self.args.quick,
                          "vip": f"{VIP_IP}:{VIP_PORT}", "backend": f"127.0.0.1:{self.backend_port}",
                          "aggregate": "median over rounds; direct/VIP order alternates per round"},
-            "environment": {"start": self.env_start, "end": self.env_end},
+            "environment": {"start": self.env_start, "end": self.env_end,
+                            "bpf_stats_enabled_before": self.bpf_stats_before},
             "targets": TARGETS,
             "rows": rows,
             "runs": runs,
