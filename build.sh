@@ -42,10 +42,6 @@ setup_system() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
-    # The nginx package may start a default site; kmesh's bench runs its own.
-    if [ -x /usr/sbin/nginx ] && pgrep -x nginx >/dev/null 2>&1 && [ -f /run/nginx.pid ]; then
-        /usr/sbin/nginx -s stop 2>/dev/null || true
-    fi
 }
 
 setup_venv() {
