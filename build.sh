@@ -156,5 +156,5 @@ case "${1:-}" in
     setup) do_setup ;;
     test) shift; do_test "$@" ;;
     demo) shift; do_demo "$@" ;;
-    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n "2,11p" "$0" | sed "s/^# \{0,1\}//"; exit 2 ;;
 esac
