@@ -39,7 +39,10 @@ def main() -> None:
 
     srv = Server((host, port), Handler)
     print("listening", srv.server_address[1], flush=True)
-    srv.serve_forever()
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C in the demo's terminal reaches us too
+        pass
 
 
 if __name__ == "__main__":
