@@ -43,6 +43,8 @@ class MeshConfig:
     listeners: tuple[Listener, ...] = ()
     clusters: tuple[Cluster, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # What a control plane sent that kmesh leaves to the host, and why.
+    skipped: tuple[str, ...] = field(default=(), compare=False)
 
     def cluster(self, name: str) -> Cluster | None:
         return next((c for c in self.clusters if c.name == name), None)

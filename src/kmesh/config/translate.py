@@ -1,19 +1,35 @@
-"""Envoy v3 Listeners and Clusters -> kmesh's model (pure functions).
+"""Envoy v3 resources -> kmesh's model (pure functions).
 
-One translator serves every config source: a standalone Bootstrap file hands
-in ``static_resources``, the xDS client hands in the resources it received.
-Meaning is checked here (the schema was checked when parsing): references,
-address families, ranges, limits. Every problem names the field path; what
-kmesh accepts but cannot enforce yet becomes an explicit warning.
+One translator serves every config source: a standalone Bootstrap hands in
+``static_resources``; the ADS client hands in the Listeners, Clusters,
+ClusterLoadAssignments and RouteConfigurations it accepted. Meaning is
+checked here (the schema was checked when parsing) and every problem names
+its field path.
+
+Two strictness levels, because the two sources have different authors:
+
+* strict (a file a person wrote): anything kmesh cannot do is an error, or an
+  explicit warning where the rest still means what the author wanted;
+* lenient (a control plane such as istiod): a resource kmesh cannot govern is
+  *skipped with a reason* and its connections are left untouched, so they
+  keep whatever path they had without kmesh (e.g. kube-proxy). Only what
+  kmesh would get wrong, or what Envoy itself would refuse, is an error (and
+  so a NACK).
+
+A connect is decided by (destination IP, port) only, so a listener becomes
+one or more *entries*: its address, the /32 ``prefix_ranges`` of its filter
+chains, and — for HTTP connection managers on wildcard listeners, as istiod
+sends them — the IPv4 literals in each virtual host's ``domains`` (istiod
+lists a service's VIP there). More specific entries win over less specific.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
@@ -33,32 +49,47 @@ _DISCOVERY_HINT = {
     _Cluster.EDS: "EDS clusters need ADS mode (-enable-ads=true)",
     _Cluster.STRICT_DNS: "DNS clusters are not supported; list IPv4 endpoints in a STATIC cluster",
     _Cluster.LOGICAL_DNS: "DNS clusters are not supported; list IPv4 endpoints in a STATIC cluster",
-    _Cluster.ORIGINAL_DST: "ORIGINAL_DST clusters are not supported yet",
+    _Cluster.ORIGINAL_DST: "ORIGINAL_DST (passthrough) clusters are not supported",
 }
-_UNHEALTHY = {
-    health_check_pb2.UNHEALTHY,
-    health_check_pb2.DRAINING,
-    health_check_pb2.TIMEOUT,
-}
+_UNHEALTHY = {health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT}
 # Fields whose effect kmesh reproduces (or that change nothing at L4). Any
 # other field that is set produces a "not enforced" warning.
-_CLUSTER_APPLIED = {"name", "alt_stat_name", "type", "lb_policy", "load_assignment", "connect_timeout", "metadata"}
+_CLUSTER_APPLIED = {"name", "alt_stat_name", "type", "lb_policy", "load_assignment", "connect_timeout", "metadata",
+                    "eds_cluster_config"}
 _TCP_PROXY_APPLIED = {"stat_prefix", "cluster", "weighted_clusters"}
+_PLAINTEXT_ALPN = {"http/1.1", "http/1.0", "h2c"}
 _MAX_U32 = 2**32 - 1
+WILDCARD = "0.0.0.0"
+
+# Entry priority: a more specific source of an (ip, port) entry wins.
+_P_WILDCARD, _P_DOMAIN, _P_PREFIX, _P_ADDRESS = 0, 10, 20, 30
 
 
 @dataclass
 class _Ctx:
     source: str
     cluster_origin: str
+    lenient: bool
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def error(self, path: str, reason: str) -> None:
         self.problems.append(Problem(self.source, path, reason))
 
     def warn(self, path: str, reason: str) -> None:
-        self.warnings.append(str(Problem(self.source, path, reason)))
+        (self.skipped if self.lenient else self.warnings).append(str(Problem(self.source, path, reason)))
+
+    def skip(self, path: str, reason: str) -> None:
+        """Not governed by kmesh: a note from a control plane, a warning from a file."""
+        self.warn(path, reason)
+
+    def unsupported(self, path: str, reason: str) -> None:
+        """An error in a file; skipped (left to the host) from a control plane."""
+        if self.lenient:
+            self.skipped.append(str(Problem(self.source, path, reason)))
+        else:
+            self.error(path, reason)
 
 
 def _set_fields(msg: Message) -> list[str]:
@@ -74,78 +105,102 @@ def _warn_unenforced(ctx: _Ctx, path: str, msg: Message, applied: set[str]) -> N
 def _socket_address(ctx: _Ctx, path: str, addr: address_pb2.Address, what: str) -> tuple[str, int] | None:
     kind = addr.WhichOneof("address")
     if kind != "socket_address":
-        ctx.error(path, f"{what} needs a socket_address" + (f", not {kind}" if kind else ""))
+        ctx.unsupported(path, f"{what} needs a socket_address" + (f", not {kind}" if kind else ""))
         return None
     sa = addr.socket_address
     path = f"{path}.socket_address"
     try:
         ip = ipaddress.ip_address(sa.address)
     except ValueError:
-        ctx.error(f"{path}.address", f"'{sa.address}' is not an IP address (hostnames are not resolved)")
+        ctx.unsupported(f"{path}.address", f"'{sa.address}' is not an IP address (hostnames are not resolved)")
         return None
     if ip.version != 4:
-        ctx.error(f"{path}.address", f"'{sa.address}' is IPv6; kmesh supports IPv4 only for now")
+        ctx.unsupported(f"{path}.address", f"'{sa.address}' is IPv6; kmesh supports IPv4 only for now")
         return None
     if sa.WhichOneof("port_specifier") != "port_value":
-        ctx.error(f"{path}.port_value", "a numeric port_value is required (named ports are not supported)")
+        ctx.unsupported(f"{path}.port_value", "a numeric port_value is required (named ports are not supported)")
         return None
     if not 1 <= sa.port_value <= 65535:
         ctx.error(f"{path}.port_value", f"port {sa.port_value} is out of range 1..65535")
         return None
     if sa.resolver_name:
-        ctx.error(f"{path}.resolver_name", "custom resolvers are not supported")
+        ctx.unsupported(f"{path}.resolver_name", "custom resolvers are not supported")
         return None
     return str(ip), sa.port_value
 
 
 # --- clusters ------------------------------------------------------------------
 
-def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster) -> Cluster | None:
-    ok = True
+@dataclass(frozen=True)
+class _ClusterOutcome:
+    cluster: Cluster | None
+    reason: str = ""  # why it is not governed (skipped, warming)
+
+
+def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None) -> _ClusterOutcome:
     if not pb.name:
         ctx.error(f"{path}.name", "a cluster needs a name")
-        ok = False
+        return _ClusterOutcome(None, "invalid")
     if pb.WhichOneof("cluster_discovery_type") == "cluster_type":
-        ctx.error(f"{path}.cluster_type", "custom cluster types are not supported")
-        return None
-    if pb.type != _Cluster.STATIC:
-        ctx.error(f"{path}.type", _DISCOVERY_HINT.get(pb.type, f"cluster type {pb.type} is not supported"))
-        return None
+        ctx.unsupported(f"{path}.cluster_type", "custom cluster types are not supported")
+        return _ClusterOutcome(None, "custom cluster type")
+    if pb.type == _Cluster.ORIGINAL_DST and ctx.lenient:
+        ctx.skip(path, "passthrough (ORIGINAL_DST) cluster: connections routed to it are left untouched")
+        return _ClusterOutcome(None, "passthrough")
+    if pb.type not in (_Cluster.STATIC, _Cluster.EDS) or (pb.type == _Cluster.EDS and eds is None):
+        ctx.unsupported(f"{path}.type", _DISCOVERY_HINT.get(pb.type, f"cluster type {pb.type} is not supported"))
+        return _ClusterOutcome(None, "unsupported type")
+    ok = True
     if pb.lb_policy not in _LB:
         name = _Cluster.LbPolicy.Name(pb.lb_policy)
-        ctx.error(f"{path}.lb_policy", f"{name} is not supported; use ROUND_ROBIN, RANDOM or LEAST_REQUEST")
+        ctx.unsupported(f"{path}.lb_policy", f"{name} is not supported; use ROUND_ROBIN, RANDOM or LEAST_REQUEST")
+        if ctx.lenient:
+            return _ClusterOutcome(None, "unsupported lb_policy")
         ok = False
-    if pb.HasField("transport_socket"):
-        ctx.error(f"{path}.transport_socket", "upstream TLS is not supported: kmesh forwards connections as they are")
-        ok = False
-    _warn_unenforced(ctx, path, pb, _CLUSTER_APPLIED | {"transport_socket"})
-    endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
+    tls = [n for n in ("transport_socket", "transport_socket_matches") if n in _set_fields(pb)]
+    if tls:
+        if ctx.lenient:
+            ctx.skip(f"{path}.{tls[0]}", "TLS/mTLS is not applied by kmesh yet: connections stay plaintext")
+        else:
+            ctx.error(f"{path}.{tls[0]}", "upstream TLS is not supported: kmesh forwards connections as they are")
+            ok = False
+    _warn_unenforced(ctx, path, pb, _CLUSTER_APPLIED | {"transport_socket", "transport_socket_matches"})
+    if pb.type == _Cluster.EDS:
+        service = pb.eds_cluster_config.service_name or pb.name
+        got = eds.get(service)
+        if got is None:
+            ctx.skip(path, f"warming: waiting for EDS '{service}'")
+            return _ClusterOutcome(None, "warming")
+        epath, cla = got
+        endpoints = _endpoints(ctx, epath, cla)
+    else:
+        endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
     if endpoints is None or not ok:
-        return None
-    return Cluster(pb.name, _LB[pb.lb_policy], tuple(endpoints))
+        return _ClusterOutcome(None, "invalid endpoints")
+    return _ClusterOutcome(Cluster(pb.name, _LB[pb.lb_policy], tuple(endpoints)))
 
 
 def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
     """Endpoints of the highest-priority (lowest number) level that has a
-    healthy endpoint, as Envoy routes with no health information otherwise."""
+    healthy endpoint, as Envoy routes with no further health information."""
     by_priority: dict[int, list[Endpoint]] = {}
     ok = True
     for j, lle in enumerate(cla.endpoints):
         for k, lbe in enumerate(lle.lb_endpoints):
             epath = f"{path}.endpoints[{j}].lb_endpoints[{k}]"
             if lbe.WhichOneof("host_identifier") != "endpoint":
-                ctx.error(epath, "an inline endpoint with an address is required (endpoint_name is not supported)")
-                ok = False
+                ctx.unsupported(epath, "an inline endpoint with an address is required (endpoint_name is not supported)")
+                ok = ok and ctx.lenient
                 continue
-            addr = _socket_address(ctx, f"{epath}.endpoint.address", lbe.endpoint.address, "an endpoint")
             weight = 1
             if lbe.HasField("load_balancing_weight"):
                 weight = lbe.load_balancing_weight.value
                 if weight < 1:
                     ctx.error(f"{epath}.load_balancing_weight", "must be at least 1")
                     ok = False
+            addr = _socket_address(ctx, f"{epath}.endpoint.address", lbe.endpoint.address, "an endpoint")
             if addr is None:
-                ok = False
+                ok = ok and ctx.lenient
                 continue
             if lbe.health_status in _UNHEALTHY:
                 continue
@@ -154,7 +209,8 @@ def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
         return None
     chosen = by_priority[min(by_priority)] if by_priority else []
     if len(chosen) > KMESH_MAX_ENDPOINTS:
-        ctx.error(f"{path}.endpoints", f"{len(chosen)} endpoints exceed kmesh's limit of {KMESH_MAX_ENDPOINTS} per cluster")
+        ctx.unsupported(f"{path}.endpoints",
+                        f"{len(chosen)} endpoints exceed kmesh's limit of {KMESH_MAX_ENDPOINTS} per cluster")
         return None
     if sum(e.weight for e in chosen) > _MAX_U32:
         ctx.error(f"{path}.endpoints", "the sum of endpoint weights exceeds 4294967295")
@@ -173,13 +229,25 @@ class _Ref:
     weight: int
 
 
-def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]], name_field: str = "name") -> list[_Ref] | None:
-    refs = [_Ref(f"{path}[{i}].{name_field}", n, w) for i, (n, w) in enumerate(items)]
+@dataclass(frozen=True)
+class _Entry:
+    """A candidate (ip, port) -> clusters mapping."""
+
+    ip: str
+    port: int
+    refs: tuple[_Ref, ...]
+    priority: int
+    path: str
+    listener: str
+
+
+def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
+    refs = [_Ref(f"{path}[{i}].name", n, w) for i, (n, w) in enumerate(items)]
     if not refs:
         ctx.error(path, "weighted clusters need at least one cluster")
         return None
     if len([r for r in refs if r.weight > 0]) > KMESH_MAX_WEIGHTED_CLUSTERS:
-        ctx.error(path, f"more than {KMESH_MAX_WEIGHTED_CLUSTERS} weighted clusters are not supported")
+        ctx.unsupported(path, f"more than {KMESH_MAX_WEIGHTED_CLUSTERS} weighted clusters are not supported")
         return None
     total = sum(r.weight for r in refs)
     if total == 0:
@@ -225,8 +293,10 @@ def _l7_conditions(match: route_components_pb2.RouteMatch) -> list[str]:
 def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
     kind = route.WhichOneof("action")
     if kind != "route":
-        ctx.error(f"{path}.{kind or 'route'}", f"route action '{kind}' needs L7 handling, which kmesh does not do yet"
-                  if kind else "a route needs an action")
+        if kind:
+            ctx.unsupported(f"{path}.{kind}", f"route action '{kind}' needs L7 handling, which kmesh does not do yet")
+        else:
+            ctx.error(f"{path}.route", "a route needs an action")
         return None
     ra = route.route
     which = ra.WhichOneof("cluster_specifier")
@@ -235,35 +305,20 @@ def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
     if which == "weighted_clusters":
         return _weighted(ctx, f"{path}.route.weighted_clusters.clusters",
                          ((c.name, c.weight.value if c.HasField("weight") else 0) for c in ra.weighted_clusters.clusters))
-    ctx.error(f"{path}.route", f"cluster_specifier '{which}' is not supported; use cluster or weighted_clusters"
-              if which else "a route needs cluster or weighted_clusters")
+    ctx.unsupported(f"{path}.route", f"cluster_specifier '{which}' is not supported; use cluster or weighted_clusters"
+                    if which else "a route needs cluster or weighted_clusters")
     return None
 
 
-def _http_connection_manager(ctx: _Ctx, path: str, hcm) -> list[_Ref] | None:
-    spec = hcm.WhichOneof("route_specifier")
-    if spec == "rds":
-        ctx.error(f"{path}.rds", "RDS needs ADS mode (-enable-ads=true); inline the routes as route_config")
-        return None
-    if spec != "route_config":
-        ctx.error(f"{path}.{spec or 'route_config'}", "an inline route_config is required")
-        return None
-    rc_path = f"{path}.route_config"
-    vhosts = list(hcm.route_config.virtual_hosts)
-    if not vhosts:
-        ctx.error(f"{rc_path}.virtual_hosts", "route_config has no virtual_hosts")
-        return None
-    vi = next((i for i, v in enumerate(vhosts) if "*" in v.domains), 0)
-    if len(vhosts) > 1:
-        ctx.warn(f"{rc_path}.virtual_hosts", "choosing a virtual host by Host needs L7 routing (not yet supported); "
-                 f"every connection uses virtual_hosts[{vi}] ({vhosts[vi].name})")
-    routes = list(vhosts[vi].routes)
-    vpath = f"{rc_path}.virtual_hosts[{vi}]"
+def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost) -> list[_Ref] | None:
+    """The route a connection takes in a virtual host: the first catch-all
+    route (no L7 condition), else the first route."""
+    routes = list(vhost.routes)
     if not routes:
-        ctx.error(f"{vpath}.routes", "the virtual host has no routes")
+        ctx.unsupported(f"{vpath}.routes", "the virtual host has no routes")
         return None
     chosen = next((i for i, r in enumerate(routes) if not _l7_conditions(r.match)), 0)
-    chosen_refs = None
+    refs = None
     for i, r in enumerate(routes):
         rpath = f"{vpath}.routes[{i}]"
         needs = _l7_conditions(r.match)
@@ -271,138 +326,296 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm) -> list[_Ref] | None:
             if needs:
                 ctx.warn(f"{rpath}.match", f"{', '.join(needs)} needs L7 routing (not yet supported); "
                          "the route applies to every connection")
-            chosen_refs = _route_action(ctx, rpath, r)
+            refs = _route_action(ctx, rpath, r)
         else:
             ctx.warn(f"{rpath}.match", f"{', '.join(needs) or 'this route'} needs L7 routing (not yet supported); "
                      f"connections use routes[{chosen}] instead")
-            if r.WhichOneof("action") == "route":
+            if r.WhichOneof("action") == "route" and refs is not None:
                 # Validate what it references even though it is not applied.
-                refs = _route_action(ctx, rpath, r)
-                if refs and chosen_refs is not None:
-                    chosen_refs = chosen_refs + [_Ref(x.path, x.cluster, 0) for x in refs]
-    return chosen_refs
-
-
-_TERMINAL = {filters.TCP_PROXY_TYPE: ("TcpProxy", _tcp_proxy),
-             filters.HCM_TYPE: ("HttpConnectionManager", _http_connection_manager)}
-
-
-def _filter_chain(ctx: _Ctx, path: str, chain) -> list[_Ref] | None:
-    if not chain.filters:
-        ctx.error(f"{path}.filters", "a filter chain needs a tcp_proxy or http_connection_manager filter")
-        return None
-    refs = None
-    for i, f in enumerate(chain.filters):
-        fpath = f"{path}.filters[{i}]"
-        if f.WhichOneof("config_type") != "typed_config":
-            ctx.error(f"{fpath}.typed_config", f"filter '{f.name}' needs a typed_config")
-            return None
-        type_name = f.typed_config.TypeName()
-        if type_name not in _TERMINAL:
-            ctx.error(f"{fpath}.typed_config", f"unsupported network filter '{f.name}' ({type_name}); "
-                      f"kmesh supports {filters.TCP_PROXY} and {filters.HTTP_CONNECTION_MANAGER}")
-            return None
-        if refs is not None:
-            ctx.error(fpath, "a filter after the terminal filter is never reached")
-            return None
-        _, fn = _TERMINAL[type_name]
-        msg = (filters.tcp_proxy_pb2.TcpProxy() if type_name == filters.TCP_PROXY_TYPE
-               else filters.hcm_pb2.HttpConnectionManager())
-        f.typed_config.Unpack(msg)
-        refs = fn(ctx, f"{fpath}.typed_config", msg)
-        if refs is None:
-            return None
+                extra = _route_action(ctx, rpath, r)
+                if extra:
+                    refs = refs + [_Ref(x.path, x.cluster, 0) for x in extra]
     return refs
 
 
-def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener) -> tuple[list[tuple[str, int, str]], list[_Ref]] | None:
-    """Returns ([(ip, port, address path)], cluster refs) or None."""
+def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
+    """IPv4 literals among a virtual host's domains ("10.96.1.2", "10.96.1.2:9080")."""
+    out = []
+    for d in domains:
+        host, _, p = d.partition(":")
+        if p and p != str(port):
+            continue
+        try:
+            if ipaddress.ip_address(host).version == 4:
+                out.append(host)
+        except ValueError:
+            pass
+    return out
+
+
+def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, int, int]], listener: str,
+                             routes: Mapping | None) -> list[_Entry] | None:
+    spec = hcm.WhichOneof("route_specifier")
+    if spec == "rds":
+        name = hcm.rds.route_config_name
+        if routes is None:
+            ctx.unsupported(f"{path}.rds", "RDS needs ADS mode (-enable-ads=true); inline the routes as route_config")
+            return None
+        got = routes.get(name)
+        if got is None:
+            ctx.skip(path, f"warming: waiting for RDS '{name}'")
+            return []
+        rc_path, rc = got
+    elif spec == "route_config":
+        rc_path, rc = f"{path}.route_config", hcm.route_config
+    else:
+        ctx.unsupported(f"{path}.{spec or 'route_config'}", "an inline route_config is required")
+        return None
+    vhosts = list(rc.virtual_hosts)
+    if not vhosts:
+        ctx.unsupported(f"{rc_path}.virtual_hosts", "route_config has no virtual_hosts")
+        return None
+    if len(vhosts) > 1:
+        ctx.warn(f"{rc_path}.virtual_hosts", "a virtual host is chosen by the destination IP among its domains, "
+                 "else the '*' one; choosing by Host needs L7 routing (not yet supported)")
+    star = next((i for i, v in enumerate(vhosts) if "*" in v.domains), None)
+    fallback = star if star is not None else (None if ctx.lenient else 0)
+    refs_cache: dict[int, list[_Ref] | None] = {}
+
+    def refs_of(i: int) -> list[_Ref] | None:
+        if i not in refs_cache:
+            refs_cache[i] = _virtual_host_refs(ctx, f"{rc_path}.virtual_hosts[{i}]", vhosts[i])
+        return refs_cache[i]
+
+    entries = []
+    for ip, port, prio in keys:
+        if ip == WILDCARD:
+            for i, v in enumerate(vhosts):
+                for vip in _domain_ips(v.domains, port):
+                    refs = refs_of(i)
+                    if refs:
+                        entries.append(_Entry(vip, port, tuple(refs), _P_DOMAIN + prio % 10,
+                                              f"{rc_path}.virtual_hosts[{i}].domains", listener))
+            chosen = fallback
+        else:
+            chosen = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
+        if chosen is None:
+            continue
+        refs = refs_of(chosen)
+        if refs:
+            entries.append(_Entry(ip, port, tuple(refs), prio, f"{rc_path}.virtual_hosts[{chosen}]", listener))
+    if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
+        return None
+    return entries
+
+
+_TERMINAL = {filters.TCP_PROXY_TYPE, filters.HCM_TYPE}
+
+
+def _chain_keys(ctx: _Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]]) -> list[tuple[str, int, int]] | None:
+    """(ip, port, priority) keys a filter chain serves, or None to skip it."""
+    m = chain.filter_chain_match
+    mpath = f"{cpath}.filter_chain_match"
+    set_ = set(_set_fields(m))
+    if "server_names" in set_ or (m.transport_protocol and m.transport_protocol != "raw_buffer"):
+        ctx.skip(mpath, "matches TLS (SNI / transport_protocol); kmesh decides at connect time, before any bytes")
+        return None
+    bonus = 0
+    if m.application_protocols:
+        if not set(m.application_protocols) & _PLAINTEXT_ALPN:
+            ctx.skip(mpath, f"matches application protocols {list(m.application_protocols)} that a plaintext "
+                     "connection never has")
+            return None
+        bonus = 1
+    for src in ("source_type", "source_prefix_ranges", "direct_source_prefix_ranges", "source_ports"):
+        if src in set_:
+            ctx.skip(f"{mpath}.{src}", "matching on the connection's source is not supported")
+            return None
+    ips: list[tuple[str, int]] = []
+    if m.prefix_ranges:
+        for i, r in enumerate(m.prefix_ranges):
+            plen = r.prefix_len.value if r.HasField("prefix_len") else None
+            try:
+                ip = ipaddress.ip_address(r.address_prefix)
+            except ValueError:
+                ctx.error(f"{mpath}.prefix_ranges[{i}].address_prefix", f"'{r.address_prefix}' is not an IP address")
+                return None
+            if ip.version == 4 and plen in (None, 32):
+                ips.append((str(ip), _P_PREFIX))
+            elif ip.version == 4 and plen == 0:
+                ips.append((WILDCARD, _P_WILDCARD))
+            else:
+                ctx.skip(f"{mpath}.prefix_ranges[{i}]", "only single IPv4 addresses (/32) or 0.0.0.0/0 can be "
+                         "matched at connect time")
+    else:
+        ips = [(ip, _P_WILDCARD if ip == WILDCARD else _P_ADDRESS) for ip, _, _ in addrs]
+    if not ips:
+        return None
+    ports = [m.destination_port.value] if m.HasField("destination_port") else sorted({p for _, p, _ in addrs})
+    return [(ip, port, prio + bonus) for ip, prio in ips for port in ports]
+
+
+def _filter_chain(ctx: _Ctx, cpath: str, chain, keys, listener: str, routes) -> list[_Entry] | None:
+    if not chain.filters:
+        ctx.error(f"{cpath}.filters", "a filter chain needs a tcp_proxy or http_connection_manager filter")
+        return None
+    for i, f in enumerate(chain.filters):
+        fpath = f"{cpath}.filters[{i}]"
+        if f.WhichOneof("config_type") != "typed_config":
+            ctx.unsupported(f"{fpath}.typed_config", f"filter '{f.name}' needs a typed_config")
+            return None
+        type_name = f.typed_config.TypeName()
+        if type_name not in _TERMINAL:
+            if ctx.lenient:
+                ctx.skip(fpath, f"network filter '{f.name}' ({type_name}) is not applied by kmesh")
+                continue
+            ctx.error(f"{fpath}.typed_config", f"unsupported network filter '{f.name}' ({type_name}); "
+                      f"kmesh supports {filters.TCP_PROXY} and {filters.HTTP_CONNECTION_MANAGER}")
+            return None
+        tpath = f"{fpath}.typed_config"
+        if type_name == filters.TCP_PROXY_TYPE:
+            msg = filters.tcp_proxy_pb2.TcpProxy()
+            f.typed_config.Unpack(msg)
+            refs = _tcp_proxy(ctx, tpath, msg)
+            if refs is None:
+                return None
+            return [_Entry(ip, port, tuple(refs), prio, tpath, listener) for ip, port, prio in keys]
+        msg = filters.hcm_pb2.HttpConnectionManager()
+        f.typed_config.Unpack(msg)
+        return _http_connection_manager(ctx, tpath, msg, keys, listener, routes)
+    ctx.unsupported(f"{cpath}.filters", "no tcp_proxy or http_connection_manager filter in the chain")
+    return None
+
+
+def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping | None) -> list[_Entry] | None:
     if not pb.name:
         ctx.error(f"{path}.name", "a listener needs a name")
         return None
+    if ctx.lenient and pb.traffic_direction == base_pb2.INBOUND:
+        ctx.skip(path, "inbound listener: kmesh governs the connects of local clients (outbound)")
+        return []
+    if pb.HasField("use_original_dst") and pb.use_original_dst.value:
+        ctx.skip(f"{path}.use_original_dst", "a capture listener (use_original_dst) has no role without iptables "
+                 "redirection; kmesh sees each connect directly")
+        return []
     if not pb.HasField("address"):
         ctx.error(f"{path}.address", "a listener needs an address")
         return None
     if pb.address.socket_address.protocol == address_pb2.SocketAddress.UDP:
-        ctx.warn(f"{path}.address.socket_address.protocol", "UDP listeners are left alone; listener skipped")
-        return [], []
-    addrs = [(f"{path}.address", pb.address)]
-    addrs += [(f"{path}.additional_addresses[{i}].address", a.address) for i, a in enumerate(pb.additional_addresses)]
-    keys = []
-    for apath, addr in addrs:
+        ctx.skip(f"{path}.address.socket_address.protocol", "UDP listeners are left alone; listener skipped")
+        return []
+    addrs_pb = [(f"{path}.address", pb.address)]
+    addrs_pb += [(f"{path}.additional_addresses[{i}].address", a.address) for i, a in enumerate(pb.additional_addresses)]
+    addrs = []
+    for apath, addr in addrs_pb:
         got = _socket_address(ctx, apath, addr, "a listener")
-        if got is not None:
-            keys.append((got[0], got[1], apath))
-    if len(keys) != len(addrs):
-        return None
+        if got is None:
+            return [] if ctx.lenient else None
+        addrs.append((got[0], got[1], apath))
     chains = [(f"{path}.filter_chains[{i}]", c) for i, c in enumerate(pb.filter_chains)]
     if pb.HasField("default_filter_chain"):
         chains.append((f"{path}.default_filter_chain", pb.default_filter_chain))
     if not chains:
         ctx.error(f"{path}.filter_chains", "a listener needs a filter chain")
         return None
-    cpath, chain = chains[0]
-    if chain.HasField("filter_chain_match") and _set_fields(chain.filter_chain_match):
-        ctx.warn(f"{cpath}.filter_chain_match", "filter chain matching is not supported yet; "
-                 "the chain applies to every connection")
-    for extra_path, _ in chains[1:]:
-        ctx.warn(extra_path, f"only the first filter chain is used; this one is ignored")
-    if pb.listener_filters:
+    if pb.listener_filters and not ctx.lenient:
         ctx.warn(f"{path}.listener_filters", "listener filters are not applied by kmesh")
-    refs = _filter_chain(ctx, cpath, chain)
-    if refs is None:
-        return None
-    return keys, refs
+    entries: list[_Entry] = []
+    ok = True
+    for cpath, chain in chains:
+        keys = _chain_keys(ctx, cpath, chain, addrs)
+        if keys is None:
+            continue
+        got = _filter_chain(ctx, cpath, chain, keys, pb.name, routes)
+        if got is None:
+            ok = False
+            continue
+        entries += got
+    return entries if ok or ctx.lenient else None
+
+
+# --- the whole config ------------------------------------------------------------
+
+def _resolve(ctx: _Ctx, entries: list[_Entry], clusters: dict[str, _ClusterOutcome]) -> list[Listener]:
+    """Check references, drop what cannot be governed, pick the most specific
+    entry for each (ip, port)."""
+    chosen: dict[tuple[str, int], _Entry] = {}
+    live: dict[tuple[str, int], tuple[WeightedCluster, ...]] = {}
+    for e in entries:
+        weighted = []
+        for r in e.refs:
+            outcome = clusters.get(r.cluster)
+            if outcome is None:
+                if ctx.lenient:
+                    ctx.skip(r.path, f"cluster '{r.cluster}' is unknown; its share is left untouched")
+                else:
+                    ctx.error(r.path, f"cluster '{r.cluster}' is not defined in {ctx.cluster_origin}")
+                continue
+            if outcome.cluster is None:
+                ctx.skip(r.path, f"cluster '{r.cluster}' is not governed ({outcome.reason})")
+                continue
+            if r.weight > 0:
+                weighted.append(WeightedCluster(r.cluster, r.weight))
+        key = (e.ip, e.port)
+        prev = chosen.get(key)
+        if prev is not None:
+            if prev.priority > e.priority:
+                continue
+            if prev.priority == e.priority:
+                if e.priority in (_P_ADDRESS, _P_WILDCARD) and prev.listener != e.listener and not ctx.lenient:
+                    ctx.error(e.path.split(".filter_chains")[0] + ".address",
+                              f"address {e.ip}:{e.port} is already used by listener '{prev.listener}'")
+                else:
+                    ctx.warn(e.path, f"{e.ip}:{e.port} is already served by {prev.path}; this one is ignored")
+                continue
+        chosen[key] = e
+        if weighted:
+            live[key] = tuple(weighted)
+        else:
+            live.pop(key, None)
+    return [Listener(chosen[k].listener, k[0], k[1], v) for k, v in live.items()]
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],
               clusters: Sequence[tuple[str, cluster_pb2.Cluster]],
-              cluster_origin: str = "static_resources.clusters") -> MeshConfig:
+              *, endpoints: Mapping[str, tuple[str, Message]] | None = None,
+              routes: Mapping[str, tuple[str, Message]] | None = None,
+              lenient: bool = False, cluster_origin: str = "static_resources.clusters") -> MeshConfig:
     """Translate resources; raises ConfigError listing every problem found.
 
-    ``listeners`` and ``clusters`` are (field path, proto) pairs so that errors
-    point into the source the resource came from.
+    ``listeners``/``clusters`` are (field path, proto) pairs and
+    ``endpoints``/``routes`` map a resource name to one, so that problems
+    point into the source each resource came from. ``endpoints`` and
+    ``routes`` are None where EDS / RDS do not exist (standalone).
     """
-    ctx = _Ctx(source, cluster_origin)
-    out_clusters: dict[str, Cluster] = {}
-    known_cluster_names: set[str] = set()
-    first_cluster_path: dict[str, str] = {}
+    ctx = _Ctx(source, cluster_origin, lenient)
+    outcomes: dict[str, _ClusterOutcome] = {}
+    first_path: dict[str, str] = {}
     for path, pb in clusters:
-        if pb.name and pb.name in first_cluster_path:
-            ctx.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {first_cluster_path[pb.name]})")
+        if pb.name and pb.name in first_path:
+            ctx.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {first_path[pb.name]})")
             continue
         if pb.name:
-            first_cluster_path[pb.name] = path
-            known_cluster_names.add(pb.name)
-        c = _cluster(ctx, path, pb)
-        if c is not None:
-            out_clusters[c.name] = c
+            first_path[pb.name] = path
+        outcome = _cluster(ctx, path, pb, endpoints)
+        if pb.name:
+            outcomes[pb.name] = outcome
 
-    out_listeners: list[Listener] = []
+    entries: list[_Entry] = []
     seen_names: dict[str, str] = {}
-    seen_addrs: dict[tuple[str, int], str] = {}
     for path, pb in listeners:
         if pb.name and pb.name in seen_names:
             ctx.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {seen_names[pb.name]})")
             continue
         seen_names[pb.name] = path
-        got = _listener(ctx, path, pb)
-        if got is None:
-            continue
-        keys, refs = got
-        for r in refs:
-            if r.cluster not in known_cluster_names:
-                ctx.error(r.path, f"cluster '{r.cluster}' is not defined in {ctx.cluster_origin}")
-        for ip, port, apath in keys:
-            if (ip, port) in seen_addrs:
-                ctx.error(apath, f"address {ip}:{port} is already used by {seen_addrs[(ip, port)]}")
-                continue
-            seen_addrs[(ip, port)] = apath
-            weighted = tuple(WeightedCluster(r.cluster, r.weight) for r in refs if r.weight > 0)
-            out_listeners.append(Listener(pb.name, ip, port, weighted))
+        got = _listener(ctx, path, pb, routes)
+        if got:
+            entries += got
+    out_listeners = _resolve(ctx, entries, outcomes)
     if ctx.problems:
         raise ConfigError(ctx.problems)
-    return MeshConfig(tuple(out_listeners), tuple(out_clusters.values()), tuple(ctx.warnings))
+    out_clusters = tuple(o.cluster for o in outcomes.values() if o.cluster is not None)
+    return MeshConfig(tuple(out_listeners), out_clusters, tuple(ctx.warnings), tuple(ctx.skipped))
 
 
 def translate_bootstrap(cfg) -> MeshConfig:
