@@ -64,17 +64,18 @@ class Daemon:
         self._maps: ConfigMaps | None = None
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
+        self.ads = None
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
         if not self.opts.enable_kmesh:
             raise StartError("nothing to run: -enable-kmesh=false turns off the only data path kmesh has")
-        if self.opts.enable_ads:
-            raise StartError("ADS mode (-enable-ads=true, the default) is not available yet; "
-                             "run standalone with -enable-ads=false and a config file (-config-file)")
         self._status("parsing config")
         cfg = bootstrap.load_file(self.opts.config_file)   # ConfigError propagates
-        mesh = translate_bootstrap(cfg)
+        if self.opts.enable_ads:
+            self._init_ads(cfg)
+        mesh = self.ads.state.translate({t: {} for t in self.ads.state.types}) if self.ads \
+            else translate_bootstrap(cfg)
         for w in mesh.warnings:
             log.warning("config warning", extra={"kv": {"detail": w}})
 
@@ -100,10 +101,16 @@ class Daemon:
         self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"])
         self._state = self._maps.read_state()
 
-        self._status("applying config")
-        result = self._apply(cfg, mesh)
-        if not result.ok:
-            raise StartError("; ".join(result.errors))
+        if self.ads and dp.took_over:
+            # Keep serving what is pinned until the control plane's first full
+            # set arrives; writing the static part alone would unmap VIPs.
+            self.ads.state.hold_until_warm = True
+            self.active = cfg
+        else:
+            self._status("applying config")
+            result = self._apply(cfg, mesh)
+            if not result.ok:
+                raise StartError("; ".join(result.errors))
         self._status("attaching programs")
         try:
             attached = dp.attach()
@@ -112,10 +119,12 @@ class Daemon:
                 loader.cleanup(self.opts.bpf_fs_path)
             raise StartError(f"attach to cgroup {self.opts.cgroup2_path}: {e}") from None
 
+        if self.ads:
+            self._wait_for_control_plane()
         self.ready = True
         self.notifier.notify("READY=1\nSTATUS=ready")
         log.info("kmesh-daemon ready", extra={"kv": {
-            "version": __version__, "mode": "standalone", "config": self.opts.config_file,
+            "version": __version__, "mode": "ads" if self.ads else "standalone", "config": self.opts.config_file,
             "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
             "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
             "admin": self.admin.address}})
@@ -140,6 +149,8 @@ class Daemon:
         self.ready = False
         self.notifier.notify("STOPPING=1")
         log.info("stopping: detaching programs and removing pins")
+        if self.ads:
+            self.ads.stop()
         if self.admin:
             self.admin.stop()
         removed = loader.cleanup(self.opts.bpf_fs_path)
@@ -157,19 +168,66 @@ class Daemon:
         log.info("reloading config", extra={"kv": {"file": self.opts.config_file}})
         try:
             cfg = bootstrap.load_file(self.opts.config_file)
-            mesh = translate_bootstrap(cfg)
+            return self._update_static(cfg)
         except ConfigError as e:
             return self._rejected(self.opts.config_file, e.problems)
-        return self._apply(cfg, mesh)
 
     def apply_text(self, text: str, source: str) -> UpdateResult:
         """Admin API / kmesh-cmd: replace the static config."""
         try:
             cfg = bootstrap.parse_text(text, source)
-            mesh = translate_bootstrap(cfg)
+            return self._update_static(cfg)
         except ConfigError as e:
             return self._rejected(source, e.problems)
-        return self._apply(cfg, mesh)
+
+    # -- ADS --------------------------------------------------------------
+    def _init_ads(self, cfg: bootstrap.LoadedConfig) -> None:
+        from kmesh.xds.client import AdsClient
+        from kmesh.xds.node import NodeIdentity, resolve_target
+        from kmesh.xds.state import AdsState
+
+        o = self.opts
+        target = resolve_target(o.xds_address, cfg.bootstrap, o.xds_ca_file, o.xds_cert_file, o.xds_key_file)
+        node = NodeIdentity.from_env(o.service_node, o.service_cluster).to_proto()
+        state = AdsState(node, self._apply_xds, static=cfg)
+        self.ads = AdsClient(target, state)
+        log.info("ADS mode", extra={"kv": {"server": target.address, "from": target.origin, "tls": target.tls,
+                                            "node": node.id}})
+
+    def _update_static(self, cfg: bootstrap.LoadedConfig) -> UpdateResult:
+        """A new static config: with the accepted xDS resources in ADS mode,
+        alone in standalone mode. Raises ConfigError."""
+        if self.ads:
+            return self.ads.state.replace_static(cfg, lambda mesh: self._apply(cfg, mesh))
+        return self._apply(cfg, translate_bootstrap(cfg))
+
+    def _apply_xds(self, mesh: MeshConfig) -> None:
+        """Called by the ADS state with each accepted push; raising NACKs it."""
+        res = self._apply(self.active or self.ads.state.static, mesh, source="xDS")
+        if not res.ok:
+            raise OSError("; ".join(res.errors))
+
+    def _wait_for_control_plane(self) -> None:
+        timeout = self.opts.xds_ready_timeout
+        self.ads.start()
+        deadline = time.monotonic() + timeout
+        while not self.ads.state.synced.wait(timeout=1.0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("no full config from the control plane yet; ready with what is in the maps",
+                            extra={"kv": {"server": self.ads.target.address, "waited_s": timeout,
+                                          "connection": self.ads.connection["state"]}})
+                return
+            self._status(f"waiting for the control plane at {self.ads.target.address} "
+                         f"({self.ads.connection['state']}, {left:.0f}s left)")
+
+    def xds_status(self) -> dict:
+        if not self.ads:
+            return {}
+        return {"server": self.ads.target.address, "server_from": self.ads.target.origin,
+                "tls": self.ads.target.tls, "node": self.ads.state.node.id,
+                "connection": dict(self.ads.connection), "synced": self.ads.state.synced.is_set(),
+                "types": self.ads.state.as_dict()}
 
     def _rejected(self, source: str, problems: list[Problem]) -> UpdateResult:
         res = UpdateResult(False, source, self.version, errors=[str(p) for p in problems])
@@ -178,12 +236,13 @@ class Daemon:
             log.error("config rejected; the previous config stays in force", extra={"kv": {"detail": str(p)}})
         return res
 
-    def _apply(self, cfg: bootstrap.LoadedConfig, mesh: MeshConfig) -> UpdateResult:
+    def _apply(self, cfg: bootstrap.LoadedConfig, mesh: MeshConfig, source: str | None = None) -> UpdateResult:
+        source = source or cfg.source
         with self._lock:
             try:
                 p = plan(self._state, mesh)
             except CapacityError as e:
-                return self._rejected(cfg.source, [Problem(cfg.source, "", str(e))])
+                return self._rejected(source, [Problem(source, "", str(e))])
             try:
                 self._maps.apply(p)
             except OSError as e:
@@ -191,14 +250,14 @@ class Daemon:
                 names = self._state.cluster_ids
                 self._state = self._maps.read_state()
                 self._state.cluster_ids = {n: i for n, i in names.items() if i in self._state.clusters}
-                return self._rejected(cfg.source, [Problem(cfg.source, "", f"writing the maps failed: {e}")])
+                return self._rejected(source, [Problem(source, "", f"writing the maps failed: {e}")])
             self._state = p.new_state
             self.version += 1
             self.active, self.mesh = cfg, mesh
-            res = UpdateResult(True, cfg.source, self.version, warnings=list(mesh.warnings), changes=p.summary())
+            res = UpdateResult(True, source, self.version, warnings=list(mesh.warnings), changes=p.summary())
             self.last_update = res
-        log.info("config applied", extra={"kv": {"source": cfg.source, "config_version": self.version,
-                                                  **p.summary()}})
+        log.log(logging.DEBUG if source == "xDS" else logging.INFO, "config applied",
+                extra={"kv": {"source": source, "config_version": self.version, **p.summary()}})
         return res
 
     # -- views for the admin API --------------------------------------------

@@ -18,6 +18,14 @@ class Options:
     cgroup2_path: str = DEFAULT_CGROUP2_PATH
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     log_level: str = "info"
+    # ADS mode
+    xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
+    xds_ca_file: str = ""          # TLS to the control plane when set
+    xds_cert_file: str = ""
+    xds_key_file: str = ""
+    service_node: str = ""         # node id; else sidecar~IP~POD.NS~NS.svc.cluster.local
+    service_cluster: str = ""
+    xds_ready_timeout: float = 30.0
 
     def as_dict(self) -> dict:
         return asdict(self)

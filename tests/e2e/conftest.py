@@ -48,8 +48,8 @@ def kmesh(cgroup, tmp_path, bpf_object):
     """Factory: kmesh(config_dict) -> a started daemon governing ``cgroup``."""
     made: list[harness.Kmesh] = []
 
-    def start(config, wait: bool = True) -> harness.Kmesh:
-        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml")
+    def start(config, wait: bool = True, ads: str | None = None, extra_args: tuple[str, ...] = ()) -> harness.Kmesh:
+        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args)
         made.append(k)
         k.write_config(config)
         return k.start(wait=wait)
@@ -57,3 +57,12 @@ def kmesh(cgroup, tmp_path, bpf_object):
     yield start
     for k in made:
         k.teardown()
+
+
+@pytest.fixture
+def xds():
+    from tests.support.xds_server import XdsServer
+
+    server = XdsServer().start()
+    yield server
+    server.stop()

@@ -65,15 +65,16 @@ class Cgroup:
         assert self.path.parent == CGROUP2_ROOT and self.path != CGROUP2_ROOT
         self.path.mkdir()
 
-    def _enter(self) -> None:  # runs in the child between fork and exec
-        with open(self.path / "cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
+    def _wrap(self, argv: list[str]) -> list[str]:
+        """Join the cgroup, then exec: a shell does it, not a preexec_fn, because
+        Python code between fork and exec is unsafe next to gRPC's threads."""
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
 
     def run(self, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, preexec_fn=self._enter, capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(self._wrap(argv), capture_output=True, text=True, timeout=timeout, **kw)
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(argv, preexec_fn=self._enter, text=True, **kw)
+        return subprocess.Popen(self._wrap(argv), text=True, **kw)
 
     def curl(self, url: str, extra: tuple[str, ...] = ()) -> list[str]:
         """One curl process, a fresh connection per URL (URL globbing)."""
@@ -133,6 +134,8 @@ class Kmesh:
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    ads: str | None = None          # None: standalone; "": ADS, address from the bootstrap; else -xds-address
+    extra_args: tuple[str, ...] = ()
 
     @property
     def admin(self) -> str:
@@ -143,9 +146,10 @@ class Kmesh:
         return self.bpf_fs_path / "bpf_kmesh"
 
     def argv(self, *extra: str) -> list[str]:
-        return [str(BIN / "kmesh-daemon"), "-enable-ads=false", f"-config-file={self.config_path}",
+        mode = ["-enable-ads=false"] if self.ads is None else [f"-xds-address={self.ads}"] if self.ads else []
+        return [str(BIN / "kmesh-daemon"), *mode, f"-config-file={self.config_path}",
                 f"-bpf-fs-path={self.bpf_fs_path}", f"-cgroup2-path={self.cgroup.path}",
-                f"-admin-address=127.0.0.1:{self.admin_port}", *extra]
+                f"-admin-address=127.0.0.1:{self.admin_port}", *self.extra_args, *extra]
 
     def write_config(self, cfg: dict | str) -> None:
         text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)

@@ -23,7 +23,8 @@ HELP = {
     "GET /ready": "200 once programs are attached and the config applied, else 503",
     "GET /status": "config version, last update result, warnings",
     "GET /bpf/kmesh/maps": "BPF map contents decoded to JSON",
-    "GET /controller/envoy": "the active config as Envoy JSON",
+    "GET /controller/envoy": "the active config as Envoy JSON; in ADS mode also the xDS state per type "
+                             "(versions, nonces, last ACK/NACK, connection) and what was skipped and why",
     "POST /controller/envoy": "replace the static config (YAML or JSON body; header X-Kmesh-Source names it)",
 }
 
@@ -63,13 +64,20 @@ class _Handler(BaseHTTPRequestHandler):
                 "ready": d.ready, "config_version": d.version,
                 "config_source": d.active.source if d.active else None,
                 "listeners": len(d.mesh.listeners), "clusters": len(d.mesh.clusters),
-                "warnings": list(d.mesh.warnings),
+                "mode": "ads" if d.ads else "standalone",
+                "warnings": list(d.mesh.warnings), "skipped": len(d.mesh.skipped),
+                "xds_connection": d.ads.connection["state"] if d.ads else None,
                 "last_update": d.last_update.as_dict() if d.last_update else None,
             })
         elif path == "/bpf/kmesh/maps":
             self._send(200, d.dump_maps())
         elif path == "/controller/envoy":
-            self._send(200, d.active.to_json() if d.active else {})
+            static = d.active.to_json() if d.active else {}
+            if d.ads:
+                self._send(200, {"mode": "ads", "xds": d.xds_status(), "skipped": list(d.mesh.skipped),
+                                 "static": static})
+            else:
+                self._send(200, static)
         else:
             self._send(404, {"error": f"no such endpoint {path}; see /help"})
 

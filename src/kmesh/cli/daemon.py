@@ -26,6 +26,16 @@ def _opt(name: str, **kw):
       help="cgroup whose processes kmesh governs (mounted as cgroup2 when it is not)")
 @_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT")
 @_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
+@_opt("xds-address", default="", help="control plane HOST:PORT (else $XDS_ADDRESS, the bootstrap's "
+      "ads_config, then istiod.istio-system.svc:15010)")
+@_opt("xds-ca-file", default="", help="CA bundle: use TLS to the control plane ($XDS_CA_FILE)")
+@_opt("xds-cert-file", default="", help="client certificate for mutual TLS ($XDS_CERT_FILE)")
+@_opt("xds-key-file", default="", help="client key for mutual TLS ($XDS_KEY_FILE)")
+@_opt("service-node", default="", help="node id presented to the control plane "
+      "(default sidecar~$INSTANCE_IP~$POD_NAME.$POD_NAMESPACE~$POD_NAMESPACE.svc.cluster.local)")
+@_opt("service-cluster", default="", help="node cluster presented to the control plane")
+@_opt("xds-ready-timeout", default=30.0, type=float,
+      help="seconds to wait for the control plane's first full config before reporting ready")
 @click.version_option(__version__, "-version", "--version")
 @click.pass_context
 def main(ctx, **kw):
