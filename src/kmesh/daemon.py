@@ -23,7 +23,7 @@ from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import MeshConfig
 from kmesh.config.translate import translate_bootstrap
 from kmesh.dataplane.maps import ConfigMaps
-from kmesh.dataplane.plan import CapacityError, MapState, plan
+from kmesh.dataplane.plan import CapacityError, MapState, plan, plan_changes
 from kmesh.options import Options
 
 log = logging.getLogger("kmesh.daemon")
@@ -74,9 +74,13 @@ class Daemon:
         cfg = bootstrap.load_file(self.opts.config_file)   # ConfigError propagates
         if self.opts.enable_ads:
             self._init_ads(cfg)
-        mesh = self.ads.state.translate({t: {} for t in self.ads.state.types}) if self.ads \
-            else translate_bootstrap(cfg)
-        for w in mesh.warnings:
+            static = self.ads.state._prepare(self.ads.state._inputs(), cfg)   # checks; ConfigError propagates
+            warnings = [w for c in (static.clusters, static.listeners, static.keys) for st in c.values() if st
+                        for w in st.warnings]
+        else:
+            mesh = translate_bootstrap(cfg)
+            warnings = list(mesh.warnings)
+        for w in warnings:
             log.warning("config warning", extra={"kv": {"detail": w}})
 
         from kmesh.admin.server import AdminServer  # late: keeps the CLI import light
@@ -108,7 +112,7 @@ class Daemon:
             self.active = cfg
         else:
             self._status("applying config")
-            result = self._apply(cfg, mesh)
+            result = self._update_static(cfg) if self.ads else self._apply(cfg, mesh)
             if not result.ok:
                 raise StartError("; ".join(result.errors))
         self._status("attaching programs")
@@ -123,6 +127,7 @@ class Daemon:
             self._wait_for_control_plane()
         self.ready = True
         self.notifier.notify("READY=1\nSTATUS=ready")
+        mesh = self.current_mesh()
         log.info("kmesh-daemon ready", extra={"kv": {
             "version": __version__, "mode": "ads" if self.ads else "standalone", "config": self.opts.config_file,
             "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
@@ -198,12 +203,21 @@ class Daemon:
         """A new static config: with the accepted xDS resources in ADS mode,
         alone in standalone mode. Raises ConfigError."""
         if self.ads:
-            return self.ads.state.replace_static(cfg, lambda mesh: self._apply(cfg, mesh))
+            return self.ads.state.replace_static(cfg, lambda change: self._write(
+                cfg.source, lambda: plan_changes(self._state, change.cluster_models(), change.listener_models()),
+                cfg=cfg))
         return self._apply(cfg, translate_bootstrap(cfg))
 
-    def _apply_xds(self, mesh: MeshConfig) -> None:
-        """Called by the ADS state with each accepted push; raising NACKs it."""
-        res = self._apply(self.active or self.ads.state.static, mesh, source="xDS")
+    def _apply_xds(self, change, full_mesh) -> None:
+        """Called by the ADS state with each accepted push; raising NACKs it.
+        ``change`` is what the push changed; None after a restart, when the
+        whole model reconciles the pinned maps."""
+        if change is None:
+            mesh = full_mesh()
+            res = self._write("xDS", lambda: plan(self._state, mesh))
+        else:
+            res = self._write("xDS", lambda: plan_changes(self._state, change.cluster_models(),
+                                                          change.listener_models()))
         if not res.ok:
             raise OSError("; ".join(res.errors))
 
@@ -236,11 +250,16 @@ class Daemon:
             log.error("config rejected; the previous config stays in force", extra={"kv": {"detail": str(p)}})
         return res
 
-    def _apply(self, cfg: bootstrap.LoadedConfig, mesh: MeshConfig, source: str | None = None) -> UpdateResult:
-        source = source or cfg.source
+    def _apply(self, cfg: bootstrap.LoadedConfig, mesh: MeshConfig) -> UpdateResult:
+        """Standalone: make the maps hold ``mesh``."""
+        return self._write(cfg.source, lambda: plan(self._state, mesh), cfg=cfg, mesh=mesh)
+
+    def _write(self, source: str, make_plan, cfg: bootstrap.LoadedConfig | None = None,
+               mesh: MeshConfig | None = None) -> UpdateResult:
+        """Plan and write under the lock; the one path every update takes."""
         with self._lock:
             try:
-                p = plan(self._state, mesh)
+                p = make_plan()
             except CapacityError as e:
                 return self._rejected(source, [Problem(source, "", str(e))])
             try:
@@ -251,14 +270,21 @@ class Daemon:
                 self._state = self._maps.read_state()
                 self._state.cluster_ids = {n: i for n, i in names.items() if i in self._state.clusters}
                 return self._rejected(source, [Problem(source, "", f"writing the maps failed: {e}")])
-            self._state = p.new_state
+            self._state = p.commit(self._state)
             self.version += 1
-            self.active, self.mesh = cfg, mesh
-            res = UpdateResult(True, source, self.version, warnings=list(mesh.warnings), changes=p.summary())
+            if cfg is not None:
+                self.active = cfg
+            if mesh is not None:
+                self.mesh = mesh
+            res = UpdateResult(True, source, self.version, warnings=list(mesh.warnings) if mesh else [],
+                               changes=p.summary())
             self.last_update = res
         log.log(logging.DEBUG if source == "xDS" else logging.INFO, "config applied",
                 extra={"kv": {"source": source, "config_version": self.version, **p.summary()}})
         return res
+
+    def current_mesh(self) -> MeshConfig:
+        return self.ads.state.mesh() if self.ads else self.mesh
 
     # -- views for the admin API --------------------------------------------
     def cluster_names(self) -> dict[int, str]:

@@ -175,14 +175,6 @@ def test_bad_config_at_start_fails_cleanly(kmesh, cgroup):
     assert not k.pin_root.exists() and k.attached_programs() == []
 
 
-def test_ads_mode_not_available_yet(cgroup, tmp_path):
-    k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml")
-    k.write_config({})
-    r = subprocess.run([a for a in k.argv() if a != "-enable-ads=false"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "-enable-ads=false" in r.stderr
-    assert not k.pin_root.exists()
-
-
 def test_second_daemon_on_same_pins_is_refused(kmesh, cgroup, backends):
     (a,) = backends("A")
     v = vip()

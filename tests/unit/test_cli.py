@@ -35,9 +35,17 @@ def test_bool_spellings(args, expected):
 def test_go_style_values():
     p = parse("-enable-kmesh", "-enable-ads=false", "-config-file=/tmp/x.yaml", "-bpf-fs-path", "/sys/fs/bpf/t",
               "--cgroup2-path=/sys/fs/cgroup/unified/t", "-admin-address=127.0.0.1:1", "-log-level=debug")
-    assert p == {"enable_kmesh": True, "enable_ads": False, "config_file": "/tmp/x.yaml",
+    want = {"enable_kmesh": True, "enable_ads": False, "config_file": "/tmp/x.yaml",
                  "bpf_fs_path": "/sys/fs/bpf/t", "cgroup2_path": "/sys/fs/cgroup/unified/t",
                  "admin_address": "127.0.0.1:1", "log_level": "debug"}
+    assert {k: p[k] for k in want} == want
+
+
+def test_ads_flags():
+    p = parse("-xds-address=127.0.0.1:15010", "-service-node", "sidecar~1.2.3.4~a.b~b.svc.cluster.local",
+              "--xds-ready-timeout=2.5", "-xds-ca-file=/etc/ca.pem")
+    assert p["xds_address"] == "127.0.0.1:15010" and p["xds_ready_timeout"] == 2.5
+    assert p["service_node"].startswith("sidecar~") and p["xds_ca_file"] == "/etc/ca.pem"
 
 
 def test_bad_bool_is_refused():

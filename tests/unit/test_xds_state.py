@@ -28,20 +28,30 @@ def resp(t, resources, version="1", nonce="n1"):
 
 
 class Recorder:
-    def __init__(self):
-        self.meshes = []
+    """Stands in for the daemon: counts applies; ``last`` is the model the
+    maps would hold now."""
 
-    def __call__(self, mesh):
-        self.meshes.append(mesh)
+    def __init__(self):
+        self.calls = []
+        self.state = None
+
+    def __call__(self, change, full_mesh):
+        self.calls.append(change)
+
+    @property
+    def meshes(self):
+        return self.calls
 
     @property
     def last(self):
-        return self.meshes[-1]
+        return self.state.mesh()
 
 
 def new_state():
     rec = Recorder()
-    return AdsState(NodeIdentity("", "", "pod", "ns", "10.0.0.5").to_proto(), rec), rec
+    state = AdsState(NodeIdentity("", "", "pod", "ns", "10.0.0.5").to_proto(), rec)
+    rec.state = state
+    return state, rec
 
 
 def bookinfo(state):
@@ -126,7 +136,7 @@ def test_listener_waits_for_rds():
 def test_bad_resource_is_nacked_and_changes_nothing():
     state, rec = new_state()
     bookinfo(state)
-    before = rec.last
+    before, calls = rec.last, len(rec.calls)
     bad = istio.eds_cluster(R)
     bad.name = "outbound|9080||bad"
     bad.type = bad.STATIC
@@ -140,7 +150,7 @@ def test_bad_resource_is_nacked_and_changes_nothing():
     assert nack.error_detail.code == 3
     assert "CDS[outbound|9080||bad].load_assignment.endpoints[0].lb_endpoints[0].load_balancing_weight: " \
            "must be at least 1" in nack.error_detail.message
-    assert rec.last is before
+    assert rec.last == before and len(rec.calls) == calls
     assert state.ts(rt.CDS).version == "1" and state.ts(rt.CDS).last_nack["nonce"] == "n2"
     assert R in state.ts(rt.CDS).resources
 
@@ -202,9 +212,9 @@ def test_hold_until_warm_does_not_apply_a_partial_set():
     state.hold_until_warm = True
     state.handle(resp(rt.CDS, [istio.eds_cluster(R)]))
     state.handle(resp(rt.EDS, [istio.cla(R, [("10.244.1.5", 9080)])]))
-    assert rec.meshes == []        # restarted daemon keeps serving the pinned maps
+    assert rec.calls == []         # restarted daemon keeps serving the pinned maps
     state.handle(resp(rt.LDS, [istio.tcp_listener("10.96.0.20", 3306, R)]))
-    assert len(rec.meshes) == 1 and rec.last.listeners
+    assert rec.calls == [None] and rec.last.listeners   # one full reconcile
 
 
 def test_backoff_is_capped_and_jittered():
@@ -216,3 +226,47 @@ def test_backoff_is_capped_and_jittered():
     delays = [backoff_delay(a, rand=r) for a in range(20)]
     assert all(0 <= d <= BACKOFF_CAP for d in delays)
     assert len(set(delays)) == len(delays)
+
+
+def full_translation(state):
+    """What translating every accepted resource from scratch gives."""
+    from kmesh.config.translate import translate
+
+    res = {t.short: state.ts(t).resources for t in rt.ALL}
+    return translate("xDS", list(res["LDS"].values()), list(res["CDS"].values()),
+                     endpoints=res["EDS"], routes=res["RDS"], lenient=True,
+                     cluster_origin="CDS or static_resources.clusters")
+
+
+def test_incremental_equals_full_translation_over_random_pushes():
+    import random
+
+    rnd = random.Random(7)
+    hosts = [f"svc{i}.default.svc.cluster.local" for i in range(8)]
+    names = [istio.outbound(9080, h) for h in hosts]
+    state, rec = new_state()
+    for step in range(60):
+        kind = rnd.choice(["CDS", "EDS", "LDS", "RDS"])
+        if kind == "CDS":
+            chosen = rnd.sample(names, rnd.randint(0, len(names)))
+            state.handle(resp(rt.CDS, [istio.eds_cluster(n, lb=rnd.choice(["ROUND_ROBIN", "RANDOM"]))
+                                       for n in chosen], version=str(step), nonce=str(step)))
+        elif kind == "EDS":
+            subs = sorted(state.ts(rt.EDS).subscribed)
+            if subs:
+                chosen = rnd.sample(subs, rnd.randint(1, len(subs)))
+                state.handle(resp(rt.EDS, [istio.cla(n, [(f"10.244.0.{rnd.randint(1, 9)}", 9080)
+                                                         for _ in range(rnd.randint(0, 3))]) for n in chosen],
+                                  version=str(step), nonce=str(step)))
+        elif kind == "LDS":
+            ls = [istio.http_listener(9080)] if rnd.random() < 0.8 else []
+            ls += [istio.tcp_listener(f"10.96.1.{i}", 3306, rnd.choice(names)) for i in range(rnd.randint(0, 3))]
+            state.handle(resp(rt.LDS, ls, version=str(step), nonce=str(step)))
+        else:
+            vh = [{"host": h, "vip": f"10.96.0.{i}", "port": 9080, "cluster": rnd.choice(names)}
+                  for i, h in enumerate(hosts) if rnd.random() < 0.6]
+            state.handle(resp(rt.RDS, [istio.route_config("9080", vh)], version=str(step), nonce=str(step)))
+        got, want = state.mesh(), full_translation(state)
+        assert sorted(got.listeners, key=lambda l: (l.ip, l.port)) == \
+            sorted(want.listeners, key=lambda l: (l.ip, l.port)), step
+        assert sorted(got.clusters, key=lambda c: c.name) == sorted(want.clusters, key=lambda c: c.name), step

@@ -60,12 +60,13 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, "not ready\n", "text/plain")
         elif path == "/status":
+            mesh = d.current_mesh()
             self._send(200, {
                 "ready": d.ready, "config_version": d.version,
                 "config_source": d.active.source if d.active else None,
-                "listeners": len(d.mesh.listeners), "clusters": len(d.mesh.clusters),
+                "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
                 "mode": "ads" if d.ads else "standalone",
-                "warnings": list(d.mesh.warnings), "skipped": len(d.mesh.skipped),
+                "warnings": list(mesh.warnings), "skipped": len(mesh.skipped),
                 "xds_connection": d.ads.connection["state"] if d.ads else None,
                 "last_update": d.last_update.as_dict() if d.last_update else None,
             })
@@ -74,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/controller/envoy":
             static = d.active.to_json() if d.active else {}
             if d.ads:
-                self._send(200, {"mode": "ads", "xds": d.xds_status(), "skipped": list(d.mesh.skipped),
+                self._send(200, {"mode": "ads", "xds": d.xds_status(), "skipped": list(d.current_mesh().skipped),
                                  "static": static})
             else:
                 self._send(200, static)

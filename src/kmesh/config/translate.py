@@ -536,15 +536,30 @@ def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping |
 
 # --- the whole config ------------------------------------------------------------
 
-def _resolve(ctx: _Ctx, entries: list[_Entry], clusters: dict[str, _ClusterOutcome]) -> list[Listener]:
-    """Check references, drop what cannot be governed, pick the most specific
-    entry for each (ip, port)."""
-    chosen: dict[tuple[str, int], _Entry] = {}
-    live: dict[tuple[str, int], tuple[WeightedCluster, ...]] = {}
+def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
+                 outcome_of) -> tuple[Listener | None, set[str]]:
+    """The most specific entry for one (ip, port), its references checked.
+    Returns the listener (None: leave the key untouched) and every cluster
+    name the entries referenced (so a change of those clusters re-resolves
+    the key)."""
+    chosen: _Entry | None = None
+    weighted: tuple[WeightedCluster, ...] = ()
+    referenced: set[str] = set()
     for e in entries:
-        weighted = []
+        referenced.update(r.cluster for r in e.refs)
+        if chosen is not None:
+            if chosen.priority > e.priority:
+                continue
+            if chosen.priority == e.priority:
+                if e.priority in (_P_ADDRESS, _P_WILDCARD) and chosen.listener != e.listener and not ctx.lenient:
+                    ctx.error(e.path.split(".filter_chains")[0] + ".address",
+                              f"address {e.ip}:{e.port} is already used by listener '{chosen.listener}'")
+                else:
+                    ctx.warn(e.path, f"{e.ip}:{e.port} is already served by {chosen.path}; this one is ignored")
+                continue
+        live = []
         for r in e.refs:
-            outcome = clusters.get(r.cluster)
+            outcome = outcome_of(r.cluster)
             if outcome is None:
                 if ctx.lenient:
                     ctx.skip(r.path, f"cluster '{r.cluster}' is unknown; its share is left untouched")
@@ -555,25 +570,11 @@ def _resolve(ctx: _Ctx, entries: list[_Entry], clusters: dict[str, _ClusterOutco
                 ctx.skip(r.path, f"cluster '{r.cluster}' is not governed ({outcome.reason})")
                 continue
             if r.weight > 0:
-                weighted.append(WeightedCluster(r.cluster, r.weight))
-        key = (e.ip, e.port)
-        prev = chosen.get(key)
-        if prev is not None:
-            if prev.priority > e.priority:
-                continue
-            if prev.priority == e.priority:
-                if e.priority in (_P_ADDRESS, _P_WILDCARD) and prev.listener != e.listener and not ctx.lenient:
-                    ctx.error(e.path.split(".filter_chains")[0] + ".address",
-                              f"address {e.ip}:{e.port} is already used by listener '{prev.listener}'")
-                else:
-                    ctx.warn(e.path, f"{e.ip}:{e.port} is already served by {prev.path}; this one is ignored")
-                continue
-        chosen[key] = e
-        if weighted:
-            live[key] = tuple(weighted)
-        else:
-            live.pop(key, None)
-    return [Listener(chosen[k].listener, k[0], k[1], v) for k, v in live.items()]
+                live.append(WeightedCluster(r.cluster, r.weight))
+        chosen, weighted = e, tuple(live)
+    if chosen is None or not weighted:
+        return None, referenced
+    return Listener(chosen.listener, key[0], key[1], weighted), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],
@@ -588,34 +589,34 @@ def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]
     point into the source each resource came from. ``endpoints`` and
     ``routes`` are None where EDS / RDS do not exist (standalone).
     """
-    ctx = _Ctx(source, cluster_origin, lenient)
-    outcomes: dict[str, _ClusterOutcome] = {}
-    first_path: dict[str, str] = {}
-    for path, pb in clusters:
-        if pb.name and pb.name in first_path:
-            ctx.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {first_path[pb.name]})")
-            continue
-        if pb.name:
-            first_path[pb.name] = path
-        outcome = _cluster(ctx, path, pb, endpoints)
-        if pb.name:
-            outcomes[pb.name] = outcome
+    from kmesh.config.builder import MeshBuilder
 
-    entries: list[_Entry] = []
-    seen_names: dict[str, str] = {}
+    dup = _Ctx(source, cluster_origin, lenient)
+    cmap: dict[str, tuple[str, Message]] = {}
+    for path, pb in clusters:
+        if not pb.name:
+            cmap[f"\0{path}"] = (path, pb)   # _cluster reports the missing name
+        elif pb.name in cmap:
+            dup.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {cmap[pb.name][0]})")
+        else:
+            cmap[pb.name] = (path, pb)
+    lmap: dict[str, tuple[str, Message]] = {}
     for path, pb in listeners:
-        if pb.name and pb.name in seen_names:
-            ctx.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {seen_names[pb.name]})")
-            continue
-        seen_names[pb.name] = path
-        got = _listener(ctx, path, pb, routes)
-        if got:
-            entries += got
-    out_listeners = _resolve(ctx, entries, outcomes)
-    if ctx.problems:
-        raise ConfigError(ctx.problems)
-    out_clusters = tuple(o.cluster for o in outcomes.values() if o.cluster is not None)
-    return MeshConfig(tuple(out_listeners), out_clusters, tuple(ctx.warnings), tuple(ctx.skipped))
+        if not pb.name:
+            lmap[f"\0{path}"] = (path, pb)
+        elif pb.name in lmap:
+            dup.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {lmap[pb.name][0]})")
+        else:
+            lmap[pb.name] = (path, pb)
+    builder = MeshBuilder(source, lenient, cluster_origin)
+    try:
+        change = builder.prepare(cmap, endpoints, lmap, routes)
+    except ConfigError as e:
+        raise ConfigError(dup.problems + e.problems) from None
+    if dup.problems:
+        raise ConfigError(dup.problems)
+    builder.commit(change)
+    return builder.mesh()
 
 
 def translate_bootstrap(cfg) -> MeshConfig:

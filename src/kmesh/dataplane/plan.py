@@ -43,11 +43,35 @@ class Plan:
     listener_upserts: list[tuple[ListenerKey, records.KmeshListener]] = field(default_factory=list)
     listener_deletes: list[ListenerKey] = field(default_factory=list)
     cluster_deletes: list[int] = field(default_factory=list)
-    new_state: MapState = field(default_factory=MapState)
+    new_state: MapState | None = None
+    # For a delta plan: what to patch into the state once written.
+    _patch: tuple | None = None
 
     @property
     def empty(self) -> bool:
         return not (self.cluster_upserts or self.listener_upserts or self.listener_deletes or self.cluster_deletes)
+
+    def commit(self, state: MapState) -> MapState:
+        """The state after this plan was written (patched in place for a delta)."""
+        if self.new_state is not None:
+            return self.new_state
+        ids, clusters, listeners = self._patch
+        for name, cid in ids.items():
+            if cid is None:
+                state.cluster_ids.pop(name, None)
+            else:
+                state.cluster_ids[name] = cid
+        for cid, raw in clusters.items():
+            if raw is None:
+                state.clusters.pop(cid, None)
+            else:
+                state.clusters[cid] = raw
+        for key, raw in listeners.items():
+            if raw is None:
+                state.listeners.pop(key, None)
+            else:
+                state.listeners[key] = raw
+        return state
 
     def summary(self) -> dict[str, int]:
         return {
@@ -125,4 +149,60 @@ def plan(state: MapState, config: MeshConfig,
     if len(new.listeners) > max_listeners:
         raise CapacityError(f"{len(new.listeners)} listener addresses exceed the map size {max_listeners}")
     out.new_state = new
+    return out
+
+
+def plan_changes(state: MapState, clusters: dict, listeners: dict,
+                 max_clusters: int = records.KMESH_MAX_CLUSTERS,
+                 max_listeners: int = records.KMESH_MAX_LISTENERS) -> Plan:
+    """Plan only what changed: ``clusters`` maps a name to its new Cluster
+    (None: no longer governed), ``listeners`` an (ip, port) to its new
+    Listener (None: untouched from now on). Same ordering as ``plan``; cost
+    proportional to the change, not to the mesh."""
+    out = Plan()
+    ids: dict[str, int | None] = {}
+    craw: dict[int, bytes | None] = {}
+    lraw: dict[ListenerKey, bytes | None] = {}
+    next_id = max(state.clusters, default=0) + 1 if clusters else 0
+    for name, c in clusters.items():
+        cid = state.cluster_ids.get(name)
+        if c is None:
+            if cid is not None:
+                ids[name], craw[cid] = None, None
+                out.cluster_deletes.append(cid)
+            continue
+        if cid is None:
+            while next_id in state.clusters or next_id in craw:
+                next_id += 1
+            cid = next_id
+            ids[name] = cid
+        rec = records.cluster_record(c.lb_policy, [(e.ip, e.port, e.weight) for e in c.endpoints])
+        raw = records.record_bytes(rec)
+        if state.clusters.get(cid) != raw:
+            out.cluster_upserts.append((cid, rec))
+            craw[cid] = raw
+
+    def cluster_id(name: str) -> int:
+        got = ids.get(name, state.cluster_ids.get(name))
+        assert got is not None, f"listener references cluster {name} that has no record"
+        return got
+
+    for key, lst in listeners.items():
+        if lst is None:
+            if key in state.listeners:
+                out.listener_deletes.append(key)
+                lraw[key] = None
+            continue
+        rec = records.listener_record([(cluster_id(w.cluster), w.weight) for w in lst.clusters])
+        raw = records.record_bytes(rec)
+        if state.listeners.get(key) != raw:
+            out.listener_upserts.append((key, rec))
+            lraw[key] = raw
+    added = sum(1 for cid, raw in craw.items() if raw is not None and cid not in state.clusters)
+    if len(state.clusters) + added > max_clusters:
+        raise CapacityError(f"{len(state.clusters) + added} clusters exceed the map size {max_clusters}")
+    if len(state.listeners) + sum(1 for k, r in lraw.items() if r is not None and k not in state.listeners) \
+            > max_listeners:
+        raise CapacityError(f"listener addresses exceed the map size {max_listeners}")
+    out._patch = (ids, craw, lraw)
     return out

@@ -30,7 +30,7 @@ from google.rpc import status_pb2
 from kmesh.config import filters
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import MeshConfig
-from kmesh.config.translate import translate
+from kmesh.config.builder import MeshBuilder
 from kmesh.xds import resources as rt
 
 log = logging.getLogger("kmesh.xds")
@@ -41,7 +41,7 @@ INVALID_ARGUMENT = 3  # google.rpc.Code
 @dataclass
 class TypeState:
     type: rt.ResourceType
-    resources: dict = field(default_factory=dict)   # accepted: name -> proto
+    resources: dict = field(default_factory=dict)   # accepted: name -> (path, proto)
     version: str = ""                               # accepted version_info
     nonce: str = ""                                 # of the last response
     subscribed: set[str] = field(default_factory=set)
@@ -61,8 +61,10 @@ class TypeState:
 class AdsState:
     """What was accepted per type, and the requests to send in answer.
 
-    ``apply(mesh)`` is called with the translation of a candidate state and
-    must raise to refuse it (a failed map write NACKs too).
+    ``apply(change, full_mesh)`` is called with what a response changes (a
+    builder Change; None after a restart, when ``full_mesh()`` gives the
+    whole model to reconcile the pinned maps with) and must raise to refuse
+    it: a failed map write NACKs too.
     """
 
     def __init__(self, node, apply: Callable[[MeshConfig], None], static=None, hold_until_warm: bool = False):
@@ -73,10 +75,10 @@ class AdsState:
         self.hold_until_warm = hold_until_warm
         self.static = static          # bootstrap.LoadedConfig: static resources apply alongside
         self.types = {t.url: TypeState(t) for t in rt.ALL}
+        self.builder = MeshBuilder("xDS", lenient=True, cluster_origin="CDS or static_resources.clusters")
         self.synced = threading.Event()   # first CDS and LDS applied
         self.lock = threading.Lock()
         self._first_request = True
-        self._handling = ""
 
     def ts(self, t: rt.ResourceType) -> TypeState:
         return self.types[t.url]
@@ -110,32 +112,37 @@ class AdsState:
             return reqs
 
     # -- responses ----------------------------------------------------------
-    def translate(self, candidate: dict[str, dict], static=None) -> MeshConfig:
-        """Static resources plus a candidate set of xDS resources."""
-        static = static or self.static
+    def _static_maps(self, static) -> tuple[dict, dict]:
         sr = static.bootstrap.static_resources if static else None
-        listeners = [(f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)] if sr else []
-        clusters = [(f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)] if sr else []
-        listeners += [(f"LDS[{n}]", pb) for n, pb in candidate[rt.LDS.url].items()]
-        clusters += [(f"CDS[{n}]", pb) for n, pb in candidate[rt.CDS.url].items()]
-        endpoints = {n: (f"EDS[{n}]", pb) for n, pb in candidate[rt.EDS.url].items()}
-        routes = {n: (f"RDS[{n}]", pb) for n, pb in candidate[rt.RDS.url].items()}
-        return translate("xDS", listeners, clusters, endpoints=endpoints, routes=routes, lenient=True,
-                         cluster_origin="CDS or static_resources.clusters")
+        if sr is None:
+            return {}, {}
+        return ({pb.name: (f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)},
+                {pb.name: (f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)})
 
-    def current(self) -> dict[str, dict]:
-        return {url: dict(s.resources) for url, s in self.types.items()}
+    def _prepare(self, inputs: dict[str, dict], static, builder: MeshBuilder | None = None, **hints):
+        sc, sl = self._static_maps(static)
+        cmap = {**sc, **inputs[rt.CDS.url]} if sc else inputs[rt.CDS.url]
+        lmap = {**sl, **inputs[rt.LDS.url]} if sl else inputs[rt.LDS.url]
+        return (builder or self.builder).prepare(cmap, inputs[rt.EDS.url], lmap, inputs[rt.RDS.url], **hints)
+
+    def _inputs(self) -> dict[str, dict]:
+        return {url: s.resources for url, s in self.types.items()}
 
     def replace_static(self, static, apply_fn):
         """A new static config (SIGHUP, admin API), applied with the accepted
         xDS resources under the same lock as pushes, so neither undoes the
-        other. Raises ConfigError; returns what ``apply_fn(mesh)`` returns."""
+        other. Raises ConfigError; returns what ``apply_fn(change)`` returns."""
         with self.lock:
-            mesh = self.translate(self.current(), static=static)
-            res = apply_fn(mesh)
+            change = self._prepare(self._inputs(), static)
+            res = apply_fn(change)
             if getattr(res, "ok", True):
+                self.builder.commit(change)
                 self.static = static
             return res
+
+    def mesh(self) -> MeshConfig:
+        with self.lock:
+            return self.builder.mesh()
 
     def handle(self, resp: discovery_pb2.DiscoveryResponse) -> list[discovery_pb2.DiscoveryRequest]:
         t = rt.BY_URL.get(resp.type_url)
@@ -146,7 +153,10 @@ class AdsState:
             return self._handle(t, resp)
 
     def _decode(self, t: rt.ResourceType, resp) -> dict:
+        """name -> (path, proto). A resource equal to the accepted one keeps
+        the accepted object, so the builder sees it as unchanged."""
         out = {}
+        accepted = self.ts(t).resources
         for i, anyres in enumerate(resp.resources):
             if anyres.type_url != t.url:
                 raise ValueError(f"{t.short} resources[{i}]: type {anyres.type_url} in a {t.short} response")
@@ -160,27 +170,34 @@ class AdsState:
                 raise ValueError(f"{t.short} resources[{i}]: a resource needs a name")
             if name in out:
                 raise ValueError(f"{t.short}[{name}]: the name appears twice in one response")
-            out[name] = msg
+            old = accepted.get(name)
+            out[name] = old if old is not None and old[1] == msg else (f"{t.short}[{name}]", msg)
         return out
 
     def _handle(self, t: rt.ResourceType, resp) -> list[discovery_pb2.DiscoveryRequest]:
         s = self.ts(t)
         s.responses += 1
         s.nonce = resp.nonce
-        self._handling = t.url
         started = time.monotonic()
         try:
             received = self._decode(t, resp)
-            candidate = self.current()
+            inputs = self._inputs()
             if t.wildcard:
-                candidate[t.url] = received
+                inputs[t.url] = received
             else:
-                merged = {**candidate[t.url], **received}
-                candidate[t.url] = {n: m for n, m in merged.items() if n in s.subscribed}
-            mesh = self.translate(candidate)
-            if not self.hold_until_warm or self._warm(candidate):
-                self.apply(mesh)
-                self.hold_until_warm = False
+                inputs[t.url] = {**s.resources, **{n: v for n, v in received.items() if n in s.subscribed}}
+            change = self._prepare(inputs, self.static, clusters_changed=t is rt.CDS, listeners_changed=t is rt.LDS,
+                                   changed_services=set(received) if t is rt.EDS else None,
+                                   changed_routes=set(received) if t is rt.RDS else None)
+            fresh = None
+            if self.hold_until_warm:
+                if self._warm(inputs, handling=t):
+                    # After a restart: reconcile the pinned maps with the whole model.
+                    fresh = MeshBuilder("xDS", lenient=True, cluster_origin=self.builder.cluster_origin)
+                    fresh.commit(self._prepare(inputs, self.static, builder=fresh))
+                    self.apply(None, fresh.mesh)
+            else:
+                self.apply(change, self.builder.mesh)
         except (ValueError, ConfigError, OSError) as e:
             reason = str(e)
             s.last_nack = {"version_info": resp.version_info, "nonce": resp.nonce, "error": reason,
@@ -189,49 +206,49 @@ class AdsState:
                       extra={"kv": {"type": t.short, "version": resp.version_info, "error": reason}})
             return [self._request(t, nonce=resp.nonce, error=reason)]
 
-        for url, res in candidate.items():
-            self.types[url].resources = res
+        if fresh is not None:
+            self.builder, self.hold_until_warm = fresh, False
+        else:
+            self.builder.commit(change)
+        s.resources = inputs[t.url]
         s.version = resp.version_info
         s.last_ack = {"version_info": resp.version_info, "nonce": resp.nonce, "resources": len(received),
                       "time": time.time(), "apply_ms": round((time.monotonic() - started) * 1000, 3)}
-        log.info("xDS response applied (ACK)", extra={"kv": {
+        log.log(logging.INFO if t.wildcard else logging.DEBUG, "xDS response applied (ACK)", extra={"kv": {
             "type": t.short, "version": resp.version_info, "resources": len(received),
-            "listeners": len(mesh.listeners), "clusters": len(mesh.clusters), "skipped": len(mesh.skipped),
+            "changed_clusters": len(change.clusters), "changed_addresses": len(change.keys),
             "ms": s.last_ack["apply_ms"]}})
         reqs = [self._request(t, nonce=resp.nonce)]
         reqs += self._follow_ups(t)
-        if self._warm():
+        if not self.synced.is_set() and self._warm(self._inputs()):
             self.synced.set()
         return reqs
 
-    def _warm(self, candidate: dict | None = None) -> bool:
+    def _warm(self, inputs: dict, handling: rt.ResourceType | None = None) -> bool:
         """The first full set is in: CDS and LDS received, and every
         subscribed EDS and RDS resource too."""
-        res = candidate or {url: s.resources for url, s in self.types.items()}
-        got = {rt.CDS.url: self.ts(rt.CDS).last_ack, rt.LDS.url: self.ts(rt.LDS).last_ack}
-        if candidate is not None:  # the response being handled counts as received
-            for url in got:
-                got[url] = got[url] or (res is candidate and self._handling == url)
-        if not all(got.values()):
+        for t in (rt.CDS, rt.LDS):
+            if not (self.ts(t).last_ack or t is handling):
+                return False
+        eds_names = {pb.eds_cluster_config.service_name or pb.name
+                     for _, pb in inputs[rt.CDS.url].values() if pb.type == pb.EDS}
+        if not eds_names <= inputs[rt.EDS.url].keys():
             return False
-        eds_names = {c.eds_cluster_config.service_name or c.name for c in res[rt.CDS.url].values() if c.type == c.EDS}
-        if not eds_names <= set(res[rt.EDS.url]):
-            return False
-        return rds_names(res[rt.LDS.url].values()) <= set(res[rt.RDS.url])
+        return rds_names(pb for _, pb in inputs[rt.LDS.url].values()) <= inputs[rt.RDS.url].keys()
 
     def _follow_ups(self, t: rt.ResourceType) -> list[discovery_pb2.DiscoveryRequest]:
         """Subscriptions that change because of what was just accepted."""
         reqs = []
         if t is rt.CDS:
             names = set()
-            for c in self.ts(rt.CDS).resources.values():
+            for _, c in self.ts(rt.CDS).resources.values():
                 if c.type == c.EDS:
                     names.add(c.eds_cluster_config.service_name or c.name)
             reqs += self._resubscribe(rt.EDS, names)
             if not self.ts(rt.LDS).requested:
                 reqs.append(self._request(rt.LDS))
         elif t is rt.LDS:
-            reqs += self._resubscribe(rt.RDS, rds_names(self.ts(rt.LDS).resources.values()))
+            reqs += self._resubscribe(rt.RDS, rds_names(pb for _, pb in self.ts(rt.LDS).resources.values()))
         return reqs
 
     def _resubscribe(self, t: rt.ResourceType, names: set[str]) -> list[discovery_pb2.DiscoveryRequest]:
