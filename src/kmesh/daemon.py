@@ -75,8 +75,8 @@ class Daemon:
         if self.opts.enable_ads:
             self._init_ads(cfg)
             static = self.ads.state._prepare(self.ads.state._inputs(), cfg)   # checks; ConfigError propagates
-            warnings = [w for c in (static.clusters, static.listeners, static.keys) for st in c.values() if st
-                        for w in st.warnings]
+            warnings = [self.ads.state.builder.note(w) for c in (static.clusters, static.listeners, static.keys)
+                        for st in c.values() if st for w in st.warnings]
         else:
             mesh = translate_bootstrap(cfg)
             warnings = list(mesh.warnings)
@@ -127,10 +127,10 @@ class Daemon:
             self._wait_for_control_plane()
         self.ready = True
         self.notifier.notify("READY=1\nSTATUS=ready")
-        mesh = self.current_mesh()
+        mesh = self.counts()
         log.info("kmesh-daemon ready", extra={"kv": {
             "version": __version__, "mode": "ads" if self.ads else "standalone", "config": self.opts.config_file,
-            "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
+            "listeners": mesh["listeners"], "clusters": mesh["clusters"],
             "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
             "admin": self.admin.address}})
 
@@ -285,6 +285,13 @@ class Daemon:
 
     def current_mesh(self) -> MeshConfig:
         return self.ads.state.mesh() if self.ads else self.mesh
+
+    def counts(self) -> dict[str, int]:
+        if self.ads:
+            return self.ads.state.counts()
+        m = self.mesh
+        return {"listeners": len(m.listeners), "clusters": len(m.clusters), "warnings": len(m.warnings),
+                "skipped": len(m.skipped)}
 
     # -- views for the admin API --------------------------------------------
     def cluster_names(self) -> dict[int, str]:

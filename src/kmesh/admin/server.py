@@ -60,13 +60,14 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, "not ready\n", "text/plain")
         elif path == "/status":
-            mesh = d.current_mesh()
+            counts = d.counts()
             self._send(200, {
                 "ready": d.ready, "config_version": d.version,
                 "config_source": d.active.source if d.active else None,
-                "listeners": len(mesh.listeners), "clusters": len(mesh.clusters),
+                "listeners": counts["listeners"], "clusters": counts["clusters"],
                 "mode": "ads" if d.ads else "standalone",
-                "warnings": list(mesh.warnings), "skipped": len(mesh.skipped),
+                "warnings": list(d.current_mesh().warnings) if counts["warnings"] else [],
+                "skipped": counts["skipped"],
                 "xds_connection": d.ads.connection["state"] if d.ads else None,
                 "last_update": d.last_update.as_dict() if d.last_update else None,
             })

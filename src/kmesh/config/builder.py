@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from kmesh.config.errors import ConfigError
+from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import Cluster, Listener, MeshConfig
 from kmesh.config import translate as tr
 
@@ -176,8 +176,12 @@ class MeshBuilder:
             st = self.clusters.get(cname)
             return st.outcome if st else None
 
+        new_by_key: dict[Key, dict[str, list]] = {}
+        for name, st in change.listeners.items():
+            for i, e in enumerate(st.entries if st else ()):
+                new_by_key.setdefault((e.ip, e.port), {}).setdefault(name, []).append(((st.seq, i), e))
         for key in keys:
-            entries = self._entries_for(key, change)
+            entries = self._entries_for(key, change, new_by_key.get(key, {}))
             if not entries:
                 change.keys[key] = None
                 continue
@@ -200,15 +204,13 @@ class MeshBuilder:
         got = endpoints.get(svc)
         return got[1] if got else None
 
-    def _entries_for(self, key: Key, change: Change) -> list:
-        """Entries for a key across listeners, in config order."""
-        per = dict(self._key_entries.get(key, {}))
-        for name, st in change.listeners.items():
-            per.pop(name, None)
-            if st:
-                got = [((st.seq, i), e) for i, e in enumerate(st.entries) if (e.ip, e.port) == key]
-                if got:
-                    per[name] = got
+    def _entries_for(self, key: Key, change: Change, new: dict[str, list]) -> list:
+        """Entries for a key across listeners, in config order: the committed
+        ones of unchanged listeners plus ``new`` (this change's, by listener)."""
+        per = {n: v for n, v in self._key_entries.get(key, {}).items() if n not in change.listeners}
+        per.update(new)
+        if len(per) == 1:
+            return next(iter(per.values()))
         return sorted((item for items in per.values() for item in items), key=lambda x: x[0])
 
     # -- commit -------------------------------------------------------------
@@ -255,12 +257,18 @@ class MeshBuilder:
         for group in (self.clusters.values(), self.listeners.values(), [self.keys[k] for k in sorted(
                 self.keys, key=lambda k: self.keys[k].order)]):
             for st in group:
-                warnings += st.warnings
-                skipped += st.skipped
+                warnings += [self.note(n) for n in st.warnings]
+                skipped += [self.note(n) for n in st.skipped]
         return MeshConfig(tuple(self.keys[k].listener for k in keys),
                           tuple(s.outcome.cluster for s in self.clusters.values() if s.governed),
                           tuple(warnings), tuple(skipped))
 
+    def note(self, note: tuple[str, str]) -> str:
+        return str(Problem(self.source, *note))
+
     def counts(self) -> dict[str, int]:
+        groups = (self.clusters.values(), self.listeners.values(), self.keys.values())
         return {"listeners": sum(1 for s in self.keys.values() if s.listener),
-                "clusters": sum(1 for s in self.clusters.values() if s.governed)}
+                "clusters": sum(1 for s in self.clusters.values() if s.governed),
+                "warnings": sum(len(st.warnings) for g in groups for st in g),
+                "skipped": sum(len(st.skipped) for g in groups for st in g)}

@@ -30,7 +30,7 @@ class MapState:
     """What the maps hold, as far as the daemon knows."""
 
     cluster_ids: dict[str, int] = field(default_factory=dict)   # name -> id
-    clusters: dict[int, bytes] = field(default_factory=dict)    # id -> record_bytes
+    clusters: dict[int, bytes] = field(default_factory=dict)    # id -> record fingerprint
     listeners: dict[ListenerKey, bytes] = field(default_factory=dict)
 
     def copy(self) -> "MapState":
@@ -177,7 +177,7 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
             cid = next_id
             ids[name] = cid
         rec = records.cluster_record(c.lb_policy, [(e.ip, e.port, e.weight) for e in c.endpoints])
-        raw = records.record_bytes(rec)
+        raw = records.digest(bytes(rec))  # a fresh record's rr_cursor is 0: same as record_bytes()
         if state.clusters.get(cid) != raw:
             out.cluster_upserts.append((cid, rec))
             craw[cid] = raw
@@ -194,7 +194,7 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
                 lraw[key] = None
             continue
         rec = records.listener_record([(cluster_id(w.cluster), w.weight) for w in lst.clusters])
-        raw = records.record_bytes(rec)
+        raw = records.digest(bytes(rec))
         if state.listeners.get(key) != raw:
             out.listener_upserts.append((key, rec))
             lraw[key] = raw

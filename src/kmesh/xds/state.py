@@ -144,6 +144,10 @@ class AdsState:
         with self.lock:
             return self.builder.mesh()
 
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return self.builder.counts()
+
     def handle(self, resp: discovery_pb2.DiscoveryResponse) -> list[discovery_pb2.DiscoveryRequest]:
         t = rt.BY_URL.get(resp.type_url)
         if t is None:
