@@ -232,7 +232,8 @@ def full_translation(state):
     """What translating every accepted resource from scratch gives."""
     from kmesh.config.translate import translate
 
-    res = {t.short: state.ts(t).resources for t in rt.ALL}
+    res = {t.short: {n: (p, t.message.FromString(raw)) for n, (p, raw) in state.ts(t).resources.items()}
+           for t in rt.ALL}
     return translate("xDS", list(res["LDS"].values()), list(res["CDS"].values()),
                      endpoints=res["EDS"], routes=res["RDS"], lenient=True,
                      cluster_origin="CDS or static_resources.clusters")

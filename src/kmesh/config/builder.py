@@ -80,6 +80,37 @@ def _route_names(pb) -> set[str]:
     return rds_names([pb])
 
 
+def _same(a, b) -> bool:
+    return a is b or (a is not None and b is not None and a == b)
+
+
+def _msg(cls, x):
+    """Resources may be held serialized (the ADS client keeps them so: a
+    parsed protobuf costs several times its wire size); parse when needed."""
+    return cls.FromString(x) if isinstance(x, (bytes, bytearray)) else x
+
+
+class _Parsed(Mapping):
+    """name -> (path, message) view over name -> (path, message or bytes)."""
+
+    def __init__(self, inner: Mapping, cls):
+        self._inner, self._cls = inner, cls
+
+    def __getitem__(self, name):
+        path, x = self._inner[name]
+        return path, _msg(self._cls, x)
+
+    def get(self, name, default=None):
+        got = self._inner.get(name)
+        return default if got is None else (got[0], _msg(self._cls, got[1]))
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self):
+        return len(self._inner)
+
+
 class MeshBuilder:
     def __init__(self, source: str, lenient: bool, cluster_origin: str = "static_resources.clusters"):
         self.source, self.lenient, self.cluster_origin = source, lenient, cluster_origin
@@ -105,6 +136,13 @@ class MeshBuilder:
         one resource costs one resource."""
         change = Change(next_seq=self._seq)
         problems = []
+        from envoy.config.cluster.v3 import cluster_pb2
+        from envoy.config.endpoint.v3 import endpoint_pb2
+        from envoy.config.listener.v3 import listener_pb2
+        from envoy.config.route.v3 import route_pb2
+
+        eds_view = _Parsed(endpoints, endpoint_pb2.ClusterLoadAssignment) if endpoints is not None else None
+        rds_view = _Parsed(routes, route_pb2.RouteConfiguration) if routes is not None else None
 
         # Clusters to redo.
         todo: set[str] = set()
@@ -113,18 +151,20 @@ class MeshBuilder:
                 change.clusters[name] = None
             for name, (path, pb) in clusters.items():
                 old = self.clusters.get(name)
-                if old is None or old.pb is not pb or old.cla is not self._cla(pb, endpoints):
+                if old is None or not _same(old.pb, pb) or not _same(old.cla, self._cla(old.service, endpoints)):
                     todo.add(name)
         if changed_services:
             for svc in changed_services:
                 todo |= {n for n in self._services.get(svc, ()) if n in clusters}
         # Config order for a full pass; a handful from EDS in name order.
         for name in ([n for n in clusters if n in todo] if clusters_changed else sorted(todo)):
-            path, pb = clusters[name]
+            path, raw = clusters[name]
+            pb = _msg(cluster_pb2.Cluster, raw)
             ctx = self._ctx()
-            outcome = tr._cluster(ctx, path, pb, endpoints)
+            outcome = tr._cluster(ctx, path, pb, eds_view)
             problems += ctx.problems
-            change.clusters[name] = _ClusterState(pb, self._cla(pb, endpoints), outcome, self._service(pb),
+            service = self._service(pb)
+            change.clusters[name] = _ClusterState(raw, self._cla(service, endpoints), outcome, service,
                                                   ctx.warnings, ctx.skipped)
 
         # Listeners to redo.
@@ -134,23 +174,24 @@ class MeshBuilder:
                 change.listeners[name] = None
             for name, (path, pb) in listeners.items():
                 old = self.listeners.get(name)
-                if old is None or old.pb is not pb or any((routes or {}).get(r, (None, None))[1] is not m
-                                                          for r, m in old.routes.items()):
+                if old is None or not _same(old.pb, pb) or any(
+                        not _same((routes or {}).get(r, (None, None))[1], m) for r, m in old.routes.items()):
                     ltodo.add(name)
         if changed_routes:
             for r in changed_routes:
                 ltodo |= {n for n in self._route_users.get(r, ()) if n in listeners}
         for name in (n for n in listeners if n in ltodo):
-            path, pb = listeners[name]
+            path, raw = listeners[name]
+            pb = _msg(listener_pb2.Listener, raw)
             ctx = self._ctx()
-            entries = tr._listener(ctx, path, pb, routes) or []
+            entries = tr._listener(ctx, path, pb, rds_view) or []
             problems += ctx.problems
             used = {r: (routes or {}).get(r, (None, None))[1] for r in _route_names(pb)} if routes is not None else {}
             old = self.listeners.get(name)
             seq = old.seq if old else change.next_seq
             if old is None:
                 change.next_seq += 1
-            change.listeners[name] = _ListenerState(pb, used, entries, seq, ctx.warnings, ctx.skipped)
+            change.listeners[name] = _ListenerState(raw, used, entries, seq, ctx.warnings, ctx.skipped)
         if problems:
             raise ConfigError(problems)
 
@@ -197,8 +238,8 @@ class MeshBuilder:
     def _service(pb) -> str | None:
         return (pb.eds_cluster_config.service_name or pb.name) if pb.type == pb.EDS else None
 
-    def _cla(self, pb, endpoints: Mapping | None):
-        svc = self._service(pb)
+    @staticmethod
+    def _cla(svc: str | None, endpoints: Mapping | None):
         if svc is None or endpoints is None:
             return None
         got = endpoints.get(svc)
@@ -265,6 +306,19 @@ class MeshBuilder:
 
     def note(self, note: tuple[str, str]) -> str:
         return str(Problem(self.source, *note))
+
+    def needed(self, change: Change | None = None) -> tuple[set[str], set[str]]:
+        """EDS services and route names the (changed) config references."""
+        clusters = dict(self.clusters)
+        listeners = dict(self.listeners)
+        for src, dst in ((change.clusters if change else {}, clusters), (change.listeners if change else {}, listeners)):
+            for n, st in src.items():
+                if st is None:
+                    dst.pop(n, None)
+                else:
+                    dst[n] = st
+        return ({st.service for st in clusters.values() if st.service},
+                {r for st in listeners.values() for r in st.routes})
 
     def counts(self) -> dict[str, int]:
         groups = (self.clusters.values(), self.listeners.values(), self.keys.values())

@@ -32,6 +32,7 @@ class MapState:
     cluster_ids: dict[str, int] = field(default_factory=dict)   # name -> id
     clusters: dict[int, bytes] = field(default_factory=dict)    # id -> record fingerprint
     listeners: dict[ListenerKey, bytes] = field(default_factory=dict)
+    next_id: int = 1   # a hint: ids below it may be taken
 
     def copy(self) -> "MapState":
         return MapState(dict(self.cluster_ids), dict(self.clusters), dict(self.listeners))
@@ -55,7 +56,7 @@ class Plan:
         """The state after this plan was written (patched in place for a delta)."""
         if self.new_state is not None:
             return self.new_state
-        ids, clusters, listeners = self._patch
+        ids, clusters, listeners, state.next_id = self._patch
         for name, cid in ids.items():
             if cid is None:
                 state.cluster_ids.pop(name, None)
@@ -148,6 +149,7 @@ def plan(state: MapState, config: MeshConfig,
         raise CapacityError(f"{peak_clusters} clusters during the update exceed the map size {max_clusters}")
     if len(new.listeners) > max_listeners:
         raise CapacityError(f"{len(new.listeners)} listener addresses exceed the map size {max_listeners}")
+    new.next_id = next_id
     out.new_state = new
     return out
 
@@ -163,7 +165,7 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
     ids: dict[str, int | None] = {}
     craw: dict[int, bytes | None] = {}
     lraw: dict[ListenerKey, bytes | None] = {}
-    next_id = max(state.clusters, default=0) + 1 if clusters else 0
+    next_id = state.next_id
     for name, c in clusters.items():
         cid = state.cluster_ids.get(name)
         if c is None:
@@ -204,5 +206,5 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
     if len(state.listeners) + sum(1 for k, r in lraw.items() if r is not None and k not in state.listeners) \
             > max_listeners:
         raise CapacityError(f"listener addresses exceed the map size {max_listeners}")
-    out._patch = (ids, craw, lraw)
+    out._patch = (ids, craw, lraw, next_id)
     return out

@@ -19,12 +19,14 @@ import time
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from kmesh import memory
 from kmesh.xds.node import XdsTarget
 from kmesh.xds.state import AdsState
 
 log = logging.getLogger("kmesh.xds")
 
 BACKOFF_BASE = 0.5
+TRIM_AFTER_BYTES = 1 << 20
 BACKOFF_CAP = 30.0
 _STOP = object()
 
@@ -121,6 +123,7 @@ class AdsClient:
                     self._set("connected")
                     log.info("xDS stream up", extra={"kv": {"server": self.target.address}})
                 work.put(resp)
+                resp = None  # the worker owns it now; do not keep it alive here
             self.connection["error"] = "the server closed the stream"
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
@@ -151,11 +154,15 @@ class AdsClient:
                 if b is not _STOP:
                     latest.pop(b.type_url, None)
                     latest[b.type_url] = b
+            big = sum(r.ByteSize() for r in latest.values()) >= TRIM_AFTER_BYTES
             for resp in latest.values():
                 try:
                     for req in self.state.handle(resp):
                         requests.put(req)
                 except Exception:  # never let one bad push kill the stream
                     log.exception("internal error while handling an xDS response")
+            resp = item = batch = latest = None  # drop the last response before trimming
+            if big:
+                memory.trim()
             if stop:
                 return

@@ -45,6 +45,7 @@ class TypeState:
     version: str = ""                               # accepted version_info
     nonce: str = ""                                 # of the last response
     subscribed: set[str] = field(default_factory=set)
+    sorted_names: list[str] | None = None
     requested: bool = False
     responses: int = 0
     last_ack: dict | None = None
@@ -89,7 +90,9 @@ class AdsState:
         s.requested = True
         req = discovery_pb2.DiscoveryRequest(type_url=t.url, version_info=s.version, response_nonce=nonce)
         if not t.wildcard:
-            req.resource_names.extend(sorted(s.subscribed))
+            if s.sorted_names is None:
+                s.sorted_names = sorted(s.subscribed)   # every ACK repeats them: sort once
+            req.resource_names.extend(s.sorted_names)
         if error:
             req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=error))
         if self._first_request:
@@ -157,8 +160,10 @@ class AdsState:
             return self._handle(t, resp)
 
     def _decode(self, t: rt.ResourceType, resp) -> dict:
-        """name -> (path, proto). A resource equal to the accepted one keeps
-        the accepted object, so the builder sees it as unchanged."""
+        """name -> (path, serialized resource). Resources are kept serialized
+        (a parsed protobuf costs several times its wire size) and parsed again
+        only when they are translated. One equal to the accepted resource keeps
+        the accepted object, so the builder sees it as unchanged at once."""
         out = {}
         accepted = self.ts(t).resources
         for i, anyres in enumerate(resp.resources):
@@ -175,7 +180,8 @@ class AdsState:
             if name in out:
                 raise ValueError(f"{t.short}[{name}]: the name appears twice in one response")
             old = accepted.get(name)
-            out[name] = old if old is not None and old[1] == msg else (f"{t.short}[{name}]", msg)
+            raw = anyres.value
+            out[name] = old if old is not None and old[1] == raw else (f"{t.short}[{name}]", raw)
         return out
 
     def _handle(self, t: rt.ResourceType, resp) -> list[discovery_pb2.DiscoveryRequest]:
@@ -195,7 +201,7 @@ class AdsState:
                                    changed_routes=set(received) if t is rt.RDS else None)
             fresh = None
             if self.hold_until_warm:
-                if self._warm(inputs, handling=t):
+                if self._warm(inputs, handling=t, change=change):
                     # After a restart: reconcile the pinned maps with the whole model.
                     fresh = MeshBuilder("xDS", lenient=True, cluster_origin=self.builder.cluster_origin)
                     fresh.commit(self._prepare(inputs, self.static, builder=fresh))
@@ -228,38 +234,34 @@ class AdsState:
             self.synced.set()
         return reqs
 
-    def _warm(self, inputs: dict, handling: rt.ResourceType | None = None) -> bool:
-        """The first full set is in: CDS and LDS received, and every
-        subscribed EDS and RDS resource too."""
+    def _warm(self, inputs: dict, handling: rt.ResourceType | None = None, change=None) -> bool:
+        """The first full set is in: CDS and LDS received, and every EDS and
+        RDS resource the config references too."""
         for t in (rt.CDS, rt.LDS):
             if not (self.ts(t).last_ack or t is handling):
                 return False
-        eds_names = {pb.eds_cluster_config.service_name or pb.name
-                     for _, pb in inputs[rt.CDS.url].values() if pb.type == pb.EDS}
-        if not eds_names <= inputs[rt.EDS.url].keys():
-            return False
-        return rds_names(pb for _, pb in inputs[rt.LDS.url].values()) <= inputs[rt.RDS.url].keys()
+        services, routes = self.builder.needed(change)
+        return services <= inputs[rt.EDS.url].keys() and routes <= inputs[rt.RDS.url].keys()
 
     def _follow_ups(self, t: rt.ResourceType) -> list[discovery_pb2.DiscoveryRequest]:
         """Subscriptions that change because of what was just accepted."""
         reqs = []
+        if t not in (rt.CDS, rt.LDS):
+            return reqs
+        services, routes = self.builder.needed()
         if t is rt.CDS:
-            names = set()
-            for _, c in self.ts(rt.CDS).resources.values():
-                if c.type == c.EDS:
-                    names.add(c.eds_cluster_config.service_name or c.name)
-            reqs += self._resubscribe(rt.EDS, names)
+            reqs += self._resubscribe(rt.EDS, services)
             if not self.ts(rt.LDS).requested:
                 reqs.append(self._request(rt.LDS))
         elif t is rt.LDS:
-            reqs += self._resubscribe(rt.RDS, rds_names(pb for _, pb in self.ts(rt.LDS).resources.values()))
+            reqs += self._resubscribe(rt.RDS, routes)
         return reqs
 
     def _resubscribe(self, t: rt.ResourceType, names: set[str]) -> list[discovery_pb2.DiscoveryRequest]:
         s = self.ts(t)
         if names == s.subscribed and s.requested:
             return []
-        s.subscribed = names
+        s.subscribed, s.sorted_names = names, None
         s.resources = {n: m for n, m in s.resources.items() if n in names}
         return [self._request(t, nonce=s.nonce)]
 
