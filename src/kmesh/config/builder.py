@@ -22,7 +22,7 @@ from kmesh.config import translate as tr
 Key = tuple[str, int]
 
 
-@dataclass
+@dataclass(slots=True)
 class _ClusterState:
     pb: object
     cla: object | None
@@ -36,7 +36,7 @@ class _ClusterState:
         return self.outcome.cluster is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class _ListenerState:
     pb: object
     routes: dict            # route name -> RouteConfiguration used (identity)
@@ -46,7 +46,7 @@ class _ListenerState:
     skipped: list[str]
 
 
-@dataclass
+@dataclass(slots=True)
 class _KeyState:
     listener: Listener | None
     referenced: set[str]

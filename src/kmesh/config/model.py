@@ -10,27 +10,27 @@ from dataclasses import dataclass, field
 from kmesh.bpf.records import LbPolicy
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     ip: str
     port: int
     weight: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     lb_policy: LbPolicy
     endpoints: tuple[Endpoint, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WeightedCluster:
     cluster: str
     weight: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     ip: str  # "0.0.0.0" is the wildcard

@@ -149,7 +149,7 @@ def _socket_address(ctx: _Ctx, path: str, addr: address_pb2.Address, what: str) 
 
 # --- clusters ------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _ClusterOutcome:
     cluster: Cluster | None
     reason: str = ""  # why it is not governed (skipped, warming)
@@ -241,7 +241,7 @@ def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
 
 # --- listeners -----------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Ref:
     """A cluster reference and the field path that made it."""
 
@@ -250,7 +250,7 @@ class _Ref:
     weight: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
     """A candidate (ip, port) -> clusters mapping."""
 
