@@ -186,3 +186,43 @@ def test_address_from_bootstrap_ads_config_and_static_resources(kmesh, cgroup, b
     assert st["server"] == xds.address and st["server_from"] == "bootstrap"
     assert cgroup.curl(f"http://{v}:{PORT}/") == ["A"]          # from ADS
     assert cgroup.curl(f"http://{static_vip}/") == ["B"]        # static alongside
+
+
+def test_tls_to_the_control_plane(kmesh, cgroup, backends, tmp_path):
+    """A TLS control plane (CA file), as istiod serves on 15012."""
+    from tests.support.xds_server import XdsServer
+
+    key, cert = tmp_path / "server.key", tmp_path / "server.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=istiod.test", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    server = XdsServer(tls=(key.read_bytes(), cert.read_bytes())).start()
+    try:
+        a, b = backends("A", "B")
+        v = vip()
+        push_reviews(server, v, a, b, weights=(100, 0))
+        k = kmesh({}, ads=server.address, extra_args=(f"-xds-ca-file={cert}",))
+        st = k.get("/controller/envoy")["xds"]
+        assert st["tls"] is True and st["synced"] is True
+        assert cgroup.curl(f"http://{v}:{PORT}/") == ["A"]
+    finally:
+        server.stop()
+
+
+def test_tls_with_wrong_ca_is_refused_and_retried(kmesh, cgroup, tmp_path):
+    from tests.support.xds_server import XdsServer
+
+    key, cert, other = tmp_path / "k", tmp_path / "c", tmp_path / "other.pem"
+    for out_key, out_cert, cn in ((key, cert, "istiod.test"), (tmp_path / "ok", other, "someone-else")):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        f"/CN={cn}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(out_key),
+                        "-out", str(out_cert)], capture_output=True, check=True)
+    server = XdsServer(tls=(key.read_bytes(), cert.read_bytes())).start()
+    try:
+        k = kmesh({}, ads=server.address, extra_args=(f"-xds-ca-file={other}", "-xds-ready-timeout=2"))
+        st = k.get("/controller/envoy")["xds"]
+        assert st["synced"] is False and st["connection"]["error"], st
+        assert not server.requests
+    finally:
+        server.stop()

@@ -46,8 +46,9 @@ class _Stream:
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, tls: tuple[bytes, bytes] | None = None):
         self.port = port
+        self.tls = tls   # (private key PEM, certificate chain PEM)
         self.requests: list[Request] = []
         self.snapshot: dict[str, dict[str, any_pb2.Any]] = {t.url: {} for t in rt.ALL}
         self.versions: dict[str, int] = {t.url: 0 for t in rt.ALL}
@@ -60,7 +61,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def start(self) -> "XdsServer":
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if self.tls:
+            creds = grpc.ssl_server_credentials([self.tls])
+            self.port = self._server.add_secure_port(f"127.0.0.1:{self.port}", creds)
+        else:
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{self.port}")
         self._server.start()
         return self
 
