@@ -86,6 +86,10 @@ def test_traffic_follows_pushes(kmesh, cgroup, backends, xds):
     r = cgroup.run(["curl", "-sS", "--max-time", "5", f"http://{v2}:{PORT}/"])
     assert r.returncode == 7   # untouched again: nothing listens on the loopback VIP
 
+    # SIGTERM in ADS mode: the stream is closed, everything detached and unpinned
+    assert k.stop() == 0
+    assert not k.pin_root.exists() and k.attached_programs() == []
+
 
 def test_bad_resource_nacked_old_config_serves(kmesh, cgroup, backends, xds):
     a, b = backends("A", "B")

@@ -54,7 +54,8 @@ class TypeState:
     def as_dict(self) -> dict:
         return {
             "version_info": self.version, "nonce": self.nonce, "resources": len(self.resources),
-            "subscribed": "*" if self.type.wildcard else sorted(self.subscribed),
+            "subscribed": "*" if self.type.wildcard else (
+                sorted(self.subscribed) if len(self.subscribed) <= 50 else f"{len(self.subscribed)} names"),
             "responses": self.responses, "last_ack": self.last_ack, "last_nack": self.last_nack,
         }
 
