@@ -74,9 +74,7 @@ class Daemon:
         cfg = bootstrap.load_file(self.opts.config_file)   # ConfigError propagates
         if self.opts.enable_ads:
             self._init_ads(cfg)
-            static = self.ads.state._prepare(self.ads.state._inputs(), cfg)   # checks; ConfigError propagates
-            warnings = [self.ads.state.builder.note(w) for c in (static.clusters, static.listeners, static.keys)
-                        for st in c.values() if st for w in st.warnings]
+            warnings = self.ads.state.check_static(cfg)   # ConfigError propagates
         else:
             mesh = translate_bootstrap(cfg)
             warnings = list(mesh.warnings)
@@ -127,10 +125,10 @@ class Daemon:
             self._wait_for_control_plane()
         self.ready = True
         self.notifier.notify("READY=1\nSTATUS=ready")
-        mesh = self.counts()
+        counts = self.counts()
         log.info("kmesh-daemon ready", extra={"kv": {
             "version": __version__, "mode": "ads" if self.ads else "standalone", "config": self.opts.config_file,
-            "listeners": mesh["listeners"], "clusters": mesh["clusters"],
+            "listeners": counts["listeners"], "clusters": counts["clusters"],
             "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
             "admin": self.admin.address}})
 

@@ -132,6 +132,14 @@ class AdsState:
     def _inputs(self) -> dict[str, dict]:
         return {url: s.resources for url, s in self.types.items()}
 
+    def check_static(self, static) -> list[str]:
+        """Check a static config against the accepted xDS state without
+        applying it; returns its warnings, raises ConfigError."""
+        with self.lock:
+            change = self._prepare(self._inputs(), static)
+        return [self.builder.note(w) for group in (change.clusters, change.listeners, change.keys)
+                for st in group.values() if st for w in st.warnings]
+
     def replace_static(self, static, apply_fn):
         """A new static config (SIGHUP, admin API), applied with the accepted
         xDS resources under the same lock as pushes, so neither undoes the
