@@ -271,3 +271,21 @@ def test_incremental_equals_full_translation_over_random_pushes():
         assert sorted(got.listeners, key=lambda l: (l.ip, l.port)) == \
             sorted(want.listeners, key=lambda l: (l.ip, l.port)), step
         assert sorted(got.clusters, key=lambda c: c.name) == sorted(want.clusters, key=lambda c: c.name), step
+
+
+def test_example_ads_bootstrap_names_istiod(monkeypatch):
+    from kmesh.config import bootstrap
+    from kmesh.xds.node import resolve_target
+
+    monkeypatch.delenv("XDS_ADDRESS", raising=False)
+    cfg = bootstrap.load_file("config/examples/ads.yaml")
+    t = resolve_target("", cfg.bootstrap)
+    assert (t.address, t.origin, t.tls) == ("istiod.istio-system.svc:15010", "bootstrap", False)
+    monkeypatch.setenv("XDS_ADDRESS", "10.0.0.1:15012")
+    assert resolve_target("", cfg.bootstrap).origin == "environment"
+    assert resolve_target("127.0.0.1:1", cfg.bootstrap).address == "127.0.0.1:1"
+    # its static xds-grpc cluster (DNS) is skipped with a reason in ADS mode, not refused
+    state, rec = new_state()
+    assert state.check_static(cfg) == []
+    state.replace_static(cfg, rec)
+    assert any("xds-grpc" in n and "DNS clusters" in n for n in state.mesh().skipped)
