@@ -287,5 +287,5 @@ def test_example_ads_bootstrap_names_istiod(monkeypatch):
     # its static xds-grpc cluster (DNS) is skipped with a reason in ADS mode, not refused
     state, rec = new_state()
     assert state.check_static(cfg) == []
-    state.replace_static(cfg, rec)
+    state.replace_static(cfg, lambda change: rec(change, None))
     assert any("xds-grpc" in n and "DNS clusters" in n for n in state.mesh().skipped)
