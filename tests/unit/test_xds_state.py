@@ -288,4 +288,4 @@ def test_example_ads_bootstrap_names_istiod(monkeypatch):
     state, rec = new_state()
     assert state.check_static(cfg) == []
     state.replace_static(cfg, lambda change: rec(change, None))
-    assert any("xds-grpc" in n and "DNS clusters" in n for n in state.mesh().skipped)
+    assert any("static_resources.clusters[0].type" in n and "DNS clusters" in n for n in state.mesh().skipped)
