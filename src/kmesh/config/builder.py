@@ -24,24 +24,12 @@ Key = tuple[str, int]
 
 @dataclass(slots=True)
 class _ClusterState:
-    pb: object                   # the resource (serialized or parsed) the head came from
-    cla: object | None           # the ClusterLoadAssignment the endpoints came from
-    head: "tr._ClusterHead"
+    pb: object
+    cla: object | None
     outcome: "tr._ClusterOutcome"
-    head_notes: tuple[list, list]    # (warnings, skipped) of the head
-    body_notes: tuple[list, list]    # (warnings, skipped) of the endpoints
-
-    @property
-    def service(self) -> str | None:
-        return self.head.service
-
-    @property
-    def warnings(self) -> list:
-        return self.head_notes[0] + self.body_notes[0]
-
-    @property
-    def skipped(self) -> list:
-        return self.head_notes[1] + self.body_notes[1]
+    service: str | None
+    warnings: list[str]
+    skipped: list[str]
 
     @property
     def governed(self) -> bool:
@@ -171,21 +159,13 @@ class MeshBuilder:
         # Config order for a full pass; a handful from EDS in name order.
         for name in ([n for n in clusters if n in todo] if clusters_changed else sorted(todo)):
             path, raw = clusters[name]
-            old = self.clusters.get(name)
-            pb = None
-            if old is not None and _same(old.pb, raw) and old.head.service is not None:
-                head, head_notes = old.head, old.head_notes   # only its endpoints changed
-            else:
-                pb = _msg(cluster_pb2.Cluster, raw)
-                hctx = self._ctx()
-                head = tr._cluster_head(hctx, path, pb, endpoints is not None)
-                problems += hctx.problems
-                head_notes = (hctx.warnings, hctx.skipped)
+            pb = _msg(cluster_pb2.Cluster, raw)
             ctx = self._ctx()
-            outcome = tr._cluster_body(ctx, path, pb, head, eds_view)
+            outcome = tr._cluster(ctx, path, pb, eds_view)
             problems += ctx.problems
-            change.clusters[name] = _ClusterState(raw, self._cla(head.service, endpoints), head, outcome,
-                                                  head_notes, (ctx.warnings, ctx.skipped))
+            service = self._service(pb)
+            change.clusters[name] = _ClusterState(raw, self._cla(service, endpoints), outcome, service,
+                                                  ctx.warnings, ctx.skipped)
 
         # Listeners to redo.
         ltodo: set[str] = set()
@@ -253,6 +233,10 @@ class MeshBuilder:
         if problems:
             raise ConfigError(problems)
         return change
+
+    @staticmethod
+    def _service(pb) -> str | None:
+        return (pb.eds_cluster_config.service_name or pb.name) if pb.type == pb.EDS else None
 
     @staticmethod
     def _cla(svc: str | None, endpoints: Mapping | None):

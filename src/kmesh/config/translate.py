@@ -155,38 +155,33 @@ class _ClusterOutcome:
     reason: str = ""  # why it is not governed (skipped, warming)
 
 
-@dataclass(frozen=True, slots=True)
-class _ClusterHead:
-    """What a Cluster resource says apart from its endpoints: kept while only
-    its ClusterLoadAssignment changes."""
-
-    name: str
-    policy: LbPolicy | None
-    service: str | None   # EDS service name; None: endpoints are inline
-    reason: str = ""      # set: the cluster is not governed, and why
-    ok: bool = True       # False: an error was reported
-
-
-def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds_available: bool) -> _ClusterHead:
+def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None) -> _ClusterOutcome:
     if not pb.name:
         ctx.error(f"{path}.name", "a cluster needs a name")
-        return _ClusterHead(pb.name, None, None, "invalid", False)
+        return _ClusterOutcome(None, "invalid")
     if pb.WhichOneof("cluster_discovery_type") == "cluster_type":
         ctx.unsupported(f"{path}.cluster_type", "custom cluster types are not supported")
-        return _ClusterHead(pb.name, None, None, "custom cluster type")
+        return _ClusterOutcome(None, "custom cluster type")
     if pb.type == _Cluster.ORIGINAL_DST and ctx.lenient:
         ctx.skip(path, "passthrough (ORIGINAL_DST) cluster: connections routed to it are left untouched")
-        return _ClusterHead(pb.name, None, None, "passthrough")
-    if pb.type not in (_Cluster.STATIC, _Cluster.EDS) or (pb.type == _Cluster.EDS and not eds_available):
+        return _ClusterOutcome(None, "passthrough")
+    if pb.type not in (_Cluster.STATIC, _Cluster.EDS) or (pb.type == _Cluster.EDS and eds is None):
         ctx.unsupported(f"{path}.type", _DISCOVERY_HINT.get(pb.type, f"cluster type {pb.type} is not supported"))
-        return _ClusterHead(pb.name, None, None, "unsupported type")
-    service = (pb.eds_cluster_config.service_name or pb.name) if pb.type == _Cluster.EDS else None
+        return _ClusterOutcome(None, "unsupported type")
+    cla = None
+    if pb.type == _Cluster.EDS:
+        service = pb.eds_cluster_config.service_name or pb.name
+        got = eds.get(service)
+        if got is None:
+            ctx.skip(path, f"warming: waiting for EDS '{service}'")
+            return _ClusterOutcome(None, "warming")
+        epath, cla = got
     ok = True
     if pb.lb_policy not in _LB:
         name = _Cluster.LbPolicy.Name(pb.lb_policy)
         ctx.unsupported(f"{path}.lb_policy", f"{name} is not supported; use ROUND_ROBIN, RANDOM or LEAST_REQUEST")
         if ctx.lenient:
-            return _ClusterHead(pb.name, None, service, "unsupported lb_policy")
+            return _ClusterOutcome(None, "unsupported lb_policy")
         ok = False
     set_fields = _set_fields(pb)
     tls = [n for n in ("transport_socket", "transport_socket_matches") if n in set_fields]
@@ -197,29 +192,13 @@ def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds_available: 
             ctx.error(f"{path}.{tls[0]}", "upstream TLS is not supported: kmesh forwards connections as they are")
             ok = False
     _warn_unenforced(ctx, path, pb, _CLUSTER_APPLIED | {"transport_socket", "transport_socket_matches"}, set_fields)
-    return _ClusterHead(pb.name, _LB.get(pb.lb_policy), service, "", ok)
-
-
-def _cluster_body(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster | None, head: _ClusterHead,
-                  eds: Mapping | None) -> _ClusterOutcome:
-    """The cluster with its endpoints (``pb`` is only read for inline ones)."""
-    if head.reason:
-        return _ClusterOutcome(None, head.reason)
-    if head.service is not None:
-        got = eds.get(head.service)
-        if got is None:
-            ctx.skip(path, f"warming: waiting for EDS '{head.service}'")
-            return _ClusterOutcome(None, "warming")
-        endpoints = _endpoints(ctx, *got)
+    if cla is not None:
+        endpoints = _endpoints(ctx, epath, cla)
     else:
         endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
-    if endpoints is None or not head.ok:
+    if endpoints is None or not ok:
         return _ClusterOutcome(None, "invalid endpoints")
-    return _ClusterOutcome(Cluster(head.name, head.policy, tuple(endpoints)))
-
-
-def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None) -> _ClusterOutcome:
-    return _cluster_body(ctx, path, pb, _cluster_head(ctx, path, pb, eds is not None), eds)
+    return _ClusterOutcome(Cluster(pb.name, _LB[pb.lb_policy], tuple(endpoints)))
 
 
 def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
