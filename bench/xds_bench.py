@@ -117,6 +117,28 @@ def run_size(n: int, updates: int, backends) -> dict:
         tmp.rmdir()
 
 
+def start_consecutive_backends(n: int, attempts: int = 20) -> list:
+    """n backends on consecutive loopback ports (mesh_gen spreads endpoints
+    over base_port + 0..n-1)."""
+    for _ in range(attempts):
+        base = harness.free_port()
+        started = []
+        for i in range(n):
+            p = harness.subprocess.Popen([sys.executable, str(harness.BACKEND), f"B{i}", str(base + i)],
+                                         stdout=harness.subprocess.PIPE, text=True)
+            if not p.stdout.readline().startswith("listening"):
+                p.kill()
+                p.wait()
+                break
+            started.append(harness.Backend(f"B{i}", base + i, p))
+        if len(started) == n:
+            return started
+        for b in started:
+            b.proc.kill()
+            b.proc.wait()
+    raise SystemExit("could not bind consecutive backend ports")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,1000,10000")
@@ -126,20 +148,8 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root (it loads BPF programs into a child cgroup)")
     harness.ensure_bpffs()
-    backends = [harness.start_backend(f"B{i}") for i in range(3)]
-    # mesh_gen spreads endpoints over base_port + 0..2: give it three consecutive ports.
+    backends = start_consecutive_backends(3)
     try:
-        base = backends[0].port
-        for b in backends:
-            b.proc.kill()
-            b.proc.wait()
-        backends = []
-        for i in range(3):
-            p = harness.subprocess.Popen([sys.executable, str(harness.BACKEND), f"B{i}", str(base + i)],
-                                         stdout=harness.subprocess.PIPE, text=True)
-            backends.append(harness.Backend(f"B{i}", base + i, p))
-            if not p.stdout.readline().startswith("listening"):
-                raise SystemExit(f"could not bind backend port {base + i}")
         rows = []
         for n in (int(x) for x in args.sizes.split(",")):
             print(f"[xds-bench] {n} services ...", file=sys.stderr, flush=True)
