@@ -4,10 +4,8 @@ cgroup follows the pushes. VIPs are loopback addresses."""
 from __future__ import annotations
 
 import collections
-import json
 import signal
 import subprocess
-import sys
 import time
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -120,7 +118,7 @@ def test_control_plane_gone_for_30s_then_reconcile(kmesh, cgroup, backends, xds)
     v = vip()
     push_reviews(xds, v, a, b, weights=(100, 0))
     k = kmesh({}, ads=xds.address)
-    load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, str(PORT), "300"], stdout=subprocess.PIPE)
+    load = cgroup.load(v, PORT, 300)
     try:
         xds.stop()
         wait_applied(k, lambda: k.get("/controller/envoy")["xds"]["connection"]["state"] != "connected")
@@ -130,8 +128,7 @@ def test_control_plane_gone_for_30s_then_reconcile(kmesh, cgroup, backends, xds)
         xds.start()
         wait_applied(k, lambda: cgroup.curl(f"http://{v}:{PORT}/[1-10]") == ["B"] * 10, timeout=60)
     finally:
-        load.send_signal(signal.SIGTERM)
-    report = json.loads(load.communicate(timeout=30)[0])
+        report = load.report()
     assert report["failed"] == 0 and report["ok"] > 100, report
     assert k.get("/controller/envoy")["xds"]["connection"]["streams"] == 2
 
@@ -141,12 +138,12 @@ def test_daemon_restart_in_ads_mode(kmesh, cgroup, backends, xds):
     v = vip()
     push_reviews(xds, v, a, b, weights=(50, 50))
     k = kmesh({}, ads=xds.address)
-    load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, str(PORT), "8"], stdout=subprocess.PIPE)
+    load = cgroup.load(v, PORT, 8)
     k.stop(signal.SIGKILL)
     time.sleep(1)
     k.start()
     assert "takeover=True" in k.log()
-    report = json.loads(load.communicate(timeout=30)[0])
+    report = load.report(stop=False)
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
     assert k.get("/status")["last_update"]["changes"] == {
         "clusters_written": 0, "listeners_written": 0, "listeners_deleted": 0, "clusters_deleted": 0}

@@ -1,11 +1,8 @@
 """Daemon lifecycle on the real kernel: reloads, admin API, stop, crash, restart."""
 from __future__ import annotations
 
-import collections
-import json
 import signal
 import subprocess
-import sys
 
 import yaml
 
@@ -108,14 +105,13 @@ def test_200_reloads_under_load_never_fail_a_connect(kmesh, cgroup, backends):
         bootstrap([tcp_listener("one", v, 80, "c4")], [cluster("c4", lb_ep(*a.addr, 5), lb="LEAST_REQUEST")]),
     ]
     k = kmesh(configs[0])
-    load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, "80", "300"], stdout=subprocess.PIPE)
+    load = cgroup.load(v, 80, 300)
     try:
         for i in range(200):
             status, res = k.post_config(configs[(i + 1) % len(configs)])
             assert status == 200, res
     finally:
-        load.send_signal(signal.SIGTERM)
-    report = json.loads(load.communicate(timeout=30)[0])
+        report = load.report()
     assert report["failed"] == 0, report
     assert report["ok"] > 200, report
     print(f"200 reloads: {report['ok']} connections, {report['failed']} failed")
@@ -138,7 +134,7 @@ def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
     v = vip()
     cfg = bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr), lb_ep(*b.addr))])
     k = kmesh(cfg)
-    load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, "80", "6"], stdout=subprocess.PIPE)
+    load = cgroup.load(v, 80, 6)
     k.stop(signal.SIGKILL)
     assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]  # pinned links hold
     # Served while no daemon runs (the load client shares the RR cursor, so
@@ -148,7 +144,7 @@ def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
     assert "takeover=True" in k.log() and "kmesh_connect4:replaced" in k.log()
     assert k.get("/status")["last_update"]["changes"] == {
         "clusters_written": 0, "listeners_written": 0, "listeners_deleted": 0, "clusters_deleted": 0}
-    report = json.loads(load.communicate(timeout=30)[0])
+    report = load.report(stop=False)
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
     assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]  # no duplicates
 
@@ -159,9 +155,9 @@ def test_restart_with_changed_config_switches_without_gap(kmesh, cgroup, backend
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
     k.stop(signal.SIGKILL)
     k.write_config(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*b.addr))]))
-    load = cgroup.popen([sys.executable, str(harness.CLIENT), "loop", v, "80", "4"], stdout=subprocess.PIPE)
+    load = cgroup.load(v, 80, 4)
     k.start()
-    report = json.loads(load.communicate(timeout=30)[0])
+    report = load.report(stop=False)
     assert report["failed"] == 0, report
     assert cgroup.curl(f"http://{v}/") == ["B"]
     assert len(k.get("/bpf/kmesh/maps")["km_cluster"]) == 1  # the old record is gone

@@ -82,6 +82,11 @@ class Cgroup:
         assert r.returncode == 0, f"curl {url} failed ({r.returncode}): {r.stderr}"
         return r.stdout.split()
 
+    def load(self, host: str, port: int, seconds: float = 300) -> "LoadClient":
+        """Connections in a loop from inside the cgroup until report()."""
+        return LoadClient(self.popen([sys.executable, str(CLIENT), "loop", host, str(port), str(seconds)],
+                                     stdout=subprocess.PIPE))
+
     def client(self, *args) -> subprocess.CompletedProcess:
         return self.run([sys.executable, str(CLIENT), *map(str, args)])
 
@@ -99,6 +104,18 @@ class Cgroup:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"could not remove cgroup {self.path}")
+
+
+class LoadClient:
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def report(self, stop: bool = True) -> dict:
+        """Stop the loop (or let it run out) and return its counts:
+        {"ok", "failed", "errors", "bodies"}."""
+        if stop and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return json.loads(self.proc.communicate(timeout=30)[0])
 
 
 @dataclass

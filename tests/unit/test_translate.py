@@ -2,7 +2,6 @@
 be refused with the exact field path."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 
@@ -259,7 +258,7 @@ def test_malformed_config_names_path(mutate, path, reason):
     p = ei.value.problems[paths.index(path)]
     assert p.source == "/etc/kmesh/bad.yaml"
     assert reason in p.reason
-    assert str(ei.value).startswith(f"/etc/kmesh/bad.yaml: ")
+    assert str(ei.value).startswith("/etc/kmesh/bad.yaml: ")
 
 
 def test_invalid_yaml_names_line():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from kmesh import __version__

@@ -2,7 +2,6 @@
 ones (``--enable-ads=false``, ``--enable-ads false``)."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import click

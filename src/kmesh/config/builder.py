@@ -17,7 +17,7 @@ from typing import Mapping
 
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import Cluster, Listener, MeshConfig
-from kmesh.config import translate as tr
+from kmesh.config import filters, translate as tr
 
 Key = tuple[str, int]
 
@@ -75,9 +75,7 @@ class Change:
 
 
 def _route_names(pb) -> set[str]:
-    from kmesh.xds.state import rds_names
-
-    return rds_names([pb])
+    return filters.rds_names([pb])
 
 
 def _same(a, b) -> bool:
@@ -95,14 +93,21 @@ class _Parsed(Mapping):
 
     def __init__(self, inner: Mapping, cls):
         self._inner, self._cls = inner, cls
+        self._parsed: dict = {}   # for one prepare(): a route config used by many listeners is parsed once
 
     def __getitem__(self, name):
-        path, x = self._inner[name]
-        return path, _msg(self._cls, x)
+        got = self.get(name)
+        if got is None:
+            raise KeyError(name)
+        return got
 
     def get(self, name, default=None):
         got = self._inner.get(name)
-        return default if got is None else (got[0], _msg(self._cls, got[1]))
+        if got is None:
+            return default
+        if name not in self._parsed:
+            self._parsed[name] = (got[0], _msg(self._cls, got[1]))
+        return self._parsed[name]
 
     def __iter__(self):
         return iter(self._inner)

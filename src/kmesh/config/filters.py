@@ -10,3 +10,18 @@ HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 
 TCP_PROXY_TYPE = tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 HCM_TYPE = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+
+
+def rds_names(listeners) -> set[str]:
+    """Route names referenced (over RDS) by the HTTP connection managers of listeners."""
+    names = set()
+    for lst in listeners:
+        chains = list(lst.filter_chains) + ([lst.default_filter_chain] if lst.HasField("default_filter_chain") else [])
+        for chain in chains:
+            for f in chain.filters:
+                if f.typed_config.TypeName() == HCM_TYPE:
+                    hcm = hcm_pb2.HttpConnectionManager()
+                    f.typed_config.Unpack(hcm)
+                    if hcm.WhichOneof("route_specifier") == "rds":
+                        names.add(hcm.rds.route_config_name)
+    return names

@@ -34,8 +34,6 @@ class MapState:
     listeners: dict[ListenerKey, bytes] = field(default_factory=dict)
     next_id: int = 1   # a hint: ids below it may be taken
 
-    def copy(self) -> "MapState":
-        return MapState(dict(self.cluster_ids), dict(self.clusters), dict(self.listeners))
 
 
 @dataclass

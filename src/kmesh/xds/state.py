@@ -27,7 +27,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
-from kmesh.config import filters
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import MeshConfig
 from kmesh.config.builder import MeshBuilder
@@ -277,18 +276,3 @@ class AdsState:
     def as_dict(self) -> dict:
         with self.lock:
             return {s.type.short: s.as_dict() for s in self.types.values()}
-
-
-def rds_names(listeners) -> set[str]:
-    """Route names referenced by the HTTP connection managers of listeners."""
-    names = set()
-    for lst in listeners:
-        chains = list(lst.filter_chains) + ([lst.default_filter_chain] if lst.HasField("default_filter_chain") else [])
-        for chain in chains:
-            for f in chain.filters:
-                if f.typed_config.TypeName() == filters.HCM_TYPE:
-                    hcm = filters.hcm_pb2.HttpConnectionManager()
-                    f.typed_config.Unpack(hcm)
-                    if hcm.WhichOneof("route_specifier") == "rds":
-                        names.add(hcm.rds.route_config_name)
-    return names
