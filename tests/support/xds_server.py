@@ -110,6 +110,14 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     self._push(s, t, only=None if replace else set(anys))
         return version
 
+    def push(self, types) -> None:
+        """Push the current snapshot of ``types`` to every stream (after
+        ``set(..., push=False)``: lets a benchmark build big snapshots first)."""
+        with self.lock:
+            for s in self.streams:
+                for t in types:
+                    self._push(s, t)
+
     def send_raw(self, t: rt.ResourceType, anys: list[any_pb2.Any], version: str = "bad") -> None:
         """Push exactly these Any resources (for bad-resource tests)."""
         with self.lock:

@@ -232,7 +232,7 @@ def full_translation(state):
     """What translating every accepted resource from scratch gives."""
     from kmesh.config.translate import translate
 
-    res = {t.short: {n: (p, t.message.FromString(raw)) for n, (p, raw) in state.ts(t).resources.items()}
+    res = {t.short: {n: (f"{t.short}[{n}]", t.message.FromString(raw)) for n, raw in state.ts(t).resources.items()}
            for t in rt.ALL}
     return translate("xDS", list(res["LDS"].values()), list(res["CDS"].values()),
                      endpoints=res["EDS"], routes=res["RDS"], lenient=True,
@@ -271,6 +271,8 @@ def test_incremental_equals_full_translation_over_random_pushes():
         assert sorted(got.listeners, key=lambda l: (l.ip, l.port)) == \
             sorted(want.listeners, key=lambda l: (l.ip, l.port)), step
         assert sorted(got.clusters, key=lambda c: c.name) == sorted(want.clusters, key=lambda c: c.name), step
+        assert state.counts() == {"listeners": len(got.listeners), "clusters": len(got.clusters),
+                                  "warnings": len(got.warnings), "skipped": len(got.skipped)}, step
 
 
 def test_example_ads_bootstrap_names_istiod(monkeypatch):

@@ -189,19 +189,44 @@ def listener_record(clusters: Sequence[tuple[int, int]]) -> KmeshListener:
     return rec
 
 
-def digest(raw: bytes) -> bytes:
-    """A short fingerprint of a record's bytes: the daemon remembers what each
-    map entry holds by this, not by a copy (10 000 clusters x 1.8 KB)."""
-    return hashlib.blake2b(raw, digest_size=16).digest()
+# --- fingerprints ---------------------------------------------------------------
+# The daemon remembers what each map entry holds by a short fingerprint of
+# the record's *content*, not by a copy (10 000 clusters x 1.8 KB). Content is
+# what a record is made from: for a cluster (lb policy, endpoints), for a
+# listener its live (cluster id, weight) pairs. Everything else in a record
+# (slot table, cumulative weights) follows from it, and runtime fields (the
+# round-robin cursor) are not content. A record read back from a pinned map
+# gives the same fingerprint as the model it was written from, which is what
+# lets a restarted daemon see that nothing needs writing.
+
+ClusterSpec = tuple  # (LbPolicy, ((ip, port, weight), ...))
+ListenerSpec = tuple  # ((cluster_id, weight), ...), weights > 0
 
 
-def record_bytes(rec: ctypes.Structure) -> bytes:
-    """Fingerprint of a record's content (runtime counters zeroed)."""
-    raw = bytearray(bytes(rec))
-    if isinstance(rec, KmeshCluster):
-        off = KmeshCluster.rr_cursor.offset
-        raw[off:off + 4] = b"\0\0\0\0"
-    return digest(bytes(raw))
+def _fingerprint(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def cluster_fingerprint(spec: ClusterSpec) -> bytes:
+    lb, endpoints = spec
+    return _fingerprint(f"{int(lb)}/" + ",".join(f"{_ip_field(ip)}:{port}:{w}" for ip, port, w in endpoints))
+
+
+def listener_fingerprint(spec: ListenerSpec) -> bytes:
+    return _fingerprint(",".join(f"{cid}:{w}" for cid, w in spec))
+
+
+def cluster_spec_of(rec: KmeshCluster) -> ClusterSpec:
+    return (rec.lb_policy, tuple((ip_of(e.ip), port_of(e.port), e.weight)
+                                 for e in rec.endpoints[: min(rec.endpoint_count, KMESH_MAX_ENDPOINTS)]))
+
+
+def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
+    out, prev = [], 0
+    for wc in rec.clusters[: min(rec.cluster_count, KMESH_MAX_WEIGHTED_CLUSTERS)]:
+        out.append((wc.cluster_id, wc.cum_weight - prev))
+        prev = wc.cum_weight
+    return tuple(out)
 
 
 def decode_listener_key(key: KmeshAddr) -> str:
@@ -209,12 +234,8 @@ def decode_listener_key(key: KmeshAddr) -> str:
 
 
 def decode_listener(rec: KmeshListener) -> dict:
-    out, prev = [], 0
-    for i in range(rec.cluster_count):
-        wc = rec.clusters[i]
-        out.append({"cluster_id": wc.cluster_id, "weight": wc.cum_weight - prev})
-        prev = wc.cum_weight
-    return {"total_weight": rec.total_weight, "clusters": out}
+    return {"total_weight": rec.total_weight,
+            "clusters": [{"cluster_id": cid, "weight": w} for cid, w in listener_spec_of(rec)]}
 
 
 def decode_cluster(rec: KmeshCluster) -> dict:

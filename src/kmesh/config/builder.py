@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from kmesh.config.errors import ConfigError, Problem
+from kmesh.config.errors import ConfigError
 from kmesh.config.model import Cluster, Listener, MeshConfig
 from kmesh.config import filters, translate as tr
 
@@ -28,8 +28,9 @@ class _ClusterState:
     cla: object | None
     outcome: "tr._ClusterOutcome"
     service: str | None
-    warnings: list[str]
-    skipped: list[str]
+    path: str
+    warnings: tuple          # shared notes, relative to path (translate._share)
+    skipped: tuple
 
     @property
     def governed(self) -> bool:
@@ -42,17 +43,19 @@ class _ListenerState:
     routes: dict            # route name -> RouteConfiguration used (identity)
     entries: list           # [_Entry]
     seq: int
-    warnings: list[str]
-    skipped: list[str]
+    path: str
+    warnings: tuple
+    skipped: tuple
 
 
 @dataclass(slots=True)
 class _KeyState:
     listener: Listener | None
-    referenced: set[str]
+    referenced: tuple[str, ...]
     order: tuple[int, int]
-    warnings: list[str]
-    skipped: list[str]
+    warnings: tuple
+    skipped: tuple
+    path: str = ""
 
 
 @dataclass
@@ -116,20 +119,69 @@ class _Parsed(Mapping):
         return len(self._inner)
 
 
+class _Index:
+    """key -> the set of values indexed under it. Nearly every key has one
+    value, kept bare (a one-element set costs ~200 bytes, which adds up over
+    a mesh of 10 000 services)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self):
+        self._d: dict = {}
+
+    def get(self, key) -> tuple | set:
+        v = self._d.get(key, _NONE)
+        return () if v is _NONE else v if type(v) is set else (v,)
+
+    def add(self, key, value) -> None:
+        cur = self._d.get(key, _NONE)
+        if cur is _NONE:
+            self._d[key] = value
+        elif type(cur) is set:
+            cur.add(value)
+        elif cur != value:
+            self._d[key] = {cur, value}
+
+    def discard(self, key, value) -> None:
+        cur = self._d.get(key, _NONE)
+        if type(cur) is set:
+            cur.discard(value)
+            if len(cur) == 1:
+                self._d[key] = next(iter(cur))
+        elif cur is not _NONE and cur == value:
+            del self._d[key]
+
+
+_NONE = object()
+
+
 class MeshBuilder:
     def __init__(self, source: str, lenient: bool, cluster_origin: str = "static_resources.clusters"):
         self.source, self.lenient, self.cluster_origin = source, lenient, cluster_origin
         self.clusters: dict[str, _ClusterState] = {}
         self.listeners: dict[str, _ListenerState] = {}
         self.keys: dict[Key, _KeyState] = {}
-        self._services: dict[str, set[str]] = {}        # EDS service -> cluster names
-        self._route_users: dict[str, set[str]] = {}     # route name -> listener names
-        self._key_entries: dict[Key, dict[str, list]] = {}   # key -> listener -> [(order, _Entry)]
-        self._cluster_keys: dict[str, set[Key]] = {}    # cluster name -> keys referencing it
+        self._services = _Index()        # EDS service -> cluster names
+        self._route_users = _Index()     # route name -> listener names
+        self._cluster_keys = _Index()    # cluster name -> keys referencing it
+        # key -> ((order, _Entry), ...) of every listener, in no particular order
+        self._key_entries: dict[Key, tuple] = {}
         self._seq = 0
+        # Running totals for counts(): the admin API polls them, and a sum
+        # over every resource would take the lock for O(mesh) each time.
+        self._totals = {"listeners": 0, "clusters": 0, "warnings": 0, "skipped": 0}
 
-    def _ctx(self) -> "tr._Ctx":
-        return tr._Ctx(self.source, self.cluster_origin, self.lenient)
+    def _count(self, st, sign: int) -> None:
+        t = self._totals
+        t["warnings"] += sign * len(st.warnings)
+        t["skipped"] += sign * len(st.skipped)
+        if isinstance(st, _KeyState):
+            t["listeners"] += sign * (st.listener is not None)
+        elif isinstance(st, _ClusterState):
+            t["clusters"] += sign * st.governed
+
+    def _ctx(self, base: str = "") -> "tr._Ctx":
+        return tr._Ctx(self.source, self.cluster_origin, self.lenient, base)
 
     # -- prepare ------------------------------------------------------------
     def prepare(self, clusters: Mapping, endpoints: Mapping | None, listeners: Mapping, routes: Mapping | None,
@@ -160,17 +212,17 @@ class MeshBuilder:
                     todo.add(name)
         if changed_services:
             for svc in changed_services:
-                todo |= {n for n in self._services.get(svc, ()) if n in clusters}
+                todo |= {n for n in self._services.get(svc) if n in clusters}
         # Config order for a full pass; a handful from EDS in name order.
         for name in ([n for n in clusters if n in todo] if clusters_changed else sorted(todo)):
             path, raw = clusters[name]
             pb = _msg(cluster_pb2.Cluster, raw)
-            ctx = self._ctx()
+            ctx = self._ctx(path)
             outcome = tr._cluster(ctx, path, pb, eds_view)
             problems += ctx.problems
             service = self._service(pb)
-            change.clusters[name] = _ClusterState(raw, self._cla(service, endpoints), outcome, service,
-                                                  ctx.warnings, ctx.skipped)
+            change.clusters[name] = _ClusterState(raw, self._cla(service, endpoints), outcome, service, path,
+                                                  *ctx.notes())
 
         # Listeners to redo.
         ltodo: set[str] = set()
@@ -184,11 +236,11 @@ class MeshBuilder:
                     ltodo.add(name)
         if changed_routes:
             for r in changed_routes:
-                ltodo |= {n for n in self._route_users.get(r, ()) if n in listeners}
+                ltodo |= {n for n in self._route_users.get(r) if n in listeners}
         for name in (n for n in listeners if n in ltodo):
             path, raw = listeners[name]
             pb = _msg(listener_pb2.Listener, raw)
-            ctx = self._ctx()
+            ctx = self._ctx(path)
             entries = tr._listener(ctx, path, pb, rds_view) or []
             problems += ctx.problems
             used = {r: (routes or {}).get(r, (None, None))[1] for r in _route_names(pb)} if routes is not None else {}
@@ -196,7 +248,7 @@ class MeshBuilder:
             seq = old.seq if old else change.next_seq
             if old is None:
                 change.next_seq += 1
-            change.listeners[name] = _ListenerState(raw, used, entries, seq, ctx.warnings, ctx.skipped)
+            change.listeners[name] = _ListenerState(raw, used, entries, seq, path, *ctx.notes())
         if problems:
             raise ConfigError(problems)
 
@@ -213,7 +265,7 @@ class MeshBuilder:
         for name, st in change.clusters.items():
             old = self.clusters.get(name)
             if (old.governed if old else None) != (st.governed if st else None):
-                keys |= self._cluster_keys.get(name, set())
+                keys.update(self._cluster_keys.get(name))
 
         def outcome_of(cname: str):
             if cname in change.clusters:
@@ -234,7 +286,7 @@ class MeshBuilder:
             ctx = self._ctx()
             lst, referenced = tr._resolve_key(ctx, key, [e for _, e in entries], outcome_of)
             problems += ctx.problems
-            change.keys[key] = _KeyState(lst, referenced, entries[0][0], ctx.warnings, ctx.skipped)
+            change.keys[key] = _KeyState(lst, tuple(referenced), entries[0][0], *ctx.notes())
         if problems:
             raise ConfigError(problems)
         return change
@@ -253,46 +305,55 @@ class MeshBuilder:
     def _entries_for(self, key: Key, change: Change, new: dict[str, list]) -> list:
         """Entries for a key across listeners, in config order: the committed
         ones of unchanged listeners plus ``new`` (this change's, by listener)."""
-        per = {n: v for n, v in self._key_entries.get(key, {}).items() if n not in change.listeners}
-        per.update(new)
-        if len(per) == 1:
-            return next(iter(per.values()))
-        return sorted((item for items in per.values() for item in items), key=lambda x: x[0])
+        kept = [it for it in self._key_entries.get(key, ()) if it[1].listener not in change.listeners]
+        if not kept and len(new) == 1:
+            return next(iter(new.values()))
+        return sorted(kept + [it for items in new.values() for it in items], key=lambda x: x[0])
 
     # -- commit -------------------------------------------------------------
     def commit(self, change: Change) -> None:
+        for group, states in ((change.clusters, self.clusters), (change.listeners, self.listeners),
+                              (change.keys, self.keys)):
+            for name, st in group.items():
+                if (old := states.get(name)) is not None:
+                    self._count(old, -1)
+                if st is not None:
+                    self._count(st, 1)
         for name, st in change.clusters.items():
             old = self.clusters.pop(name, None)
             if old and old.service:
-                self._services.get(old.service, set()).discard(name)
+                self._services.discard(old.service, name)
             if st:
                 self.clusters[name] = st
                 if st.service:
-                    self._services.setdefault(st.service, set()).add(name)
+                    self._services.add(st.service, name)
         for name, st in change.listeners.items():
             old = self.listeners.pop(name, None)
             if old:
                 for r in old.routes:
-                    self._route_users.get(r, set()).discard(name)
-                for e in old.entries:
-                    self._key_entries.get((e.ip, e.port), {}).pop(name, None)
+                    self._route_users.discard(r, name)
+                for key in {(e.ip, e.port) for e in old.entries}:
+                    left = tuple(it for it in self._key_entries.get(key, ()) if it[1].listener != name)
+                    if left:
+                        self._key_entries[key] = left
+                    else:
+                        self._key_entries.pop(key, None)
             if st:
                 self.listeners[name] = st
                 for r in st.routes:
-                    self._route_users.setdefault(r, set()).add(name)
+                    self._route_users.add(r, name)
                 for i, e in enumerate(st.entries):
-                    self._key_entries.setdefault((e.ip, e.port), {}).setdefault(name, []).append(((st.seq, i), e))
+                    key = (e.ip, e.port)
+                    self._key_entries[key] = self._key_entries.get(key, ()) + (((st.seq, i), e),)
         for key, st in change.keys.items():
             old = self.keys.pop(key, None)
             if old:
                 for c in old.referenced:
-                    self._cluster_keys.get(c, set()).discard(key)
+                    self._cluster_keys.discard(c, key)
             if st:
                 self.keys[key] = st
                 for c in st.referenced:
-                    self._cluster_keys.setdefault(c, set()).add(key)
-            if not self._key_entries.get(key):
-                self._key_entries.pop(key, None)
+                    self._cluster_keys.add(c, key)
         self._seq = change.next_seq
 
     # -- views ----------------------------------------------------------------
@@ -303,14 +364,15 @@ class MeshBuilder:
         for group in (self.clusters.values(), self.listeners.values(), [self.keys[k] for k in sorted(
                 self.keys, key=lambda k: self.keys[k].order)]):
             for st in group:
-                warnings += [self.note(n) for n in st.warnings]
-                skipped += [self.note(n) for n in st.skipped]
+                warnings += self.notes(st, "warnings")
+                skipped += self.notes(st, "skipped")
         return MeshConfig(tuple(self.keys[k].listener for k in keys),
                           tuple(s.outcome.cluster for s in self.clusters.values() if s.governed),
                           tuple(warnings), tuple(skipped))
 
-    def note(self, note: tuple[str, str]) -> str:
-        return str(Problem(self.source, *note))
+    def notes(self, st, kind: str) -> list[str]:
+        """A resource state's warnings or skipped notes, as shown."""
+        return [tr.note_text(self.source, st.path, n) for n in getattr(st, kind)]
 
     def needed(self, change: Change | None = None) -> tuple[set[str], set[str]]:
         """EDS services and route names the (changed) config references."""
@@ -326,8 +388,4 @@ class MeshBuilder:
                 {r for st in listeners.values() for r in st.routes})
 
     def counts(self) -> dict[str, int]:
-        groups = (self.clusters.values(), self.listeners.values(), self.keys.values())
-        return {"listeners": sum(1 for s in self.keys.values() if s.listener),
-                "clusters": sum(1 for s in self.clusters.values() if s.governed),
-                "warnings": sum(len(st.warnings) for g in groups for st in g),
-                "skipped": sum(len(st.skipped) for g in groups for st in g)}
+        return dict(self._totals)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -66,22 +67,51 @@ WILDCARD = "0.0.0.0"
 _P_WILDCARD, _P_DOMAIN, _P_PREFIX, _P_ADDRESS = 0, 10, 20, 30
 
 
+# Notes are shared: most resources of a big mesh have the same notes
+# relative to their own path (every Istio cluster: mTLS skipped, circuit
+# breakers not enforced), so each keeps a reference to one shared tuple. The
+# table is bounded; once full it starts over, and sharing simply begins anew.
+_SHARED_NOTES: dict[tuple, tuple] = {}
+_SHARED_NOTES_MAX = 4096
+
+
+def _share(notes: list) -> tuple:
+    if not notes:
+        return ()
+    key = tuple(notes)
+    got = _SHARED_NOTES.get(key)
+    if got is None:
+        if len(_SHARED_NOTES) >= _SHARED_NOTES_MAX:
+            _SHARED_NOTES.clear()
+        got = _SHARED_NOTES[key] = key
+    return got
+
+
 @dataclass
 class _Ctx:
     source: str
     cluster_origin: str
     lenient: bool
+    # The path of the resource being translated. Notes under it are kept
+    # relative to it (see _share); ``note_text`` puts it back.
+    base: str = ""
     problems: list[Problem] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def error(self, path: str, reason: str) -> None:
         self.problems.append(Problem(self.source, path, reason))
 
-    # Notes are kept as (path, reason) and formatted only when shown: a big
-    # mesh produces tens of thousands of them on every full pass.
+    def _note(self, notes: list, path: str, reason: str) -> None:
+        # Notes are kept as (path, reason) and formatted only when shown: a big
+        # mesh produces tens of thousands of them on every full pass.
+        b = self.base
+        if b and path.startswith(b) and path[len(b):len(b) + 1] in ("", ".", "["):
+            path = path[len(b):]
+        notes.append((path, reason))
+
     def warn(self, path: str, reason: str) -> None:
-        (self.skipped if self.lenient else self.warnings).append((path, reason))
+        self._note(self.skipped if self.lenient else self.warnings, path, reason)
 
     def skip(self, path: str, reason: str) -> None:
         """Not governed by kmesh: a note from a control plane, a warning from a file."""
@@ -90,9 +120,22 @@ class _Ctx:
     def unsupported(self, path: str, reason: str) -> None:
         """An error in a file; skipped (left to the host) from a control plane."""
         if self.lenient:
-            self.skipped.append((path, reason))
+            self._note(self.skipped, path, reason)
         else:
             self.error(path, reason)
+
+    def notes(self) -> tuple[tuple, tuple]:
+        """(warnings, skipped), shared."""
+        return _share(self.warnings), _share(self.skipped)
+
+
+def note_text(source: str, base: str, note: tuple[str, str]) -> str:
+    """A note as shown: relative paths start with '.' or '[' (an absolute
+    one starts with a resource kind or a config section)."""
+    path, reason = note
+    if path[:1] in (".", "[") or not path:
+        path = base + path
+    return str(Problem(source, path, reason))
 
 
 def _ip_version(text: str) -> int:
@@ -198,7 +241,7 @@ def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None)
         endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
     if endpoints is None or not ok:
         return _ClusterOutcome(None, "invalid endpoints")
-    return _ClusterOutcome(Cluster(pb.name, _LB[pb.lb_policy], tuple(endpoints)))
+    return _ClusterOutcome(Cluster(sys.intern(pb.name), _LB[pb.lb_policy], tuple(endpoints)))
 
 
 def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
@@ -263,7 +306,7 @@ class _Entry:
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
-    refs = [_Ref(f"{path}[{i}].name", n, w) for i, (n, w) in enumerate(items)]
+    refs = [_Ref(f"{path}[{i}].name", sys.intern(n), w) for i, (n, w) in enumerate(items)]
     if not refs:
         ctx.error(path, "weighted clusters need at least one cluster")
         return None
@@ -284,7 +327,7 @@ def _tcp_proxy(ctx: _Ctx, path: str, tp) -> list[_Ref] | None:
     _warn_unenforced(ctx, path, tp, _TCP_PROXY_APPLIED)
     which = tp.WhichOneof("cluster_specifier")
     if which == "cluster":
-        return [_Ref(f"{path}.cluster", tp.cluster, 1)]
+        return [_Ref(f"{path}.cluster", sys.intern(tp.cluster), 1)]
     if which == "weighted_clusters":
         return _weighted(ctx, f"{path}.weighted_clusters.clusters",
                          ((c.name, c.weight) for c in tp.weighted_clusters.clusters))
@@ -322,7 +365,7 @@ def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
     ra = route.route
     which = ra.WhichOneof("cluster_specifier")
     if which == "cluster":
-        return [_Ref(f"{path}.route.cluster", ra.cluster, 1)]
+        return [_Ref(f"{path}.route.cluster", sys.intern(ra.cluster), 1)]
     if which == "weighted_clusters":
         return _weighted(ctx, f"{path}.route.weighted_clusters.clusters",
                          ((c.name, c.weight.value if c.HasField("weight") else 0) for c in ra.weighted_clusters.clusters))

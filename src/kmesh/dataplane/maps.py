@@ -13,6 +13,14 @@ log = logging.getLogger("kmesh.dataplane")
 # Connect programs run in well under a microsecond; a connect that read an
 # old listener record has finished long before this.
 DELETE_GRACE_SECONDS = 0.05
+# Records made and written per batch syscall: bounds the memory a big plan
+# needs (1024 cluster records are 1.8 MB) at no cost in speed.
+BATCH = 1024
+
+
+def _batches(items: list):
+    for i in range(0, len(items), BATCH):
+        yield items[i:i + BATCH]
 
 
 class ConfigMaps:
@@ -26,14 +34,18 @@ class ConfigMaps:
     def read_state(self) -> MapState:
         st = MapState()
         for k, v in self.cluster.items():
-            st.clusters[int(k.value)] = records.record_bytes(v)
+            st.clusters[int(k.value)] = records.cluster_fingerprint(records.cluster_spec_of(v))
         for k, v in self.listener.items():
-            st.listeners[(records.ip_of(k.ip), records.port_of(k.port))] = records.record_bytes(v)
+            st.listeners[(records.ip_of(k.ip), records.port_of(k.port))] = \
+                records.listener_fingerprint(records.listener_spec_of(v))
         return st
 
     def apply(self, plan: Plan) -> None:
-        self.cluster.update_batch([(records.ClusterId(cid), rec) for cid, rec in plan.cluster_upserts])
-        self.listener.update_batch([(records.addr_key(*k), rec) for k, rec in plan.listener_upserts])
+        for batch in _batches(plan.cluster_upserts):
+            self.cluster.update_batch([(records.ClusterId(cid), records.cluster_record(lb, eps))
+                                       for cid, (lb, eps) in batch])
+        for batch in _batches(plan.listener_upserts):
+            self.listener.update_batch([(records.addr_key(*k), records.listener_record(spec)) for k, spec in batch])
         for k in plan.listener_deletes:
             self.listener.delete(records.addr_key(*k))
         if plan.cluster_deletes:

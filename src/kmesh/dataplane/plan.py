@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kmesh.bpf import records
-from kmesh.config.model import MeshConfig
+from kmesh.config.model import Cluster, Listener, MeshConfig
 
 ListenerKey = tuple[str, int]
 
@@ -30,7 +30,7 @@ class MapState:
     """What the maps hold, as far as the daemon knows."""
 
     cluster_ids: dict[str, int] = field(default_factory=dict)   # name -> id
-    clusters: dict[int, bytes] = field(default_factory=dict)    # id -> record fingerprint
+    clusters: dict[int, bytes] = field(default_factory=dict)    # id -> content fingerprint
     listeners: dict[ListenerKey, bytes] = field(default_factory=dict)
     next_id: int = 1   # a hint: ids below it may be taken
 
@@ -38,8 +38,10 @@ class MapState:
 
 @dataclass
 class Plan:
-    cluster_upserts: list[tuple[int, records.KmeshCluster]] = field(default_factory=list)
-    listener_upserts: list[tuple[ListenerKey, records.KmeshListener]] = field(default_factory=list)
+    # What to write, as content: the writer makes the records, a batch at a
+    # time (a record is 1.8 KB; a plan for a big mesh holds 10 000 of them).
+    cluster_upserts: list[tuple[int, records.ClusterSpec]] = field(default_factory=list)
+    listener_upserts: list[tuple[ListenerKey, records.ListenerSpec]] = field(default_factory=list)
     listener_deletes: list[ListenerKey] = field(default_factory=list)
     cluster_deletes: list[int] = field(default_factory=list)
     new_state: MapState | None = None
@@ -85,16 +87,21 @@ class CapacityError(ValueError):
     pass
 
 
+def cluster_spec(c: Cluster) -> records.ClusterSpec:
+    return (c.lb_policy, tuple((e.ip, e.port, e.weight) for e in c.endpoints))
+
+
+def listener_spec(lst: Listener, cluster_id) -> records.ListenerSpec:
+    return tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0)
+
+
 def plan(state: MapState, config: MeshConfig,
          max_clusters: int = records.KMESH_MAX_CLUSTERS,
          max_listeners: int = records.KMESH_MAX_LISTENERS) -> Plan:
     out = Plan()
     new = MapState()
-    wanted = {
-        c.name: records.cluster_record(c.lb_policy, [(e.ip, e.port, e.weight) for e in c.endpoints])
-        for c in config.clusters
-    }
-    content = {name: records.record_bytes(rec) for name, rec in wanted.items()}
+    wanted = {c.name: cluster_spec(c) for c in config.clusters}
+    content = {name: records.cluster_fingerprint(spec) for name, spec in wanted.items()}
 
     # Ids: keep a name's id; else adopt an unclaimed id with identical content
     # (takeover after restart); else take the lowest free id.
@@ -125,20 +132,20 @@ def plan(state: MapState, config: MeshConfig,
         new.cluster_ids[name] = next_id
         claimed.add(next_id)
 
-    for name, rec in wanted.items():
+    for name, spec in wanted.items():
         cid = new.cluster_ids[name]
         new.clusters[cid] = content[name]
         if state.clusters.get(cid) != content[name]:
-            out.cluster_upserts.append((cid, rec))
+            out.cluster_upserts.append((cid, spec))
     out.cluster_deletes = sorted(cid for cid in state.clusters if cid not in new.clusters)
 
     for lst in config.listeners:
         key = (lst.ip, lst.port)
-        rec = records.listener_record([(new.cluster_ids[w.cluster], w.weight) for w in lst.clusters])
-        raw = records.record_bytes(rec)
+        spec = listener_spec(lst, new.cluster_ids.__getitem__)
+        raw = records.listener_fingerprint(spec)
         new.listeners[key] = raw
         if state.listeners.get(key) != raw:
-            out.listener_upserts.append((key, rec))
+            out.listener_upserts.append((key, spec))
     out.listener_deletes = [k for k in state.listeners if k not in new.listeners]
 
     # Old and new clusters coexist between steps 1 and 4.
@@ -176,10 +183,10 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
                 next_id += 1
             cid = next_id
             ids[name] = cid
-        rec = records.cluster_record(c.lb_policy, [(e.ip, e.port, e.weight) for e in c.endpoints])
-        raw = records.digest(bytes(rec))  # a fresh record's rr_cursor is 0: same as record_bytes()
+        spec = cluster_spec(c)
+        raw = records.cluster_fingerprint(spec)
         if state.clusters.get(cid) != raw:
-            out.cluster_upserts.append((cid, rec))
+            out.cluster_upserts.append((cid, spec))
             craw[cid] = raw
 
     def cluster_id(name: str) -> int:
@@ -193,10 +200,10 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
                 out.listener_deletes.append(key)
                 lraw[key] = None
             continue
-        rec = records.listener_record([(cluster_id(w.cluster), w.weight) for w in lst.clusters])
-        raw = records.digest(bytes(rec))
+        spec = listener_spec(lst, cluster_id)
+        raw = records.listener_fingerprint(spec)
         if state.listeners.get(key) != raw:
-            out.listener_upserts.append((key, rec))
+            out.listener_upserts.append((key, spec))
             lraw[key] = raw
     added = sum(1 for cid, raw in craw.items() if raw is not None and cid not in state.clusters)
     if len(state.clusters) + added > max_clusters:

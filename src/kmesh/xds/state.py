@@ -18,6 +18,7 @@ State of the world, as Envoy does it:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ INVALID_ARGUMENT = 3  # google.rpc.Code
 @dataclass
 class TypeState:
     type: rt.ResourceType
-    resources: dict = field(default_factory=dict)   # accepted: name -> (path, proto)
+    resources: dict = field(default_factory=dict)   # accepted: name -> serialized resource
     version: str = ""                               # accepted version_info
     nonce: str = ""                                 # of the last response
     subscribed: set[str] = field(default_factory=set)
@@ -124,9 +125,10 @@ class AdsState:
 
     def _prepare(self, inputs: dict[str, dict], static, builder: MeshBuilder | None = None, **hints):
         sc, sl = self._static_maps(static)
-        cmap = {**sc, **inputs[rt.CDS.url]} if sc else inputs[rt.CDS.url]
-        lmap = {**sl, **inputs[rt.LDS.url]} if sl else inputs[rt.LDS.url]
-        return (builder or self.builder).prepare(cmap, inputs[rt.EDS.url], lmap, inputs[rt.RDS.url], **hints)
+        cds, eds, lds, rds = (rt.WithPaths(t, inputs[t.url]) for t in rt.ALL)
+        cmap = {**sc, **cds} if sc else cds
+        lmap = {**sl, **lds} if sl else lds
+        return (builder or self.builder).prepare(cmap, eds, lmap, rds, **hints)
 
     def _inputs(self) -> dict[str, dict]:
         return {url: s.resources for url, s in self.types.items()}
@@ -136,8 +138,8 @@ class AdsState:
         applying it; returns its warnings, raises ConfigError."""
         with self.lock:
             change = self._prepare(self._inputs(), static)
-        return [self.builder.note(w) for group in (change.clusters, change.listeners, change.keys)
-                for st in group.values() if st for w in st.warnings]
+        return [w for group in (change.clusters, change.listeners, change.keys)
+                for st in group.values() if st for w in self.builder.notes(st, "warnings")]
 
     def replace_static(self, static, apply_fn):
         """A new static config (SIGHUP, admin API), applied with the accepted
@@ -168,7 +170,7 @@ class AdsState:
             return self._handle(t, resp)
 
     def _decode(self, t: rt.ResourceType, resp) -> dict:
-        """name -> (path, serialized resource). Resources are kept serialized
+        """name -> serialized resource. Resources are kept serialized
         (a parsed protobuf costs several times its wire size) and parsed again
         only when they are translated. One equal to the accepted resource keeps
         the accepted object, so the builder sees it as unchanged at once."""
@@ -182,14 +184,15 @@ class AdsState:
                 anyres.Unpack(msg)
             except DecodeError as e:
                 raise ValueError(f"{t.short} resources[{i}]: cannot decode: {e}") from None
-            name = t.name_of(msg)
+            # Interned: a cluster's name is also held by every reference to it.
+            name = sys.intern(t.name_of(msg))
             if not name:
                 raise ValueError(f"{t.short} resources[{i}]: a resource needs a name")
             if name in out:
                 raise ValueError(f"{t.short}[{name}]: the name appears twice in one response")
             old = accepted.get(name)
             raw = anyres.value
-            out[name] = old if old is not None and old[1] == raw else (f"{t.short}[{name}]", raw)
+            out[name] = old if old == raw else raw
         return out
 
     def _handle(self, t: rt.ResourceType, resp) -> list[discovery_pb2.DiscoveryRequest]:
