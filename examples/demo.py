@@ -98,7 +98,7 @@ def main() -> int:
         say("    sudo examples/kmesh-demo-run curl -s http://127.0.0.1:23333/")
         say(f"    curl -s {admin}/bpf/kmesh/maps      # decoded BPF maps")
         say("    edit config/examples/standalone.yaml, then: sudo kill -HUP " + str(daemon.pid))
-        say("Ctrl-C stops the daemon (detaches, unpins) and the backends")
+        say("Ctrl-C stops the daemon and the backends, and detaches and unpins (kmesh-daemon cleanup)")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         daemon.wait()
         return daemon.returncode or 0
@@ -111,6 +111,11 @@ def main() -> int:
         if daemon and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(15)
+        if daemon:
+            # A stopped daemon fails static (its programs stay in force); the
+            # demo leaves nothing behind.
+            subprocess.run([str(BIN / "kmesh-daemon"), f"-bpf-fs-path={args.bpf_fs_path}", "cleanup", "--force"],
+                           capture_output=True)
         for p in procs:
             p.kill()
             p.wait()

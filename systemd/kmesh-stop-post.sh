@@ -1,30 +1,36 @@
 #!/bin/sh
-# kmesh.service ExecStopPost: runs after the daemon has exited, however it
-# exited.
+# kmesh.service ExecStopPost (argument: the unit's name, %n). Runs after
+# kmesh-daemon has exited, however it exited.
 #
-# A clean stop (SIGTERM: systemctl stop/restart) needs nothing from here:
-# the daemon itself detaches every program and removes every pin before it
-# exits ("off means off").
+# The daemon never removes its pins when it exits: it "fails static", its
+# programs and maps stay in force with the last applied config. What happens
+# next depends on why the unit stopped, which systemd knows by the job that
+# is running:
 #
-# This script is for the other case: the daemon crashed or was killed
-# (SIGKILL, OOM, failed start) and left pins under
-# $KMESH_BPF_FS_PATH/bpf_kmesh. By default it does nothing destructive and
-# only says so: kmesh "fails static": the pinned programs and maps keep
-# redirecting traffic with the last config that was applied, and the next
-# start of kmesh-daemon takes them over. Set KMESH_CLEANUP_ON_STOP=1 (in
-# /etc/sysconfig/kmesh) to detach and unpin everything instead, so that
-# traffic goes the plain kernel path whenever kmesh is not running.
+#   restart      (systemctl restart / try-restart / reload-or-restart, an RPM
+#                 upgrade): keep everything; the next daemon takes the pins
+#                 over without a gap.
+#   stop         (systemctl stop, disable --now, shutdown, rpm -e):
+#                 KMESH_STOP_MODE=cleanup (default): detach and unpin
+#                 everything, "off means off"; KMESH_STOP_MODE=keep: leave the
+#                 last config in force until kmesh starts again.
+#   no job       the daemon crashed, was killed, or hung and the watchdog
+#                 killed it: keep everything ("fail static");
+#                 Restart=on-failure starts a daemon that takes it over.
 #
-#   KMESH_BPF_FS_PATH      bpffs mount point   (default /sys/fs/bpf)
-#   KMESH_CLEANUP_ON_STOP  1: run `kmesh-daemon cleanup` when pins are left
-#   KMESH_DAEMON           the daemon binary   (default /usr/bin/kmesh-daemon)
+#   KMESH_BPF_FS_PATH  bpffs mount point   (default /sys/fs/bpf)
+#   KMESH_STOP_MODE    cleanup | keep      (default cleanup)
+#   KMESH_DAEMON       the daemon binary   (default /usr/bin/kmesh-daemon)
+#   KMESH_SYSTEMCTL    systemctl           (default systemctl)
 #
 # systemd passes SERVICE_RESULT, EXIT_CODE and EXIT_STATUS; they are logged.
 set -eu
 
+UNIT=${1:-kmesh.service}
 BPF_FS_PATH=${KMESH_BPF_FS_PATH:-/sys/fs/bpf}
-CLEANUP=${KMESH_CLEANUP_ON_STOP:-0}
+STOP_MODE=${KMESH_STOP_MODE:-cleanup}
 DAEMON=${KMESH_DAEMON:-/usr/bin/kmesh-daemon}
+SYSTEMCTL=${KMESH_SYSTEMCTL:-systemctl}
 PIN_DIR="$BPF_FS_PATH/bpf_kmesh"
 
 log() { printf 'kmesh-stop-post: %s\n' "$*" >&2; }
@@ -33,13 +39,31 @@ if [ ! -d "$PIN_DIR" ]; then
     exit 0
 fi
 
-why="result=${SERVICE_RESULT:-unknown} code=${EXIT_CODE:-unknown} status=${EXIT_STATUS:-unknown}"
-if [ "$CLEANUP" != 1 ]; then
-    log "kmesh-daemon exited without cleaning up ($why); pins left in $PIN_DIR."
-    log "failing static: the pinned programs keep traffic flowing with the last applied config until the next start takes them over."
-    log "run '$DAEMON -bpf-fs-path $BPF_FS_PATH cleanup' to detach them now, or set KMESH_CLEANUP_ON_STOP=1 in /etc/sysconfig/kmesh."
-    exit 0
-fi
+case "$STOP_MODE" in
+    cleanup|keep) ;;
+    *) log "KMESH_STOP_MODE=$STOP_MODE is neither 'cleanup' nor 'keep'; using 'cleanup'"; STOP_MODE=cleanup ;;
+esac
 
-log "kmesh-daemon exited without cleaning up ($why); KMESH_CLEANUP_ON_STOP=1: detaching and unpinning $PIN_DIR"
-exec "$DAEMON" -bpf-fs-path "$BPF_FS_PATH" cleanup
+# The type of the job running on this unit ("restart", "stop"), if any.
+job=$("$SYSTEMCTL" list-jobs --no-legend --plain "$UNIT" 2>/dev/null |
+      awk -v u="$UNIT" '$2 == u { print $3; exit }') || job=""
+why="job=${job:-none} result=${SERVICE_RESULT:-unknown} code=${EXIT_CODE:-unknown} status=${EXIT_STATUS:-unknown}"
+
+case "$job" in
+    restart|try-restart|reload-or-restart)
+        log "restarting ($why): the pinned programs keep serving until the new daemon takes them over"
+        exit 0 ;;
+    stop)
+        if [ "$STOP_MODE" = keep ]; then
+            log "stopped ($why); KMESH_STOP_MODE=keep: the last config stays in force."
+            log "run '$DAEMON -bpf-fs-path $BPF_FS_PATH cleanup' to detach it."
+            exit 0
+        fi
+        log "stopped ($why): detaching and unpinning $PIN_DIR"
+        exec "$DAEMON" -bpf-fs-path "$BPF_FS_PATH" cleanup ;;
+    *)
+        log "kmesh-daemon exited on its own ($why); pins left in $PIN_DIR."
+        log "failing static: the pinned programs keep traffic flowing with the last applied config until the next start takes them over."
+        log "run '$DAEMON -bpf-fs-path $BPF_FS_PATH cleanup' to detach them now."
+        exit 0 ;;
+esac

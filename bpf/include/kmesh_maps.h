@@ -43,4 +43,14 @@ struct {
 	__type(value, struct kmesh_addr);
 } km_sock_ep SEC(".maps");
 
+/* The layout version of the maps pinned beside it; the programs never read
+ * it: it is for the daemon that finds these pins after a restart or an
+ * upgrade. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kmesh_meta);
+} km_meta SEC(".maps");
+
 #endif /* __KMESH_MAPS_H__ */

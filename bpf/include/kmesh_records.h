@@ -27,6 +27,21 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 };
 
+/* The version of everything the daemon keeps in pinned maps: these records
+ * and the map definitions in kmesh_maps.h. Bump it with any change to
+ * either; tests/unit/test_records_layout.py fails until you do. A daemon
+ * that finds pins of another version migrates them (new maps, filled, then
+ * swapped in under the pinned links) instead of reusing them. */
+enum kmesh_layout {
+	KMESH_LAYOUT_VERSION = 1,
+};
+
+/* Value of km_meta (one entry): what the pinned maps hold. */
+struct kmesh_meta {
+	__u32 layout_version;
+	__u32 reserved;
+};
+
 enum kmesh_lb_policy {
 	KMESH_LB_ROUND_ROBIN = 0,
 	KMESH_LB_RANDOM = 1,

@@ -4,10 +4,16 @@ Start order matters: the config is parsed before anything touches the
 kernel (a bad file costs nothing), the maps are filled before the programs are
 attached (the first connect already sees the whole config), and READY is sent
 only after both.
+
+Stop is "fail static", as Cilium's agent: the daemon exits and leaves its
+pinned programs and maps in force with the last config, so a restart or an
+upgrade takes them over without a gap. `kmesh-daemon cleanup` (and, under
+systemd, `systemctl stop` through kmesh-stop-post.sh) removes them.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -47,6 +53,16 @@ class UpdateResult:
         return {"result": "applied" if self.ok else "rejected", "source": self.source,
                 "config_version": self.version, "warnings": self.warnings, "errors": self.errors,
                 "changes": self.changes, "time": self.time}
+
+
+def watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings: half of systemd's WatchdogSec=, as
+    sd_watchdog_enabled() reads it (0: no watchdog)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 1e6 / 2
 
 
 class Daemon:
@@ -103,7 +119,7 @@ class Daemon:
         self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"])
         self._state = self._maps.read_state()
 
-        if self.ads and dp.took_over:
+        if self.ads and dp.took_over and not dp.migrating:
             # Keep serving what is pinned until the control plane's first full
             # set arrives; writing the static part alone would unmap VIPs.
             self.ads.state.hold_until_warm = True
@@ -113,16 +129,20 @@ class Daemon:
             result = self._update_static(cfg) if self.ads else self._apply(cfg, mesh)
             if not result.ok:
                 raise StartError("; ".join(result.errors))
-        self._status("attaching programs")
-        try:
-            attached = dp.attach()
-        except OSError as e:
-            if not dp.took_over:
-                loader.cleanup(self.opts.bpf_fs_path)
-            raise StartError(f"attach to cgroup {self.opts.cgroup2_path}: {e}") from None
-
-        if self.ads:
+        attached = []
+        if self.ads and dp.migrating:
+            # The new maps are filled by the control plane's first full set;
+            # until then the old programs keep serving from the old maps.
             self._wait_for_control_plane()
+            if self.ads.state.synced.is_set():
+                attached = self._attach()
+            else:
+                log.warning("pins of another layout are still in force: switching once the control plane's "
+                            "first full config is in")
+        else:
+            attached = self._attach()
+            if self.ads:
+                self._wait_for_control_plane()
         self.ready = True
         self.notifier.notify("READY=1\nSTATUS=ready")
         counts = self.counts()
@@ -132,14 +152,35 @@ class Daemon:
             "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
             "admin": self.admin.address}})
 
+    def _attach(self) -> list:
+        dp = self._dataplane
+        self._status("attaching programs")
+        try:
+            attached = dp.attach()
+        except OSError as e:
+            if not dp.took_over:
+                loader.cleanup(self.opts.bpf_fs_path)
+            raise StartError(f"attach to cgroup {self.opts.cgroup2_path}: {e}") from None
+        dp.finish()
+        return attached
+
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config file."""
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config file. Pings
+        systemd's watchdog while healthy (WatchdogSec= in the unit)."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda s, _f: self._signals.put(s))
+        interval = watchdog_interval()
+        tick = min(1.0, interval) if interval else 1.0
+        next_ping = 0.0
         while True:
+            now = time.monotonic()
+            if interval and now >= next_ping and self.healthy():
+                self.notifier.notify("WATCHDOG=1")
+                next_ping = now + interval
             try:
-                sig = self._signals.get(timeout=1.0)
+                sig = self._signals.get(timeout=tick)
             except queue.Empty:
+                self._switch_if_due()
                 continue
             if sig == signal.SIGHUP:
                 self.reload()
@@ -147,19 +188,35 @@ class Daemon:
                 self.stop()
                 return 0
 
+    def healthy(self) -> bool:
+        """What the watchdog vouches for: the threads that serve are alive."""
+        if self.admin and not self.admin.alive():
+            return False
+        return not (self.ads and not self.ads.alive())
+
+    def _switch_if_due(self) -> None:
+        """Finish a migration that waited for the control plane."""
+        dp = self._dataplane
+        if dp and dp.migrating and self.ads and self.ads.state.synced.is_set():
+            try:
+                self._attach()
+            except StartError as e:
+                log.error("could not switch to the migrated maps", extra={"kv": {"error": str(e)}})
+
     def stop(self) -> None:
-        """Off means off: detach every program and remove every pin."""
+        """Fail static: exit and leave the pinned programs and maps serving
+        the last config; the next start takes them over."""
         self.ready = False
         self.notifier.notify("STOPPING=1")
-        log.info("stopping: detaching programs and removing pins")
+        log.info("stopping")
         if self.ads:
             self.ads.stop()
         if self.admin:
             self.admin.stop()
-        removed = loader.cleanup(self.opts.bpf_fs_path)
         if self._dataplane:
             self._dataplane.close()
-        log.info("kmesh-daemon stopped", extra={"kv": {"pins_removed": len(removed)}})
+        log.info("kmesh-daemon stopped; its programs stay attached with the last config until the next start "
+                 f"(`kmesh-daemon -bpf-fs-path {self.opts.bpf_fs_path} cleanup` detaches them)")
 
     def _status(self, text: str) -> None:
         self.notifier.notify(f"STATUS={text}")

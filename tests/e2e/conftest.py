@@ -48,8 +48,9 @@ def kmesh(cgroup, tmp_path, bpf_object):
     """Factory: kmesh(config_dict) -> a started daemon governing ``cgroup``."""
     made: list[harness.Kmesh] = []
 
-    def start(config, wait: bool = True, ads: str | None = None, extra_args: tuple[str, ...] = ()) -> harness.Kmesh:
-        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args)
+    def start(config, wait: bool = True, ads: str | None = None, extra_args: tuple[str, ...] = (),
+              env: dict | None = None) -> harness.Kmesh:
+        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args, env=env)
         made.append(k)
         k.write_config(config)
         return k.start(wait=wait)

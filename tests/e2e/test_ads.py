@@ -11,6 +11,7 @@ import time
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import any_pb2
 
+from kmesh.bpf import records
 from kmesh.xds import resources as rt
 from tests.e2e.test_l4 import vip
 from tests.support import harness, istio
@@ -84,9 +85,10 @@ def test_traffic_follows_pushes(kmesh, cgroup, backends, xds):
     r = cgroup.run(["curl", "-sS", "--max-time", "5", f"http://{v2}:{PORT}/"])
     assert r.returncode == 7   # untouched again: nothing listens on the loopback VIP
 
-    # SIGTERM in ADS mode: the stream is closed, everything detached and unpinned
+    # SIGTERM in ADS mode: the stream is closed; the programs fail static
     assert k.stop() == 0
-    assert not k.pin_root.exists() and k.attached_programs() == []
+    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-20]")) == {"A", "B"}
 
 
 def test_bad_resource_nacked_old_config_serves(kmesh, cgroup, backends, xds):
@@ -147,6 +149,29 @@ def test_daemon_restart_in_ads_mode(kmesh, cgroup, backends, xds):
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
     assert k.get("/status")["last_update"]["changes"] == {
         "clusters_written": 0, "listeners_written": 0, "listeners_deleted": 0, "clusters_deleted": 0}
+
+
+def test_layout_migration_in_ads_mode_waits_for_the_control_plane(kmesh, cgroup, backends, xds):
+    """Pins of another layout, and no control plane at start: the old
+    programs keep serving until the first full config fills the new maps."""
+    a, b = backends("A", "B")
+    v = vip()
+    push_reviews(xds, v, a, b, weights=(50, 50))
+    k = kmesh({}, ads=xds.address)
+    k.stop(signal.SIGTERM)
+    k.stamp_layout(0)
+    xds.stop()
+    k.extra_args = ("-xds-ready-timeout=2",)
+    load = cgroup.load(v, PORT, 8)
+    k.start()
+    assert "switching once the control plane" in k.log()
+    assert (k.pin_root / "staging").is_dir() and k.pinned_layout() == 0
+    xds.start()   # same port
+    wait_applied(k, lambda: "pinned maps migrated" in k.log(), timeout=45)
+    report = load.report(stop=False)
+    assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
+    assert k.pinned_layout() == records.KMESH_LAYOUT_VERSION and not (k.pin_root / "staging").exists()
+    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-20]")) == {"A", "B"}
 
 
 def test_ready_after_timeout_without_control_plane(kmesh, cgroup):

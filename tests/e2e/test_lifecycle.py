@@ -6,6 +6,7 @@ import subprocess
 
 import yaml
 
+from kmesh.bpf import loader, records
 from tests.support import harness
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
 from tests.e2e.test_l4 import vip
@@ -119,14 +120,22 @@ def test_200_reloads_under_load_never_fail_a_connect(kmesh, cgroup, backends):
     assert k.get("/status")["config_version"] == 201
 
 
-def test_sigterm_leaves_nothing(kmesh, cgroup, backends):
+def test_sigterm_fails_static_and_cleanup_removes_everything(kmesh, cgroup, backends):
     (a,) = backends("A")
-    k = kmesh(bootstrap([tcp_listener("one", vip(), 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
     assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
     assert k.stop(signal.SIGTERM) == 0
+    assert "kmesh-daemon stopped" in k.log()
+    # Fail static: no daemon, the last config still in force.
+    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert cgroup.curl(f"http://{v}/") == ["A"]
+    r = subprocess.run([str(harness.BIN / "kmesh-daemon"), f"-bpf-fs-path={k.bpf_fs_path}", "cleanup"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     assert k.attached_programs() == []
     assert not k.pin_root.exists()
-    assert "kmesh-daemon stopped" in k.log()
+    assert cgroup.run(["curl", "-sS", "--max-time", "5", f"http://{v}/"]).returncode == 7
 
 
 def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
@@ -182,3 +191,48 @@ def test_second_daemon_on_same_pins_is_refused(kmesh, cgroup, backends):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "running daemon" in r.stderr
     assert cgroup.curl(f"http://{v}/") == ["A"]  # the first one is untouched
+
+
+def test_upgrade_with_another_record_layout_migrates_without_a_gap(kmesh, cgroup, backends):
+    a, b = backends("A", "B")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
+    assert k.pinned_layout() == records.KMESH_LAYOUT_VERSION
+    k.stop(signal.SIGTERM)
+    k.stamp_layout(0)                           # "written by an older kmesh"
+    (k.pin_root / "staging").mkdir()              # and an interrupted migration's leftovers
+    k.write_config(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*b.addr))]))
+    load = cgroup.load(v, 80, 4)
+    k.start()
+    report = load.report(stop=False)
+    assert report["failed"] == 0, report
+    log = k.log()
+    assert "migrating" in log and "pinned maps migrated" in log, log
+    assert k.pinned_layout() == records.KMESH_LAYOUT_VERSION
+    assert not (k.pin_root / "staging").exists()
+    assert sorted(p.name for p in (k.pin_root / "map").iterdir()) == sorted(loader.MAP_TYPES) + ["km_sock_ep"]
+    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert cgroup.curl(f"http://{v}/[1-3]") == ["B"] * 3
+    # and the next restart is an ordinary takeover of the migrated pins
+    k.stop(signal.SIGTERM)
+    k.start()
+    assert "migrating" not in k.log() and "takeover=True" in k.log()
+    assert cgroup.curl(f"http://{v}/") == ["B"]
+
+
+def test_restarts_under_load_never_fail_a_connect(kmesh, cgroup, backends):
+    """What `systemctl restart` does to the daemon, five times over, while a
+    client loops on the VIP."""
+    a, b = backends("A", "B")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr), lb_ep(*b.addr))]))
+    load = cgroup.load(v, 80, 60)
+    try:
+        for _ in range(5):
+            assert k.stop(signal.SIGTERM) == 0
+            k.start()
+            assert "takeover=True" in k.log()
+    finally:
+        report = load.report()
+    assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
+    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]

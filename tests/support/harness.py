@@ -153,6 +153,7 @@ class Kmesh:
     log_path: Path | None = None
     ads: str | None = None          # None: standalone; "": ADS, address from the bootstrap; else -xds-address
     extra_args: tuple[str, ...] = ()
+    env: dict | None = None           # extra environment for the daemon
 
     @property
     def admin(self) -> str:
@@ -176,7 +177,8 @@ class Kmesh:
 
     def start(self, wait: bool = True) -> "Kmesh":
         self.log_path = self.config_path.with_name(f"daemon-{int(time.time() * 1000)}.log")
-        self.proc = subprocess.Popen(self.argv(), stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(self.argv(), stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()
         return self
@@ -241,6 +243,19 @@ class Kmesh:
         out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(self.cgroup.path)],
                              capture_output=True, text=True).stdout.strip()
         return [p.get("name", "") for p in json.loads(out or "[]")]
+
+    def pinned_layout(self) -> int:
+        """The layout version in the pinned km_meta."""
+        out = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", str(self.pin_root / "map" / "km_meta"),
+                              "key", "0", "0", "0", "0"], capture_output=True, text=True, check=True).stdout
+        value = json.loads(out)["value"]
+        return int.from_bytes(bytes(int(b, 16) for b in value[:4]), "little")
+
+    def stamp_layout(self, version: int) -> None:
+        """Make the pins look like another kmesh version's."""
+        subprocess.run(["bpftool", "map", "update", "pinned", str(self.pin_root / "map" / "km_meta"),
+                        "key", "0", "0", "0", "0", "value", *version.to_bytes(4, "little").hex(" ").split(),
+                        "0", "0", "0", "0"], check=True)
 
     def teardown(self) -> None:
         self.stop(signal.SIGKILL) if self.proc and self.proc.poll() is None else None

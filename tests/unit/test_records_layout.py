@@ -29,8 +29,8 @@ def test_structs_match_btf(bpf_object):
 
 def test_enums_and_offsets_match_header(tmp_path):
     """Compile a probe against the header with the host compiler."""
-    lines = [f'printf("{n} %lld\\n", (long long){n});' for n in records.LIMITS]
-    lines += [f'printf("KMESH_LB_{p.name} %lld\\n", (long long)KMESH_LB_{p.name});' for p in records.LbPolicy]
+    want = {name: value for consts in records.ENUMS.values() for name, value in consts.items()}
+    lines = [f'printf("{n} %lld\\n", (long long){n});' for n in want]
     src = tmp_path / "probe.c"
     src.write_text("#include <stdio.h>\n#include <linux/types.h>\n#include \"kmesh_records.h\"\n"
                    "int main(void) {\n" + "\n".join(lines) + "\nreturn 0; }\n")
@@ -38,8 +38,45 @@ def test_enums_and_offsets_match_header(tmp_path):
     subprocess.run(["cc", "-I", str(ROOT / "bpf" / "include"), str(src), "-o", str(exe)], check=True)
     got = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
                                                         check=True).stdout.splitlines())
-    want = {**records.LIMITS, **{f"KMESH_LB_{p.name}": int(p) for p in records.LbPolicy}}
     assert {k: int(v) for k, v in got.items()} == want
+
+
+# What each KMESH_LAYOUT_VERSION stands for: a fingerprint of every struct
+# the maps hold and of every map definition. When the test below fails you
+# changed one of them: bump KMESH_LAYOUT_VERSION (kmesh_records.h and
+# records.py) and add the new fingerprint here, so that an upgraded daemon
+# migrates the pins of the old one instead of misreading them.
+LAYOUT_FINGERPRINTS = {
+    1: "ed5ca7f9dffdafeb",
+}
+
+
+def layout_fingerprint(obj_path) -> str:
+    import hashlib
+
+    from kmesh.bpf import libbpf
+
+    btf = _btf_types(obj_path)
+    parts = []
+    for cname in sorted(records.STRUCTS):
+        t = btf[cname]
+        parts.append(f"{cname}:{t['size']}:" + ",".join(f"{m['name']}@{m['bits_offset']}" for m in t["members"]))
+    obj = libbpf.BpfObject(str(obj_path))
+    try:
+        for name, h in sorted(obj.maps().items()):
+            parts.append(f"{name}:{libbpf.bpf_map__type(h)}:{libbpf.bpf_map__key_size(h)}:"
+                         f"{libbpf.bpf_map__value_size(h)}:{libbpf.bpf_map__max_entries(h)}:"
+                         f"{libbpf.bpf_map__map_flags(h)}")
+    finally:
+        obj.close()
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def test_layout_version_names_the_layout(bpf_object):
+    got = layout_fingerprint(bpf_object)
+    assert LAYOUT_FINGERPRINTS.get(records.KMESH_LAYOUT_VERSION) == got, (
+        f"the pinned-map layout is now {got}, but KMESH_LAYOUT_VERSION {records.KMESH_LAYOUT_VERSION} "
+        f"stands for {LAYOUT_FINGERPRINTS.get(records.KMESH_LAYOUT_VERSION)!r}: bump the version and record it")
 
 
 def test_addresses_are_network_order():

@@ -115,7 +115,7 @@ def test_unit_settings():
     assert s["Type"] == ["notify"]
     assert s["EnvironmentFile"] == ["-/etc/sysconfig/kmesh"]
     assert s["ExecStartPre"] == ["/usr/lib/kmesh/scripts/kmesh-start-pre.sh"]
-    assert s["ExecStopPost"] == ["/usr/lib/kmesh/scripts/kmesh-stop-post.sh"]
+    assert s["ExecStopPost"] == ["/usr/lib/kmesh/scripts/kmesh-stop-post.sh %n"]
     (start,) = s["ExecStart"]
     assert start.startswith("/usr/bin/kmesh-daemon ") and start.endswith(" $KMESH_OPTS")
     # The helpers and the daemon must agree on the two paths.
@@ -129,8 +129,7 @@ def test_unit_settings():
     assert s["StandardOutput"] == ["journal"] and s["StandardError"] == ["journal"]
     assert s["After"] == ["network.target"]
     assert s["WantedBy"] == ["multi-user.target"]
-    # The daemon does not send WATCHDOG=1 yet.
-    assert "WatchdogSec" not in s
+    assert s["WatchdogSec"] == ["30s"] and s["NotifyAccess"] == ["main"]
 
 
 def test_unit_defaults_match_sysconfig():
@@ -249,25 +248,56 @@ def stop_post_env(tmp_path: Path) -> dict:
     return env
 
 
-def test_stop_post_after_a_clean_stop_does_nothing(tmp_path: Path, stop_post_env: dict):
-    res = run(["sh", str(STOP_POST)], env=dict(stop_post_env, KMESH_CLEANUP_ON_STOP="1"))
+def fake_systemctl(tmp_path: Path, job: str | None) -> str:
+    """A systemctl whose list-jobs shows ``job`` running on kmesh.service."""
+    exe = tmp_path / "systemctl"
+    line = f"42 kmesh.service {job} running" if job else ""
+    exe.write_text(f'#!/bin/sh\n[ "$1" = list-jobs ] && [ -n "{line}" ] && echo "{line}"\nexit 0\n')
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def stop_post(tmp_path: Path, env: dict, job: str | None, **extra) -> subprocess.CompletedProcess:
+    return run(["sh", str(STOP_POST), "kmesh.service"],
+               env=dict(env, KMESH_SYSTEMCTL=fake_systemctl(tmp_path, job), **extra))
+
+
+def test_stop_post_with_nothing_pinned_does_nothing(tmp_path: Path, stop_post_env: dict):
+    res = stop_post(tmp_path, stop_post_env, "stop")
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
     assert not (tmp_path / "daemon-args").exists()
 
 
-def test_stop_post_fails_static_by_default(tmp_path: Path, stop_post_env: dict):
+@pytest.mark.parametrize("job", ["restart", "try-restart"])
+def test_stop_post_keeps_everything_for_a_restart(tmp_path: Path, stop_post_env: dict, job: str):
     (tmp_path / "bpf" / "bpf_kmesh" / "link").mkdir(parents=True)
-    res = run(["sh", str(STOP_POST)], env=stop_post_env)
+    res = stop_post(tmp_path, stop_post_env, job)
+    assert res.returncode == 0, res.stderr
+    assert "restarting" in res.stderr and f"job={job}" in res.stderr
+    assert not (tmp_path / "daemon-args").exists()
+
+
+def test_stop_post_fails_static_after_a_crash(tmp_path: Path, stop_post_env: dict):
+    (tmp_path / "bpf" / "bpf_kmesh" / "link").mkdir(parents=True)
+    res = stop_post(tmp_path, stop_post_env, None)
     assert res.returncode == 0, res.stderr
     assert res.stdout == ""
-    assert "failing static" in res.stderr and "result=signal" in res.stderr
+    assert "failing static" in res.stderr and "result=signal" in res.stderr and "job=none" in res.stderr
     assert not (tmp_path / "daemon-args").exists()
     assert (tmp_path / "bpf" / "bpf_kmesh" / "link").is_dir()
 
 
-def test_stop_post_cleans_up_when_asked(tmp_path: Path, stop_post_env: dict):
+def test_stop_post_cleans_up_on_stop(tmp_path: Path, stop_post_env: dict):
     (tmp_path / "bpf" / "bpf_kmesh").mkdir()
-    res = run(["sh", str(STOP_POST)], env=dict(stop_post_env, KMESH_CLEANUP_ON_STOP="1"))
+    res = stop_post(tmp_path, stop_post_env, "stop")
     assert res.returncode == 0, res.stderr
     args = (tmp_path / "daemon-args").read_text().splitlines()
     assert args == ["-bpf-fs-path", str(tmp_path / "bpf"), "cleanup"]
+
+
+def test_stop_post_keep_mode_leaves_the_config_in_force(tmp_path: Path, stop_post_env: dict):
+    (tmp_path / "bpf" / "bpf_kmesh").mkdir()
+    res = stop_post(tmp_path, stop_post_env, "stop", KMESH_STOP_MODE="keep")
+    assert res.returncode == 0, res.stderr
+    assert "KMESH_STOP_MODE=keep" in res.stderr
+    assert not (tmp_path / "daemon-args").exists()

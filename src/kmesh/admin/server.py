@@ -113,6 +113,9 @@ class AdminServer:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()

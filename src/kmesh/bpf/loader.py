@@ -5,10 +5,20 @@ Pin layout under ``<bpf-fs-path>/bpf_kmesh/``::
 
     map/<map name>      every map (libbpf reuses a compatible pin on load)
     link/<program>      the bpf_link holding each program on the cgroup
+    staging/<map name>  new maps while the pins of another layout are migrated
 
 A restarted daemon finds the links and swaps its freshly loaded programs in
 with BPF_LINK_UPDATE: the hook is never empty, so no connection goes by
 ungoverned.
+
+Upgrades: ``map/km_meta`` holds the layout version of the pinned maps. A
+daemon of the same version reuses them. One of another version (or pins
+without km_meta, from before it existed) is migrated: the new object's maps
+are pinned under ``staging/`` and filled with the config while the old
+programs keep serving from the old maps; ``attach()`` then swaps the new
+programs into the pinned links (each swap is atomic), and ``finish()`` moves
+the new maps' pins into ``map/``. Interrupted at any point, the next start
+simply migrates again.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +43,9 @@ MAP_TYPES = {
     "km_listener": (records.KmeshAddr, records.KmeshListener),
     "km_cluster": (records.ClusterId, records.KmeshCluster),
     "km_ep_active": (records.KmeshAddr, records.KmeshEpStats),
+    "km_meta": (ctypes.c_uint32, records.KmeshMeta),
 }
+META_MAP = "km_meta"
 # Programs attached to the governed cgroup, in attach order.
 CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_connect4")
 
@@ -87,6 +100,7 @@ class Dataplane:
         self.pin_root = Path(bpf_fs_path) / PIN_DIR
         self.map_dir = self.pin_root / "map"
         self.link_dir = self.pin_root / "link"
+        self.staging_dir = self.pin_root / "staging"
         self.cgroup_path = cgroup_path
         self.object_path = str(Path(object_dir or default_object_dir()) / OBJECT_NAME)
         self._obj: libbpf.BpfObject | None = None
@@ -94,6 +108,23 @@ class Dataplane:
         self.maps: dict[str, libbpf.Map] = {}
         self.prog_fds: dict[str, int] = {}
         self.took_over = False
+        self.pinned_layout: int | None = None   # of the maps found pinned; None: none were
+        self.migrating = False                   # pins of another layout: new maps in staging/
+
+    def _read_pinned_layout(self) -> int | None:
+        if not self.map_dir.is_dir() or not any(self.map_dir.iterdir()):
+            return None
+        pin = self.map_dir / META_MAP
+        if not pin.exists():
+            return 0   # pinned before km_meta existed
+        fd = libbpf.obj_get(str(pin))
+        try:
+            got = libbpf.Map(META_MAP, fd, *MAP_TYPES[META_MAP]).lookup(ctypes.c_uint32(0))
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+        return int(got.layout_version) if got is not None else 0
 
     # -- load -------------------------------------------------------------
     def load(self) -> None:
@@ -103,7 +134,18 @@ class Dataplane:
         self._lock_fd = lock_pins(self.pin_root)
         self.map_dir.mkdir(parents=True, exist_ok=True)
         self.link_dir.mkdir(parents=True, exist_ok=True)
-        self.took_over = any(self.map_dir.iterdir())
+        self.pinned_layout = self._read_pinned_layout()
+        self.took_over = self.pinned_layout is not None
+        self.migrating = self.took_over and self.pinned_layout != records.KMESH_LAYOUT_VERSION
+        pin_dir = self.map_dir
+        if self.migrating:
+            # Left by an interrupted migration: never live (links only ever
+            # point at maps under map/ once finish() ran), so start afresh.
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.staging_dir.mkdir()
+            pin_dir = self.staging_dir
+            log.warning("pinned maps have another record layout: migrating", extra={"kv": {
+                "pinned_layout": self.pinned_layout, "layout": records.KMESH_LAYOUT_VERSION}})
         obj = libbpf.BpfObject(self.object_path)
         handles = obj.maps()
         for name, (ktype, vtype) in MAP_TYPES.items():
@@ -115,7 +157,7 @@ class Dataplane:
                 raise LoaderError(f"map {name}: object has key/value {ks}/{vs} bytes, daemon expects "
                                   f"{ctypes.sizeof(ktype)}/{ctypes.sizeof(vtype)}: rebuild with ./build.sh -b")
         for name, h in handles.items():
-            libbpf._check(libbpf.bpf_map__set_pin_path(h, str(self.map_dir / name).encode()), f"pin path {name}")
+            libbpf._check(libbpf.bpf_map__set_pin_path(h, str(pin_dir / name).encode()), f"pin path {name}")
         try:
             obj.load()
         except libbpf.BpfError as e:
@@ -128,6 +170,7 @@ class Dataplane:
         self._obj = obj
         for name, (ktype, vtype) in MAP_TYPES.items():
             self.maps[name] = libbpf.Map(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
+        self.maps[META_MAP].update(ctypes.c_uint32(0), records.KmeshMeta(records.KMESH_LAYOUT_VERSION, 0))
         for name, h in obj.programs().items():
             self.prog_fds[name] = libbpf.bpf_program__fd(h)
         self._attach_types = {n: libbpf.bpf_program__expected_attach_type(h) for n, h in obj.programs().items()}
@@ -166,6 +209,19 @@ class Dataplane:
         log.info("program attached", extra={"kv": {"program": name, "cgroup": self.cgroup_path}})
         return AttachResult(name, "attached")
 
+    def finish(self) -> None:
+        """After attach(): a migration's new maps become the pinned ones."""
+        if not self.migrating:
+            return
+        for pin in self.map_dir.iterdir():
+            pin.unlink()
+        for pin in self.staging_dir.iterdir():
+            os.rename(pin, self.map_dir / pin.name)
+        self.staging_dir.rmdir()
+        self.migrating = False
+        log.info("pinned maps migrated", extra={"kv": {"from_layout": self.pinned_layout,
+                                                       "layout": records.KMESH_LAYOUT_VERSION}})
+
     def attached(self) -> dict[str, bool]:
         return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS}
 
@@ -203,12 +259,13 @@ def cleanup(bpf_fs_path: str) -> list[str]:
                 log.warning("could not detach pinned link", extra={"kv": {"pin": str(pin), "error": str(e)}})
             pin.unlink(missing_ok=True)
             removed.append(str(pin))
-    map_dir = root / "map"
-    if map_dir.is_dir():
-        for pin in sorted(map_dir.iterdir()):
-            pin.unlink(missing_ok=True)
-            removed.append(str(pin))
-    for d in (link_dir, map_dir, root):
+    map_dirs = [root / "map", root / "staging"]
+    for map_dir in map_dirs:
+        if map_dir.is_dir():
+            for pin in sorted(map_dir.iterdir()):
+                pin.unlink(missing_ok=True)
+                removed.append(str(pin))
+    for d in (link_dir, *map_dirs, root):
         try:
             d.rmdir()
         except FileNotFoundError:

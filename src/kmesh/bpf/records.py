@@ -34,6 +34,10 @@ LIMITS = {
 }
 
 
+# enum kmesh_layout: see kmesh_records.h
+KMESH_LAYOUT_VERSION = 1
+
+
 class LbPolicy(enum.IntEnum):
     """enum kmesh_lb_policy; names match Envoy's Cluster.LbPolicy."""
 
@@ -82,6 +86,10 @@ class KmeshEpStats(ctypes.Structure):
     _fields_ = [("active", ctypes.c_uint64)]
 
 
+class KmeshMeta(ctypes.Structure):
+    _fields_ = [("layout_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
 ClusterId = ctypes.c_uint32
 
 # Name in C -> ctypes class, for the BTF cross-check.
@@ -92,8 +100,10 @@ STRUCTS = {
     "kmesh_endpoint": KmeshEndpoint,
     "kmesh_cluster": KmeshCluster,
     "kmesh_ep_stats": KmeshEpStats,
+    "kmesh_meta": KmeshMeta,
 }
-ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy}}
+ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
+         "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION}}
 
 
 # --- encoding -----------------------------------------------------------------

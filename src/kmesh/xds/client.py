@@ -67,6 +67,9 @@ class AdsClient:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive() or not self._thread.ident
+
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
