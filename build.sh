@@ -5,6 +5,7 @@
 #   -i  install CLIs, objects, unit and default config (same files as the RPM)
 #   -c  clean build outputs
 #   -u  uninstall (detaches and unpins first)
+#   rpm [RELEASE]  build the RPM (packaging/rpm) into build/rpm/RPMS
 # and the two commands of the README:
 #   setup  install what building and testing need (apt packages, .venv)
 #   demo   setup + build, then run kmesh-daemon on the bundled standalone example
@@ -18,7 +19,8 @@ PYTHON="${PYTHON:-python3}"
 PREFIX="${PREFIX:-/usr}"
 DESTDIR="${DESTDIR:-}"
 
-APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iproute2 procps shellcheck systemd)
+APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iproute2 procps shellcheck systemd
+              rpm rpmlint debootstrap systemd-container python3-pip python3-setuptools python3-wheel python3-venv)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }
@@ -93,43 +95,61 @@ do_build() { build_bpf; build_python; }
 
 do_clean() { rm -rf "$BUILD" "$ROOT"/src/*.egg-info; say "cleaned"; }
 
-# Installed layout; packaging/rpm/kmesh.spec installs the same files.
+# Installed layout: packaging/install-layout.sh, shared with the RPM's %install.
 LIBDIR="$DESTDIR$PREFIX/lib/kmesh"
-SHAREDIR="$DESTDIR$PREFIX/share/kmesh"
-BINDIR="$DESTDIR$PREFIX/bin"
-UNITDIR="$DESTDIR$PREFIX/lib/systemd/system"
-ETCDIR="$DESTDIR/etc/kmesh"
-SYSCONFIG="$DESTDIR/etc/sysconfig/kmesh"
+LAYOUT="$ROOT/packaging/install-layout.sh"
+# Everything install puts down, for uninstall (the config in /etc is kept).
+INSTALLED_PATHS=("$PREFIX/lib/kmesh" "$PREFIX/bin/kmesh-daemon" "$PREFIX/bin/kmesh-cmd"
+                 "$PREFIX/lib/systemd/system/kmesh.service" "$PREFIX/share/doc/kmesh")
 
 do_install() {
     [ -n "$DESTDIR" ] || need_root "install"
     ls "$BUILD"/dist/kmesh-*.whl >/dev/null 2>&1 && ls "$BUILD"/bpf/*.bpf.o >/dev/null 2>&1 \
         || die "nothing built yet: run ./build.sh -b first"
     say "installing into ${DESTDIR:-/}"
+    # The RPM's venv uses the distribution's python3-* packages; here they
+    # come from PyPI (Debian's protobuf and grpcio are too old for xds-protos).
     "$PYTHON" -m venv "$LIBDIR/venv"
-    "$LIBDIR/venv/bin/pip" install -q "$BUILD"/dist/kmesh-*.whl
-    install -d "$SHAREDIR/bpf" "$BINDIR" "$UNITDIR" "$ETCDIR" "$(dirname "$SYSCONFIG")" "$LIBDIR/scripts"
-    install -m 0644 "$BUILD"/bpf/*.bpf.o "$SHAREDIR/bpf/"
-    for b in kmesh-daemon kmesh-cmd; do
-        printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/share/kmesh/bpf} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
-            "$PREFIX" "$PREFIX" "$b" > "$BINDIR/$b"
-        chmod 0755 "$BINDIR/$b"
-    done
-    install -m 0755 "$ROOT"/systemd/*.sh "$LIBDIR/scripts/"
-    install -m 0644 "$ROOT/systemd/kmesh.service" "$UNITDIR/kmesh.service"
-    [ -e "$ETCDIR/kmesh.yaml" ] || install -m 0644 "$ROOT/config/kmesh.yaml" "$ETCDIR/kmesh.yaml"
-    [ -e "$SYSCONFIG" ] || install -m 0644 "$ROOT/systemd/kmesh.sysconfig" "$SYSCONFIG"
-    say "installed: $BINDIR/kmesh-daemon, $BINDIR/kmesh-cmd, $SHAREDIR/bpf, $UNITDIR/kmesh.service, $ETCDIR/kmesh.yaml, $SYSCONFIG"
+    "$LIBDIR/venv/bin/pip" install -q --disable-pip-version-check "$(ls -t "$BUILD"/dist/kmesh-*.whl | head -1)"
+    sh "$LAYOUT" fix-venv "$DESTDIR" "$PREFIX"
+    sh "$LAYOUT" files "$DESTDIR" "$PREFIX" "$ROOT" "$BUILD"
+    [ -n "$DESTDIR" ] || ! command -v systemctl >/dev/null || systemctl daemon-reload 2>/dev/null || true
+    say "installed: $PREFIX/bin/kmesh-daemon, $PREFIX/bin/kmesh-cmd, kmesh.service, /etc/kmesh/kmesh.yaml, /etc/sysconfig/kmesh"
 }
 
 do_uninstall() {
     [ -n "$DESTDIR" ] || need_root "uninstall"
-    if [ -x "$BINDIR/kmesh-daemon" ] && [ -z "$DESTDIR" ]; then
-        command -v systemctl >/dev/null && systemctl stop kmesh.service 2>/dev/null || true
-        "$BINDIR/kmesh-daemon" cleanup || true
+    if [ -z "$DESTDIR" ]; then
+        # What the RPM's %preun does: stop (detaches and unpins), then clean
+        # up whatever a crashed daemon left, then unmount what kmesh mounted.
+        if command -v systemctl >/dev/null && systemctl is-active -q kmesh.service 2>/dev/null; then
+            systemctl disable --now kmesh.service 2>/dev/null || true
+        fi
+        [ -x "$PREFIX/bin/kmesh-daemon" ] && "$PREFIX/bin/kmesh-daemon" cleanup --unmount || true
     fi
-    rm -rf "$LIBDIR" "$SHAREDIR" "$BINDIR/kmesh-daemon" "$BINDIR/kmesh-cmd" "$UNITDIR/kmesh.service"
-    say "uninstalled (config in $ETCDIR and $SYSCONFIG kept)"
+    for p in "${INSTALLED_PATHS[@]}"; do rm -rf "$DESTDIR$p"; done
+    [ -n "$DESTDIR" ] || ! command -v systemctl >/dev/null || systemctl daemon-reload 2>/dev/null || true
+    say "uninstalled (config in /etc/kmesh and /etc/sysconfig/kmesh kept)"
+}
+
+# The RPM, built here (Debian's rpm and the macros file); on openEuler use
+# rpmbuild directly (packaging/rpm/README.md).
+do_rpm() {
+    local release="${1:-1}" top="$BUILD/rpm" spec="$ROOT/packaging/rpm/kmesh.spec"
+    local version xds
+    version=$(sed -n 's/^Version: *//p' "$spec")
+    xds=$(sed -n 's/^%global xds_protos_version //p' "$spec")
+    mkdir -p "$top/SOURCES"
+    say "source tarball kmesh-$version.tar.gz (the working tree's files)"
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
+        | tar --null -T - --transform "s,^,kmesh-$version/," -czf "$top/SOURCES/kmesh-$version.tar.gz")
+    [ -e "$top/SOURCES/xds_protos-$xds-py3-none-any.whl" ] \
+        || "$PYTHON" -m pip download -q --no-deps "xds-protos==$xds" -d "$top/SOURCES"
+    say "rpmbuild (release $release)"
+    rpmbuild --load "$ROOT/packaging/rpm/macros.kmesh-debian" --nodeps --define "_topdir $top" \
+        --define "kmesh_release $release" -bb "$spec" > "$top/rpmbuild.log" 2>&1 \
+        || { tail -30 "$top/rpmbuild.log" >&2; die "rpmbuild failed (log: $top/rpmbuild.log)"; }
+    ls "$top"/RPMS/*/kmesh-"$version"-"$release".*.rpm
 }
 
 do_test() {
@@ -153,8 +173,9 @@ case "${1:-}" in
     -i|install) do_install ;;
     -c|clean) do_clean ;;
     -u|uninstall) do_uninstall ;;
+    rpm) shift; do_rpm "$@" ;;
     setup) do_setup ;;
     test) shift; do_test "$@" ;;
     demo) shift; do_demo "$@" ;;
-    *) sed -n "2,11p" "$0" | sed "s/^# \{0,1\}//"; exit 2 ;;
+    *) sed -n "2,12p" "$0" | sed "s/^# \{0,1\}//"; exit 2 ;;
 esac

@@ -1,4 +1,10 @@
-"""bpffs and cgroup2: find out what a path is on, mount when missing."""
+"""bpffs and cgroup2: find out what a path is on, mount when missing, and
+remember what kmesh mounted so that an uninstall removes exactly that.
+
+The record, ``$KMESH_RUN_DIR/mounts-made`` (default /run/kmesh), is shared
+with systemd/kmesh-start-pre.sh: one path per line. /run is a tmpfs, so the
+record and the mounts both go away at reboot.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -8,7 +14,52 @@ import os
 log = logging.getLogger("kmesh.mounts")
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def record_path() -> str:
+    return os.path.join(os.environ.get("KMESH_RUN_DIR", "/run/kmesh"), "mounts-made")
+
+
+def _recorded() -> list[str]:
+    try:
+        with open(record_path()) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _record(path: str) -> None:
+    if path in _recorded():
+        return
+    os.makedirs(os.path.dirname(record_path()), exist_ok=True)
+    with open(record_path(), "a") as f:
+        f.write(path + "\n")
+
+
+def unmount_recorded() -> list[str]:
+    """Unmount what kmesh mounted (newest first); returns the paths
+    unmounted. A mount still in use stays, with a warning."""
+    done, left = [], []
+    for path in reversed(_recorded()):
+        if not os.path.ismount(path):
+            continue
+        if _libc.umount2(path.encode(), 0) != 0:
+            err = ctypes.get_errno()
+            log.warning("could not unmount", extra={"kv": {"path": path, "error": os.strerror(err)}})
+            left.append(path)
+            continue
+        done.append(path)
+    if left:
+        with open(record_path(), "w") as f:
+            f.writelines(p + "\n" for p in reversed(left))
+    else:
+        try:
+            os.unlink(record_path())
+        except FileNotFoundError:
+            pass
+    return done
 
 
 def _unescape(field: str) -> str:
@@ -44,6 +95,7 @@ def _ensure(path: str, fstype: str, source: str) -> bool:
         return False
     log.info(f"mounting {fstype}", extra={"kv": {"path": path}})
     _mount(source, path, fstype)
+    _record(os.path.realpath(path))
     return True
 
 

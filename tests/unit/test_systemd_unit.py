@@ -21,6 +21,7 @@ UNIT = SYSTEMD / "kmesh.service"
 START_PRE = SYSTEMD / "kmesh-start-pre.sh"
 STOP_POST = SYSTEMD / "kmesh-stop-post.sh"
 SYSCONFIG = SYSTEMD / "kmesh.sysconfig"
+LAYOUT = ROOT / "packaging" / "install-layout.sh"
 
 # Executables the unit names, as installed by build.sh -i and the RPM.
 INSTALLED = {
@@ -158,14 +159,14 @@ def test_sysconfig_is_shell_compatible():
 
 # -- the helper scripts -----------------------------------------------------
 
-@pytest.mark.parametrize("script", [START_PRE, STOP_POST], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT], ids=lambda p: p.name)
 def test_script_syntax(script: Path):
     assert script.read_text().startswith("#!/bin/sh\n")
     res = run(["sh", "-n", str(script)])
     assert res.returncode == 0 and res.stderr == "", res.stderr
 
 
-@pytest.mark.parametrize("script", [START_PRE, STOP_POST], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT], ids=lambda p: p.name)
 def test_script_shellcheck(script: Path):
     exe = shutil.which("shellcheck")
     if exe is None:
@@ -301,3 +302,25 @@ def test_stop_post_keep_mode_leaves_the_config_in_force(tmp_path: Path, stop_pos
     assert res.returncode == 0, res.stderr
     assert "KMESH_STOP_MODE=keep" in res.stderr
     assert not (tmp_path / "daemon-args").exists()
+
+
+# -- what kmesh mounted, and only that, is unmounted ---------------------------
+
+def test_unmount_recorded_removes_only_what_kmesh_mounted(tmp_path: Path, monkeypatch):
+    from kmesh import mounts
+
+    monkeypatch.setenv("KMESH_RUN_DIR", str(tmp_path / "run"))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    theirs.mkdir()
+    run(["mount", "-t", "bpf", "bpf", str(theirs)]).check_returncode()
+    try:
+        assert mounts.ensure_bpffs(str(ours)) is True
+        assert mounts.ensure_bpffs(str(theirs)) is False      # already bpffs: not ours
+        assert (tmp_path / "run" / "mounts-made").read_text() == f"{ours}\n"
+        assert mounts.unmount_recorded() == [str(ours)]
+        assert not os.path.ismount(ours) and os.path.ismount(theirs)
+        assert not (tmp_path / "run" / "mounts-made").exists()
+    finally:
+        for d in (ours, theirs):
+            if os.path.ismount(d):
+                run(["umount", str(d)])

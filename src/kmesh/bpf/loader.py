@@ -61,7 +61,7 @@ def default_object_dir() -> str:
         cand = parent / "build" / "bpf"
         if (cand / OBJECT_NAME).exists():
             return str(cand)
-    return "/usr/share/kmesh/bpf"
+    return "/usr/lib/kmesh/bpf"
 
 
 class LoaderError(RuntimeError):

@@ -60,9 +60,11 @@ def main(ctx, **kw):
 
 @main.command()
 @click.option("--force", is_flag=True, help="clean up even while a daemon is running")
+@click.option("--unmount", is_flag=True, help="also unmount the bpffs and cgroup2 mounts kmesh made (uninstall)")
 @click.pass_obj
-def cleanup(opts: options.Options, force: bool):
-    """Detach kmesh's programs and remove its pins (after a crash, or to uninstall)."""
+def cleanup(opts: options.Options, force: bool, unmount: bool):
+    """Detach kmesh's programs and remove its pins (to turn kmesh off after a
+    stop that kept them, after a crash, or to uninstall)."""
     kmlog.setup(opts.log_level)
     from kmesh.bpf.loader import cleanup as do_cleanup, in_use
 
@@ -72,6 +74,11 @@ def cleanup(opts: options.Options, force: bool):
         sys.exit(1)
     removed = do_cleanup(opts.bpf_fs_path)
     click.echo(f"removed {len(removed)} pins under {opts.bpf_fs_path}/bpf_kmesh")
+    if unmount:
+        from kmesh.mounts import unmount_recorded
+
+        for path in unmount_recorded():
+            click.echo(f"unmounted {path} (mounted by kmesh)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,244 @@
+"""The RPM and kmesh.service under a real systemd (252, in a Debian minbase
+container booted with systemd-nspawn; see tests/support/nspawn.py).
+
+One container for the module; the tests run in order and each leaves the
+state the next one starts from: install and start, restart and upgrade under
+load, the watchdog, stop, erase. VIPs and backends are on the container's
+own loopback; kmesh governs the container's ``kmesh-clients`` cgroup only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.support import nspawn
+from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
+
+VIP, PORT = "127.100.0.10", 80
+BACKENDS = {"A": 18081, "B": 18082}
+CLIENTS = "/sys/fs/cgroup/unified/kmesh-clients"
+BPFFS = "/run/kmesh-bpffs"
+PROGRAMS = ["kmesh_connect4", "kmesh_sock_release"]
+SYSCONFIG = f"""\
+KMESH_OPTS="-enable-kmesh -enable-ads=false -config-file /etc/kmesh/kmesh.yaml -admin-address 127.0.0.1:15200"
+KMESH_BPF_FS_PATH={BPFFS}
+KMESH_CGROUP2_PATH={CLIENTS}
+"""
+
+
+def build_rpm(release: int) -> Path:
+    res = subprocess.run([str(ROOT / "build.sh"), "rpm", str(release)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def rpms(bpf_object) -> dict[int, Path]:
+    return {release: build_rpm(release) for release in (1, 2)}
+
+
+def test_rpmlint_is_clean_with_the_documented_filters(rpms):
+    res = subprocess.run(["rpmlint", "-r", str(ROOT / "packaging" / "rpm" / "kmesh.rpmlintrc"), str(rpms[1])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "0 errors, 0 warnings" in res.stdout, res.stdout + res.stderr
+
+
+def _tree(root: Path) -> set[str]:
+    return {"/" + str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_build_sh_installs_and_uninstalls_what_the_rpm_does(rpms, tmp_path):
+    """Same paths, except inside the private venv's site-packages (the RPM
+    takes the runtime packages from the distribution, build.sh from PyPI) and
+    what pip and venv leave in venv/bin."""
+    listed = subprocess.run(["rpm", "-qlp", str(rpms[1])], capture_output=True, text=True, check=True).stdout.split()
+    dest = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(dest)}
+    res = subprocess.run([str(ROOT / "build.sh"), "-i"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    venv = "/usr/lib/kmesh/venv"
+    entry_points = {f"{venv}/bin/kmesh-daemon", f"{venv}/bin/kmesh-cmd"}
+
+    def comparable(paths):
+        """Outside the venv; in it, two levels (venv/lib/python3.X) but not
+        bin/, where only the entry points are compared."""
+        return {p for p in paths if not p.startswith(venv + "/") or p in entry_points
+                or (p.count("/") - venv.count("/") <= 2 and not p.startswith(venv + "/bin/"))}
+
+    installed = _tree(dest)
+    assert comparable(installed) - {"/etc", "/etc/sysconfig", "/usr", "/usr/bin", "/usr/lib", "/usr/share",
+                                    "/usr/share/doc", "/usr/lib/systemd", "/usr/lib/systemd/system"} \
+        == comparable(listed)
+    # the venv runs from /usr, not from where it was installed
+    assert str(dest) not in (dest / "usr/lib/kmesh/venv/bin/kmesh-daemon").read_text()
+    assert str(dest) not in (dest / "usr/lib/kmesh/venv/pyvenv.cfg").read_text()
+    res = subprocess.run([str(ROOT / "build.sh"), "-u"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p for p in _tree(dest) if not p.startswith("/etc")} <= {
+        "/usr", "/usr/bin", "/usr/lib", "/usr/share", "/usr/share/doc", "/usr/lib/systemd", "/usr/lib/systemd/system"}
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory, rpms):
+    share = tmp_path_factory.mktemp("share")
+    for release, path in rpms.items():
+        shutil.copy(path, share / f"kmesh-{release}.rpm")
+    shutil.copy(ROOT / "examples" / "backend.py", share)
+    shutil.copy(ROOT / "tests" / "support" / "client.py", share)
+    c = nspawn.Container(share)
+    try:
+        c.start()
+        c.run("mkdir", "-p", CLIENTS)
+        for name, port in BACKENDS.items():
+            c.run("systemd-run", f"--unit=kmesh-test-backend-{name}", "python3", "/mnt/kmesh-test/backend.py",
+                  name, str(port))
+        yield c
+    finally:
+        c.close()
+
+
+def in_clients(c: nspawn.Container, *cmd: str) -> list[str]:
+    """argv of ``cmd`` run inside the governed cgroup."""
+    return ["sh", "-c", f'echo $$ > {CLIENTS}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
+def curl(c: nspawn.Container) -> subprocess.CompletedProcess:
+    return c.run(*in_clients(c, "curl", "-sS", "--max-time", "5", f"http://{VIP}:{PORT}/"), check=False)
+
+
+def attached(c: nspawn.Container) -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(c.host_cgroup / "kmesh-clients")],
+                         capture_output=True, text=True).stdout.strip()
+    return sorted(p.get("name", "") for p in json.loads(out or "[]"))
+
+
+def wait_active(c: nspawn.Container, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if c.show("kmesh.service", "ActiveState") == "active" and c.show("kmesh.service", "SubState") == "running":
+            return
+        time.sleep(0.2)
+    raise AssertionError(c.run("journalctl", "-u", "kmesh", "--no-pager", "-n", "50", check=False).stdout)
+
+
+class Load:
+    """The test client looping on the VIP inside the governed cgroup."""
+
+    def __init__(self, c: nspawn.Container, seconds: int = 300):
+        self.c = c
+        self.proc = c.popen(*in_clients(c, "python3", "/mnt/kmesh-test/client.py", "loop", VIP, str(PORT),
+                                        str(seconds)), stdout=subprocess.PIPE, text=True)
+
+    def report(self) -> dict:
+        # nsenter does not pass signals on to what it runs in the container's PID namespace
+        self.c.run("pkill", "-TERM", "-f", "client.py loop", check=False)
+        return json.loads(self.proc.communicate(timeout=30)[0])
+
+
+def test_install_and_start(box):
+    c = box
+    c.run("rpm", "-i", "--nodeps", "/mnt/kmesh-test/kmesh-1.rpm")
+    assert c.run("rpm", "-q", "kmesh").stdout.strip() == "kmesh-0.1.0-1.x86_64"
+    assert c.show("kmesh.service", "UnitFileState") == "enabled"   # %post presets it
+    c.write("/etc/kmesh/kmesh.yaml", yaml.safe_dump(bootstrap(
+        [tcp_listener("web", VIP, PORT, "web")],
+        [cluster("web", *(lb_ep("127.0.0.1", p) for p in BACKENDS.values()))])))
+    c.write("/etc/sysconfig/kmesh", SYSCONFIG)
+    c.run("systemctl", "start", "kmesh.service")
+    wait_active(c)
+    assert c.show("kmesh.service", "StatusText") == "ready"
+    assert c.run("mountpoint", "-q", BPFFS, check=False).returncode == 0     # start-pre mounted it
+    assert attached(c) == PROGRAMS
+    got = {curl(c).stdout.strip() for _ in range(6)}
+    assert got == {"A", "B"}
+    # outside the governed cgroup nothing changes: nothing listens on the VIP
+    assert c.run("curl", "-sS", "--max-time", "5", f"http://{VIP}:{PORT}/", check=False).returncode == 7
+
+
+def test_restart_and_upgrade_under_load(box):
+    c = box
+    load = Load(c)
+    try:
+        time.sleep(1)
+        pid = c.show("kmesh.service", "MainPID")
+        c.run("systemctl", "restart", "kmesh.service")
+        wait_active(c)
+        assert c.show("kmesh.service", "MainPID") != pid
+        time.sleep(1)
+        c.run("rpm", "-U", "--nodeps", "/mnt/kmesh-test/kmesh-2.rpm")   # %postun: try-restart
+        wait_active(c)
+        time.sleep(1)
+    finally:
+        report = load.report()
+    assert c.run("rpm", "-q", "kmesh").stdout.strip() == "kmesh-0.1.0-2.x86_64"
+    assert report["failed"] == 0 and report["ok"] > 50, report
+    assert set(report["bodies"]) == {"A", "B"}
+    journal = c.run("journalctl", "-u", "kmesh", "--no-pager", "-o", "cat").stdout
+    assert journal.count("takeover=True") >= 2, journal[-3000:]
+    assert "restarting (job=restart" in journal
+    assert attached(c) == PROGRAMS          # replaced in place: no duplicates
+
+
+def test_watchdog_restarts_a_frozen_daemon(box):
+    c = box
+    c.write("/etc/systemd/system/kmesh.service.d/test-watchdog.conf",
+            "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n")
+    c.run("systemctl", "daemon-reload")
+    c.run("systemctl", "restart", "kmesh.service")
+    wait_active(c)
+    restarts = int(c.show("kmesh.service", "NRestarts"))
+    pid = c.show("kmesh.service", "MainPID")
+    load = Load(c)
+    try:
+        time.sleep(1)
+        c.run("kill", "-STOP", pid)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if int(c.show("kmesh.service", "NRestarts")) > restarts and \
+                    c.show("kmesh.service", "MainPID") not in ("0", pid):
+                break
+            time.sleep(0.3)
+        wait_active(c)
+        time.sleep(1)
+    finally:
+        report = load.report()
+        c.run("rm", "-rf", "/etc/systemd/system/kmesh.service.d")
+        c.run("systemctl", "daemon-reload")
+    assert c.show("kmesh.service", "MainPID") != pid
+    journal = c.run("journalctl", "-u", "kmesh", "--no-pager", "-o", "cat").stdout
+    assert "Watchdog timeout" in journal or "watchdog" in journal.lower(), journal[-3000:]
+    # frozen, killed and restarted: the pinned programs served throughout
+    assert report["failed"] == 0 and report["ok"] > 20, report
+    assert attached(c) == PROGRAMS
+
+
+def test_stop_means_off(box):
+    c = box
+    c.run("systemctl", "stop", "kmesh.service")
+    assert c.show("kmesh.service", "ActiveState") == "inactive"
+    assert attached(c) == []
+    assert c.run("test", "-e", f"{BPFFS}/bpf_kmesh", check=False).returncode != 0
+    assert curl(c).returncode == 7          # not redirected any more: nothing listens on the VIP
+    c.run("systemctl", "start", "kmesh.service")
+    wait_active(c)
+    assert curl(c).stdout.strip() in BACKENDS
+
+
+def test_erase_leaves_nothing(box):
+    c = box
+    c.run("rpm", "-e", "--nodeps", "kmesh")
+    assert c.run("rpm", "-q", "kmesh", check=False).returncode != 0
+    assert attached(c) == []
+    assert c.run("mountpoint", "-q", BPFFS, check=False).returncode != 0   # kmesh mounted it: gone
+    assert c.run("test", "-e", "/usr/lib/kmesh", check=False).returncode != 0
+    assert c.run("systemctl", "cat", "kmesh.service", check=False).returncode != 0
+    assert curl(c).returncode == 7
