@@ -25,6 +25,11 @@ enum kmesh_limits {
 	KMESH_MAX_WEIGHTED_CLUSTERS = 32,
 	/* Distinct backends whose active connections are counted. */
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
+	/* Same-host sockets accelerated at once (two per connection). */
+	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* Local IPv4 addresses and listening sockets remembered. */
+	KMESH_MAX_LOCAL_ADDRS = 1024,
+	KMESH_MAX_LISTENERS_TRACKED = 16384,
 };
 
 /* The version of everything the daemon keeps in pinned maps: these records
@@ -33,7 +38,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 1,
+	KMESH_LAYOUT_VERSION = 2,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -89,6 +94,35 @@ struct kmesh_cluster {
 	/* Endpoint indexes in smooth weighted round-robin order, computed by
 	 * the daemon: ROUND_ROBIN walks it, RANDOM samples it. */
 	__u8 slots[KMESH_LB_SLOTS];
+};
+
+/* Key of km_sock_hash: one TCP socket, by its own view of the connection.
+ * Ports in host byte order, addresses in network byte order. The peer of a
+ * socket is found under the reversed tuple. */
+struct kmesh_sock_key {
+	__u32 local_ip;
+	__u32 remote_ip;
+	__u16 local_port;
+	__u16 remote_port;
+};
+
+/* Value of km_sockmap_cfg (one entry), written by the daemon. */
+struct kmesh_sockmap_cfg {
+	/* 0: existing entries pass through TCP and no new ones are added (the
+	 * feature being turned off while connections still use it). */
+	__u32 redirect;
+	__u32 reserved;
+};
+
+/* Value of km_listen_flags: what a listening socket looked like when
+ * listen() was called on it (KMESH_LISTEN_*). */
+struct kmesh_listen_flags {
+	__u32 flags;
+	__u32 reserved;
+};
+
+enum kmesh_listen_flag {
+	KMESH_LISTEN_NONBLOCK = 1,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

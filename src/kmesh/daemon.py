@@ -28,6 +28,7 @@ from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import MeshConfig
 from kmesh.config.translate import translate_bootstrap
+from kmesh.dataplane import sockmap as sockmap_mod
 from kmesh.dataplane.maps import ConfigMaps
 from kmesh.dataplane.plan import CapacityError, MapState, plan, plan_changes
 from kmesh.options import Options
@@ -81,6 +82,9 @@ class Daemon:
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
         self.ads = None
+        self.sockmap: sockmap_mod.Sockmap | None = None
+        self.sockmap_state = "off"        # on, off, draining (off, connections still enrolled)
+        self._next_housekeeping = 0.0
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -110,12 +114,17 @@ class Daemon:
             mounts.ensure_cgroup2(self.opts.cgroup2_path)
         except OSError as e:
             raise StartError(f"{e}; kmesh needs root (CAP_SYS_ADMIN) to mount bpffs and cgroup2") from None
-        dp = loader.Dataplane(self.opts.bpf_fs_path, self.opts.cgroup2_path)
+        dp = loader.Dataplane(self.opts.bpf_fs_path, self.opts.cgroup2_path, sockmap=self.opts.enable_sockmap)
         try:
             dp.load()
         except (loader.LoaderError, OSError) as e:
             raise StartError(str(e)) from None
         self._dataplane = dp
+        if dp.sockmap:
+            self._sockmap_on()
+        else:
+            self.sockmap_state = {"none": "off", "removed": "off"}.get(
+                sockmap_mod.turn_off_pinned(dp.pin_root), "draining")
         self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"])
         self._state = self._maps.read_state()
 
@@ -181,12 +190,58 @@ class Daemon:
                 sig = self._signals.get(timeout=tick)
             except queue.Empty:
                 self._switch_if_due()
+                self._housekeeping()
                 continue
             if sig == signal.SIGHUP:
                 self.reload()
             else:
                 self.stop()
                 return 0
+
+    # -- same-host acceleration ---------------------------------------------
+    def _sockmap_on(self) -> None:
+        self.sockmap = sockmap_mod.Sockmap(self._dataplane.maps)
+        self.sockmap.sync_local_addresses()
+        self.sockmap.set_redirect(True)
+        self.sockmap_state = "on"
+
+    def set_sockmap(self, on: bool) -> dict:
+        """Turn same-host acceleration on or off at runtime (admin API)."""
+        with self._lock:
+            if on and self.sockmap_state != "on":
+                self._dataplane.load_sockmap()
+                self._sockmap_on()
+                log.info("same-host acceleration on")
+            elif not on and self.sockmap_state == "on":
+                self.sockmap.set_redirect(False)
+                self.sockmap = None
+                state = sockmap_mod.turn_off_pinned(self._dataplane.pin_root)
+                self.sockmap_state = "draining" if state == "draining" else "off"
+                log.info("same-host acceleration off", extra={"kv": {"state": self.sockmap_state}})
+            return self.sockmap_status()
+
+    def sockmap_status(self) -> dict:
+        if self.sockmap:
+            return {"state": self.sockmap_state, "sockets": self.sockmap.sockets()}
+        left = sockmap_mod.pinned_sockets(self._dataplane.map_dir) if self._dataplane else None
+        return {"state": self.sockmap_state, "sockets": left or 0}
+
+    def _housekeeping(self) -> None:
+        """Every few seconds: the host's addresses for the sockmap rules, and
+        removing a turned-off sockmap once its last connection closed."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + 5.0
+        try:
+            with self._lock:
+                if self.sockmap and self.sockmap.sync_local_addresses():
+                    log.info("local addresses for same-host acceleration updated")
+                if self.sockmap_state == "draining" and \
+                        sockmap_mod.turn_off_pinned(self._dataplane.pin_root) != "draining":
+                    self.sockmap_state = "off"
+        except OSError as e:
+            log.warning("sockmap housekeeping failed", extra={"kv": {"error": str(e)}})
 
     def healthy(self) -> bool:
         """What the watchdog vouches for: the threads that serve are alive."""

@@ -18,6 +18,7 @@ class Options:
     cgroup2_path: str = DEFAULT_CGROUP2_PATH
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     log_level: str = "info"
+    enable_sockmap: bool = False   # same-host acceleration (sockops + sk_msg)
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

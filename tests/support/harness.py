@@ -208,6 +208,14 @@ class Kmesh:
             body, status = e.read(), e.code
         return (status, body) if raw else json.loads(body)
 
+    def post(self, path: str, body: bytes = b"") -> tuple[int, dict]:
+        req = urllib.request.Request(self.admin + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
     def post_config(self, cfg: dict | str) -> tuple[int, dict]:
         text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)
         req = urllib.request.Request(self.admin + "/controller/envoy", data=text.encode(), method="POST")

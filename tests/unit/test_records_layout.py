@@ -11,9 +11,13 @@ from tests.conftest import ROOT
 
 
 def _btf_types(obj) -> dict[str, dict]:
-    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)], check=True,
-                         capture_output=True, text=True).stdout
-    return {t["name"]: t for t in json.loads(out)["types"] if t.get("kind") == "STRUCT" and t.get("name")}
+    """Structs in the BTF of ``obj`` and of the other objects beside it."""
+    out = {}
+    for path in sorted(obj.parent.glob("*.bpf.o")):
+        dump = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(path)], check=True,
+                              capture_output=True, text=True).stdout
+        out.update({t["name"]: t for t in json.loads(dump)["types"] if t.get("kind") == "STRUCT" and t.get("name")})
+    return out
 
 
 def test_structs_match_btf(bpf_object):
@@ -48,6 +52,7 @@ def test_enums_and_offsets_match_header(tmp_path):
 # migrates the pins of the old one instead of misreading them.
 LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
+    2: "b5fe1f11565c4cee",   # + same-host acceleration (kmesh_sockmap.bpf.o)
 }
 
 
@@ -61,14 +66,15 @@ def layout_fingerprint(obj_path) -> str:
     for cname in sorted(records.STRUCTS):
         t = btf[cname]
         parts.append(f"{cname}:{t['size']}:" + ",".join(f"{m['name']}@{m['bits_offset']}" for m in t["members"]))
-    obj = libbpf.BpfObject(str(obj_path))
-    try:
-        for name, h in sorted(obj.maps().items()):
-            parts.append(f"{name}:{libbpf.bpf_map__type(h)}:{libbpf.bpf_map__key_size(h)}:"
-                         f"{libbpf.bpf_map__value_size(h)}:{libbpf.bpf_map__max_entries(h)}:"
-                         f"{libbpf.bpf_map__map_flags(h)}")
-    finally:
-        obj.close()
+    for path in sorted(obj_path.parent.glob("*.bpf.o")):
+        obj = libbpf.BpfObject(str(path))
+        try:
+            for name, h in sorted(obj.maps().items()):
+                parts.append(f"{name}:{libbpf.bpf_map__type(h)}:{libbpf.bpf_map__key_size(h)}:"
+                             f"{libbpf.bpf_map__value_size(h)}:{libbpf.bpf_map__max_entries(h)}:"
+                             f"{libbpf.bpf_map__map_flags(h)}")
+        finally:
+            obj.close()
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

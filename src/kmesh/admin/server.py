@@ -25,6 +25,8 @@ HELP = {
     "GET /controller/envoy": "the active config as Envoy JSON; in ADS mode also the xDS state per type "
                              "(versions, nonces, last ACK/NACK, connection) and what was skipped and why",
     "POST /controller/envoy": "replace the static config (YAML or JSON body; header X-Kmesh-Source names it)",
+    "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
+    "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
 }
 
 
@@ -68,10 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
                 "warnings": list(d.current_mesh().warnings) if counts["warnings"] else [],
                 "skipped": counts["skipped"],
                 "xds_connection": d.ads.connection["state"] if d.ads else None,
+                "sockmap": d.sockmap_state,
                 "last_update": d.last_update.as_dict() if d.last_update else None,
             })
         elif path == "/bpf/kmesh/maps":
             self._send(200, d.dump_maps())
+        elif path == "/sockmap":
+            self._send(200, d.sockmap_status())
         elif path == "/controller/envoy":
             static = d.active.to_json() if d.active else {}
             if d.ads:
@@ -84,6 +89,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path in ("/sockmap/on", "/sockmap/off"):
+            try:
+                self._send(200, self.daemon.set_sockmap(path.endswith("/on")))
+            except OSError as e:
+                self._send(500, {"error": str(e)})
+            return
         if path != "/controller/envoy":
             self._send(404, {"error": f"no such endpoint {path}; see /help"})
             return

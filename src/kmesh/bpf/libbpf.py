@@ -129,18 +129,41 @@ class _BatchOpts(_c.Structure):
     _fields_ = [("sz", _c.c_size_t), ("elem_flags", _c.c_uint64), ("flags", _c.c_uint64)]
 
 
-class _LinkInfo(_c.Structure):
-    """struct bpf_link_info, cgroup variant of its union."""
+class _LinkCgroup(_c.Structure):
+    _fields_ = [("cgroup_id", _c.c_uint64), ("attach_type", _c.c_uint32)]
 
+
+class _LinkSockmap(_c.Structure):
+    _fields_ = [("map_id", _c.c_uint32), ("attach_type", _c.c_uint32)]
+
+
+class _LinkTarget(_c.Union):
+    _fields_ = [("cgroup", _LinkCgroup), ("sockmap", _LinkSockmap), ("_rest", _c.c_uint8 * 72)]
+
+
+class _LinkInfo(_c.Structure):
+    """struct bpf_link_info: the cgroup and sockmap variants of its union."""
+
+    _anonymous_ = ("target",)
     _fields_ = [
         ("type", _c.c_uint32),
         ("id", _c.c_uint32),
         ("prog_id", _c.c_uint32),
         ("_pad", _c.c_uint32),
-        ("cgroup_id", _c.c_uint64),
-        ("attach_type", _c.c_uint32),
-        ("_rest", _c.c_uint8 * 64),
+        ("target", _LinkTarget),
     ]
+
+    @property
+    def cgroup_id(self) -> int:
+        return self.cgroup.cgroup_id
+
+
+class _MapInfo(_c.Structure):
+    """The head of struct bpf_map_info."""
+
+    _fields_ = [("type", _c.c_uint32), ("id", _c.c_uint32), ("key_size", _c.c_uint32),
+                ("value_size", _c.c_uint32), ("max_entries", _c.c_uint32), ("map_flags", _c.c_uint32),
+                ("_rest", _c.c_uint8 * 128)]
 
 
 class _TestRunOpts(_c.Structure):
@@ -298,6 +321,13 @@ def link_info(link_fd: int) -> _LinkInfo:
     size = _c.c_uint32(_c.sizeof(info))
     _check(bpf_obj_get_info_by_fd(link_fd, _c.byref(info), _c.byref(size)), "bpf_link info")
     return info
+
+
+def map_id(map_fd: int) -> int:
+    info = _MapInfo()
+    size = _c.c_uint32(_c.sizeof(info))
+    _check(bpf_obj_get_info_by_fd(map_fd, _c.byref(info), _c.byref(size)), "bpf_map info")
+    return info.id
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:

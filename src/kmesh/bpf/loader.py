@@ -36,6 +36,7 @@ from kmesh.bpf import libbpf, records
 log = logging.getLogger("kmesh.loader")
 
 OBJECT_NAME = "kmesh_sock.bpf.o"
+SOCKMAP_OBJECT_NAME = "kmesh_sockmap.bpf.o"
 PIN_DIR = "bpf_kmesh"
 
 # Maps whose records the daemon reads or writes: name -> (key, value) ctypes.
@@ -45,9 +46,18 @@ MAP_TYPES = {
     "km_ep_active": (records.KmeshAddr, records.KmeshEpStats),
     "km_meta": (ctypes.c_uint32, records.KmeshMeta),
 }
+SOCKMAP_MAP_TYPES = {
+    "km_sock_hash": (records.KmeshSockKey, ctypes.c_uint64),
+    "km_local_ip": (ctypes.c_uint32, ctypes.c_uint32),
+    "km_sockmap_cfg": (ctypes.c_uint32, records.KmeshSockmapCfg),
+}
 META_MAP = "km_meta"
-# Programs attached to the governed cgroup, in attach order.
+SOCK_HASH = "km_sock_hash"
+# Programs attached to the governed cgroup, in attach order, and what each
+# attaches to: the cgroup, or a map of the object.
 CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_connect4")
+SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
+PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH}
 
 
 def default_object_dir() -> str:
@@ -96,17 +106,20 @@ class AttachResult:
 class Dataplane:
     """The loaded object with its pinned maps and cgroup links."""
 
-    def __init__(self, bpf_fs_path: str, cgroup_path: str, object_dir: str | None = None):
+    def __init__(self, bpf_fs_path: str, cgroup_path: str, object_dir: str | None = None, sockmap: bool = False):
         self.pin_root = Path(bpf_fs_path) / PIN_DIR
         self.map_dir = self.pin_root / "map"
         self.link_dir = self.pin_root / "link"
         self.staging_dir = self.pin_root / "staging"
         self.cgroup_path = cgroup_path
-        self.object_path = str(Path(object_dir or default_object_dir()) / OBJECT_NAME)
-        self._obj: libbpf.BpfObject | None = None
+        self.object_dir = Path(object_dir or default_object_dir())
+        self.object_path = str(self.object_dir / OBJECT_NAME)
+        self.sockmap = sockmap
+        self._objs: list[libbpf.BpfObject] = []
         self._lock_fd = -1
         self.maps: dict[str, libbpf.Map] = {}
         self.prog_fds: dict[str, int] = {}
+        self._attach_types: dict[str, int] = {}
         self.took_over = False
         self.pinned_layout: int | None = None   # of the maps found pinned; None: none were
         self.migrating = False                   # pins of another layout: new maps in staging/
@@ -146,14 +159,27 @@ class Dataplane:
             pin_dir = self.staging_dir
             log.warning("pinned maps have another record layout: migrating", extra={"kv": {
                 "pinned_layout": self.pinned_layout, "layout": records.KMESH_LAYOUT_VERSION}})
-        obj = libbpf.BpfObject(self.object_path)
+        self._load_object(self.object_path, MAP_TYPES, pin_dir)
+        self.maps[META_MAP].update(ctypes.c_uint32(0), records.KmeshMeta(records.KMESH_LAYOUT_VERSION, 0))
+        if self.sockmap:
+            self._load_object(str(self.object_dir / SOCKMAP_OBJECT_NAME), SOCKMAP_MAP_TYPES, pin_dir)
+        log.info("BPF objects loaded", extra={"kv": {"object": self.object_path, "takeover": self.took_over,
+                                                     "sockmap": self.sockmap}})
+
+    def _load_object(self, path: str, map_types: dict, pin_dir: Path) -> None:
+        if not os.path.exists(path):
+            raise LoaderError(f"BPF object {path} not found: run ./build.sh -b "
+                              "(or set KMESH_BPF_DIR to the directory holding it)")
+        obj = libbpf.BpfObject(path)
         handles = obj.maps()
-        for name, (ktype, vtype) in MAP_TYPES.items():
+        for name, (ktype, vtype) in map_types.items():
             h = handles.get(name)
             if h is None:
-                raise LoaderError(f"{self.object_path} has no map {name}: object and daemon versions differ")
+                obj.close()
+                raise LoaderError(f"{path} has no map {name}: object and daemon versions differ")
             ks, vs = libbpf.bpf_map__key_size(h), libbpf.bpf_map__value_size(h)
             if (ks, vs) != (ctypes.sizeof(ktype), ctypes.sizeof(vtype)):
+                obj.close()
                 raise LoaderError(f"map {name}: object has key/value {ks}/{vs} bytes, daemon expects "
                                   f"{ctypes.sizeof(ktype)}/{ctypes.sizeof(vtype)}: rebuild with ./build.sh -b")
         for name, h in handles.items():
@@ -167,47 +193,65 @@ class Dataplane:
                 hint = (f"\nA map pinned under {self.map_dir} has a different layout (another kmesh version?): "
                         "stop that daemon, or remove the stale pins with `kmesh-daemon cleanup`.")
             raise LoaderError(f"{e}{hint}") from None
-        self._obj = obj
-        for name, (ktype, vtype) in MAP_TYPES.items():
+        self._objs.append(obj)
+        for name, (ktype, vtype) in map_types.items():
             self.maps[name] = libbpf.Map(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
-        self.maps[META_MAP].update(ctypes.c_uint32(0), records.KmeshMeta(records.KMESH_LAYOUT_VERSION, 0))
         for name, h in obj.programs().items():
             self.prog_fds[name] = libbpf.bpf_program__fd(h)
-        self._attach_types = {n: libbpf.bpf_program__expected_attach_type(h) for n, h in obj.programs().items()}
-        log.info("BPF object loaded", extra={"kv": {"object": self.object_path, "takeover": self.took_over}})
+            self._attach_types[name] = libbpf.bpf_program__expected_attach_type(h)
 
     # -- attach -----------------------------------------------------------
     def attach(self) -> list[AttachResult]:
+        programs = CGROUP_PROGRAMS + (SOCKMAP_PROGRAMS if self.sockmap else ())
         cg_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             cg_id = os.fstat(cg_fd).st_ino
-            return [self._attach_one(name, cg_fd, cg_id) for name in CGROUP_PROGRAMS]
+            out = []
+            for name in programs:
+                target = PROGRAM_TARGETS.get(name)
+                if target is None:
+                    out.append(self._attach_one(name, cg_fd, ("cgroup", cg_id)))
+                else:
+                    fd = self.maps[target].fd
+                    out.append(self._attach_one(name, fd, ("map", libbpf.map_id(fd))))
+            return out
         finally:
             os.close(cg_fd)
 
-    def _attach_one(self, name: str, cg_fd: int, cg_id: int) -> AttachResult:
+    def _attach_one(self, name: str, target_fd: int, target: tuple[str, int]) -> AttachResult:
+        """Attach through a pinned link, or swap the program inside the link
+        an earlier daemon pinned for the same target."""
         pin = str(self.link_dir / name)
         prog_fd = self.prog_fds[name]
         if os.path.exists(pin):
             link_fd = libbpf.obj_get(pin)
             try:
                 info = libbpf.link_info(link_fd)
-                if info.cgroup_id == cg_id:
+                pinned = ("cgroup", info.cgroup_id) if target[0] == "cgroup" else ("map", info.sockmap.map_id)
+                if pinned == target:
                     libbpf.link_update(link_fd, prog_fd)
                     log.info("program replaced in pinned link", extra={"kv": {"program": name}})
                     return AttachResult(name, "replaced")
-                # Pinned for another cgroup: that configuration is gone.
+                # Pinned for another cgroup (or map): that configuration is gone.
                 libbpf.link_detach(link_fd)
                 os.unlink(pin)
             finally:
                 os.close(link_fd)
-        link_fd = libbpf.link_create(prog_fd, cg_fd, self._attach_types[name])
+        link_fd = libbpf.link_create(prog_fd, target_fd, self._attach_types[name])
         try:
             libbpf.pin(link_fd, pin)
         finally:
             os.close(link_fd)
-        log.info("program attached", extra={"kv": {"program": name, "cgroup": self.cgroup_path}})
+        log.info("program attached", extra={"kv": {"program": name, target[0]: target[1]}})
         return AttachResult(name, "attached")
+
+    def load_sockmap(self) -> list[AttachResult]:
+        """Turn same-host acceleration on in a running dataplane."""
+        if not self.sockmap:
+            self._load_object(str(self.object_dir / SOCKMAP_OBJECT_NAME), SOCKMAP_MAP_TYPES,
+                              self.staging_dir if self.migrating else self.map_dir)
+            self.sockmap = True
+        return self.attach()
 
     def finish(self) -> None:
         """After attach(): a migration's new maps become the pinned ones."""
@@ -223,14 +267,14 @@ class Dataplane:
                                                        "layout": records.KMESH_LAYOUT_VERSION}})
 
     def attached(self) -> dict[str, bool]:
-        return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS}
+        return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS + SOCKMAP_PROGRAMS}
 
     # -- teardown ---------------------------------------------------------
     def close(self) -> None:
         """Drop this process's handles; pins (and so the data path) stay."""
-        if self._obj is not None:
-            self._obj.close()
-            self._obj = None
+        for obj in self._objs:
+            obj.close()
+        self._objs.clear()
         self.maps.clear()
         self.prog_fds.clear()
         if self._lock_fd >= 0:

@@ -23,6 +23,9 @@ KMESH_MAX_ENDPOINTS = 128
 KMESH_LB_SLOTS = 256
 KMESH_MAX_WEIGHTED_CLUSTERS = 32
 KMESH_MAX_TRACKED_ENDPOINTS = 65536
+KMESH_MAX_SOCKMAP_SOCKETS = 65536
+KMESH_MAX_LOCAL_ADDRS = 1024
+KMESH_MAX_LISTENERS_TRACKED = 16384
 
 LIMITS = {
     "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
@@ -31,11 +34,14 @@ LIMITS = {
     "KMESH_LB_SLOTS": KMESH_LB_SLOTS,
     "KMESH_MAX_WEIGHTED_CLUSTERS": KMESH_MAX_WEIGHTED_CLUSTERS,
     "KMESH_MAX_TRACKED_ENDPOINTS": KMESH_MAX_TRACKED_ENDPOINTS,
+    "KMESH_MAX_SOCKMAP_SOCKETS": KMESH_MAX_SOCKMAP_SOCKETS,
+    "KMESH_MAX_LOCAL_ADDRS": KMESH_MAX_LOCAL_ADDRS,
+    "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
 }
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 1
+KMESH_LAYOUT_VERSION = 2
 
 
 class LbPolicy(enum.IntEnum):
@@ -86,6 +92,19 @@ class KmeshEpStats(ctypes.Structure):
     _fields_ = [("active", ctypes.c_uint64)]
 
 
+class KmeshSockKey(ctypes.Structure):
+    _fields_ = [("local_ip", ctypes.c_uint32), ("remote_ip", ctypes.c_uint32),
+                ("local_port", ctypes.c_uint16), ("remote_port", ctypes.c_uint16)]
+
+
+class KmeshSockmapCfg(ctypes.Structure):
+    _fields_ = [("redirect", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class KmeshListenFlags(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
 class KmeshMeta(ctypes.Structure):
     _fields_ = [("layout_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
@@ -101,9 +120,13 @@ STRUCTS = {
     "kmesh_cluster": KmeshCluster,
     "kmesh_ep_stats": KmeshEpStats,
     "kmesh_meta": KmeshMeta,
+    "kmesh_sock_key": KmeshSockKey,
+    "kmesh_sockmap_cfg": KmeshSockmapCfg,
+    "kmesh_listen_flags": KmeshListenFlags,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
-         "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION}}
+         "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
+         "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1}}
 
 
 # --- encoding -----------------------------------------------------------------

@@ -25,6 +25,9 @@ def _opt(name: str, **kw):
       help="cgroup whose processes kmesh governs (mounted as cgroup2 when it is not)")
 @_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT")
 @_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
+@click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,
+              show_default=True, help="accelerate same-host TCP connections with sockops + sk_msg "
+              "(Kmesh's mda); false turns it off, also when an earlier run left it on", **_BOOL)
 @_opt("xds-address", default="", help="control plane HOST:PORT (else $XDS_ADDRESS, the bootstrap's "
       "ads_config, then istiod.istio-system.svc:15010)")
 @_opt("xds-ca-file", default="", help="CA bundle: use TLS to the control plane ($XDS_CA_FILE)")

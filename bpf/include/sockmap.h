@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Same-host acceleration: which sockets are enrolled in km_sock_hash, and
+ * the key of a socket's peer. The rules (docs/sockmap.md):
+ *
+ *   - IPv4 TCP only;
+ *   - the remote end is on this host (127.0.0.0/8 or an address in
+ *     km_local_ip), so its socket can be enrolled too;
+ *   - no upper-layer protocol (kTLS, MPTCP) on the socket;
+ *   - the socket is non-blocking. A socket in a sockhash reads through
+ *     tcp_bpf_recvmsg(), which on this kernel returns EAGAIN instead of
+ *     restarting when a signal interrupts a *blocking* read: an application
+ *     would see an error plain TCP never gives it. Non-blocking sockets
+ *     expect EAGAIN. A connecting socket is checked directly; an accepted one
+ *     has no file yet when it is established, so its listener's mode at
+ *     listen() stands for it (event-loop servers listen non-blocking).
+ */
+#ifndef __KMESH_SOCKMAP_H__
+#define __KMESH_SOCKMAP_H__
+
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+
+#include "sockmap_maps.h"
+
+#define KMESH_AF_INET 2
+#define KMESH_O_NONBLOCK 04000 /* asm-generic (x86, arm64) */
+#define KMESH_LOOPBACK_NET 127
+
+static __always_inline bool sockmap_enabled(void)
+{
+	__u32 zero = 0;
+	struct kmesh_sockmap_cfg *cfg = bpf_map_lookup_elem(&km_sockmap_cfg, &zero);
+
+	return cfg && cfg->redirect;
+}
+
+static __always_inline bool ip_is_local(__u32 ip)
+{
+	if ((bpf_ntohl(ip) >> 24) == KMESH_LOOPBACK_NET)
+		return true;
+	return bpf_map_lookup_elem(&km_local_ip, &ip) != 0;
+}
+
+static __always_inline bool sock_has_ulp(struct sock *sk)
+{
+	return BPF_CORE_READ((struct inet_connection_sock *)sk, icsk_ulp_ops) != 0;
+}
+
+/* The socket's file is in non-blocking mode (false when it has no file). */
+static __always_inline bool sock_nonblocking(struct sock *sk)
+{
+	struct file *f = BPF_CORE_READ(sk, sk_socket, file);
+
+	if (!f)
+		return false;
+	return BPF_CORE_READ(f, f_flags) & KMESH_O_NONBLOCK;
+}
+
+static __always_inline void listener_remember(struct bpf_sock_ops *skops, struct sock *sk)
+{
+	struct kmesh_addr key = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
+	struct kmesh_listen_flags val = { .flags = sock_nonblocking(sk) ? KMESH_LISTEN_NONBLOCK : 0 };
+
+	bpf_map_update_elem(&km_listen_flags, &key, &val, BPF_ANY);
+}
+
+/* An accepted socket's stand-in for non-blocking: its listener's mode,
+ * bound to the address or to the wildcard. */
+static __always_inline bool listener_nonblocking(struct bpf_sock_ops *skops)
+{
+	struct kmesh_addr key = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
+	struct kmesh_listen_flags *f = bpf_map_lookup_elem(&km_listen_flags, &key);
+
+	if (!f) {
+		key.ip = 0;
+		f = bpf_map_lookup_elem(&km_listen_flags, &key);
+	}
+	return f && (f->flags & KMESH_LISTEN_NONBLOCK);
+}
+
+static __always_inline struct kmesh_sock_key sock_key_of(struct bpf_sock_ops *skops)
+{
+	struct kmesh_sock_key key = {
+		.local_ip = skops->local_ip4,
+		.remote_ip = skops->remote_ip4,
+		.local_port = (__u16)skops->local_port,
+		.remote_port = (__u16)bpf_ntohl(skops->remote_port),
+	};
+	return key;
+}
+
+/* The key the peer socket was enrolled under. */
+static __always_inline struct kmesh_sock_key peer_key_of(struct sk_msg_md *msg)
+{
+	struct kmesh_sock_key key = {
+		.local_ip = msg->remote_ip4,
+		.remote_ip = msg->local_ip4,
+		.local_port = (__u16)bpf_ntohl(msg->remote_port),
+		.remote_port = (__u16)msg->local_port,
+	};
+	return key;
+}
+
+static __always_inline bool sockmap_eligible(struct bpf_sock_ops *skops, struct sock *sk, bool active)
+{
+	if (skops->family != KMESH_AF_INET || !ip_is_local(skops->remote_ip4))
+		return false;
+	if (sock_has_ulp(sk))
+		return false;
+	return active ? sock_nonblocking(sk) : listener_nonblocking(skops);
+}
+
+#endif /* __KMESH_SOCKMAP_H__ */

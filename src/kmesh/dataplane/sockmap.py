@@ -1,0 +1,116 @@
+"""Same-host acceleration (sockops + sk_msg over km_sock_hash), from the
+daemon's side: the switch the programs read, the host's addresses they need,
+and turning it off without breaking connections that use it.
+
+Turning off never unpins a sockhash that still holds sockets: tearing one
+down drops the messages already handed to a peer and not yet read. Off means
+the programs stop enrolling and stop redirecting (``redirect = 0``: messages
+go through TCP, after the ones already delivered, so nothing is reordered);
+the sockops link is detached at once, and the sk_msg link and the maps go
+once the last enrolled connection has closed.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+from pathlib import Path
+
+from kmesh.bpf import libbpf, loader, records
+
+log = logging.getLogger("kmesh.sockmap")
+
+_ZERO = ctypes.c_uint32(0)
+_MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + ("km_listen_flags",)
+
+
+def host_ipv4_addresses() -> set[str]:
+    """The host's IPv4 addresses outside 127.0.0.0/8 (the programs treat
+    that whole block as local themselves)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+    return {a for a in addrs if a and not a.startswith("127.")}
+
+
+def _ip_key(ip: str) -> ctypes.c_uint32:
+    return ctypes.c_uint32(int.from_bytes(socket.inet_aton(ip), "little"))
+
+
+class Sockmap:
+    """The running feature: maps of a loaded kmesh_sockmap object."""
+
+    def __init__(self, maps: dict[str, libbpf.Map]):
+        self.hash = maps[loader.SOCK_HASH]
+        self.local_ip = maps["km_local_ip"]
+        self.cfg = maps["km_sockmap_cfg"]
+        self._local: set[str] | None = None
+
+    def set_redirect(self, on: bool) -> None:
+        self.cfg.update(_ZERO, records.KmeshSockmapCfg(int(on), 0))
+
+    def sync_local_addresses(self) -> bool:
+        """Keep km_local_ip equal to the host's addresses; True if it changed."""
+        want = host_ipv4_addresses()
+        if want == self._local:
+            return False
+        have = {socket.inet_ntoa(int(k.value).to_bytes(4, "little")) for k in self.local_ip.keys()}
+        for ip in have - want:
+            self.local_ip.delete(_ip_key(ip))
+        for ip in want - have:
+            self.local_ip.update(_ip_key(ip), ctypes.c_uint32(1))
+        self._local = want
+        return True
+
+    def sockets(self) -> int:
+        return sum(1 for _ in self.hash.keys())
+
+
+def pinned_sockets(map_dir: Path) -> int | None:
+    """Sockets in a pinned km_sock_hash; None when none is pinned."""
+    pin = map_dir / loader.SOCK_HASH
+    if not pin.exists():
+        return None
+    fd = libbpf.obj_get(str(pin))
+    try:
+        return sum(1 for _ in libbpf.Map(loader.SOCK_HASH, fd, *loader.SOCKMAP_MAP_TYPES[loader.SOCK_HASH]).keys())
+    finally:
+        os.close(fd)
+
+
+def turn_off_pinned(pin_root: Path) -> str:
+    """The feature is off but an earlier daemon left it pinned: stop
+    enrolling and redirecting now, remove it once no socket uses it.
+    Returns "none" (nothing pinned), "draining" or "removed"."""
+    map_dir, link_dir = pin_root / "map", pin_root / "link"
+    cfg_pin = map_dir / "km_sockmap_cfg"
+    if not cfg_pin.exists():
+        return "none"
+    fd = libbpf.obj_get(str(cfg_pin))
+    try:
+        libbpf.Map("km_sockmap_cfg", fd, *loader.SOCKMAP_MAP_TYPES["km_sockmap_cfg"]).update(
+            _ZERO, records.KmeshSockmapCfg(0, 0))
+    finally:
+        os.close(fd)
+    _detach_pinned(link_dir / "kmesh_sockops")
+    left = pinned_sockets(map_dir) or 0
+    if left:
+        return "draining"
+    _detach_pinned(link_dir / "kmesh_sk_msg")
+    for name in _MAPS:
+        (map_dir / name).unlink(missing_ok=True)
+    log.info("same-host acceleration removed (it is off and no connection uses it)")
+    return "removed"
+
+
+def _detach_pinned(pin: Path) -> None:
+    if not pin.exists():
+        return
+    fd = libbpf.obj_get(str(pin))
+    try:
+        libbpf.link_detach(fd)
+    finally:
+        os.close(fd)
+    pin.unlink()
