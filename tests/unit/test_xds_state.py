@@ -9,7 +9,7 @@ from kmesh.bpf.records import LbPolicy
 from kmesh.config.model import Endpoint, WeightedCluster
 from kmesh.xds import resources as rt
 from kmesh.xds.node import NodeIdentity
-from kmesh.xds.state import AdsState
+from kmesh.xds.state import AdsState, fingerprint
 from tests.support import istio
 
 R = istio.outbound(9080, "reviews.default.svc.cluster.local")
@@ -217,6 +217,56 @@ def test_hold_until_warm_does_not_apply_a_partial_set():
     assert rec.calls == [None] and rec.last.listeners   # one full reconcile
 
 
+def test_failed_reconcile_after_restart_changes_nothing():
+    state, rec = new_state()
+    state.hold_until_warm = True
+    state.handle(resp(rt.CDS, [istio.eds_cluster(R)]))
+    state.handle(resp(rt.EDS, [istio.cla(R, [("10.244.1.5", 9080)])]))
+    before, counts = state.mesh(), state.counts()
+
+    def failing(change, full_mesh):
+        assert change is None and full_mesh().listeners   # the whole model, as it would be
+        raise OSError("map write failed")
+
+    state.apply = failing
+    (nack,) = state.handle(resp(rt.LDS, [istio.tcp_listener("10.96.0.20", 3306, R)], nonce="l1"))
+    assert "map write failed" in nack.error_detail.message
+    assert state.mesh() == before and state.mesh().skipped == before.skipped and state.counts() == counts
+    assert state.hold_until_warm and not state.ts(rt.LDS).resources
+    state.apply = rec
+    state.handle(resp(rt.LDS, [istio.tcp_listener("10.96.0.20", 3306, R)], nonce="l2"))
+    assert rec.calls == [None] and rec.last.listeners and not state.hold_until_warm
+
+
+def test_only_what_changed_is_translated(monkeypatch):
+    from kmesh.config import translate
+
+    calls = {"heads": 0, "endpoints": 0}
+
+    def counting(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+
+    monkeypatch.setattr(translate, "cluster_head", counting("heads", translate.cluster_head))
+    monkeypatch.setattr(translate, "service_endpoints", counting("endpoints", translate.service_endpoints))
+    state, rec = new_state()
+    bookinfo(state)
+    assert calls == {"heads": 5, "endpoints": 3}
+    # CDS comes whole: only the changed cluster is translated again
+    state.handle(resp(rt.CDS, [istio.eds_cluster(R), istio.eds_cluster(R1, lb="RANDOM"), istio.eds_cluster(R3),
+                               istio.passthrough_cluster(), istio.blackhole_cluster()], version="2"))
+    assert calls == {"heads": 6, "endpoints": 3}
+    assert rec.last.cluster(R1).lb_policy == LbPolicy.RANDOM
+    # an EDS push: its endpoints only (no Cluster resource), and not the unchanged ones
+    state.handle(resp(rt.EDS, [istio.cla(R1, [("10.244.3.3", 9080)]),
+                               istio.cla(R3, [("10.244.2.7", 9080)])], version="2"))
+    assert calls == {"heads": 6, "endpoints": 4}
+    assert rec.last.cluster(R1).endpoints == (Endpoint("10.244.3.3", 9080),)
+    assert rec.last.cluster(R1).lb_policy == LbPolicy.RANDOM
+
+
 def test_backoff_is_capped_and_jittered():
     import random
 
@@ -228,15 +278,35 @@ def test_backoff_is_capped_and_jittered():
     assert len(set(delays)) == len(delays)
 
 
-def full_translation(state):
-    """What translating every accepted resource from scratch gives."""
-    from kmesh.config.translate import translate
+class Accepted:
+    """The serialized resources the state accepted, recorded by the test
+    itself (the state keeps only a fingerprint of each)."""
 
-    res = {t.short: {n: (f"{t.short}[{n}]", t.message.FromString(raw)) for n, raw in state.ts(t).resources.items()}
-           for t in rt.ALL}
-    return translate("xDS", list(res["LDS"].values()), list(res["CDS"].values()),
-                     endpoints=res["EDS"], routes=res["RDS"], lenient=True,
-                     cluster_origin="CDS or static_resources.clusters")
+    def __init__(self, state):
+        self.state = state
+        self.raw = {t: {} for t in rt.ALL}
+
+    def handle(self, r):
+        reqs = self.state.handle(r)
+        t = rt.BY_URL[r.type_url]
+        if not reqs[0].HasField("error_detail"):
+            got = {t.name_of(t.message.FromString(a.value)): a.value for a in r.resources}
+            self.raw[t] = got if t.wildcard else {**self.raw[t], **got}
+        for u in rt.ALL:   # names the state holds: EDS/RDS ones only while subscribed
+            held = self.state.ts(u).resources
+            self.raw[u] = {n: v for n, v in self.raw[u].items() if n in held}
+            assert {n: fingerprint(v) for n, v in self.raw[u].items()} == held, u.short
+        return reqs
+
+    def full_translation(self):
+        """What translating every accepted resource from scratch gives."""
+        from kmesh.config.translate import translate
+
+        res = {t.short: {n: (f"{t.short}[{n}]", t.message.FromString(raw)) for n, raw in self.raw[t].items()}
+               for t in rt.ALL}
+        return translate("xDS", list(res["LDS"].values()), list(res["CDS"].values()),
+                         endpoints=res["EDS"], routes=res["RDS"], lenient=True,
+                         cluster_origin="CDS or static_resources.clusters")
 
 
 def test_incremental_equals_full_translation_over_random_pushes():
@@ -246,28 +316,29 @@ def test_incremental_equals_full_translation_over_random_pushes():
     hosts = [f"svc{i}.default.svc.cluster.local" for i in range(8)]
     names = [istio.outbound(9080, h) for h in hosts]
     state, rec = new_state()
+    accepted = Accepted(state)
     for step in range(60):
         kind = rnd.choice(["CDS", "EDS", "LDS", "RDS"])
         if kind == "CDS":
             chosen = rnd.sample(names, rnd.randint(0, len(names)))
-            state.handle(resp(rt.CDS, [istio.eds_cluster(n, lb=rnd.choice(["ROUND_ROBIN", "RANDOM"]))
-                                       for n in chosen], version=str(step), nonce=str(step)))
+            accepted.handle(resp(rt.CDS, [istio.eds_cluster(n, lb=rnd.choice(["ROUND_ROBIN", "RANDOM"]))
+                                          for n in chosen], version=str(step), nonce=str(step)))
         elif kind == "EDS":
             subs = sorted(state.ts(rt.EDS).subscribed)
             if subs:
                 chosen = rnd.sample(subs, rnd.randint(1, len(subs)))
-                state.handle(resp(rt.EDS, [istio.cla(n, [(f"10.244.0.{rnd.randint(1, 9)}", 9080)
-                                                         for _ in range(rnd.randint(0, 3))]) for n in chosen],
-                                  version=str(step), nonce=str(step)))
+                accepted.handle(resp(rt.EDS, [istio.cla(n, [(f"10.244.0.{rnd.randint(1, 9)}", 9080)
+                                                            for _ in range(rnd.randint(0, 3))]) for n in chosen],
+                                     version=str(step), nonce=str(step)))
         elif kind == "LDS":
             ls = [istio.http_listener(9080)] if rnd.random() < 0.8 else []
             ls += [istio.tcp_listener(f"10.96.1.{i}", 3306, rnd.choice(names)) for i in range(rnd.randint(0, 3))]
-            state.handle(resp(rt.LDS, ls, version=str(step), nonce=str(step)))
+            accepted.handle(resp(rt.LDS, ls, version=str(step), nonce=str(step)))
         else:
             vh = [{"host": h, "vip": f"10.96.0.{i}", "port": 9080, "cluster": rnd.choice(names)}
                   for i, h in enumerate(hosts) if rnd.random() < 0.6]
-            state.handle(resp(rt.RDS, [istio.route_config("9080", vh)], version=str(step), nonce=str(step)))
-        got, want = state.mesh(), full_translation(state)
+            accepted.handle(resp(rt.RDS, [istio.route_config("9080", vh)], version=str(step), nonce=str(step)))
+        got, want = state.mesh(), accepted.full_translation()
         assert sorted(got.listeners, key=lambda l: (l.ip, l.port)) == \
             sorted(want.listeners, key=lambda l: (l.ip, l.port)), step
         assert sorted(got.clusters, key=lambda c: c.name) == sorted(want.clusters, key=lambda c: c.name), step

@@ -2,18 +2,27 @@
 what a change touches.
 
 A control plane pushes often, and a push usually touches a few resources in
-a large mesh (one ClusterLoadAssignment among 10 000). The builder keeps, per
-resource, what it translated to and the notes it produced, plus indexes from
-EDS service and route names to the resources that use them and from cluster
-names to the (ip, port) entries that reference them. ``prepare`` computes a
-Change without touching that state (so a refused push changes nothing);
-``commit`` makes it current. The standalone path uses the same builder once,
-from empty, so both modes share one translator.
+a large mesh (one ClusterLoadAssignment among 10 000). The builder is fed
+what changes (``Inputs``) and keeps, per resource, what it translated to and
+the notes it produced, plus indexes from EDS service and route names to the
+resources that use them and from cluster names to the (ip, port) entries that
+reference them. A cluster is kept as its translated head (translate.py): an
+endpoints push translates the ClusterLoadAssignments it carries, once per
+service, and recomposes the clusters of those services without their
+Cluster resources. ``prepare`` computes a Change without touching that state
+(so a refused push changes nothing; ``mesh(change)`` shows what it would
+make); ``commit`` makes it current. The standalone path uses the same
+builder once, from empty, so both modes share one translator.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterator, Mapping
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import Cluster, Listener, MeshConfig
@@ -23,25 +32,42 @@ Key = tuple[str, int]
 
 
 @dataclass(slots=True)
+class Inputs:
+    """What changes in the builder's inputs: name -> (field path, resource)
+    to add or replace, or None to remove. A resource is a protobuf message
+    or its serialized form. Clusters and endpoints are translated and not
+    kept; listeners and route configurations are kept as given (a listener
+    is translated again when a route configuration it uses changes)."""
+
+    clusters: dict = field(default_factory=dict)
+    endpoints: dict = field(default_factory=dict)    # by EDS service name
+    listeners: dict = field(default_factory=dict)
+    routes: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _ClusterState:
-    pb: object
-    cla: object | None
-    outcome: "tr._ClusterOutcome"
-    service: str | None
+    head: tr.ClusterHead
+    cluster: Cluster | None
+    reason: str              # why it is not governed
     path: str
     warnings: tuple          # shared notes, relative to path (translate._share)
     skipped: tuple
 
     @property
     def governed(self) -> bool:
-        return self.outcome.cluster is not None
+        return self.cluster is not None
+
+    @property
+    def service(self) -> str | None:
+        return self.head.service
 
 
 @dataclass(slots=True)
 class _ListenerState:
-    pb: object
-    routes: dict            # route name -> RouteConfiguration used (identity)
-    entries: list           # [_Entry]
+    pb: object               # the resource, as given
+    routes: tuple[str, ...]  # route configurations it uses
+    entries: list            # [_Entry]
     seq: int
     path: str
     warnings: tuple
@@ -60,35 +86,60 @@ class _KeyState:
 
 @dataclass
 class Change:
+    """Translated state to make current, name -> state (None: remove)."""
+
     clusters: dict[str, _ClusterState | None] = field(default_factory=dict)
+    services: dict[str, tr.ServiceEndpoints | None] = field(default_factory=dict)
     listeners: dict[str, _ListenerState | None] = field(default_factory=dict)
+    routes: dict[str, tuple | None] = field(default_factory=dict)
     keys: dict[Key, _KeyState | None] = field(default_factory=dict)
     next_seq: int = 0
 
     def cluster_models(self) -> dict[str, Cluster | None]:
         """Changed clusters as the data plane sees them (None: gone or not governed)."""
-        return {n: (c.outcome.cluster if c else None) for n, c in self.clusters.items()}
+        return {n: (c.cluster if c else None) for n, c in self.clusters.items()}
 
     def listener_models(self) -> dict[Key, Listener | None]:
         return {k: (s.listener if s else None) for k, s in self.keys.items()}
 
     @property
     def empty(self) -> bool:
-        return not (self.clusters or self.listeners or self.keys)
-
-
-def _route_names(pb) -> set[str]:
-    return filters.rds_names([pb])
-
-
-def _same(a, b) -> bool:
-    return a is b or (a is not None and b is not None and a == b)
+        return not (self.clusters or self.services or self.listeners or self.routes or self.keys)
 
 
 def _msg(cls, x):
-    """Resources may be held serialized (the ADS client keeps them so: a
-    parsed protobuf costs several times its wire size); parse when needed."""
+    """Resources may be held serialized (a parsed protobuf costs several
+    times its wire size); parse when needed."""
     return cls.FromString(x) if isinstance(x, (bytes, bytearray)) else x
+
+
+class _Overlay(Mapping):
+    """Committed state with a change's on top (None in the change: removed)."""
+
+    __slots__ = ("_base", "_top")
+
+    def __init__(self, base: Mapping, top: Mapping):
+        self._base, self._top = base, top
+
+    def __getitem__(self, name):
+        got = self._top[name] if name in self._top else self._base[name]
+        if got is None:
+            raise KeyError(name)
+        return got
+
+    def get(self, name, default=None):
+        got = self._top[name] if name in self._top else self._base.get(name)
+        return default if got is None else got
+
+    def __contains__(self, name):
+        return self.get(name) is not None
+
+    def __iter__(self) -> Iterator:
+        yield from (n for n in self._base if n not in self._top)
+        yield from (n for n, v in self._top.items() if v is not None)
+
+    def __len__(self):
+        return sum(1 for _ in self)
 
 
 class _Parsed(Mapping):
@@ -142,6 +193,9 @@ class _Index:
         elif cur != value:
             self._d[key] = {cur, value}
 
+    def keys(self):
+        return self._d.keys()
+
     def discard(self, key, value) -> None:
         cur = self._d.get(key, _NONE)
         if type(cur) is set:
@@ -156,10 +210,14 @@ _NONE = object()
 
 
 class MeshBuilder:
-    def __init__(self, source: str, lenient: bool, cluster_origin: str = "static_resources.clusters"):
+    def __init__(self, source: str, lenient: bool, cluster_origin: str = "static_resources.clusters",
+                 *, eds: bool = False, rds: bool = False):
         self.source, self.lenient, self.cluster_origin = source, lenient, cluster_origin
+        self.eds, self.rds = eds, rds     # whether EDS / RDS exist (ADS mode)
         self.clusters: dict[str, _ClusterState] = {}
+        self.services: dict[str, tr.ServiceEndpoints] = {}
         self.listeners: dict[str, _ListenerState] = {}
+        self.routes: dict[str, tuple] = {}   # name -> (path, RouteConfiguration or its serialized form)
         self.keys: dict[Key, _KeyState] = {}
         self._services = _Index()        # EDS service -> cluster names
         self._route_users = _Index()     # route name -> listener names
@@ -184,77 +242,86 @@ class MeshBuilder:
         return tr._Ctx(self.source, self.cluster_origin, self.lenient, base)
 
     # -- prepare ------------------------------------------------------------
-    def prepare(self, clusters: Mapping, endpoints: Mapping | None, listeners: Mapping, routes: Mapping | None,
-                *, changed_services: set[str] | None = None, changed_routes: set[str] | None = None,
-                clusters_changed: bool = True, listeners_changed: bool = True) -> Change:
-        """Compute what changes. ``clusters``/``listeners`` are the complete
-        wanted sets (name -> (path, proto)); the flags and name sets say
-        what may differ from the committed state, so that a push touching
-        one resource costs one resource."""
+    def prepare(self, inputs: Inputs) -> Change:
+        """Compute what ``inputs`` change; raises ConfigError. The cost
+        follows the resources changed and those that use them."""
         change = Change(next_seq=self._seq)
+        problems: list = []
+        for svc, got in inputs.endpoints.items():
+            change.services[svc] = got and self._service(*got)
+        change.routes.update(inputs.routes)
+        problems += self._prepare_clusters(inputs.clusters, change)
+        problems += self._prepare_listeners(inputs.listeners, change)
+        if problems:
+            raise ConfigError(problems)
+        problems += self._prepare_keys(change)
+        if problems:
+            raise ConfigError(problems)
+        return change
+
+    def _service(self, path: str, cla) -> tr.ServiceEndpoints:
+        return tr.service_endpoints(self._ctx(), path, _msg(endpoint_pb2.ClusterLoadAssignment, cla))
+
+    @staticmethod
+    def _users(index: _Index, names, skip: Mapping, key=None) -> list[str]:
+        """Who uses any of ``names``, but for those in ``skip``; sorted (by
+        ``key``) so that problems are listed in a stable order."""
+        return sorted({u for n in names for u in index.get(n) if u not in skip}, key=key)
+
+    def _prepare_clusters(self, given: dict, change: Change) -> list:
+        """New heads for the Cluster resources given; recomposed clusters for
+        the services whose endpoints changed."""
         problems = []
-        from envoy.config.cluster.v3 import cluster_pb2
-        from envoy.config.endpoint.v3 import endpoint_pb2
-        from envoy.config.listener.v3 import listener_pb2
-        from envoy.config.route.v3 import route_pb2
-
-        eds_view = _Parsed(endpoints, endpoint_pb2.ClusterLoadAssignment) if endpoints is not None else None
-        rds_view = _Parsed(routes, route_pb2.RouteConfiguration) if routes is not None else None
-
-        # Clusters to redo.
-        todo: set[str] = set()
-        if clusters_changed:
-            for name in self.clusters.keys() - clusters.keys():
+        redo: dict[str, tuple[str, tr.ClusterHead]] = {}
+        for name, got in given.items():
+            if got is None:
                 change.clusters[name] = None
-            for name, (path, pb) in clusters.items():
-                old = self.clusters.get(name)
-                if old is None or not _same(old.pb, pb) or not _same(old.cla, self._cla(old.service, endpoints)):
-                    todo.add(name)
-        if changed_services:
-            for svc in changed_services:
-                todo |= {n for n in self._services.get(svc) if n in clusters}
-        # Config order for a full pass; a handful from EDS in name order.
-        for name in ([n for n in clusters if n in todo] if clusters_changed else sorted(todo)):
-            path, raw = clusters[name]
-            pb = _msg(cluster_pb2.Cluster, raw)
+                continue
+            path, res = got
             ctx = self._ctx(path)
-            outcome = tr._cluster(ctx, path, pb, eds_view)
+            redo[name] = path, tr.cluster_head(ctx, path, _msg(cluster_pb2.Cluster, res), self.eds)
+        for name in self._users(self._services, change.services, given):
+            st = self.clusters[name]
+            redo[name] = st.path, st.head
+        services = _Overlay(self.services, change.services)
+        for name, (path, head) in redo.items():
+            ctx = self._ctx(path)
+            outcome = tr.compose_cluster(ctx, path, head, services)
             problems += ctx.problems
-            service = self._service(pb)
-            change.clusters[name] = _ClusterState(raw, self._cla(service, endpoints), outcome, service, path,
-                                                  *ctx.notes())
+            change.clusters[name] = _ClusterState(head, outcome.cluster, outcome.reason, path, *ctx.notes())
+        return problems
 
-        # Listeners to redo.
-        ltodo: set[str] = set()
-        if listeners_changed:
-            for name in self.listeners.keys() - listeners.keys():
+    def _prepare_listeners(self, given: dict, change: Change) -> list:
+        """The listeners given, and those using a route configuration that changed."""
+        problems = []
+        redo = {}
+        for name, got in given.items():
+            if got is None:
                 change.listeners[name] = None
-            for name, (path, pb) in listeners.items():
-                old = self.listeners.get(name)
-                if old is None or not _same(old.pb, pb) or any(
-                        not _same((routes or {}).get(r, (None, None))[1], m) for r, m in old.routes.items()):
-                    ltodo.add(name)
-        if changed_routes:
-            for r in changed_routes:
-                ltodo |= {n for n in self._route_users.get(r) if n in listeners}
-        for name in (n for n in listeners if n in ltodo):
-            path, raw = listeners[name]
-            pb = _msg(listener_pb2.Listener, raw)
+            else:
+                redo[name] = got
+        for name in self._users(self._route_users, change.routes, given, key=lambda n: self.listeners[n].seq):
+            st = self.listeners[name]
+            redo[name] = st.path, st.pb
+        routes = _Parsed(_Overlay(self.routes, change.routes), route_pb2.RouteConfiguration) if self.rds else None
+        for name, (path, res) in redo.items():
+            pb = _msg(listener_pb2.Listener, res)
             ctx = self._ctx(path)
-            entries = tr._listener(ctx, path, pb, rds_view) or []
+            entries = tr._listener(ctx, path, pb, routes) or []
             problems += ctx.problems
-            used = {r: (routes or {}).get(r, (None, None))[1] for r in _route_names(pb)} if routes is not None else {}
+            used = tuple(filters.rds_names([pb])) if self.rds else ()
             old = self.listeners.get(name)
             seq = old.seq if old else change.next_seq
             if old is None:
                 change.next_seq += 1
-            change.listeners[name] = _ListenerState(raw, used, entries, seq, path, *ctx.notes())
-        if problems:
-            raise ConfigError(problems)
+            change.listeners[name] = _ListenerState(res, used, entries, seq, path, *ctx.notes())
+        return problems
 
-        # Keys to resolve again: those of redone listeners (old and new
-        # entries), and those referencing a cluster that appeared, went away
-        # or changed between governed and not.
+    def _prepare_keys(self, change: Change) -> list:
+        """Resolve again the keys of redone listeners (old and new entries),
+        and those referencing a cluster that appeared, went away or changed
+        between governed and not."""
+        problems = []
         keys: set[Key] = set()
         for name, st in change.listeners.items():
             old = self.listeners.get(name)
@@ -266,13 +333,7 @@ class MeshBuilder:
             old = self.clusters.get(name)
             if (old.governed if old else None) != (st.governed if st else None):
                 keys.update(self._cluster_keys.get(name))
-
-        def outcome_of(cname: str):
-            if cname in change.clusters:
-                st = change.clusters[cname]
-                return st.outcome if st else None
-            st = self.clusters.get(cname)
-            return st.outcome if st else None
+        outcome_of = _Overlay(self.clusters, change.clusters).get   # a cluster state has .cluster and .reason
 
         new_by_key: dict[Key, dict[str, list]] = {}
         for name, st in change.listeners.items():
@@ -287,20 +348,7 @@ class MeshBuilder:
             lst, referenced = tr._resolve_key(ctx, key, [e for _, e in entries], outcome_of)
             problems += ctx.problems
             change.keys[key] = _KeyState(lst, tuple(referenced), entries[0][0], *ctx.notes())
-        if problems:
-            raise ConfigError(problems)
-        return change
-
-    @staticmethod
-    def _service(pb) -> str | None:
-        return (pb.eds_cluster_config.service_name or pb.name) if pb.type == pb.EDS else None
-
-    @staticmethod
-    def _cla(svc: str | None, endpoints: Mapping | None):
-        if svc is None or endpoints is None:
-            return None
-        got = endpoints.get(svc)
-        return got[1] if got else None
+        return problems
 
     def _entries_for(self, key: Key, change: Change, new: dict[str, list]) -> list:
         """Entries for a key across listeners, in config order: the committed
@@ -319,16 +367,19 @@ class MeshBuilder:
                     self._count(old, -1)
                 if st is not None:
                     self._count(st, 1)
+        for group, states in ((change.services, self.services), (change.routes, self.routes)):
+            for name, st in group.items():
+                _put(states, name, st)
         for name, st in change.clusters.items():
-            old = self.clusters.pop(name, None)
+            old = _put(self.clusters, name, st)
+            if old and st and old.head is st.head:
+                continue   # recomposed with new endpoints: same service
             if old and old.service:
                 self._services.discard(old.service, name)
-            if st:
-                self.clusters[name] = st
-                if st.service:
-                    self._services.add(st.service, name)
+            if st and st.service:
+                self._services.add(st.service, name)
         for name, st in change.listeners.items():
-            old = self.listeners.pop(name, None)
+            old = _put(self.listeners, name, st)
             if old:
                 for r in old.routes:
                     self._route_users.discard(r, name)
@@ -339,35 +390,36 @@ class MeshBuilder:
                     else:
                         self._key_entries.pop(key, None)
             if st:
-                self.listeners[name] = st
                 for r in st.routes:
                     self._route_users.add(r, name)
                 for i, e in enumerate(st.entries):
                     key = (e.ip, e.port)
                     self._key_entries[key] = self._key_entries.get(key, ()) + (((st.seq, i), e),)
         for key, st in change.keys.items():
-            old = self.keys.pop(key, None)
+            old = _put(self.keys, key, st)
             if old:
                 for c in old.referenced:
                     self._cluster_keys.discard(c, key)
             if st:
-                self.keys[key] = st
                 for c in st.referenced:
                     self._cluster_keys.add(c, key)
         self._seq = change.next_seq
 
     # -- views ----------------------------------------------------------------
-    def mesh(self) -> MeshConfig:
-        """The whole current model (O(size): for the admin API and tests)."""
-        keys = sorted((k for k, s in self.keys.items() if s.listener), key=lambda k: self.keys[k].order)
+    def mesh(self, change: Change | None = None) -> MeshConfig:
+        """The whole current model, or the one ``change`` would make current
+        (O(size): for the admin API, a full reconcile and tests)."""
+        clusters, listeners, keys = ((_Overlay(self.clusters, change.clusters),
+                                      _Overlay(self.listeners, change.listeners), _Overlay(self.keys, change.keys))
+                                     if change is not None else (self.clusters, self.listeners, self.keys))
+        ordered = sorted(keys.values(), key=lambda st: st.order)
         warnings, skipped = [], []
-        for group in (self.clusters.values(), self.listeners.values(), [self.keys[k] for k in sorted(
-                self.keys, key=lambda k: self.keys[k].order)]):
+        for group in (clusters.values(), listeners.values(), ordered):
             for st in group:
                 warnings += self.notes(st, "warnings")
                 skipped += self.notes(st, "skipped")
-        return MeshConfig(tuple(self.keys[k].listener for k in keys),
-                          tuple(s.outcome.cluster for s in self.clusters.values() if s.governed),
+        return MeshConfig(tuple(st.listener for st in ordered if st.listener),
+                          tuple(st.cluster for st in clusters.values() if st.governed),
                           tuple(warnings), tuple(skipped))
 
     def notes(self, st, kind: str) -> list[str]:
@@ -376,16 +428,21 @@ class MeshBuilder:
 
     def needed(self, change: Change | None = None) -> tuple[set[str], set[str]]:
         """EDS services and route names the (changed) config references."""
-        clusters = dict(self.clusters)
-        listeners = dict(self.listeners)
-        for src, dst in ((change.clusters if change else {}, clusters), (change.listeners if change else {}, listeners)):
-            for n, st in src.items():
-                if st is None:
-                    dst.pop(n, None)
-                else:
-                    dst[n] = st
+        if change is None:
+            return set(self._services.keys()), set(self._route_users.keys())
+        clusters = _Overlay(self.clusters, change.clusters)
+        listeners = _Overlay(self.listeners, change.listeners)
         return ({st.service for st in clusters.values() if st.service},
                 {r for st in listeners.values() for r in st.routes})
 
     def counts(self) -> dict[str, int]:
         return dict(self._totals)
+
+
+def _put(states: dict, name, st):
+    """Set or remove (None) ``name``; returns what it replaced."""
+    if st is None:
+        return states.pop(name, None)
+    old = states.get(name)
+    states[name] = st
+    return old

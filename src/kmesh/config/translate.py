@@ -169,62 +169,102 @@ def _socket_address(ctx: _Ctx, path: str, addr: address_pb2.Address, what: str) 
     if kind != "socket_address":
         ctx.unsupported(path, f"{what} needs a socket_address" + (f", not {kind}" if kind else ""))
         return None
+    # Paths are made only for a problem: endpoints come by the ten thousand.
     sa = addr.socket_address
-    path = f"{path}.socket_address"
-    version = _ip_version(sa.address)
+    ip, port = sa.address, sa.port_value
+    version = _ip_version(ip)
     if version == 0:
-        ctx.unsupported(f"{path}.address", f"'{sa.address}' is not an IP address (hostnames are not resolved)")
+        ctx.unsupported(f"{path}.socket_address.address", f"'{ip}' is not an IP address (hostnames are not resolved)")
         return None
     if version != 4:
-        ctx.unsupported(f"{path}.address", f"'{sa.address}' is IPv6; kmesh supports IPv4 only for now")
+        ctx.unsupported(f"{path}.socket_address.address", f"'{ip}' is IPv6; kmesh supports IPv4 only for now")
         return None
     if sa.WhichOneof("port_specifier") != "port_value":
-        ctx.unsupported(f"{path}.port_value", "a numeric port_value is required (named ports are not supported)")
+        ctx.unsupported(f"{path}.socket_address.port_value",
+                        "a numeric port_value is required (named ports are not supported)")
         return None
-    if not 1 <= sa.port_value <= 65535:
-        ctx.error(f"{path}.port_value", f"port {sa.port_value} is out of range 1..65535")
+    if not 1 <= port <= 65535:
+        ctx.error(f"{path}.socket_address.port_value", f"port {port} is out of range 1..65535")
         return None
     if sa.resolver_name:
-        ctx.unsupported(f"{path}.resolver_name", "custom resolvers are not supported")
+        ctx.unsupported(f"{path}.socket_address.resolver_name", "custom resolvers are not supported")
         return None
-    return sa.address, sa.port_value
+    return ip, port
 
 
 # --- clusters ------------------------------------------------------------------
+#
+# A cluster is translated in two parts, so that a push of endpoints (the most
+# frequent push by far) costs only the endpoints: its *head*, from the
+# Cluster resource alone, and for EDS the endpoints of its service, from the
+# ClusterLoadAssignment alone (shared by every cluster of that service).
+# ``compose_cluster`` puts them together with the notes and problems that
+# translating both at once would give.
 
-@dataclass(frozen=True, slots=True)
+# The records below are built tens of thousands of times per push and never
+# changed; they are not frozen because a frozen dataclass costs five times
+# as much to build.
+
+@dataclass(slots=True)
+class ClusterHead:
+    """What a Cluster resource says on its own."""
+
+    name: str
+    policy: LbPolicy | None
+    service: str | None            # EDS: the service whose ClusterLoadAssignment holds the endpoints
+    reason: str                    # set: not governed, and why (for EDS: once its endpoints are in)
+    endpoints: tuple[Endpoint, ...] | None   # STATIC: the inline load_assignment
+    warnings: tuple                # shared notes, relative to the cluster's path
+    skipped: tuple
+    problems: tuple[Problem, ...]
+
+
+@dataclass(slots=True)
+class ServiceEndpoints:
+    """A ClusterLoadAssignment translated on its own; notes have absolute paths."""
+
+    endpoints: tuple[Endpoint, ...] | None   # None: invalid
+    warnings: tuple = ()
+    skipped: tuple = ()
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(slots=True)
 class _ClusterOutcome:
     cluster: Cluster | None
     reason: str = ""  # why it is not governed (skipped, warming)
 
 
-def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None) -> _ClusterOutcome:
+def cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: bool) -> ClusterHead:
+    """The head of the cluster at ``path`` (``ctx``: fresh, based at ``path``;
+    ``eds``: whether EDS exists, i.e. ADS mode)."""
+    reason, service, endpoints = _cluster_head(ctx, path, pb, eds)
+    return ClusterHead(sys.intern(pb.name), _LB.get(pb.lb_policy), service, reason, endpoints, *ctx.notes(),
+                       tuple(ctx.problems))
+
+
+def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
+                  eds: bool) -> tuple[str, str | None, tuple[Endpoint, ...] | None]:
+    """(reason, EDS service, inline endpoints)."""
     if not pb.name:
         ctx.error(f"{path}.name", "a cluster needs a name")
-        return _ClusterOutcome(None, "invalid")
+        return "invalid", None, None
     if pb.WhichOneof("cluster_discovery_type") == "cluster_type":
         ctx.unsupported(f"{path}.cluster_type", "custom cluster types are not supported")
-        return _ClusterOutcome(None, "custom cluster type")
+        return "custom cluster type", None, None
     if pb.type == _Cluster.ORIGINAL_DST and ctx.lenient:
         ctx.skip(path, "passthrough (ORIGINAL_DST) cluster: connections routed to it are left untouched")
-        return _ClusterOutcome(None, "passthrough")
-    if pb.type not in (_Cluster.STATIC, _Cluster.EDS) or (pb.type == _Cluster.EDS and eds is None):
+        return "passthrough", None, None
+    if pb.type not in (_Cluster.STATIC, _Cluster.EDS) or (pb.type == _Cluster.EDS and not eds):
         ctx.unsupported(f"{path}.type", _DISCOVERY_HINT.get(pb.type, f"cluster type {pb.type} is not supported"))
-        return _ClusterOutcome(None, "unsupported type")
-    cla = None
-    if pb.type == _Cluster.EDS:
-        service = pb.eds_cluster_config.service_name or pb.name
-        got = eds.get(service)
-        if got is None:
-            ctx.skip(path, f"warming: waiting for EDS '{service}'")
-            return _ClusterOutcome(None, "warming")
-        epath, cla = got
+        return "unsupported type", None, None
+    service = sys.intern(pb.eds_cluster_config.service_name or pb.name) if pb.type == _Cluster.EDS else None
     ok = True
     if pb.lb_policy not in _LB:
         name = _Cluster.LbPolicy.Name(pb.lb_policy)
         ctx.unsupported(f"{path}.lb_policy", f"{name} is not supported; use ROUND_ROBIN, RANDOM or LEAST_REQUEST")
         if ctx.lenient:
-            return _ClusterOutcome(None, "unsupported lb_policy")
+            return "unsupported lb_policy", service, None
         ok = False
     set_fields = _set_fields(pb)
     tls = [n for n in ("transport_socket", "transport_socket_matches") if n in set_fields]
@@ -235,13 +275,46 @@ def _cluster(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: Mapping | None)
             ctx.error(f"{path}.{tls[0]}", "upstream TLS is not supported: kmesh forwards connections as they are")
             ok = False
     _warn_unenforced(ctx, path, pb, _CLUSTER_APPLIED | {"transport_socket", "transport_socket_matches"}, set_fields)
-    if cla is not None:
-        endpoints = _endpoints(ctx, epath, cla)
-    else:
-        endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
+    if service is not None:
+        return "", service, None   # a problem above makes it invalid (compose_cluster)
+    endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
     if endpoints is None or not ok:
+        return "invalid endpoints", None, None
+    return "", None, tuple(endpoints)
+
+
+def service_endpoints(ctx: _Ctx, path: str, cla) -> ServiceEndpoints:
+    """A ClusterLoadAssignment at ``path`` (``ctx``: fresh, based nowhere)."""
+    got = _endpoints(ctx, path, cla)
+    return ServiceEndpoints(None if got is None else tuple(got), *ctx.notes(), tuple(ctx.problems))
+
+
+def compose_cluster(ctx: _Ctx, path: str, head: ClusterHead,
+                    eds: Mapping[str, ServiceEndpoints]) -> _ClusterOutcome:
+    """The cluster at ``path`` from its head and, for EDS, its service's
+    endpoints; ``ctx`` (fresh, based at ``path``) gets the notes and problems
+    that translating the resources together gives. A cluster waiting for its
+    endpoints has only that to say."""
+    got = None
+    if head.service is not None:
+        got = eds.get(head.service)
+        if got is None:
+            ctx.skip(path, f"warming: waiting for EDS '{head.service}'")
+            return _ClusterOutcome(None, "warming")
+    ctx.warnings += head.warnings
+    ctx.skipped += head.skipped
+    ctx.problems += head.problems
+    if head.reason:
+        return _ClusterOutcome(None, head.reason)
+    if got is None:
+        return _ClusterOutcome(Cluster(head.name, head.policy, head.endpoints))
+    for notes, kept in ((got.warnings, ctx.warnings), (got.skipped, ctx.skipped)):
+        for note in notes:
+            ctx._note(kept, *note)
+    ctx.problems += got.problems
+    if got.endpoints is None or head.problems:
         return _ClusterOutcome(None, "invalid endpoints")
-    return _ClusterOutcome(Cluster(sys.intern(pb.name), _LB[pb.lb_policy], tuple(endpoints)))
+    return _ClusterOutcome(Cluster(head.name, head.policy, got.endpoints))
 
 
 def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
@@ -652,13 +725,13 @@ def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]
     point into the source each resource came from. ``endpoints`` and
     ``routes`` are None where EDS / RDS do not exist (standalone).
     """
-    from kmesh.config.builder import MeshBuilder
+    from kmesh.config.builder import Inputs, MeshBuilder
 
     dup = _Ctx(source, cluster_origin, lenient)
     cmap: dict[str, tuple[str, Message]] = {}
     for path, pb in clusters:
         if not pb.name:
-            cmap[f"\0{path}"] = (path, pb)   # _cluster reports the missing name
+            cmap[f"\0{path}"] = (path, pb)   # cluster_head reports the missing name
         elif pb.name in cmap:
             dup.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {cmap[pb.name][0]})")
         else:
@@ -671,9 +744,9 @@ def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]
             dup.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {lmap[pb.name][0]})")
         else:
             lmap[pb.name] = (path, pb)
-    builder = MeshBuilder(source, lenient, cluster_origin)
+    builder = MeshBuilder(source, lenient, cluster_origin, eds=endpoints is not None, rds=routes is not None)
     try:
-        change = builder.prepare(cmap, endpoints, lmap, routes)
+        change = builder.prepare(Inputs(cmap, dict(endpoints or {}), lmap, dict(routes or {})))
     except ConfigError as e:
         raise ConfigError(dup.problems + e.problems) from None
     if dup.problems:

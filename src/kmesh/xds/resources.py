@@ -1,7 +1,6 @@
 """The four xDS resource types kmesh subscribes to, in Envoy's order."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -32,27 +31,3 @@ RDS = _t("RDS", route_pb2.RouteConfiguration, False)
 ALL = (CDS, EDS, LDS, RDS)
 BY_URL = {t.url: t for t in ALL}
 
-
-class WithPaths(Mapping):
-    """name -> (field path, serialized resource), over name -> serialized.
-
-    The builder wants a path with each resource for its notes; for xDS the
-    path follows from the name, so it is made when asked for instead of being
-    kept for every one of tens of thousands of resources."""
-
-    __slots__ = ("_raw", "_short")
-
-    def __init__(self, t: ResourceType, raw: dict):
-        self._raw, self._short = raw, t.short
-
-    def __getitem__(self, name):
-        return f"{self._short}[{name}]", self._raw[name]
-
-    def __contains__(self, name):
-        return name in self._raw
-
-    def __iter__(self):
-        return iter(self._raw)
-
-    def __len__(self):
-        return len(self._raw)

@@ -14,9 +14,15 @@ State of the world, as Envoy does it:
   clusters (and, through EDS, their endpoints) are there before listeners
   point at them. A cluster waiting for its endpoints, or a listener waiting
   for its routes, is left out of the maps until they arrive (warming).
+
+What was accepted is kept as a content fingerprint per resource, to tell
+what a response changes; the translation lives in the MeshBuilder, which
+also keeps the listeners and route configurations (few) it may translate
+again. A resource whose fingerprint is unchanged is not translated again.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
@@ -30,18 +36,39 @@ from google.rpc import status_pb2
 
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import MeshConfig
-from kmesh.config.builder import MeshBuilder
+from kmesh.config.builder import Change, Inputs, MeshBuilder
 from kmesh.xds import resources as rt
 
 log = logging.getLogger("kmesh.xds")
 
 INVALID_ARGUMENT = 3  # google.rpc.Code
+# Resources the builder keeps (it translates a listener again when a route
+# configuration changes); serialized: a parsed protobuf costs several times
+# its wire size. The others are handed over parsed, translated and dropped.
+_KEPT_SERIALIZED = (rt.LDS, rt.RDS)
+_INPUT = {rt.CDS: "clusters", rt.EDS: "endpoints", rt.LDS: "listeners", rt.RDS: "routes"}
+
+
+def fingerprint(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _leading_name(raw: bytes) -> str | None:
+    """The name (field 1 of all four types) of a serialized resource when it
+    is the first field and shorter than 128 bytes, as serializers write it;
+    None: parse to know. Only trusted together with a known fingerprint."""
+    if len(raw) < 2 or raw[0] != 0x0A or raw[1] >= 0x80:   # tag 1, length-delimited; one-byte length
+        return None
+    try:
+        return raw[2:2 + raw[1]].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 @dataclass
 class TypeState:
     type: rt.ResourceType
-    resources: dict = field(default_factory=dict)   # accepted: name -> serialized resource
+    resources: dict = field(default_factory=dict)   # accepted: name -> fingerprint
     version: str = ""                               # accepted version_info
     nonce: str = ""                                 # of the last response
     subscribed: set[str] = field(default_factory=set)
@@ -76,8 +103,10 @@ class AdsState:
         # set is in, instead of writing a half-received config over it.
         self.hold_until_warm = hold_until_warm
         self.static = static          # bootstrap.LoadedConfig: static resources apply alongside
+        self._static_in = None        # the static config the builder holds (self.static after the next push)
         self.types = {t.url: TypeState(t) for t in rt.ALL}
-        self.builder = MeshBuilder("xDS", lenient=True, cluster_origin="CDS or static_resources.clusters")
+        self.builder = MeshBuilder("xDS", lenient=True, cluster_origin="CDS or static_resources.clusters",
+                                   eds=True, rds=True)
         self.synced = threading.Event()   # first CDS and LDS applied
         self.lock = threading.Lock()
         self._first_request = True
@@ -116,28 +145,34 @@ class AdsState:
             return reqs
 
     # -- responses ----------------------------------------------------------
-    def _static_maps(self, static) -> tuple[dict, dict]:
+    @staticmethod
+    def _static_maps(static) -> dict[rt.ResourceType, dict]:
         sr = static.bootstrap.static_resources if static else None
         if sr is None:
-            return {}, {}
-        return ({pb.name: (f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)},
-                {pb.name: (f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)})
+            return {rt.CDS: {}, rt.LDS: {}}
+        return {rt.CDS: {pb.name: (f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)},
+                rt.LDS: {pb.name: (f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)}}
 
-    def _prepare(self, inputs: dict[str, dict], static, builder: MeshBuilder | None = None, **hints):
-        sc, sl = self._static_maps(static)
-        cds, eds, lds, rds = (rt.WithPaths(t, inputs[t.url]) for t in rt.ALL)
-        cmap = {**sc, **cds} if sc else cds
-        lmap = {**sl, **lds} if sl else lds
-        return (builder or self.builder).prepare(cmap, eds, lmap, rds, **hints)
-
-    def _inputs(self) -> dict[str, dict]:
-        return {url: s.resources for url, s in self.types.items()}
+    def _prepare(self, static, t: rt.ResourceType | None = None, changes: dict | None = None,
+                 accepted: dict | None = None) -> Change:
+        """The builder change for a response of type ``t`` (``changes``: what
+        it changes, ``accepted``: its names once accepted) with the static
+        resources going from those the builder holds to ``static``."""
+        inputs = Inputs()
+        if t is not None:
+            setattr(inputs, _INPUT[t], changes)
+        old, new = self._static_maps(self._static_in), self._static_maps(static)
+        for w in (rt.CDS, rt.LDS):
+            xds = accepted if w is t else self.ts(w).resources
+            setattr(inputs, _INPUT[w], _under_static(getattr(inputs, _INPUT[w]), xds, old[w], new[w],
+                                                     static is not self._static_in))
+        return self.builder.prepare(inputs)
 
     def check_static(self, static) -> list[str]:
         """Check a static config against the accepted xDS state without
         applying it; returns its warnings, raises ConfigError."""
         with self.lock:
-            change = self._prepare(self._inputs(), static)
+            change = self._prepare(static)
         return [w for group in (change.clusters, change.listeners, change.keys)
                 for st in group.values() if st for w in self.builder.notes(st, "warnings")]
 
@@ -146,11 +181,11 @@ class AdsState:
         xDS resources under the same lock as pushes, so neither undoes the
         other. Raises ConfigError; returns what ``apply_fn(change)`` returns."""
         with self.lock:
-            change = self._prepare(self._inputs(), static)
+            change = self._prepare(static)
             res = apply_fn(change)
             if getattr(res, "ok", True):
                 self.builder.commit(change)
-                self.static = static
+                self.static = self._static_in = static
             return res
 
     def mesh(self) -> MeshConfig:
@@ -170,30 +205,51 @@ class AdsState:
             return self._handle(t, resp)
 
     def _decode(self, t: rt.ResourceType, resp) -> dict:
-        """name -> serialized resource. Resources are kept serialized
-        (a parsed protobuf costs several times its wire size) and parsed again
-        only when they are translated. One equal to the accepted resource keeps
-        the accepted object, so the builder sees it as unchanged at once."""
+        """name -> (fingerprint, resource): parsed, or serialized for the
+        types the builder keeps; None for one as accepted (a wildcard type
+        comes whole in every response, and most of it is unchanged)."""
         out = {}
+        kept = t in _KEPT_SERIALIZED
         accepted = self.ts(t).resources
         for i, anyres in enumerate(resp.resources):
             if anyres.type_url != t.url:
                 raise ValueError(f"{t.short} resources[{i}]: type {anyres.type_url} in a {t.short} response")
-            msg = t.message()
-            try:
-                anyres.Unpack(msg)
-            except DecodeError as e:
-                raise ValueError(f"{t.short} resources[{i}]: cannot decode: {e}") from None
-            # Interned: a cluster's name is also held by every reference to it.
-            name = sys.intern(t.name_of(msg))
-            if not name:
-                raise ValueError(f"{t.short} resources[{i}]: a resource needs a name")
+            raw = anyres.value
+            fp = fingerprint(raw)
+            name = _leading_name(raw)
+            if name is not None and accepted.get(name) == fp:
+                # The bytes accepted under that name: it parsed to it then.
+                name, res = sys.intern(name), None
+            else:
+                msg = t.message()
+                try:
+                    anyres.Unpack(msg)   # not FromString(raw): the message would keep raw alive
+                except DecodeError as e:
+                    raise ValueError(f"{t.short} resources[{i}]: cannot decode: {e}") from None
+                # Interned: a cluster's name is also held by every reference to it.
+                name, res = sys.intern(t.name_of(msg)), (raw if kept else msg)
+                if not name:
+                    raise ValueError(f"{t.short} resources[{i}]: a resource needs a name")
             if name in out:
                 raise ValueError(f"{t.short}[{name}]: the name appears twice in one response")
-            old = accepted.get(name)
-            raw = anyres.value
-            out[name] = old if old == raw else raw
+            out[name] = (fp, res)
         return out
+
+    def _changes(self, t: rt.ResourceType, received: dict) -> tuple[dict, dict]:
+        """(what a response changes: name -> (path, resource) or None when
+        removed, the accepted fingerprints once it is accepted). A resource
+        with the fingerprint already accepted is no change."""
+        s = self.ts(t)
+        if t.wildcard:
+            accepted = {n: fp for n, (fp, _) in received.items()}
+        else:   # a part of the subscribed names; what it leaves out stays
+            received = {n: v for n, v in received.items() if n in s.subscribed}
+            accepted = {**s.resources, **{n: fp for n, (fp, _) in received.items()}}
+        changes: dict = {n: (f"{t.short}[{n}]", res) for n, (fp, res) in received.items()
+                         if s.resources.get(n) != fp}
+        if t.wildcard:
+            changes.update((n, None) for n in s.resources if n not in accepted)
+        return changes, accepted
 
     def _handle(self, t: rt.ResourceType, resp) -> list[discovery_pb2.DiscoveryRequest]:
         s = self.ts(t)
@@ -202,23 +258,14 @@ class AdsState:
         started = time.monotonic()
         try:
             received = self._decode(t, resp)
-            inputs = self._inputs()
-            if t.wildcard:
-                inputs[t.url] = received
-            else:
-                inputs[t.url] = {**s.resources, **{n: v for n, v in received.items() if n in s.subscribed}}
-            change = self._prepare(inputs, self.static, clusters_changed=t is rt.CDS, listeners_changed=t is rt.LDS,
-                                   changed_services=set(received) if t is rt.EDS else None,
-                                   changed_routes=set(received) if t is rt.RDS else None)
-            fresh = None
-            if self.hold_until_warm:
-                if self._warm(inputs, handling=t, change=change):
-                    # After a restart: reconcile the pinned maps with the whole model.
-                    fresh = MeshBuilder("xDS", lenient=True, cluster_origin=self.builder.cluster_origin)
-                    fresh.commit(self._prepare(inputs, self.static, builder=fresh))
-                    self.apply(None, fresh.mesh)
-            else:
+            changes, accepted = self._changes(t, received)
+            change = self._prepare(self.static, t, changes, accepted)
+            if not self.hold_until_warm:
                 self.apply(change, self.builder.mesh)
+            elif self._warm(handling=t, accepted=accepted, change=change):
+                # After a restart: reconcile the pinned maps with the whole model.
+                self.apply(None, lambda: self.builder.mesh(change))
+                self.hold_until_warm = False
         except (ValueError, ConfigError, OSError) as e:
             reason = str(e)
             s.last_nack = {"version_info": resp.version_info, "nonce": resp.nonce, "error": reason,
@@ -227,11 +274,9 @@ class AdsState:
                       extra={"kv": {"type": t.short, "version": resp.version_info, "error": reason}})
             return [self._request(t, nonce=resp.nonce, error=reason)]
 
-        if fresh is not None:
-            self.builder, self.hold_until_warm = fresh, False
-        else:
-            self.builder.commit(change)
-        s.resources = inputs[t.url]
+        self.builder.commit(change)
+        self._static_in = self.static
+        s.resources = accepted
         s.version = resp.version_info
         s.last_ack = {"version_info": resp.version_info, "nonce": resp.nonce, "resources": len(received),
                       "time": time.time(), "apply_ms": round((time.monotonic() - started) * 1000, 3)}
@@ -241,18 +286,21 @@ class AdsState:
             "ms": s.last_ack["apply_ms"]}})
         reqs = [self._request(t, nonce=resp.nonce)]
         reqs += self._follow_ups(t)
-        if not self.synced.is_set() and self._warm(self._inputs()):
+        if not self.synced.is_set() and self._warm():
             self.synced.set()
         return reqs
 
-    def _warm(self, inputs: dict, handling: rt.ResourceType | None = None, change=None) -> bool:
+    def _warm(self, handling: rt.ResourceType | None = None, accepted: dict | None = None,
+              change: Change | None = None) -> bool:
         """The first full set is in: CDS and LDS received, and every EDS and
-        RDS resource the config references too."""
+        RDS resource the config references too (``handling``: a response
+        being handled, with its ``accepted`` names and builder ``change``)."""
         for t in (rt.CDS, rt.LDS):
             if not (self.ts(t).last_ack or t is handling):
                 return False
         services, routes = self.builder.needed(change)
-        return services <= inputs[rt.EDS.url].keys() and routes <= inputs[rt.RDS.url].keys()
+        names = {t: (accepted if t is handling else self.ts(t).resources) for t in (rt.EDS, rt.RDS)}
+        return services <= names[rt.EDS].keys() and routes <= names[rt.RDS].keys()
 
     def _follow_ups(self, t: rt.ResourceType) -> list[discovery_pb2.DiscoveryRequest]:
         """Subscriptions that change because of what was just accepted."""
@@ -273,9 +321,32 @@ class AdsState:
         if names == s.subscribed and s.requested:
             return []
         s.subscribed, s.sorted_names = names, None
-        s.resources = {n: m for n, m in s.resources.items() if n in names}
+        gone = [n for n in s.resources if n not in names]
+        if gone:
+            s.resources = {n: fp for n, fp in s.resources.items() if n in names}
+            # Nothing uses them any more: a plain removal, which cannot fail.
+            self.builder.commit(self.builder.prepare(Inputs(**{_INPUT[t]: dict.fromkeys(gone)})))
         return [self._request(t, nonce=s.nonce)]
 
     def as_dict(self) -> dict:
         with self.lock:
             return {s.type.short: s.as_dict() for s in self.types.values()}
+
+
+def _under_static(changes: dict, xds, old: dict, new: dict, static_changed: bool) -> dict:
+    """Changes of a wildcard type (CDS, LDS) with the static resources of
+    that type underneath: xDS wins on a name clash, and a static resource is
+    back when the xDS one of its name goes. ``xds``: the names accepted after
+    the change; ``old``/``new``: the static resources before and after."""
+    if not (new or static_changed):
+        return changes
+    out = {}
+    for n in [*new, *changes, *(n for n in old if n not in new)]:   # config order: static resources first
+        if n in out:
+            continue
+        if n in changes:
+            got = changes[n]
+            out[n] = got if got is not None else new.get(n)
+        elif static_changed and n not in xds and old.get(n) != new.get(n):
+            out[n] = new.get(n)
+    return out
