@@ -47,6 +47,9 @@ def main(ctx, **kw):
     if ctx.invoked_subcommand is not None:
         return
     kmlog.setup(opts.log_level)
+    from kmesh import memory
+
+    memory.tune()   # before gRPC starts its threads
     from kmesh.daemon import Daemon, StartError  # heavy imports only when running
 
     d = Daemon(opts)
