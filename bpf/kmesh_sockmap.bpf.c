@@ -63,7 +63,7 @@ int kmesh_sk_msg(struct sk_msg_md *msg)
 {
 	struct kmesh_sock_key peer;
 
-	if (!sockmap_enabled())
+	if (!sockmap_enabled() || !turn_redirect(msg))
 		return SK_PASS;
 	peer = peer_key_of(msg);
 	/* A redirect that finds no peer returns SK_DROP and redirects nothing;

@@ -30,6 +30,14 @@ enum kmesh_limits {
 	/* Local IPv4 addresses and listening sockets remembered. */
 	KMESH_MAX_LOCAL_ADDRS = 1024,
 	KMESH_MAX_LISTENERS_TRACKED = 16384,
+	/* Bytes one end may send in small messages without hearing back
+	 * before its direction of the connection goes back to plain TCP:
+	 * streaming small writes, where handing each message over costs more
+	 * than TCP's batching (docs/sockmap.md). */
+	KMESH_SOCKMAP_TURN_BYTES = 131072,
+	/* A message this large or larger is handed over at about TCP's speed
+	 * or better, and does not count toward the turn. */
+	KMESH_SOCKMAP_SMALL_MSG = 16384,
 };
 
 /* The version of everything the daemon keeps in pinned maps: these records
@@ -112,6 +120,20 @@ struct kmesh_sockmap_cfg {
 	 * feature being turned off while connections still use it). */
 	__u32 redirect;
 	__u32 reserved;
+};
+
+/* Value of km_sock_turn, keyed by a connection (its two ends in a fixed
+ * order): who sent last, how much in this turn, and which directions went
+ * back to plain TCP (KMESH_DIR_* bits). */
+struct kmesh_sock_turn {
+	__u32 last_sender; /* KMESH_DIR_A or KMESH_DIR_B */
+	__u32 plain;       /* directions no longer redirected */
+	__u64 turn_bytes;  /* sent by last_sender in small messages since the other end last sent */
+};
+
+enum kmesh_dir {
+	KMESH_DIR_A = 1, /* from the lower (ip, port) end */
+	KMESH_DIR_B = 2,
 };
 
 /* Value of km_listen_flags: what a listening socket looked like when

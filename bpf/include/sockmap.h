@@ -13,6 +13,18 @@
  *     expect EAGAIN. A connecting socket is checked directly; an accepted one
  *     has no file yet when it is established, so its listener's mode at
  *     listen() stands for it (event-loop servers listen non-blocking).
+ *
+ * Which messages are redirected: request/response gains most (each message
+ * skips TCP/IP twice). Streaming small writes loses on this kernel (every
+ * write becomes a separate message and wake-up on the peer, where TCP
+ * batches), so a direction that sends more than KMESH_SOCKMAP_TURN_BYTES in
+ * messages under KMESH_SOCKMAP_SMALL_MSG without hearing back goes back to
+ * plain TCP for good. (Large messages stay: a socket in a sockhash sends
+ * them through TCP much slower than a plain one, and handing them over is
+ * about as fast as TCP.) Going from redirect to TCP keeps the byte order:
+ * the receiver reads what was handed over before what arrives by TCP
+ * (tcp_bpf_recvmsg() drains its queue first); the other way round would not,
+ * so a direction never comes back.
  */
 #ifndef __KMESH_SOCKMAP_H__
 #define __KMESH_SOCKMAP_H__
@@ -99,6 +111,51 @@ static __always_inline struct kmesh_sock_key peer_key_of(struct sk_msg_md *msg)
 		.remote_port = (__u16)msg->local_port,
 	};
 	return key;
+}
+
+/* Account a message of ``size`` bytes; false once this direction sends
+ * through plain TCP. */
+static __always_inline bool turn_redirect(struct sk_msg_md *msg)
+{
+	__u32 lip = msg->local_ip4, rip = msg->remote_ip4;
+	__u16 lport = (__u16)msg->local_port, rport = (__u16)bpf_ntohl(msg->remote_port);
+	bool local_first;
+	__u32 me;
+
+	/* Values, not context fields, from here on: the verifier refuses a
+	 * context pointer the compiler picked by a condition. */
+	barrier_var(lip);
+	barrier_var(rip);
+	local_first = lip < rip || (lip == rip && lport < rport);
+	me = local_first ? KMESH_DIR_A : KMESH_DIR_B;
+	struct kmesh_sock_key key = {
+		.local_ip = local_first ? lip : rip,
+		.remote_ip = local_first ? rip : lip,
+		.local_port = local_first ? lport : rport,
+		.remote_port = local_first ? rport : lport,
+	};
+	struct kmesh_sock_turn *t = bpf_map_lookup_elem(&km_sock_turn, &key);
+
+	if (!t) {
+		struct kmesh_sock_turn fresh = { .last_sender = me };
+
+		bpf_map_update_elem(&km_sock_turn, &key, &fresh, BPF_NOEXIST);
+		return true;
+	}
+	if (t->plain & me)
+		return false;
+	if (t->last_sender != me) {
+		t->last_sender = me;
+		t->turn_bytes = 0;
+	}
+	if (msg->size >= KMESH_SOCKMAP_SMALL_MSG)
+		return true;
+	t->turn_bytes += msg->size;
+	if (t->turn_bytes > KMESH_SOCKMAP_TURN_BYTES) {
+		__sync_fetch_and_or(&t->plain, me);
+		return false;
+	}
+	return true;
 }
 
 static __always_inline bool sockmap_eligible(struct bpf_sock_ops *skops, struct sock *sk, bool active)

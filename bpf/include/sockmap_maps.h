@@ -39,4 +39,13 @@ struct {
 	__type(value, struct kmesh_sockmap_cfg);
 } km_sockmap_cfg SEC(".maps");
 
+/* Per accelerated connection, the sending pattern (sockmap.h). LRU: an entry
+ * outlives its connection until evicted; losing one only restarts a count. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KMESH_MAX_SOCKMAP_SOCKETS);
+	__type(key, struct kmesh_sock_key);
+	__type(value, struct kmesh_sock_turn);
+} km_sock_turn SEC(".maps");
+
 #endif /* __KMESH_SOCKMAP_MAPS_H__ */

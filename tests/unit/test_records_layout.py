@@ -52,7 +52,7 @@ def test_enums_and_offsets_match_header(tmp_path):
 # migrates the pins of the old one instead of misreading them.
 LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
-    2: "b5fe1f11565c4cee",   # + same-host acceleration (kmesh_sockmap.bpf.o)
+    2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
 }
 
 

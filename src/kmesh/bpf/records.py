@@ -26,6 +26,8 @@ KMESH_MAX_TRACKED_ENDPOINTS = 65536
 KMESH_MAX_SOCKMAP_SOCKETS = 65536
 KMESH_MAX_LOCAL_ADDRS = 1024
 KMESH_MAX_LISTENERS_TRACKED = 16384
+KMESH_SOCKMAP_TURN_BYTES = 131072
+KMESH_SOCKMAP_SMALL_MSG = 16384
 
 LIMITS = {
     "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
@@ -37,6 +39,8 @@ LIMITS = {
     "KMESH_MAX_SOCKMAP_SOCKETS": KMESH_MAX_SOCKMAP_SOCKETS,
     "KMESH_MAX_LOCAL_ADDRS": KMESH_MAX_LOCAL_ADDRS,
     "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
+    "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
+    "KMESH_SOCKMAP_SMALL_MSG": KMESH_SOCKMAP_SMALL_MSG,
 }
 
 
@@ -105,6 +109,10 @@ class KmeshListenFlags(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
+class KmeshSockTurn(ctypes.Structure):
+    _fields_ = [("last_sender", ctypes.c_uint32), ("plain", ctypes.c_uint32), ("turn_bytes", ctypes.c_uint64)]
+
+
 class KmeshMeta(ctypes.Structure):
     _fields_ = [("layout_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
@@ -123,10 +131,12 @@ STRUCTS = {
     "kmesh_sock_key": KmeshSockKey,
     "kmesh_sockmap_cfg": KmeshSockmapCfg,
     "kmesh_listen_flags": KmeshListenFlags,
+    "kmesh_sock_turn": KmeshSockTurn,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
          "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
-         "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1}}
+         "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1},
+         "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2}}
 
 
 # --- encoding -----------------------------------------------------------------

@@ -22,7 +22,7 @@ from kmesh.bpf import libbpf, loader, records
 log = logging.getLogger("kmesh.sockmap")
 
 _ZERO = ctypes.c_uint32(0)
-_MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + ("km_listen_flags",)
+_MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + ("km_listen_flags", "km_sock_turn")
 
 
 def host_ipv4_addresses() -> set[str]:
