@@ -56,7 +56,7 @@ setup_venv() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         say "installing Python packages into $VENV"
         "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-        "$VENV/bin/pip" install -q -e "$ROOT[test]"
+        "$VENV/bin/pip" install -q -e "$ROOT[test,bench]"
         echo "$want" > "$stamp"
     fi
 }

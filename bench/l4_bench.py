@@ -126,6 +126,33 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
+def nginx_conf(tmp: Path, port: int) -> str:
+    """A self-contained nginx answering "ok" on 127.0.0.1:port, everything
+    it writes under ``tmp``."""
+    return f"""daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    # keep-alive runs measure the data path, not nginx's periodic reconnect
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /nginx_status {{ stub_status; }}
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
 # -- the bench --------------------------------------------------------------
 class Bench:
     def __init__(self, args):
@@ -191,28 +218,7 @@ class Bench:
         self.backend_port = free_port()
         t = self.tmp
         conf = t / "nginx.conf"
-        conf.write_text(f"""daemon off;
-worker_processes 1;
-pid {t}/nginx.pid;
-error_log {t}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {t}/body;
-    proxy_temp_path {t}/proxy;
-    fastcgi_temp_path {t}/fastcgi;
-    uwsgi_temp_path {t}/uwsgi;
-    scgi_temp_path {t}/scgi;
-    # keep-alive runs measure the data path, not nginx's periodic reconnect
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    server {{
-        listen 127.0.0.1:{self.backend_port} backlog=4096;
-        location = /nginx_status {{ stub_status; }}
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-""")
+        conf.write_text(nginx_conf(t, self.backend_port))
         self.nginx = subprocess.Popen(
             ["nginx", "-p", str(t), "-c", str(conf), "-e", str(t / "nginx-error.log")],
             stdin=subprocess.DEVNULL, stdout=open(t / "nginx.out", "w"), stderr=subprocess.STDOUT,

@@ -291,6 +291,12 @@ def cleanup(bpf_fs_path: str) -> list[str]:
     root = Path(bpf_fs_path) / PIN_DIR
     removed: list[str] = []
     link_dir = root / "link"
+    from kmesh.dataplane.sockmap import quiesce_pinned
+
+    try:
+        quiesce_pinned(root)
+    except OSError as e:
+        log.warning("could not turn same-host acceleration off first", extra={"kv": {"error": str(e)}})
     if link_dir.is_dir():
         for pin in sorted(link_dir.iterdir()):
             try:

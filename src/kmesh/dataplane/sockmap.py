@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from kmesh.bpf import libbpf, loader, records
@@ -78,6 +79,17 @@ def pinned_sockets(map_dir: Path) -> int | None:
         return sum(1 for _ in libbpf.Map(loader.SOCK_HASH, fd, *loader.SOCKMAP_MAP_TYPES[loader.SOCK_HASH]).keys())
     finally:
         os.close(fd)
+
+
+QUIESCE_SECONDS = 1.0
+
+
+def quiesce_pinned(pin_root: Path) -> None:
+    """Before everything is removed (cleanup): stop handing messages over,
+    and give the peers a moment to read what was already handed to them
+    (removing the sockhash drops what is still unread)."""
+    if turn_off_pinned(pin_root) == "draining":
+        time.sleep(QUIESCE_SECONDS)
 
 
 def turn_off_pinned(pin_root: Path) -> str:
