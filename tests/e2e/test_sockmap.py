@@ -181,13 +181,20 @@ def test_blocking_reader_with_signals_sees_no_spurious_error(kmesh, cgroup, serv
     assert r.stdout.strip() == str(1 << 20)
 
 
-def test_turning_off_at_runtime_keeps_connections_working(kmesh, cgroup, server):
+def enrolled_transfer(kmesh, cgroup, server, seed: int):
+    """A daemon with the acceleration on and a 256 MiB transfer each way
+    running through it: (daemon, port, thread, results)."""
     k = kmesh(bootstrap([], []), extra_args=("-enable-sockmap",))
     port, _ = server()
     results = []
-    t = threading.Thread(target=lambda: results.append(send(cgroup, port, 256 * MiB, 256 * MiB, 3)))
+    t = threading.Thread(target=lambda: results.append(send(cgroup, port, 256 * MiB, 256 * MiB, seed)))
     t.start()
     assert wait_for(lambda: sockets(k) >= 2)
+    return k, port, t, results
+
+
+def test_turning_off_at_runtime_keeps_connections_working(kmesh, cgroup, server):
+    k, port, t, results = enrolled_transfer(kmesh, cgroup, server, 3)
     status, body = k.post("/sockmap/off")
     assert status == 200 and body["state"] in ("draining", "off"), body
     assert "kmesh_sockops" not in k.attached_programs()      # no new enrollments
@@ -203,12 +210,7 @@ def test_turning_off_at_runtime_keeps_connections_working(kmesh, cgroup, server)
 
 
 def test_restart_without_it_keeps_connections_working(kmesh, cgroup, server):
-    k = kmesh(bootstrap([], []), extra_args=("-enable-sockmap",))
-    port, _ = server()
-    results = []
-    t = threading.Thread(target=lambda: results.append(send(cgroup, port, 256 * MiB, 256 * MiB, 5)))
-    t.start()
-    assert wait_for(lambda: sockets(k) >= 2)
+    k, _, t, results = enrolled_transfer(kmesh, cgroup, server, 5)
     k.stop(signal.SIGTERM)
     k.extra_args = ()
     k.start()
