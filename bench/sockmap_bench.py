@@ -13,6 +13,8 @@ one is still enrolled); each figure is the median over the rounds.
 * request/response (bench/pingpong.c, non-blocking sockets and poll(), as
   event loops do): 64 B, 1 KiB, 16 KiB, 256 KiB; 1 and 16 connections;
   round-trip p50/p99 and round trips per second;
+  also 64 B and 1 KiB with client and server on one CPU (taskset): on a VM
+  a wake-up on another CPU costs ~60 µs and hides what the stack costs;
 * streaming: one connection writing 4 KiB, 64 KiB or 1 MiB chunks (Gbit/s);
 * HTTP: wrk -> nginx directly, and through a kmesh VIP without and with the
   acceleration (wrk -t1 -c1 and -t2 -c16; requests/s and p50/p99).
@@ -43,6 +45,8 @@ from tests.support import harness  # noqa: E402
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener  # noqa: E402
 
 SIZES = (64, 1024, 16384, 262144)
+ONE_CPU_SIZES = (64, 1024)
+ONE_CPU = ["taskset", "-c", "0"]
 CONNS = (1, 16)
 STREAM_WRITES = (4096, 65536, 1 << 20)
 VIP = "127.100.77.1"
@@ -103,8 +107,8 @@ class Run:
                 p.wait()
         self.procs.clear()
 
-    def pingpong_run(self, *args) -> dict:
-        r = self.cg.run([str(self.pingpong), *map(str, args)], timeout=self.seconds + 60)
+    def pingpong_run(self, *args, prefix: tuple = ()) -> dict:
+        r = self.cg.run([*prefix, str(self.pingpong), *map(str, args)], timeout=self.seconds + 60)
         if r.returncode != 0:
             raise RuntimeError(f"pingpong {args}: {r.stderr}")
         return json.loads(r.stdout)
@@ -122,11 +126,16 @@ class Run:
         echo_port, sink_port = harness.free_port(), harness.free_port()
         self.server([str(self.pingpong), "echo", str(echo_port)])
         self.server([str(self.pingpong), "sink", str(sink_port)])
+        pinned_port = harness.free_port()
+        self.server([*ONE_CPU, str(self.pingpong), "echo", str(pinned_port)])
         nginx = self.server(["nginx", "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf"),
                              "-e", str(self.tmp / "nginx-error.log")], ready="")
         for size in SIZES:
             for conns in CONNS:
                 out[f"rr {size} B x{conns}"] = self.pingpong_run("rr", echo_port, size, conns, self.seconds)
+        for size in ONE_CPU_SIZES:
+            out[f"rr {size} B x1, one CPU"] = self.pingpong_run("rr", pinned_port, size, 1, self.seconds,
+                                                                prefix=tuple(ONE_CPU))
         for w in STREAM_WRITES:
             out[f"stream {w} B writes"] = self.pingpong_run("stream", sink_port, w, self.seconds)
         wait_port(self.nginx_port)
