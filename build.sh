@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 PREFIX="${PREFIX:-/usr}"
 DESTDIR="${DESTDIR:-}"
 
-APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iproute2 procps shellcheck systemd
+APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iperf3 iproute2 procps shellcheck systemd
               rpm rpmlint debootstrap systemd-container python3-pip python3-setuptools python3-wheel python3-venv)
 
 say() { printf '==> %s\n' "$*" >&2; }
