@@ -11,7 +11,8 @@ the service VIP on the shared 0.0.0.0_9080 listener's route), and measures:
 * push -> consistent maps: from the push until the daemon has ACKed every
   type at the pushed version (it ACKs only after the maps are written) and
   reports N listener addresses;
-* daemon RSS (VmRSS) afterwards;
+* daemon RSS (VmRSS) when the maps became consistent (the JSON also has it
+  after the single-endpoint updates and a full admin dump);
 * single-endpoint update: one ClusterLoadAssignment changed, push -> ACK,
   median of --updates runs;
 * a curl through one VIP, inside the daemon's own child cgroup, as a check.
@@ -108,7 +109,10 @@ def run_size(n: int, updates: int, backends) -> dict:
         body = cg.curl(f"http://{mesh_gen.vip(0)}:{mesh_gen.PORT}/")
         assert body and body[0].startswith("B"), body
         apply_ms = k.get("/controller/envoy")["xds"]["types"]["EDS"]["last_ack"]["apply_ms"]
+        time.sleep(2)
+        rss_later = rss_mb(k.proc.pid)   # after the updates and a full admin dump (30 000 notes)
         return {"services": n, "push_to_consistent_s": round(apply_s, 3), "rss_mb": round(rss, 1),
+                "rss_after_updates_and_dump_mb": round(rss_later, 1),
                 "rss_idle_mb": round(rss_idle, 1), "update_ms_median": round(statistics.median(times), 2),
                 "update_ms_p90": round(sorted(times)[int(len(times) * 0.9) - 1], 2),
                 "update_apply_ms_in_daemon": apply_ms, "push_apply_ms_in_daemon": in_daemon}

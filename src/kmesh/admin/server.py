@@ -8,12 +8,13 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kmesh import __version__
+from kmesh import __version__, memory
 from kmesh.options import split_address
 
 log = logging.getLogger("kmesh.admin")
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+TRIM_AFTER_BYTES = 1 << 20
 
 HELP = {
     "GET /help": "this list",
@@ -45,6 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        if len(data) >= TRIM_AFTER_BYTES:
+            # A dump of a big mesh (tens of thousands of notes) is built and
+            # dropped; give the heap back instead of keeping its peak.
+            data = body = None
+            memory.trim()
 
     def do_GET(self):  # noqa: N802
         d = self.daemon

@@ -16,6 +16,7 @@ builder once, from empty, so both modes share one translator.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -50,9 +51,13 @@ class _ClusterState:
     head: tr.ClusterHead
     cluster: Cluster | None
     reason: str              # why it is not governed
-    path: str
+    own_path: str | None     # None: the xDS path, CDS[<name>] (not kept: 10 000 strings)
     warnings: tuple          # shared notes, relative to path (translate._share)
     skipped: tuple
+
+    @property
+    def path(self) -> str:
+        return self.own_path if self.own_path is not None else f"CDS[{self.head.name}]"
 
     @property
     def governed(self) -> bool:
@@ -78,7 +83,7 @@ class _ListenerState:
 class _KeyState:
     listener: Listener | None
     referenced: tuple[str, ...]
-    order: tuple[int, int]
+    order: int               # _order(listener seq, entry index): config order
     warnings: tuple
     skipped: tuple
     path: str = ""
@@ -107,9 +112,26 @@ class Change:
         return not (self.clusters or self.services or self.listeners or self.routes or self.keys)
 
 
+class _Packed(bytes):
+    """A large serialized resource kept zlib-compressed. Istio sends a port's
+    HTTP services as one RouteConfiguration (3.4 MB at 10 000 services, much
+    of it alike); it is only read again when a listener using it changes."""
+
+
+PACK_ABOVE = 64 * 1024
+
+
+def _pack(resource):
+    if isinstance(resource, (bytes, bytearray)) and len(resource) > PACK_ABOVE:
+        return _Packed(zlib.compress(resource, 1))
+    return resource
+
+
 def _msg(cls, x):
     """Resources may be held serialized (a parsed protobuf costs several
     times its wire size); parse when needed."""
+    if isinstance(x, _Packed):
+        x = zlib.decompress(x)
     return cls.FromString(x) if isinstance(x, (bytes, bytearray)) else x
 
 
@@ -288,7 +310,8 @@ class MeshBuilder:
             ctx = self._ctx(path)
             outcome = tr.compose_cluster(ctx, path, head, services)
             problems += ctx.problems
-            change.clusters[name] = _ClusterState(head, outcome.cluster, outcome.reason, path, *ctx.notes())
+            change.clusters[name] = _ClusterState(head, outcome.cluster, outcome.reason,
+                                                  None if path == f"CDS[{head.name}]" else path, *ctx.notes())
         return problems
 
     def _prepare_listeners(self, given: dict, change: Change) -> list:
@@ -338,7 +361,7 @@ class MeshBuilder:
         new_by_key: dict[Key, dict[str, list]] = {}
         for name, st in change.listeners.items():
             for i, e in enumerate(st.entries if st else ()):
-                new_by_key.setdefault((e.ip, e.port), {}).setdefault(name, []).append(((st.seq, i), e))
+                new_by_key.setdefault((e.ip, e.port), {}).setdefault(name, []).append((_order(st.seq, i), e))
         for key in keys:
             entries = self._entries_for(key, change, new_by_key.get(key, {}))
             if not entries:
@@ -367,9 +390,10 @@ class MeshBuilder:
                     self._count(old, -1)
                 if st is not None:
                     self._count(st, 1)
-        for group, states in ((change.services, self.services), (change.routes, self.routes)):
-            for name, st in group.items():
-                _put(states, name, st)
+        for name, st in change.services.items():
+            _put(self.services, name, st)
+        for name, st in change.routes.items():
+            _put(self.routes, name, (st[0], _pack(st[1])) if st else None)
         for name, st in change.clusters.items():
             old = _put(self.clusters, name, st)
             if old and st and old.head is st.head:
@@ -378,6 +402,7 @@ class MeshBuilder:
                 self._services.discard(old.service, name)
             if st and st.service:
                 self._services.add(st.service, name)
+        canon = {k: k for k in change.keys}
         for name, st in change.listeners.items():
             old = _put(self.listeners, name, st)
             if old:
@@ -394,7 +419,8 @@ class MeshBuilder:
                     self._route_users.add(r, name)
                 for i, e in enumerate(st.entries):
                     key = (e.ip, e.port)
-                    self._key_entries[key] = self._key_entries.get(key, ()) + (((st.seq, i), e),)
+                    key = canon.get(key, key)   # one tuple per address, shared with self.keys
+                    self._key_entries[key] = self._key_entries.get(key, ()) + ((_order(st.seq, i), e),)
         for key, st in change.keys.items():
             old = _put(self.keys, key, st)
             if old:
@@ -437,6 +463,11 @@ class MeshBuilder:
 
     def counts(self) -> dict[str, int]:
         return dict(self._totals)
+
+
+def _order(seq: int, index: int) -> int:
+    """Config order of a listener's index-th entry, as one int."""
+    return seq << 24 | index
 
 
 def _put(states: dict, name, st):

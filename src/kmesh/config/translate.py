@@ -75,6 +75,22 @@ _SHARED_NOTES: dict[tuple, tuple] = {}
 _SHARED_NOTES_MAX = 4096
 
 
+# Endpoints are shared the same way: a pod's address appears in its
+# service's cluster and in each subset cluster, every push.
+_SHARED_ENDPOINTS: dict[tuple, Endpoint] = {}
+_SHARED_ENDPOINTS_MAX = 65536
+
+
+def _endpoint(ip: str, port: int, weight: int) -> Endpoint:
+    key = (ip, port, weight)
+    got = _SHARED_ENDPOINTS.get(key)
+    if got is None:
+        if len(_SHARED_ENDPOINTS) >= _SHARED_ENDPOINTS_MAX:
+            _SHARED_ENDPOINTS.clear()
+        got = _SHARED_ENDPOINTS[key] = Endpoint(sys.intern(ip), port, weight)
+    return got
+
+
 def _share(notes: list) -> tuple:
     if not notes:
         return ()
@@ -341,7 +357,7 @@ def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
                 continue
             if lbe.health_status in _UNHEALTHY:
                 continue
-            by_priority.setdefault(lle.priority, []).append(Endpoint(addr[0], addr[1], weight))
+            by_priority.setdefault(lle.priority, []).append(_endpoint(addr[0], addr[1], weight))
     if not ok:
         return None
     chosen = by_priority[min(by_priority)] if by_priority else []
