@@ -273,7 +273,7 @@ static_resources:
         self.admin = f"127.0.0.1:{free_port()}"
         cmd = [str(DAEMON), "-enable-ads=false", "-config-file", str(cfg),
                "-cgroup2-path", str(self.cgroup), "-bpf-fs-path", str(self.pin_path),
-               "-admin-address", self.admin]
+               "-admin-address", self.admin, *self.args.daemon_arg]
         # the attach target must be our child cgroup, never a root
         assert self.cgroup.parent == CGROUP2_ROOT and self.cgroup != CGROUP2_ROOT
         self.daemon_log = self.tmp / "kmesh-daemon.log"
@@ -641,6 +641,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 5, --quick 2)")
     ap.add_argument("--rounds", type=int, help="direct/VIP pairs per test (default 5, --quick 2)")
     ap.add_argument("--output", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    ap.add_argument("--daemon-arg", action="append", default=[], metavar="FLAG",
+                    help="extra kmesh-daemon flag (repeatable), e.g. --daemon-arg=-track-connections=false")
     args = ap.parse_args()
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.rounds = args.rounds or (2 if args.quick else 5)

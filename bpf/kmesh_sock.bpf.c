@@ -22,17 +22,26 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
 	const struct kmesh_endpoint *ep = 0;
 	struct kmesh_cluster *c = 0;
+	__u32 cluster_id = 0, ip = ctx->user_ip4;
+	__u16 port = (__u16)ctx->user_port;
+	enum kmesh_decision d;
 
 	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
 	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
+	stat_inc(KMESH_STAT_CONNECTS);
 	/* Anything short of a redirect leaves the connect as the app asked:
 	 * without an endpoint it fails as it would without kmesh. */
-	if (kmesh_decide(ctx->user_ip4, (__u16)ctx->user_port, &c, &ep) != KMESH_REDIRECT)
+	d = kmesh_decide(ip, port, &c, &ep, &cluster_id);
+	if (d != KMESH_REDIRECT) {
+		stat_inc(d == KMESH_NO_LISTENER ? KMESH_STAT_NO_LISTENER :
+			 d == KMESH_NO_CLUSTER ? KMESH_STAT_NO_CLUSTER : KMESH_STAT_NO_ENDPOINT);
 		return SOCK_ALLOW;
-
-	if (c->lb_policy == KMESH_LB_LEAST_REQUEST && ctx->sk)
-		endpoint_track(ctx->sk, ep);
+	}
+	stat_inc(KMESH_STAT_REDIRECTS);
+	stat_listener_redirect(ip, port);
+	if (ctx->sk)
+		endpoint_track(ctx->sk, cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST);
 	ctx->user_ip4 = ep->ip;
 	ctx->user_port = ep->port;
 	return SOCK_ALLOW;

@@ -14,7 +14,7 @@
 # reinstall keeps local changes (the RPM marks them %config(noreplace)).
 #
 # Installed layout (PREFIX=/usr):
-#   /usr/bin/kmesh-daemon, /usr/bin/kmesh-cmd      wrappers around the venv's CLIs
+#   /usr/bin/kmesh-daemon, kmesh-cmd, kmeshctl      wrappers around the venv's CLIs
 #   /usr/lib/kmesh/venv/                           private Python venv (kmesh, xds-protos)
 #   /usr/lib/kmesh/scripts/kmesh-*.sh              the unit's ExecStartPre/ExecStopPost helpers
 #   /usr/lib/kmesh/bpf/*.bpf.o                     CO-RE BPF objects (per architecture)
@@ -29,7 +29,7 @@ files() {
     install -d "$lib/bpf" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
         "$dest/etc/kmesh" "$dest/etc/sysconfig" "$lib/scripts" "$dest$prefix/share/doc/kmesh"
     install -m 0644 "$build"/bpf/*.bpf.o "$lib/bpf/"
-    for b in kmesh-daemon kmesh-cmd; do
+    for b in kmesh-daemon kmesh-cmd kmeshctl; do
         # shellcheck disable=SC2016  # the wrapper expands $KMESH_BPF_DIR and $@ itself
         printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/lib/kmesh/bpf} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
             "$prefix" "$prefix" "$b" > "$dest$prefix/bin/$b"

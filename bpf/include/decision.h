@@ -17,17 +17,17 @@ enum kmesh_decision {
 };
 
 static __always_inline enum kmesh_decision
-kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep)
+kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
+	     __u32 *cluster_id)
 {
 	struct kmesh_listener *l;
-	__u32 cluster_id;
 
 	l = listener_lookup(ip, port);
 	if (!l)
 		return KMESH_NO_LISTENER;
-	if (listener_pick_cluster(l, &cluster_id))
+	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;
-	*cluster = bpf_map_lookup_elem(&km_cluster, &cluster_id);
+	*cluster = bpf_map_lookup_elem(&km_cluster, cluster_id);
 	if (!*cluster)
 		return KMESH_NO_CLUSTER;
 	*ep = cluster_pick_endpoint(*cluster);

@@ -4,6 +4,7 @@
 #define __KMESH_ENDPOINT_H__
 
 #include "kmesh_maps.h"
+#include "stats.h"
 
 static __always_inline __u64 endpoint_active(const struct kmesh_endpoint *ep)
 {
@@ -31,31 +32,51 @@ static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __
 	__sync_fetch_and_add(&st->active, delta);
 }
 
-/* Remember the endpoint of a tracked socket and count it as active. If this
- * socket was already counted (a second connect() on it), move the count. */
-static __always_inline void endpoint_track(struct bpf_sock *sk, const struct kmesh_endpoint *ep)
+/* Remember where a redirected socket went (for the counters at close and,
+ * with ``counted``, LEAST_REQUEST's active count). A second connect() on
+ * the same socket moves what the first one recorded. */
+static __always_inline void endpoint_track(struct bpf_sock *sk, __u32 cluster_id, const struct kmesh_endpoint *ep,
+					   bool counted)
 {
 	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
-	struct kmesh_addr *prev;
+	struct kmesh_sock_state *st;
+	struct kmesh_ep_counters *c = ep_counters(cluster_id, &key);
 
-	prev = bpf_sk_storage_get(&km_sock_ep, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!prev)
+	if (c)
+		c->opened += 1;
+	/* Remembering the socket costs an allocation: only when its close
+	 * matters (LEAST_REQUEST, or close counting switched on). */
+	if (!counted && !track_connections())
 		return;
-	if (prev->ip || prev->port)
-		endpoint_active_add(prev, -1);
-	*prev = key;
-	endpoint_active_add(&key, 1);
+	st = bpf_sk_storage_get(&km_sock_ep, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return;
+	if (st->flags & KMESH_SOCK_COUNTED)
+		endpoint_active_add(&st->ep, -1);
+	if ((st->ep.ip || st->ep.port) && (c = ep_counters(st->cluster_id, &st->ep)))
+		c->closed += 1; /* that connect never became a connection */
+	st->ep = key;
+	st->cluster_id = cluster_id;
+	st->flags = counted ? KMESH_SOCK_COUNTED : 0;
+	if (counted)
+		endpoint_active_add(&key, 1);
 }
 
 static __always_inline void endpoint_untrack(struct bpf_sock *sk)
 {
-	struct kmesh_addr *prev = bpf_sk_storage_get(&km_sock_ep, sk, 0, 0);
+	struct kmesh_sock_state *st = bpf_sk_storage_get(&km_sock_ep, sk, 0, 0);
+	struct kmesh_ep_counters *c;
 
-	if (!prev || !(prev->ip || prev->port))
+	if (!st || !(st->ep.ip || st->ep.port))
 		return;
-	endpoint_active_add(prev, -1);
-	prev->ip = 0;
-	prev->port = 0;
+	if (st->flags & KMESH_SOCK_COUNTED)
+		endpoint_active_add(&st->ep, -1);
+	c = ep_counters(st->cluster_id, &st->ep);
+	if (c)
+		c->closed += 1;
+	st->ep.ip = 0;
+	st->ep.port = 0;
+	st->flags = 0;
 }
 
 #endif /* __KMESH_ENDPOINT_H__ */

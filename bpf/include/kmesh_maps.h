@@ -35,13 +35,43 @@ struct {
 	__type(value, struct kmesh_ep_stats);
 } km_ep_active SEC(".maps");
 
-/* Which endpoint a tracked socket was sent to; freed with the socket. */
+/* Where a redirected socket was sent; freed with the socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct kmesh_addr);
+	__type(value, struct kmesh_sock_state);
 } km_sock_ep SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kmesh_config);
+} km_config SEC(".maps");
+
+/* Counters, per CPU so that the hot path never shares a cache line; the
+ * daemon sums them for /metrics. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KMESH_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} km_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, KMESH_MAX_LISTENERS);
+	__type(key, struct kmesh_addr);
+	__type(value, __u64); /* connects redirected */
+} km_stats_listener SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, KMESH_MAX_ENDPOINT_STATS);
+	__type(key, struct kmesh_ep_key);
+	__type(value, struct kmesh_ep_counters);
+} km_stats_endpoint SEC(".maps");
 
 /* The layout version of the maps pinned beside it; the programs never read
  * it: it is for the daemon that finds these pins after a restart or an

@@ -27,6 +27,8 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 	/* Same-host sockets accelerated at once (two per connection). */
 	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* (cluster, endpoint) pairs with counters. */
+	KMESH_MAX_ENDPOINT_STATS = 65536,
 	/* Local IPv4 addresses and listening sockets remembered. */
 	KMESH_MAX_LOCAL_ADDRS = 1024,
 	KMESH_MAX_LISTENERS_TRACKED = 16384,
@@ -46,7 +48,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 2,
+	KMESH_LAYOUT_VERSION = 3,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -145,6 +147,49 @@ struct kmesh_listen_flags {
 
 enum kmesh_listen_flag {
 	KMESH_LISTEN_NONBLOCK = 1,
+};
+
+/* What a redirected socket remembers (km_sock_ep, socket-local storage):
+ * where it went, for the counters at close and for LEAST_REQUEST. */
+struct kmesh_sock_state {
+	struct kmesh_addr ep;
+	__u32 cluster_id;
+	__u32 flags; /* KMESH_SOCK_* */
+};
+
+enum kmesh_sock_flag {
+	KMESH_SOCK_COUNTED = 1, /* in km_ep_active (LEAST_REQUEST) */
+};
+
+/* Value of km_config (one entry), written by the daemon. */
+struct kmesh_config {
+	/* Remember every redirected socket (socket-local storage) so that its
+	 * close is counted: closed/active metrics. Costs an allocation per
+	 * connection; LEAST_REQUEST clusters are tracked regardless. */
+	__u32 track_connections;
+	__u32 reserved;
+};
+
+/* Key of km_stats_endpoint: one endpoint of one cluster. */
+struct kmesh_ep_key {
+	__u32 cluster_id;
+	struct kmesh_addr ep;
+};
+
+/* Value of km_stats_endpoint (per CPU; the daemon sums). */
+struct kmesh_ep_counters {
+	__u64 opened; /* connects redirected to it */
+	__u64 closed; /* of those, sockets released */
+};
+
+/* Index of km_stats (per CPU): what connect4 decided. */
+enum kmesh_stat {
+	KMESH_STAT_CONNECTS = 0,    /* TCP connects seen */
+	KMESH_STAT_NO_LISTENER = 1, /* not a VIP: left alone */
+	KMESH_STAT_NO_CLUSTER = 2,  /* VIP whose clusters are gone: left alone */
+	KMESH_STAT_NO_ENDPOINT = 3, /* VIP whose cluster has no endpoint: left alone */
+	KMESH_STAT_REDIRECTS = 4,
+	KMESH_STAT_MAX = 5,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import sdnotify
 
-from kmesh import __version__, mounts
+from kmesh import __version__, log as kmlog, mounts
+from kmesh.bpf import records
 from kmesh.bpf import loader
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
@@ -120,6 +121,8 @@ class Daemon:
         except (loader.LoaderError, OSError) as e:
             raise StartError(str(e)) from None
         self._dataplane = dp
+        dp.maps["km_config"].update(records.ctypes.c_uint32(0),
+                                    records.KmeshConfig(int(self.opts.track_connections), 0))
         if dp.sockmap:
             self._sockmap_on()
         else:
@@ -406,6 +409,24 @@ class Daemon:
     # -- views for the admin API --------------------------------------------
     def cluster_names(self) -> dict[int, str]:
         return {cid: name for name, cid in self._state.cluster_ids.items()}
+
+    def bpf_maps(self) -> dict:
+        """The loaded maps by name (empty before load)."""
+        return self._dataplane.maps if self._dataplane else {}
+
+    def map_entries(self) -> dict[str, tuple[int, int]]:
+        """Config map -> (records, capacity), from what the daemon wrote."""
+        st = self._state
+        return {"km_listener": (len(st.listeners), records.KMESH_MAX_LISTENERS),
+                "km_cluster": (len(st.clusters), records.KMESH_MAX_CLUSTERS)}
+
+    def programs_attached(self) -> dict[str, bool]:
+        return self._dataplane.attached() if self._dataplane else {}
+
+    def set_log_level(self, level: str) -> str:
+        kmlog.set_level(level)   # ValueError names the levels
+        log.warning("log level changed", extra={"kv": {"level": level}})
+        return level
 
     def dump_maps(self) -> dict:
         with self._lock:

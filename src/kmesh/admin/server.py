@@ -8,7 +8,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kmesh import __version__, memory
+from kmesh import __version__, memory, metrics
 from kmesh.options import split_address
 
 log = logging.getLogger("kmesh.admin")
@@ -26,6 +26,9 @@ HELP = {
     "GET /controller/envoy": "the active config as Envoy JSON; in ADS mode also the xDS state per type "
                              "(versions, nonces, last ACK/NACK, connection) and what was skipped and why",
     "POST /controller/envoy": "replace the static config (YAML or JSON body; header X-Kmesh-Source names it)",
+    "GET /metrics": "Prometheus metrics: connects by decision, per listener and per cluster/endpoint "
+                    "connections, config and xDS health, map fill, programs",
+    "POST /logging?level=LEVEL": "change the log level at runtime (debug, info, warn, error)",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
 }
@@ -34,6 +37,7 @@ HELP = {
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"kmesh-admin/{__version__}"
     daemon = None  # set per server class
+    registry = None  # the /metrics registry, made on first scrape
 
     def log_message(self, fmt, *args):  # quiet: requests at debug level
         log.debug("request", extra={"kv": {"client": self.client_address[0], "line": fmt % args}})
@@ -83,6 +87,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, d.dump_maps())
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())
+        elif path == "/metrics":
+            if self.registry is None:
+                type(self).registry = metrics.registry_for(d)
+            self._send(200, metrics.exposition(self.registry).decode(), metrics.CONTENT_TYPE)
         elif path == "/controller/envoy":
             static = d.active.to_json() if d.active else {}
             if d.ads:
@@ -95,6 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/logging":
+            query = dict(p.split("=", 1) for p in (self.path.split("?", 1) + [""])[1].split("&") if "=" in p)
+            try:
+                self._send(200, {"level": self.daemon.set_log_level(query.get("level", ""))})
+            except ValueError as e:
+                self._send(400, {"error": str(e)})
+            return
         if path in ("/sockmap/on", "/sockmap/off"):
             try:
                 self._send(200, self.daemon.set_sockmap(path.endswith("/on")))

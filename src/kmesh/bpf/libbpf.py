@@ -76,6 +76,7 @@ bpf_prog_attach = _fn("bpf_prog_attach", _c.c_int, _c.c_int, _c.c_int, _c.c_int,
 bpf_prog_detach2 = _fn("bpf_prog_detach2", _c.c_int, _c.c_int, _c.c_int, _c.c_int)
 bpf_map_update_elem = _fn("bpf_map_update_elem", _c.c_int, _c.c_int, _vp, _vp, _c.c_uint64)
 bpf_map_lookup_elem = _fn("bpf_map_lookup_elem", _c.c_int, _c.c_int, _vp, _vp)
+libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", _c.c_int)
 bpf_map_delete_elem = _fn("bpf_map_delete_elem", _c.c_int, _c.c_int, _vp)
 bpf_map_get_next_key = _fn("bpf_map_get_next_key", _c.c_int, _c.c_int, _vp, _vp)
 bpf_map_update_batch = _fn("bpf_map_update_batch", _c.c_int, _c.c_int, _vp, _vp, _c.POINTER(_c.c_uint32), _vp)
@@ -250,6 +251,32 @@ class Map:
         if self._owns_fd and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class PerCpuMap(Map):
+    """A per-CPU map: a lookup gives one value per possible CPU (each
+    padded to 8 bytes, as the kernel copies them); ``sum`` adds them up
+    field by field."""
+
+    def __init__(self, name: str, fd: int, key_type, value_type, owns_fd: bool = False):
+        super().__init__(name, fd, key_type, value_type, owns_fd)
+        self.ncpus = _check(libbpf_num_possible_cpus(), "number of possible CPUs")
+        self.elem_type = value_type
+        if _c.sizeof(value_type) % 8:
+            raise ValueError(f"{name}: per-CPU values must be a multiple of 8 bytes")
+        self.value_type = value_type * self.ncpus
+
+    def sum(self, key):
+        """The per-CPU values of ``key`` added up, as one elem_type (None if absent)."""
+        values = self.lookup(key)
+        if values is None:
+            return None
+        if issubclass(self.elem_type, _c.Structure):
+            total = self.elem_type()
+            for name, *_ in self.elem_type._fields_:
+                setattr(total, name, sum(getattr(v, name) for v in values))
+            return total
+        return sum(values)
 
 
 class BpfObject:

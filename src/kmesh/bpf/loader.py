@@ -45,7 +45,12 @@ MAP_TYPES = {
     "km_cluster": (records.ClusterId, records.KmeshCluster),
     "km_ep_active": (records.KmeshAddr, records.KmeshEpStats),
     "km_meta": (ctypes.c_uint32, records.KmeshMeta),
+    "km_config": (ctypes.c_uint32, records.KmeshConfig),
+    "km_stats": (ctypes.c_uint32, ctypes.c_uint64),
+    "km_stats_listener": (records.KmeshAddr, ctypes.c_uint64),
+    "km_stats_endpoint": (records.KmeshEpKey, records.KmeshEpCounters),
 }
+PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint"}
 SOCKMAP_MAP_TYPES = {
     "km_sock_hash": (records.KmeshSockKey, ctypes.c_uint64),
     "km_local_ip": (ctypes.c_uint32, ctypes.c_uint32),
@@ -195,7 +200,8 @@ class Dataplane:
             raise LoaderError(f"{e}{hint}") from None
         self._objs.append(obj)
         for name, (ktype, vtype) in map_types.items():
-            self.maps[name] = libbpf.Map(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
+            cls = libbpf.PerCpuMap if name in PERCPU_MAPS else libbpf.Map
+            self.maps[name] = cls(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
         for name, h in obj.programs().items():
             self.prog_fds[name] = libbpf.bpf_program__fd(h)
             self._attach_types[name] = libbpf.bpf_program__expected_attach_type(h)

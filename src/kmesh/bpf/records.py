@@ -24,6 +24,7 @@ KMESH_LB_SLOTS = 256
 KMESH_MAX_WEIGHTED_CLUSTERS = 32
 KMESH_MAX_TRACKED_ENDPOINTS = 65536
 KMESH_MAX_SOCKMAP_SOCKETS = 65536
+KMESH_MAX_ENDPOINT_STATS = 65536
 KMESH_MAX_LOCAL_ADDRS = 1024
 KMESH_MAX_LISTENERS_TRACKED = 16384
 KMESH_SOCKMAP_TURN_BYTES = 131072
@@ -37,6 +38,7 @@ LIMITS = {
     "KMESH_MAX_WEIGHTED_CLUSTERS": KMESH_MAX_WEIGHTED_CLUSTERS,
     "KMESH_MAX_TRACKED_ENDPOINTS": KMESH_MAX_TRACKED_ENDPOINTS,
     "KMESH_MAX_SOCKMAP_SOCKETS": KMESH_MAX_SOCKMAP_SOCKETS,
+    "KMESH_MAX_ENDPOINT_STATS": KMESH_MAX_ENDPOINT_STATS,
     "KMESH_MAX_LOCAL_ADDRS": KMESH_MAX_LOCAL_ADDRS,
     "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
     "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
@@ -45,7 +47,7 @@ LIMITS = {
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 2
+KMESH_LAYOUT_VERSION = 3
 
 
 class LbPolicy(enum.IntEnum):
@@ -113,6 +115,35 @@ class KmeshSockTurn(ctypes.Structure):
     _fields_ = [("last_sender", ctypes.c_uint32), ("plain", ctypes.c_uint32), ("turn_bytes", ctypes.c_uint64)]
 
 
+class KmeshConfig(ctypes.Structure):
+    _fields_ = [("track_connections", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+class KmeshSockState(ctypes.Structure):
+    _fields_ = [("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class KmeshEpKey(ctypes.Structure):
+    _fields_ = [("cluster_id", ctypes.c_uint32), ("ep", KmeshAddr)]
+
+
+class KmeshEpCounters(ctypes.Structure):
+    _fields_ = [("opened", ctypes.c_uint64), ("closed", ctypes.c_uint64)]
+
+
+class Stat(enum.IntEnum):
+    """enum kmesh_stat: index of km_stats."""
+
+    CONNECTS = 0
+    NO_LISTENER = 1
+    NO_CLUSTER = 2
+    NO_ENDPOINT = 3
+    REDIRECTS = 4
+
+
+KMESH_STAT_MAX = 5
+
+
 class KmeshMeta(ctypes.Structure):
     _fields_ = [("layout_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
@@ -132,11 +163,17 @@ STRUCTS = {
     "kmesh_sockmap_cfg": KmeshSockmapCfg,
     "kmesh_listen_flags": KmeshListenFlags,
     "kmesh_sock_turn": KmeshSockTurn,
+    "kmesh_sock_state": KmeshSockState,
+    "kmesh_config": KmeshConfig,
+    "kmesh_ep_key": KmeshEpKey,
+    "kmesh_ep_counters": KmeshEpCounters,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
          "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
          "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1},
-         "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2}}
+         "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2},
+         "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1},
+         "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}
 
 
 # --- encoding -----------------------------------------------------------------

@@ -1,0 +1,174 @@
+"""kmeshctl: what the data plane is doing, from kmesh-daemon's admin API.
+
+    kmeshctl version                 client and daemon versions
+    kmeshctl dump [-o json]          listeners and clusters as the BPF maps hold them
+    kmeshctl stats [--once]          busiest clusters and endpoints, refreshing (top-like)
+    kmeshctl log --level LEVEL       change the daemon's log level at runtime
+
+It talks to the admin API only (``--admin``, default $KMESH_ADMIN or
+127.0.0.1:15200), so it needs no privileges.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import click
+
+from kmesh import __version__
+
+DEFAULT_ADMIN = "127.0.0.1:15200"
+
+
+class AdminError(click.ClickException):
+    exit_code = 2
+
+
+def _request(admin: str, path: str, method: str = "GET") -> bytes:
+    url = f"http://{admin}{path}"
+    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace").strip()
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except (ValueError, AttributeError):
+            pass
+        raise AdminError(f"{method} {url}: {e.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise AdminError(f"cannot reach kmesh-daemon's admin API at {admin} ({reason}); is it running? "
+                         "(systemctl status kmesh; or pass --admin HOST:PORT)") from None
+
+
+def _get_json(admin: str, path: str):
+    return json.loads(_request(admin, path))
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--admin", envvar="KMESH_ADMIN", default=DEFAULT_ADMIN, show_default=True,
+              help="kmesh-daemon's admin address ($KMESH_ADMIN)")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def main(ctx, admin: str, output: str):
+    """Look into a running kmesh-daemon."""
+    ctx.obj = {"admin": admin, "output": output}
+
+
+@main.command()
+@click.pass_obj
+def version(obj):
+    """Client and daemon versions."""
+    daemon = _get_json(obj["admin"], "/version")["version"]
+    if obj["output"] == "json":
+        click.echo(json.dumps({"client": __version__, "daemon": daemon}))
+    else:
+        click.echo(f"kmeshctl {__version__}\nkmesh-daemon {daemon}")
+
+
+@main.command()
+@click.pass_obj
+def dump(obj):
+    """Listeners and clusters as the BPF maps hold them."""
+    maps = _get_json(obj["admin"], "/bpf/kmesh/maps")
+    status = _get_json(obj["admin"], "/status")
+    if obj["output"] == "json":
+        click.echo(json.dumps({"status": status, "maps": maps}, indent=2, sort_keys=True))
+        return
+    clusters = maps.get("km_cluster", {})
+    click.echo(f"config version {status.get('config_version')} ({status.get('mode')}), "
+               f"{status.get('listeners')} listener addresses, {status.get('clusters')} clusters\n")
+    rows = []
+    for addr, rec in sorted(maps.get("km_listener", {}).items()):
+        total = rec["total_weight"] or 1
+        rows.append([addr, ", ".join(
+            f"{clusters.get(str(c['cluster_id']), {}).get('name') or c['cluster_id']} "
+            f"({100 * c['weight'] / total:.0f}%)" for c in rec["clusters"])])
+    click.echo(_table(rows, ["LISTENER", "CLUSTERS"]))
+    click.echo()
+    rows = [[cid, c.get("name") or "-", c["lb_policy"], ", ".join(
+        f"{e['address']}" + (f" w={e['weight']}" if e["weight"] != 1 else "") for e in c["endpoints"])]
+        for cid, c in sorted(clusters.items(), key=lambda kv: int(kv[0]))]
+    click.echo(_table(rows, ["ID", "CLUSTER", "LB", "ENDPOINTS"]))
+
+
+def _scrape(admin: str) -> dict[str, dict]:
+    """destination_cluster -> {"opened", "closed", "active", "endpoints": {ep: {...}}} from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict] = {}
+    for fam in text_string_to_metric_families(_request(admin, "/metrics").decode()):
+        kind = {"kmesh_tcp_connections_opened": "opened", "kmesh_tcp_connections_closed": "closed",
+                "kmesh_tcp_connections_active": "active"}.get(fam.name)
+        if not kind:
+            continue
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue
+            c = out.setdefault(s.labels["destination_cluster"],
+                               {"opened": 0, "closed": 0, "active": 0, "endpoints": {}})
+            c[kind] += s.value
+            c["endpoints"].setdefault(s.labels["endpoint"], {"opened": 0, "closed": 0, "active": 0})[kind] += s.value
+    return out
+
+
+def _stats_rows(now: dict, before: dict | None, seconds: float, top: int) -> list[list]:
+    rows = []
+    for name, c in now.items():
+        rate = (c["opened"] - before[name]["opened"]) / seconds if before and name in before else None
+        rows.append((rate or 0, c["opened"], [name, f"{rate:.1f}" if rate is not None else "-",
+                                              int(c["active"]), int(c["opened"]), int(c["closed"]),
+                                              len(c["endpoints"])]))
+    rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    return [r[2] for r in rows[:top]]
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="print one table and exit (for scripts)")
+@click.option("--interval", default=2.0, show_default=True, help="seconds between refreshes")
+@click.option("--top", default=20, show_default=True, help="clusters shown")
+@click.pass_obj
+def stats(obj, once: bool, interval: float, top: int):
+    """The busiest clusters: new connections per second, active, opened, closed."""
+    header = ["CLUSTER", "CONN/S", "ACTIVE", "OPENED", "CLOSED", "ENDPOINTS"]
+    before, t_before = None, 0.0
+    while True:
+        now, t_now = _scrape(obj["admin"]), time.monotonic()
+        if obj["output"] == "json":
+            click.echo(json.dumps(now, sort_keys=True))
+        else:
+            rows = _stats_rows(now, before, t_now - t_before, top)
+            if not once:
+                click.echo("\x1b[2J\x1b[H", nl=False)   # clear the screen, like top
+            click.echo(_table(rows, header) if rows else "no connections redirected yet")
+        if once:
+            return
+        before, t_before = now, t_now
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+@main.command()
+@click.option("--level", required=True, type=click.Choice(["debug", "info", "warn", "error"]))
+@click.pass_obj
+def log(obj, level: str):
+    """Change the daemon's log level at runtime (until it restarts)."""
+    got = json.loads(_request(obj["admin"], f"/logging?level={level}", method="POST"))
+    click.echo(json.dumps(got) if obj["output"] == "json" else f"log level is now {got['level']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

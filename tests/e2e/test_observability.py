@@ -1,0 +1,111 @@
+"""Counters, /metrics and kmeshctl on the real kernel: N connections through
+a VIP show up as exactly N opened and N closed for the right cluster and
+endpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.test_l4 import vip
+from tests.support import harness
+from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
+
+KMESHCTL = harness.BIN / "kmeshctl"
+
+
+def metrics(k) -> dict[tuple, float]:
+    """(sample name, sorted labels) -> value."""
+    status, body = k.get("/metrics", raw=True)
+    assert status == 200
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def ctl(k, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+TRACK = ("-track-connections",)
+
+
+def test_connections_are_counted_per_cluster_and_endpoint(kmesh, cgroup, backends):
+    a, b = backends("A", "B")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr), lb_ep(*b.addr))]),
+              extra_args=TRACK)
+    assert cgroup.curl(f"http://{v}/[1-10]") == ["A", "B"] * 5
+    cgroup.run(["curl", "-sS", "--max-time", "2", f"http://127.0.0.1:{harness.free_port()}/"])  # not a VIP
+    m = metrics(k)
+    for ep in (a, b):
+        labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{ep.port}"))
+        assert m[("kmesh_tcp_connections_opened_total", labels)] == 5
+        assert m[("kmesh_tcp_connections_closed_total", labels)] == 5
+        assert m[("kmesh_tcp_connections_active", labels)] == 0
+    assert m[("kmesh_listener_redirects_total", (("listener", f"{v}:80"),))] == 10
+    assert m[("kmesh_connects_total", (("decision", "redirect"),))] == 10
+    assert m[("kmesh_connects_total", (("decision", "no_listener"),))] >= 1
+    assert m[("kmesh_config_version", ())] == 1
+    assert m[("kmesh_map_entries", (("map", "km_listener"),))] == 1
+    assert m[("kmesh_bpf_program_attached", (("program", "kmesh_connect4"),))] == 1
+
+
+def test_opened_only_without_tracking(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]))
+    cgroup.curl(f"http://{v}/[1-4]")
+    m = metrics(k)
+    labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{a.port}"))
+    assert m[("kmesh_tcp_connections_opened_total", labels)] == 4
+    assert ("kmesh_tcp_connections_closed_total", labels) not in m
+
+
+def test_active_connections_while_open(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]), extra_args=TRACK)
+    holder = cgroup.popen([harness.sys.executable, str(harness.CLIENT), "hold", v, "80", "3"],
+                          stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    try:
+        assert json.loads(holder.stdout.readline())["held"] == 3
+        labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{a.port}"))
+        assert metrics(k)[("kmesh_tcp_connections_active", labels)] == 3
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert metrics(k)[("kmesh_tcp_connections_active", labels)] == 0
+
+
+def test_kmeshctl(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]), extra_args=TRACK)
+    cgroup.curl(f"http://{v}/[1-3]")
+    r = ctl(k, "version")
+    assert r.returncode == 0 and "kmesh-daemon" in r.stdout, r.stderr
+    r = ctl(k, "dump")
+    assert r.returncode == 0 and f"{v}:80" in r.stdout and "web (100%)" in r.stdout, r.stdout + r.stderr
+    r = ctl(k, "-o", "json", "dump")
+    assert json.loads(r.stdout)["maps"]["km_listener"][f"{v}:80"]["clusters"][0]["weight"] == 1
+    r = ctl(k, "stats", "--once")
+    assert r.returncode == 0 and "web" in r.stdout, r.stdout + r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("web"))
+    assert line.split()[3] == "3"      # OPENED
+    r = ctl(k, "-o", "json", "stats", "--once")
+    assert json.loads(r.stdout)["web"]["opened"] == 3
+    r = ctl(k, "log", "--level", "debug")
+    assert r.returncode == 0 and "debug" in r.stdout
+    assert "log level changed" in k.log()
+
+
+def test_kmeshctl_with_the_daemon_down():
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{harness.free_port()}", "version"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "cannot reach kmesh-daemon's admin API" in r.stderr and "is it running?" in r.stderr
