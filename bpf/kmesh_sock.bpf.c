@@ -40,8 +40,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);
 	stat_listener_redirect(ip, port);
-	if (ctx->sk)
-		endpoint_track(ctx->sk, cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST);
+	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST);
 	ctx->user_ip4 = ep->ip;
 	ctx->user_port = ep->port;
 	return SOCK_ALLOW;
@@ -51,6 +50,6 @@ SEC("cgroup/sock_release")
 int kmesh_sock_release(struct bpf_sock *sk)
 {
 	if (sk->type == SOCK_STREAM)
-		endpoint_untrack(sk);
+		endpoint_untrack(bpf_get_socket_cookie(sk));
 	return SOCK_ALLOW;
 }

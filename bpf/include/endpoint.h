@@ -35,48 +35,46 @@ static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __
 /* Remember where a redirected socket went (for the counters at close and,
  * with ``counted``, LEAST_REQUEST's active count). A second connect() on
  * the same socket moves what the first one recorded. */
-static __always_inline void endpoint_track(struct bpf_sock *sk, __u32 cluster_id, const struct kmesh_endpoint *ep,
+static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_endpoint *ep,
 					   bool counted)
 {
 	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
+	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
+					  .flags = counted ? KMESH_SOCK_COUNTED : 0 };
 	struct kmesh_sock_state *st;
 	struct kmesh_ep_counters *c = ep_counters(cluster_id, &key);
 
 	if (c)
 		c->opened += 1;
-	/* Remembering the socket costs an allocation: only when its close
-	 * matters (LEAST_REQUEST, or close counting switched on). */
 	if (!counted && !track_connections())
 		return;
-	st = bpf_sk_storage_get(&km_sock_ep, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
-		return;
-	if (st->flags & KMESH_SOCK_COUNTED)
-		endpoint_active_add(&st->ep, -1);
-	if ((st->ep.ip || st->ep.port) && (c = ep_counters(st->cluster_id, &st->ep)))
-		c->closed += 1; /* that connect never became a connection */
-	st->ep = key;
-	st->cluster_id = cluster_id;
-	st->flags = counted ? KMESH_SOCK_COUNTED : 0;
-	if (counted)
+	st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+	if (st) {
+		if (st->flags & KMESH_SOCK_COUNTED)
+			endpoint_active_add(&st->ep, -1);
+		c = ep_counters(st->cluster_id, &st->ep);
+		if (c)
+			c->closed += 1; /* that connect never became a connection */
+	}
+	/* Map full: this socket is not tracked (and, for LEAST_REQUEST, not
+	 * counted, so nothing is taken back for it either). */
+	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY) == 0 && counted)
 		endpoint_active_add(&key, 1);
 }
 
-static __always_inline void endpoint_untrack(struct bpf_sock *sk)
+static __always_inline void endpoint_untrack(__u64 cookie)
 {
-	struct kmesh_sock_state *st = bpf_sk_storage_get(&km_sock_ep, sk, 0, 0);
+	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
 	struct kmesh_ep_counters *c;
 
-	if (!st || !(st->ep.ip || st->ep.port))
+	if (!st)
 		return;
 	if (st->flags & KMESH_SOCK_COUNTED)
 		endpoint_active_add(&st->ep, -1);
 	c = ep_counters(st->cluster_id, &st->ep);
 	if (c)
 		c->closed += 1;
-	st->ep.ip = 0;
-	st->ep.port = 0;
-	st->flags = 0;
+	bpf_map_delete_elem(&km_sock_ep, &cookie);
 }
 
 #endif /* __KMESH_ENDPOINT_H__ */

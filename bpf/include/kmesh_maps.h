@@ -35,11 +35,13 @@ struct {
 	__type(value, struct kmesh_ep_stats);
 } km_ep_active SEC(".maps");
 
-/* Where a redirected socket was sent; freed with the socket. */
+/* Where a tracked socket was sent, by socket cookie, until it is released.
+ * Preallocated (no BPF_F_NO_PREALLOC): an insert takes a free element
+ * instead of allocating, which keeps tracking cheap enough to leave on. */
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_TRACKED_SOCKETS);
+	__type(key, __u64);
 	__type(value, struct kmesh_sock_state);
 } km_sock_ep SEC(".maps");
 

@@ -27,6 +27,8 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 	/* Same-host sockets accelerated at once (two per connection). */
 	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* Redirected sockets open at once whose close is counted. */
+	KMESH_MAX_TRACKED_SOCKETS = 65536,
 	/* (cluster, endpoint) pairs with counters. */
 	KMESH_MAX_ENDPOINT_STATS = 65536,
 	/* Local IPv4 addresses and listening sockets remembered. */
@@ -149,7 +151,7 @@ enum kmesh_listen_flag {
 	KMESH_LISTEN_NONBLOCK = 1,
 };
 
-/* What a redirected socket remembers (km_sock_ep, socket-local storage):
+/* What is remembered of a tracked socket (km_sock_ep, by socket cookie):
  * where it went, for the counters at close and for LEAST_REQUEST. */
 struct kmesh_sock_state {
 	struct kmesh_addr ep;
@@ -163,9 +165,8 @@ enum kmesh_sock_flag {
 
 /* Value of km_config (one entry), written by the daemon. */
 struct kmesh_config {
-	/* Remember every redirected socket (socket-local storage) so that its
-	 * close is counted: closed/active metrics. Costs an allocation per
-	 * connection; LEAST_REQUEST clusters are tracked regardless. */
+	/* Remember every redirected socket so that its close is counted:
+	 * closed/active metrics. LEAST_REQUEST clusters are tracked regardless. */
 	__u32 track_connections;
 	__u32 reserved;
 };

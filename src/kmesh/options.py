@@ -19,7 +19,7 @@ class Options:
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     log_level: str = "info"
     enable_sockmap: bool = False   # same-host acceleration (sockops + sk_msg)
-    track_connections: bool = False  # count closes too (closed/active metrics): ~300 ns more per connect
+    track_connections: bool = True  # count closes too (closed/active metrics): ~200 ns more per connect
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

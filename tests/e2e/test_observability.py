@@ -31,7 +31,7 @@ def ctl(k, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
-TRACK = ("-track-connections",)
+TRACK = ()   # tracking closes is the default
 
 
 def test_connections_are_counted_per_cluster_and_endpoint(kmesh, cgroup, backends):
@@ -58,7 +58,8 @@ def test_connections_are_counted_per_cluster_and_endpoint(kmesh, cgroup, backend
 def test_opened_only_without_tracking(kmesh, cgroup, backends):
     (a,) = backends("A")
     v = vip()
-    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]))
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]),
+              extra_args=("-track-connections=false",))
     cgroup.curl(f"http://{v}/[1-4]")
     m = metrics(k)
     labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{a.port}"))

@@ -53,7 +53,7 @@ def test_enums_and_offsets_match_header(tmp_path):
 LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
-    3: "772f0753b3a3a116",   # + counters (km_stats*, km_config), km_sock_ep holds the cluster too
+    3: "397d8babdce12fd5",   # + counters (km_stats*, km_config); km_sock_ep by socket cookie, with the cluster
 }
 
 
