@@ -40,7 +40,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);
 	stat_listener_redirect(ip, port);
-	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST);
+	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST, ip, port);
 	ctx->user_ip4 = ep->ip;
 	ctx->user_port = ep->port;
 	return SOCK_ALLOW;

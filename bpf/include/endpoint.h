@@ -36,11 +36,12 @@ static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __
  * with ``counted``, LEAST_REQUEST's active count). A second connect() on
  * the same socket moves what the first one recorded. */
 static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_endpoint *ep,
-					   bool counted)
+					   bool counted, __u32 vip_ip, __u16 vip_port)
 {
 	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
 	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
-					  .flags = counted ? KMESH_SOCK_COUNTED : 0 };
+					  .flags = counted ? KMESH_SOCK_COUNTED : 0,
+					  .vip = { .ip = vip_ip, .port = vip_port } };
 	struct kmesh_sock_state *st;
 	struct kmesh_ep_counters *c = ep_counters(cluster_id, &key);
 
@@ -56,10 +57,34 @@ static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const
 		if (c)
 			c->closed += 1; /* that connect never became a connection */
 	}
+	fresh.opened_ns = bpf_ktime_get_ns();
 	/* Map full: this socket is not tracked (and, for LEAST_REQUEST, not
 	 * counted, so nothing is taken back for it either). */
 	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY) == 0 && counted)
 		endpoint_active_add(&key, 1);
+}
+
+/* An access log record for a closing socket, when the log is on. A full
+ * ring buffer drops the record and counts it. */
+static __always_inline void conn_event(const struct kmesh_sock_state *st)
+{
+	struct kmesh_config *cfg = kmesh_config();
+	struct kmesh_conn_event *ev;
+
+	if (!cfg || !cfg->access_log)
+		return;
+	ev = bpf_ringbuf_reserve(&km_events, sizeof(*ev), 0);
+	if (!ev) {
+		stat_inc(KMESH_STAT_EVENTS_DROPPED);
+		return;
+	}
+	ev->opened_ns = st->opened_ns;
+	ev->closed_ns = bpf_ktime_get_ns();
+	ev->vip = st->vip;
+	ev->ep = st->ep;
+	ev->cluster_id = st->cluster_id;
+	ev->reserved = 0;
+	bpf_ringbuf_submit(ev, 0);
 }
 
 static __always_inline void endpoint_untrack(__u64 cookie)
@@ -69,6 +94,7 @@ static __always_inline void endpoint_untrack(__u64 cookie)
 
 	if (!st)
 		return;
+	conn_event(st);
 	if (st->flags & KMESH_SOCK_COUNTED)
 		endpoint_active_add(&st->ep, -1);
 	c = ep_counters(st->cluster_id, &st->ep);

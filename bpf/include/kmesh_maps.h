@@ -52,6 +52,12 @@ struct {
 	__type(value, struct kmesh_config);
 } km_config SEC(".maps");
 
+/* Connection records for the access log (only while it is on). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, KMESH_EVENTS_BYTES);
+} km_events SEC(".maps");
+
 /* Counters, per CPU so that the hot path never shares a cache line; the
  * daemon sums them for /metrics. */
 struct {

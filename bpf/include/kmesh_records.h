@@ -27,6 +27,8 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 	/* Same-host sockets accelerated at once (two per connection). */
 	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* Access log ring buffer (bytes, a power of two). */
+	KMESH_EVENTS_BYTES = 1048576,
 	/* Redirected sockets open at once whose close is counted. */
 	KMESH_MAX_TRACKED_SOCKETS = 65536,
 	/* (cluster, endpoint) pairs with counters. */
@@ -156,7 +158,22 @@ enum kmesh_listen_flag {
 struct kmesh_sock_state {
 	struct kmesh_addr ep;
 	__u32 cluster_id;
-	__u32 flags; /* KMESH_SOCK_* */
+	__u32 flags;     /* KMESH_SOCK_* */
+	struct kmesh_addr vip; /* what the application connected to */
+	__u64 opened_ns; /* bpf_ktime_get_ns() at connect */
+};
+
+/* One record of km_events (ring buffer) per closed tracked connection,
+ * while the access log is on: the daemon turns them into log lines.
+ * (sock_release cannot read the socket's addresses or byte counts; those
+ * will come from sockops state callbacks.) */
+struct kmesh_conn_event {
+	__u64 opened_ns;
+	__u64 closed_ns;
+	struct kmesh_addr vip;
+	struct kmesh_addr ep;
+	__u32 cluster_id;
+	__u32 reserved;
 };
 
 enum kmesh_sock_flag {
@@ -168,7 +185,8 @@ struct kmesh_config {
 	/* Remember every redirected socket so that its close is counted:
 	 * closed/active metrics. LEAST_REQUEST clusters are tracked regardless. */
 	__u32 track_connections;
-	__u32 reserved;
+	/* Send a kmesh_conn_event per closed tracked connection. */
+	__u32 access_log;
 };
 
 /* Key of km_stats_endpoint: one endpoint of one cluster. */
@@ -190,7 +208,8 @@ enum kmesh_stat {
 	KMESH_STAT_NO_CLUSTER = 2,  /* VIP whose clusters are gone: left alone */
 	KMESH_STAT_NO_ENDPOINT = 3, /* VIP whose cluster has no endpoint: left alone */
 	KMESH_STAT_REDIRECTS = 4,
-	KMESH_STAT_MAX = 5,
+	KMESH_STAT_EVENTS_DROPPED = 5, /* access log records the ring buffer had no room for */
+	KMESH_STAT_MAX = 6,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

@@ -6,10 +6,16 @@
 
 #include "kmesh_maps.h"
 
-static __always_inline bool track_connections(void)
+static __always_inline struct kmesh_config *kmesh_config(void)
 {
 	__u32 zero = 0;
-	struct kmesh_config *cfg = bpf_map_lookup_elem(&km_config, &zero);
+
+	return bpf_map_lookup_elem(&km_config, &zero);
+}
+
+static __always_inline bool track_connections(void)
+{
+	struct kmesh_config *cfg = kmesh_config();
 
 	return cfg && cfg->track_connections;
 }

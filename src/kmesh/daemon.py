@@ -84,6 +84,7 @@ class Daemon:
         self.admin = None
         self.ads = None
         self.sockmap: sockmap_mod.Sockmap | None = None
+        self.accesslog = None
         self.sockmap_state = "off"        # on, off, draining (off, connections still enrolled)
         self._next_housekeeping = 0.0
 
@@ -123,6 +124,12 @@ class Daemon:
         self._dataplane = dp
         dp.maps["km_config"].update(records.ctypes.c_uint32(0),
                                     records.KmeshConfig(int(self.opts.track_connections), 0))
+        from kmesh.accesslog import AccessLog
+
+        self.accesslog = AccessLog(dp.map_fds["km_events"], dp.maps["km_config"], self.cluster_names,
+                                   self.opts.access_log_file, self.opts.access_log_rate, self.opts.track_connections)
+        if self.opts.access_log:
+            self.accesslog.set(True)
         if dp.sockmap:
             self._sockmap_on()
         else:
@@ -271,6 +278,10 @@ class Daemon:
             self.ads.stop()
         if self.admin:
             self.admin.stop()
+        if self.accesslog:
+            if self.accesslog.enabled:
+                self.accesslog.set(False)   # nobody reads the ring buffer from now on
+            self.accesslog.close()
         if self._dataplane:
             self._dataplane.close()
         log.info("kmesh-daemon stopped; its programs stay attached with the last config until the next start "

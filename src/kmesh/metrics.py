@@ -73,6 +73,17 @@ class DaemonCollector:
         for prog, on in d.programs_attached().items():
             g.add_metric([prog], 1 if on else 0)
         yield g
+        if d.accesslog:
+            st = d.accesslog.status()
+            c = CounterMetricFamily("kmesh_access_log_lines", "Access log lines written.")
+            c.add_metric([], st["written"])
+            yield c
+            c = CounterMetricFamily("kmesh_access_log_dropped", "Access log records dropped.", labels=["reason"])
+            c.add_metric(["rate_limit"], st["rate_dropped"])
+            stats = d.bpf_maps().get("km_stats")
+            c.add_metric(["ring_buffer_full"],
+                         (stats.sum(records.ctypes.c_uint32(records.Stat.EVENTS_DROPPED)) or 0) if stats else 0)
+            yield c
         sm = d.sockmap_status()
         g = GaugeMetricFamily("kmesh_sockmap_sockets", "Sockets enrolled for same-host acceleration.",
                               labels=["state"])

@@ -20,6 +20,9 @@ class Options:
     log_level: str = "info"
     enable_sockmap: bool = False   # same-host acceleration (sockops + sk_msg)
     track_connections: bool = True  # count closes too (closed/active metrics): ~200 ns more per connect
+    access_log: bool = False        # a JSON line per closed connection (switchable at runtime)
+    access_log_file: str = ""       # "" : stdout (journald under systemd)
+    access_log_rate: int = 1000     # lines per second at most
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

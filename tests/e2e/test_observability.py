@@ -110,3 +110,53 @@ def test_kmeshctl_with_the_daemon_down():
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "cannot reach kmesh-daemon's admin API" in r.stderr and "is it running?" in r.stderr
+
+
+def _lines(path, n, timeout=10):
+    end = harness.time.monotonic() + timeout
+    while harness.time.monotonic() < end:
+        got = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if len(got) >= n:
+            return got
+        harness.time.sleep(0.05)
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_access_log_records_match_the_connections(kmesh, cgroup, backends, tmp_path):
+    a, b = backends("A", "B")
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr), lb_ep(*b.addr))]),
+              extra_args=("-access-log", f"-access-log-file={log}"))
+    cgroup.curl(f"http://{v}/[1-6]")
+    got = _lines(log, 6)
+    assert len(got) == 6, got
+    assert {r["upstream_host"] for r in got} == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+    assert all(r["upstream_cluster"] == "web" and r["downstream_local_address"] == f"{v}:80" for r in got)
+    assert all(0 <= r["duration_ms"] < 10_000 for r in got), got
+    assert all(abs(r["start_time"] - harness.time.time()) < 60 for r in got), got
+    # off: no more lines
+    r = ctl(k, "accesslog", "off")
+    assert r.returncode == 0 and "access log off" in r.stdout, r.stderr
+    cgroup.curl(f"http://{v}/[1-3]")
+    harness.time.sleep(0.5)
+    assert len(_lines(log, 7, timeout=1)) == 6
+    r = ctl(k, "accesslog", "on")
+    assert "access log on" in r.stdout
+    cgroup.curl(f"http://{v}/")
+    assert len(_lines(log, 7)) == 7
+
+
+def test_access_log_storm_is_bounded(kmesh, cgroup, backends, tmp_path):
+    (a,) = backends("A")
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]),
+              extra_args=("-access-log", f"-access-log-file={log}", "-access-log-rate=5"))
+    cgroup.curl(f"http://{v}/[1-60]")
+    harness.time.sleep(1)
+    st = k.get("/accesslog")
+    assert st["written"] <= 10 and st["rate_dropped"] >= 50, st
+    assert k.get("/ready", raw=True)[0] == 200
+    m = metrics(k)
+    assert m[("kmesh_access_log_dropped_total", (("reason", "rate_limit"),))] == st["rate_dropped"]

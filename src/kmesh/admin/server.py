@@ -29,6 +29,8 @@ HELP = {
     "GET /metrics": "Prometheus metrics: connects by decision, per listener and per cluster/endpoint "
                     "connections, config and xDS health, map fill, programs",
     "POST /logging?level=LEVEL": "change the log level at runtime (debug, info, warn, error)",
+    "GET /accesslog": "access log state: on or off, where it goes, lines written and dropped",
+    "POST /accesslog/on, /accesslog/off": "switch the access log at runtime",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
 }
@@ -87,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, d.dump_maps())
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())
+        elif path == "/accesslog":
+            self._send(200, d.accesslog.status() if d.accesslog else {"enabled": False})
         elif path == "/metrics":
             if self.registry is None:
                 type(self).registry = metrics.registry_for(d)
@@ -109,6 +113,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {"level": self.daemon.set_log_level(query.get("level", ""))})
             except ValueError as e:
                 self._send(400, {"error": str(e)})
+            return
+        if path in ("/accesslog/on", "/accesslog/off"):
+            if not self.daemon.accesslog:
+                self._send(503, {"error": "the data path is not loaded yet"})
+                return
+            self.daemon.accesslog.set(path.endswith("/on"))
+            self._send(200, self.daemon.accesslog.status())
             return
         if path in ("/sockmap/on", "/sockmap/off"):
             try:

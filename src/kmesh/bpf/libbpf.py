@@ -77,6 +77,10 @@ bpf_prog_detach2 = _fn("bpf_prog_detach2", _c.c_int, _c.c_int, _c.c_int, _c.c_in
 bpf_map_update_elem = _fn("bpf_map_update_elem", _c.c_int, _c.c_int, _vp, _vp, _c.c_uint64)
 bpf_map_lookup_elem = _fn("bpf_map_lookup_elem", _c.c_int, _c.c_int, _vp, _vp)
 libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", _c.c_int)
+RingBufferSampleFn = _c.CFUNCTYPE(_c.c_int, _vp, _vp, _c.c_size_t)
+ring_buffer__new = _fn("ring_buffer__new", _vp, _c.c_int, RingBufferSampleFn, _vp, _vp)
+ring_buffer__poll = _fn("ring_buffer__poll", _c.c_int, _vp, _c.c_int)
+ring_buffer__free = _fn("ring_buffer__free", None, _vp)
 bpf_map_delete_elem = _fn("bpf_map_delete_elem", _c.c_int, _c.c_int, _vp)
 bpf_map_get_next_key = _fn("bpf_map_get_next_key", _c.c_int, _c.c_int, _vp, _vp)
 bpf_map_update_batch = _fn("bpf_map_update_batch", _c.c_int, _c.c_int, _vp, _vp, _c.POINTER(_c.c_uint32), _vp)
@@ -277,6 +281,33 @@ class PerCpuMap(Map):
                 setattr(total, name, sum(getattr(v, name) for v in values))
             return total
         return sum(values)
+
+
+class RingBuffer:
+    """Records of a BPF_MAP_TYPE_RINGBUF map, handed to ``on_record(bytes)``
+    by ``poll()`` (call it from one thread)."""
+
+    def __init__(self, map_fd: int, on_record):
+        def sample(_ctx, data, size):
+            on_record(_c.string_at(data, size))
+            return 0
+
+        self._cb = RingBufferSampleFn(sample)   # keep a reference: libbpf calls it
+        self._rb = ring_buffer__new(map_fd, self._cb, None, None)
+        if not self._rb:
+            err = _c.get_errno() or errno.EINVAL
+            raise BpfError(err, f"ring buffer: {os.strerror(err)}")
+
+    def poll(self, timeout_ms: int) -> int:
+        rc = ring_buffer__poll(self._rb, timeout_ms)
+        if rc < 0 and rc != -errno.EINTR:
+            _check(rc, "ring buffer poll")
+        return max(rc, 0)
+
+    def close(self) -> None:
+        if self._rb:
+            ring_buffer__free(self._rb)
+            self._rb = None
 
 
 class BpfObject:

@@ -124,6 +124,7 @@ class Dataplane:
         self._lock_fd = -1
         self.maps: dict[str, libbpf.Map] = {}
         self.prog_fds: dict[str, int] = {}
+        self.map_fds: dict[str, int] = {}
         self._attach_types: dict[str, int] = {}
         self.took_over = False
         self.pinned_layout: int | None = None   # of the maps found pinned; None: none were
@@ -199,6 +200,8 @@ class Dataplane:
                         "stop that daemon, or remove the stale pins with `kmesh-daemon cleanup`.")
             raise LoaderError(f"{e}{hint}") from None
         self._objs.append(obj)
+        for name, h in handles.items():   # every map, typed or not (km_events: a ring buffer)
+            self.map_fds[name] = libbpf.bpf_map__fd(h)
         for name, (ktype, vtype) in map_types.items():
             cls = libbpf.PerCpuMap if name in PERCPU_MAPS else libbpf.Map
             self.maps[name] = cls(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)

@@ -26,6 +26,7 @@ KMESH_MAX_TRACKED_ENDPOINTS = 65536
 KMESH_MAX_SOCKMAP_SOCKETS = 65536
 KMESH_MAX_ENDPOINT_STATS = 65536
 KMESH_MAX_TRACKED_SOCKETS = 65536
+KMESH_EVENTS_BYTES = 1048576
 KMESH_MAX_LOCAL_ADDRS = 1024
 KMESH_MAX_LISTENERS_TRACKED = 16384
 KMESH_SOCKMAP_TURN_BYTES = 131072
@@ -41,6 +42,7 @@ LIMITS = {
     "KMESH_MAX_SOCKMAP_SOCKETS": KMESH_MAX_SOCKMAP_SOCKETS,
     "KMESH_MAX_ENDPOINT_STATS": KMESH_MAX_ENDPOINT_STATS,
     "KMESH_MAX_TRACKED_SOCKETS": KMESH_MAX_TRACKED_SOCKETS,
+    "KMESH_EVENTS_BYTES": KMESH_EVENTS_BYTES,
     "KMESH_MAX_LOCAL_ADDRS": KMESH_MAX_LOCAL_ADDRS,
     "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
     "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
@@ -118,11 +120,17 @@ class KmeshSockTurn(ctypes.Structure):
 
 
 class KmeshConfig(ctypes.Structure):
-    _fields_ = [("track_connections", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32)]
 
 
 class KmeshSockState(ctypes.Structure):
-    _fields_ = [("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+    _fields_ = [("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("vip", KmeshAddr), ("opened_ns", ctypes.c_uint64)]
+
+
+class KmeshConnEvent(ctypes.Structure):
+    _fields_ = [("opened_ns", ctypes.c_uint64), ("closed_ns", ctypes.c_uint64), ("vip", KmeshAddr),
+                ("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
 
 class KmeshEpKey(ctypes.Structure):
@@ -141,9 +149,10 @@ class Stat(enum.IntEnum):
     NO_CLUSTER = 2
     NO_ENDPOINT = 3
     REDIRECTS = 4
+    EVENTS_DROPPED = 5
 
 
-KMESH_STAT_MAX = 5
+KMESH_STAT_MAX = 6
 
 
 class KmeshMeta(ctypes.Structure):
@@ -167,6 +176,7 @@ STRUCTS = {
     "kmesh_sock_turn": KmeshSockTurn,
     "kmesh_sock_state": KmeshSockState,
     "kmesh_config": KmeshConfig,
+    "kmesh_conn_event": KmeshConnEvent,
     "kmesh_ep_key": KmeshEpKey,
     "kmesh_ep_counters": KmeshEpCounters,
 }

@@ -4,6 +4,7 @@
     kmeshctl dump [-o json]          listeners and clusters as the BPF maps hold them
     kmeshctl stats [--once]          busiest clusters and endpoints, refreshing (top-like)
     kmeshctl log --level LEVEL       change the daemon's log level at runtime
+    kmeshctl accesslog on|off|status switch the per-connection access log
 
 It talks to the admin API only (``--admin``, default $KMESH_ADMIN or
 127.0.0.1:15200), so it needs no privileges.
@@ -168,6 +169,22 @@ def log(obj, level: str):
     """Change the daemon's log level at runtime (until it restarts)."""
     got = json.loads(_request(obj["admin"], f"/logging?level={level}", method="POST"))
     click.echo(json.dumps(got) if obj["output"] == "json" else f"log level is now {got['level']}")
+
+
+@main.command()
+@click.argument("state", type=click.Choice(["on", "off", "status"]))
+@click.pass_obj
+def accesslog(obj, state: str):
+    """Switch the access log (a JSON line per closed connection) on or off."""
+    if state == "status":
+        got = _get_json(obj["admin"], "/accesslog")
+    else:
+        got = json.loads(_request(obj["admin"], f"/accesslog/{state}", method="POST"))
+    if obj["output"] == "json":
+        click.echo(json.dumps(got))
+    else:
+        click.echo(f"access log {'on' if got['enabled'] else 'off'} ({got.get('to', '-')}): "
+                   f"{got.get('written', 0)} lines written, {got.get('rate_dropped', 0)} dropped by the rate limit")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ def _opt(name: str, **kw):
 @_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
 @_opt("track-connections", default=True, help="remember each redirected socket so that closes are counted "
       "(kmesh_tcp_connections_closed/active); ~200 ns per connect", **_BOOL)
+@_opt("access-log", default=False, help="a JSON line per closed connection (also POST /accesslog/on|off, "
+      "kmeshctl accesslog on|off)", **_BOOL)
+@_opt("access-log-file", default="", help="where access log lines go (default: stdout, journald under systemd)")
+@_opt("access-log-rate", default=1000, type=int, help="access log lines per second at most; more are dropped "
+      "and counted")
 @click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,
               show_default=True, help="accelerate same-host TCP connections with sockops + sk_msg "
               "(Kmesh's mda); false turns it off, also when an earlier run left it on", **_BOOL)
