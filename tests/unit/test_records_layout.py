@@ -38,17 +38,21 @@ def test_structs_match_btf(bpf_object):
         assert c_members == py_members, f"struct {cname} members differ"
 
 
-def test_enums_and_offsets_match_header(tmp_path):
-    """Compile a probe against the header with the host compiler."""
-    want = {name: value for consts in records.ENUMS.values() for name, value in consts.items()}
-    lines = [f'printf("{n} %lld\\n", (long long){n});' for n in want]
+def header_probe(tmp_path, printfs: list[str]) -> dict[str, str]:
+    """Compile ``printfs`` ("NAME VALUE" lines) against the header with the
+    host compiler and run them."""
     src = tmp_path / "probe.c"
-    src.write_text("#include <stdio.h>\n#include <linux/types.h>\n#include \"kmesh_records.h\"\n"
-                   "int main(void) {\n" + "\n".join(lines) + "\nreturn 0; }\n")
+    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n#include \"kmesh_records.h\"\n"
+                   "int main(void) {\n" + "\n".join(printfs) + "\nreturn 0; }\n")
     exe = tmp_path / "probe"
     subprocess.run(["cc", "-I", str(ROOT / "bpf" / "include"), str(src), "-o", str(exe)], check=True)
-    got = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                        check=True).stdout.splitlines())
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def test_enums_and_offsets_match_header(tmp_path):
+    want = {name: value for consts in records.ENUMS.values() for name, value in consts.items()}
+    got = header_probe(tmp_path, [f'printf("{n} %lld\\n", (long long){n});' for n in want])
     assert {k: int(v) for k, v in got.items()} == want
 
 
@@ -104,13 +108,7 @@ def test_struct_layouts_match_header(tmp_path):
     for cname, cls in records.STRUCTS.items():
         lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
         lines += [f'printf("{cname}.{f} %zu\\n", offsetof(struct {cname}, {f}));' for f, *_ in cls._fields_]
-    src = tmp_path / "layout.c"
-    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n#include \"kmesh_records.h\"\n"
-                   "int main(void) {\n" + "\n".join(lines) + "\nreturn 0; }\n")
-    exe = tmp_path / "layout"
-    subprocess.run(["cc", "-I", str(ROOT / "bpf" / "include"), str(src), "-o", str(exe)], check=True)
-    got = dict(line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
-                                                        check=True).stdout.splitlines())
+    got = header_probe(tmp_path, lines)
     want = {}
     for cname, cls in records.STRUCTS.items():
         want[cname] = str(ctypes.sizeof(cls))
