@@ -78,6 +78,9 @@ class AdsClient:
         self._thread.join(timeout=5)
 
     def _set(self, state: str, error: str | None = None) -> None:
+        # While (re)connecting, keep showing why the last attempt failed.
+        if state == "connecting":
+            error = self.connection.get("error")
         self.connection.update(state=state, since=time.time(), error=error)
 
     def _run(self) -> None:
