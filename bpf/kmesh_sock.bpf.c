@@ -29,7 +29,6 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
 	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
-	stat_inc(KMESH_STAT_CONNECTS);
 	/* Anything short of a redirect leaves the connect as the app asked:
 	 * without an endpoint it fails as it would without kmesh. */
 	d = kmesh_decide(ip, port, &c, &ep, &cluster_id);

@@ -201,15 +201,15 @@ struct kmesh_ep_counters {
 	__u64 closed; /* of those, sockets released */
 };
 
-/* Index of km_stats (per CPU): what connect4 decided. */
+/* Index of km_stats (per CPU): what connect4 decided (their sum is every
+ * TCP connect seen, so that is not counted apart). */
 enum kmesh_stat {
-	KMESH_STAT_CONNECTS = 0,    /* TCP connects seen */
-	KMESH_STAT_NO_LISTENER = 1, /* not a VIP: left alone */
-	KMESH_STAT_NO_CLUSTER = 2,  /* VIP whose clusters are gone: left alone */
-	KMESH_STAT_NO_ENDPOINT = 3, /* VIP whose cluster has no endpoint: left alone */
-	KMESH_STAT_REDIRECTS = 4,
-	KMESH_STAT_EVENTS_DROPPED = 5, /* access log records the ring buffer had no room for */
-	KMESH_STAT_MAX = 6,
+	KMESH_STAT_NO_LISTENER = 0, /* not a VIP: left alone */
+	KMESH_STAT_NO_CLUSTER = 1,  /* VIP whose clusters are gone: left alone */
+	KMESH_STAT_NO_ENDPOINT = 2, /* VIP whose cluster has no endpoint: left alone */
+	KMESH_STAT_REDIRECTS = 3,
+	KMESH_STAT_EVENTS_DROPPED = 4, /* access log records the ring buffer had no room for */
+	KMESH_STAT_MAX = 5,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

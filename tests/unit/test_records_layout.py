@@ -64,7 +64,7 @@ def test_enums_and_offsets_match_header(tmp_path):
 LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
-    3: "529b6f21f5f60b72",   # + counters, km_config, km_events; km_sock_ep by socket cookie
+    3: "bac686cdf8b55d91",   # + counters, km_config, km_events; km_sock_ep by socket cookie
 }
 
 

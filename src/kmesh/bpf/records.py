@@ -144,15 +144,14 @@ class KmeshEpCounters(ctypes.Structure):
 class Stat(enum.IntEnum):
     """enum kmesh_stat: index of km_stats."""
 
-    CONNECTS = 0
-    NO_LISTENER = 1
-    NO_CLUSTER = 2
-    NO_ENDPOINT = 3
-    REDIRECTS = 4
-    EVENTS_DROPPED = 5
+    NO_LISTENER = 0
+    NO_CLUSTER = 1
+    NO_ENDPOINT = 2
+    REDIRECTS = 3
+    EVENTS_DROPPED = 4
 
 
-KMESH_STAT_MAX = 6
+KMESH_STAT_MAX = 5
 
 
 class KmeshMeta(ctypes.Structure):
