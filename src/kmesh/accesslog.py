@@ -28,17 +28,13 @@ log = logging.getLogger("kmesh.accesslog")
 DEFAULT_RATE = 1000   # lines per second
 
 
-def _addr(a: records.KmeshAddr) -> str:
-    return f"{records.ip_of(a.ip)}:{records.port_of(a.port)}"
-
-
 def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset: float) -> dict:
     """The log record of one event (pure: easy to test)."""
     return {
         "start_time": round(boot_offset + ev.opened_ns / 1e9, 6),
         "duration_ms": round((ev.closed_ns - ev.opened_ns) / 1e6, 3),
-        "downstream_local_address": _addr(ev.vip),
-        "upstream_host": _addr(ev.ep),
+        "downstream_local_address": records.addr_text(ev.vip),
+        "upstream_host": records.addr_text(ev.ep),
         "upstream_cluster": cluster_names.get(ev.cluster_id, f"#{ev.cluster_id}"),
     }
 
@@ -101,13 +97,15 @@ class AccessLog:
                 time.sleep(1)
 
     def set(self, on: bool) -> None:
+        """Switch the log; also writes km_config's close tracking, which the
+        log needs (its records come from tracked sockets)."""
         if on and self.path and self._out is None:
             self._out = open(self.path, "a", buffering=1)
-        # Records come from tracked sockets: the log tracks them while on.
         self.config_map.update(ctypes.c_uint32(0),
                                records.KmeshConfig(int(self.track_connections or on), int(on)))
+        if on != self.enabled:
+            log.info("access log " + ("on" if on else "off"), extra={"kv": {"to": self.path or "stdout"}})
         self.enabled = on
-        log.info("access log " + ("on" if on else "off"), extra={"kv": {"to": self.path or "stdout"}})
 
     def status(self) -> dict:
         return {"enabled": self.enabled, "to": self.path or "stdout", "written": self.written,

@@ -122,14 +122,12 @@ class Daemon:
         except (loader.LoaderError, OSError) as e:
             raise StartError(str(e)) from None
         self._dataplane = dp
-        dp.maps["km_config"].update(records.ctypes.c_uint32(0),
-                                    records.KmeshConfig(int(self.opts.track_connections), 0))
         from kmesh.accesslog import AccessLog
 
+        # The access log writes km_config (close tracking and the log switch).
         self.accesslog = AccessLog(dp.map_fds["km_events"], dp.maps["km_config"], self.cluster_names,
                                    self.opts.access_log_file, self.opts.access_log_rate, self.opts.track_connections)
-        if self.opts.access_log:
-            self.accesslog.set(True)
+        self.accesslog.set(self.opts.access_log)
         if dp.sockmap:
             self._sockmap_on()
         else:

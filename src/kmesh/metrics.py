@@ -20,10 +20,6 @@ _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_
               records.Stat.NO_CLUSTER: "no_cluster", records.Stat.NO_ENDPOINT: "no_endpoint"}
 
 
-def _addr(a: records.KmeshAddr) -> str:
-    return f"{records.ip_of(a.ip)}:{records.port_of(a.port)}"
-
-
 class DaemonCollector:
     """Reads a running Daemon at scrape time."""
 
@@ -102,7 +98,7 @@ class DaemonCollector:
         c = CounterMetricFamily("kmesh_listener_redirects", "Connects to a listener address redirected.",
                                 labels=["listener"])
         for key in list(m.keys()):
-            c.add_metric([_addr(key)], m.sum(key) or 0)
+            c.add_metric([records.addr_text(key)], m.sum(key) or 0)
         yield c
 
     def _endpoints(self, m, closes: bool) -> Iterator:
@@ -119,7 +115,7 @@ class DaemonCollector:
             v = m.sum(key)
             if v is None:
                 continue
-            labels = [names.get(key.cluster_id, f"#{key.cluster_id}"), _addr(key.ep)]
+            labels = [names.get(key.cluster_id, f"#{key.cluster_id}"), records.addr_text(key.ep)]
             opened.add_metric(labels, v.opened)
             closed.add_metric(labels, v.closed)
             active.add_metric(labels, max(0, v.opened - v.closed))

@@ -120,7 +120,7 @@ def test_addresses_are_network_order():
     k = records.addr_key("127.100.0.1", 80)
     assert bytes(k)[:4] == bytes([127, 100, 0, 1])
     assert bytes(k)[4:6] == (80).to_bytes(2, "big")
-    assert records.decode_listener_key(k) == "127.100.0.1:80"
+    assert records.addr_text(k) == "127.100.0.1:80"
 
 
 def test_smooth_wrr_interleaves():

@@ -28,6 +28,7 @@ import fcntl
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,26 @@ SOCK_HASH = "km_sock_hash"
 CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_connect4")
 SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
 PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH}
+
+
+@contextmanager
+def pinned_map(pin: Path, name: str):
+    """A pinned map of MAP_TYPES/SOCKMAP_MAP_TYPES, opened for the block."""
+    fd = libbpf.obj_get(str(pin))
+    try:
+        yield libbpf.Map(name, fd, *{**MAP_TYPES, **SOCKMAP_MAP_TYPES}[name])
+    finally:
+        os.close(fd)
+
+
+def detach_pinned_link(pin: Path) -> None:
+    """Detach the bpf_link pinned at ``pin`` and remove the pin."""
+    fd = libbpf.obj_get(str(pin))
+    try:
+        libbpf.link_detach(fd)
+    finally:
+        os.close(fd)
+    pin.unlink(missing_ok=True)
 
 
 def default_object_dir() -> str:
@@ -136,13 +157,11 @@ class Dataplane:
         pin = self.map_dir / META_MAP
         if not pin.exists():
             return 0   # pinned before km_meta existed
-        fd = libbpf.obj_get(str(pin))
         try:
-            got = libbpf.Map(META_MAP, fd, *MAP_TYPES[META_MAP]).lookup(ctypes.c_uint32(0))
+            with pinned_map(pin, META_MAP) as meta:
+                got = meta.lookup(ctypes.c_uint32(0))
         except OSError:
             return 0
-        finally:
-            os.close(fd)
         return int(got.layout_version) if got is not None else 0
 
     # -- load -------------------------------------------------------------
@@ -309,11 +328,7 @@ def cleanup(bpf_fs_path: str) -> list[str]:
     if link_dir.is_dir():
         for pin in sorted(link_dir.iterdir()):
             try:
-                fd = libbpf.obj_get(str(pin))
-                try:
-                    libbpf.link_detach(fd)
-                finally:
-                    os.close(fd)
+                detach_pinned_link(pin)
             except OSError as e:
                 log.warning("could not detach pinned link", extra={"kv": {"pin": str(pin), "error": str(e)}})
             pin.unlink(missing_ok=True)

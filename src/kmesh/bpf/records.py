@@ -320,7 +320,7 @@ def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
     return tuple(out)
 
 
-def decode_listener_key(key: KmeshAddr) -> str:
+def addr_text(key: KmeshAddr) -> str:
     return f"{ip_of(key.ip)}:{port_of(key.port)}"
 
 

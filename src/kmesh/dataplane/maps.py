@@ -60,8 +60,8 @@ class ConfigMaps:
             d = records.decode_cluster(v)
             d["name"] = names.get(int(k.value))
             clusters[str(int(k.value))] = d
-        listeners = {records.decode_listener_key(k): records.decode_listener(v) for k, v in self.listener.items()}
+        listeners = {records.addr_text(k): records.decode_listener(v) for k, v in self.listener.items()}
         out = {"km_listener": listeners, "km_cluster": clusters}
         if self.ep_active is not None:
-            out["km_ep_active"] = {records.decode_listener_key(k): v.active for k, v in self.ep_active.items()}
+            out["km_ep_active"] = {records.addr_text(k): v.active for k, v in self.ep_active.items()}
         return out

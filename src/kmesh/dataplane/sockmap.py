@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -74,11 +73,8 @@ def pinned_sockets(map_dir: Path) -> int | None:
     pin = map_dir / loader.SOCK_HASH
     if not pin.exists():
         return None
-    fd = libbpf.obj_get(str(pin))
-    try:
-        return sum(1 for _ in libbpf.Map(loader.SOCK_HASH, fd, *loader.SOCKMAP_MAP_TYPES[loader.SOCK_HASH]).keys())
-    finally:
-        os.close(fd)
+    with loader.pinned_map(pin, loader.SOCK_HASH) as m:
+        return sum(1 for _ in m.keys())
 
 
 QUIESCE_SECONDS = 1.0
@@ -100,29 +96,19 @@ def turn_off_pinned(pin_root: Path) -> str:
     cfg_pin = map_dir / "km_sockmap_cfg"
     if not cfg_pin.exists():
         return "none"
-    fd = libbpf.obj_get(str(cfg_pin))
-    try:
-        libbpf.Map("km_sockmap_cfg", fd, *loader.SOCKMAP_MAP_TYPES["km_sockmap_cfg"]).update(
-            _ZERO, records.KmeshSockmapCfg(0, 0))
-    finally:
-        os.close(fd)
-    _detach_pinned(link_dir / "kmesh_sockops")
+    with loader.pinned_map(cfg_pin, "km_sockmap_cfg") as cfg:
+        cfg.update(_ZERO, records.KmeshSockmapCfg(0, 0))
+    _detach_if_pinned(link_dir / "kmesh_sockops")
     left = pinned_sockets(map_dir) or 0
     if left:
         return "draining"
-    _detach_pinned(link_dir / "kmesh_sk_msg")
+    _detach_if_pinned(link_dir / "kmesh_sk_msg")
     for name in _MAPS:
         (map_dir / name).unlink(missing_ok=True)
     log.info("same-host acceleration removed (it is off and no connection uses it)")
     return "removed"
 
 
-def _detach_pinned(pin: Path) -> None:
-    if not pin.exists():
-        return
-    fd = libbpf.obj_get(str(pin))
-    try:
-        libbpf.link_detach(fd)
-    finally:
-        os.close(fd)
-    pin.unlink()
+def _detach_if_pinned(pin: Path) -> None:
+    if pin.exists():
+        loader.detach_pinned_link(pin)
