@@ -59,14 +59,15 @@ static void wait_for(int fd, short events)
 		;
 }
 
-/* All of buf, or -1 when the peer is gone. */
-static int send_all(int fd, const char *buf, size_t len)
+/* Send (out) or receive all of buf, waiting with poll() whenever the
+ * socket would block; -1 when the peer is gone. */
+static int io_all(int fd, char *buf, size_t len, int out)
 {
 	while (len) {
-		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+		ssize_t n = out ? send(fd, buf, len, MSG_NOSIGNAL) : recv(fd, buf, len, 0);
 
 		if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-			wait_for(fd, POLLOUT);
+			wait_for(fd, out ? POLLOUT : POLLIN);
 			continue;
 		}
 		if (n <= 0)
@@ -77,22 +78,8 @@ static int send_all(int fd, const char *buf, size_t len)
 	return 0;
 }
 
-static int recv_all(int fd, char *buf, size_t len)
-{
-	while (len) {
-		ssize_t n = recv(fd, buf, len, 0);
-
-		if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-			wait_for(fd, POLLIN);
-			continue;
-		}
-		if (n <= 0)
-			return -1;
-		buf += n;
-		len -= n;
-	}
-	return 0;
-}
+#define send_all(fd, buf, len) io_all(fd, (char *)(buf), len, 1)
+#define recv_all(fd, buf, len) io_all(fd, buf, len, 0)
 
 static struct sockaddr_in loopback(int port)
 {
@@ -177,6 +164,7 @@ static int serve(int port, int echo)
 		pthread_create(&t, NULL, serve_conn, c);
 		pthread_detach(t);
 	}
+	return 0; /* not reached: servers run until killed */
 }
 
 struct rr_thread {
