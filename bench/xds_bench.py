@@ -17,6 +17,10 @@ the service VIP on the shared 0.0.0.0_9080 listener's route), and measures:
   median of --updates runs;
 * a curl through one VIP, inside the daemon's own child cgroup, as a check.
 
+Prints a markdown table, writes bench/results/xds.json and a plot beside it
+(xds.png: push time and RSS against mesh size); ``--plot-only`` redraws the
+plot from an earlier JSON.
+
 The daemon governs only a child cgroup made for the run; VIPs are loopback
 (127.101.0.0/16 ...); everything is removed at the end, also on failure.
 """
@@ -148,12 +152,43 @@ def start_consecutive_backends(n: int, attempts: int = 20) -> list:
     raise SystemExit("could not bind consecutive backend ports")
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["services"] for r in rows]
+    fig, (push, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    push.plot(n, [r["push_to_consistent_s"] * 1000 for r in rows], marker="o", label="push → consistent maps")
+    push.plot(n, [r["update_ms_median"] for r in rows], marker="x", label="one-endpoint update (median)")
+    push.axhline(TARGETS["apply_10000_s"] * 1000, color="gray", linestyle=":", label="target at 10 000: 1 s")
+    push.set_yscale("log")
+    push.set_ylabel("ms")
+    mem.plot(n, [r["rss_mb"] for r in rows], marker="o", label="RSS, maps consistent")
+    mem.plot(n, [r["rss_idle_mb"] for r in rows], marker="x", linestyle="--", label="RSS, idle daemon")
+    mem.axhline(TARGETS["rss_mb"], color="gray", linestyle=":", label=f"target: {TARGETS['rss_mb']} MB")
+    mem.set_ylabel("MB")
+    for ax, title in ((push, "ADS push time"), (mem, "kmesh-daemon memory")):
+        ax.set_xscale("log")
+        ax.set_xlabel("services (Istio-shaped, 3 endpoints each)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--updates", type=int, default=20)
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "xds.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
     args = ap.parse_args()
+    out = Path(args.output)
+    if args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return 0
     if os.geteuid() != 0:
         sys.exit("run as root (it loads BPF programs into a child cgroup)")
     harness.ensure_bpffs()
@@ -178,8 +213,10 @@ def main() -> int:
         print(f"\ntargets: 10 000 services ≤ {TARGETS['apply_10000_s']} s: {big['push_to_consistent_s']} s; "
               f"update ≤ {TARGETS['update_ms']} ms: {big['update_ms_median']} ms; "
               f"RSS ≤ {TARGETS['rss_mb']} MB: {big['rss_mb']} MB")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(rows, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    plot(rows, out.with_suffix(".png"))
+    print(f"[xds-bench] wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
 
 

@@ -3,7 +3,11 @@
  * kmesh L4 data path, attached to the governed cgroup:
  *   cgroup/connect4      rewrites a TCP connect to a service VIP into a
  *                        connect to the endpoint its cluster chooses;
- *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count.
+ *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count
+ *                        (and ends the tracking of a socket that never
+ *                        sent a SYN);
+ *   sockops              watches tracked sockets from their SYN to CLOSE:
+ *                        closed/failed counters, bytes, access log records.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -13,7 +17,8 @@
 #include "decision.h"
 #include "endpoint.h"
 
-#define SOCK_ALLOW 1 /* cgroup sock_addr verdict: let the syscall go on */
+#define SOCK_ALLOW 1   /* cgroup sock_addr verdict: let the syscall go on */
+#define SOCKOPS_DONE 1 /* sockops return value: ignored by these callbacks */
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -38,7 +43,6 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		return SOCK_ALLOW;
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);
-	stat_listener_redirect(ip, port);
 	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST, ip, port);
 	ctx->user_ip4 = ep->ip;
 	ctx->user_port = ep->port;
@@ -49,6 +53,21 @@ SEC("cgroup/sock_release")
 int kmesh_sock_release(struct bpf_sock *sk)
 {
 	if (sk->type == SOCK_STREAM)
-		endpoint_untrack(bpf_get_socket_cookie(sk));
+		endpoint_release(bpf_get_socket_cookie(sk));
 	return SOCK_ALLOW;
+}
+
+SEC("sockops")
+int kmesh_conn_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		conn_watch(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			conn_closed(skops);
+		break;
+	}
+	return SOCKOPS_DONE;
 }

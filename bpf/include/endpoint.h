@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Active-connection accounting per endpoint (LEAST_REQUEST). */
+/* Per-socket tracking of redirected connections: LEAST_REQUEST active
+ * counts, and the end of each connection (counters, access log record). */
 #ifndef __KMESH_ENDPOINT_H__
 #define __KMESH_ENDPOINT_H__
+
+#include <bpf/bpf_endian.h>
 
 #include "kmesh_maps.h"
 #include "stats.h"
@@ -32,41 +35,27 @@ static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __
 	__sync_fetch_and_add(&st->active, delta);
 }
 
-/* Remember where a redirected socket went (for the counters at close and,
- * with ``counted``, LEAST_REQUEST's active count). A second connect() on
- * the same socket moves what the first one recorded. */
-static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_endpoint *ep,
-					   bool counted, __u32 vip_ip, __u16 vip_port)
-{
-	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
-	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
-					  .flags = counted ? KMESH_SOCK_COUNTED : 0,
-					  .vip = { .ip = vip_ip, .port = vip_port } };
-	struct kmesh_sock_state *st;
-	struct kmesh_ep_counters *c = ep_counters(cluster_id, &key);
+/* How a tracked connection ended: for its counters and its access log
+ * record. */
+struct kmesh_conn_end {
+	struct kmesh_addr src;
+	__u64 bytes_to_ep;
+	__u64 bytes_from_ep;
+	__u32 result; /* enum kmesh_conn_result */
+};
 
-	if (c)
-		c->opened += 1;
-	if (!counted && !track_connections())
-		return;
-	st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
-	if (st) {
-		if (st->flags & KMESH_SOCK_COUNTED)
-			endpoint_active_add(&st->ep, -1);
-		c = ep_counters(st->cluster_id, &st->ep);
-		if (c)
-			c->closed += 1; /* that connect never became a connection */
-	}
-	fresh.opened_ns = bpf_ktime_get_ns();
-	/* Map full: this socket is not tracked (and, for LEAST_REQUEST, not
-	 * counted, so nothing is taken back for it either). */
-	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY) == 0 && counted)
-		endpoint_active_add(&key, 1);
+/* Give back a LEAST_REQUEST socket's active count, once: release and the
+ * CLOSE state callback can run at the same time on two CPUs (a reset
+ * arriving while the application closes). */
+static __always_inline void release_counted(struct kmesh_sock_state *st)
+{
+	if (__sync_fetch_and_and(&st->flags, ~KMESH_SOCK_COUNTED) & KMESH_SOCK_COUNTED)
+		endpoint_active_add(&st->ep, -1);
 }
 
 /* An access log record for a closing socket, when the log is on. A full
  * ring buffer drops the record and counts it. */
-static __always_inline void conn_event(const struct kmesh_sock_state *st)
+static __always_inline void conn_event(const struct kmesh_sock_state *st, const struct kmesh_conn_end *end)
 {
 	struct kmesh_config *cfg = kmesh_config();
 	struct kmesh_conn_event *ev;
@@ -80,26 +69,135 @@ static __always_inline void conn_event(const struct kmesh_sock_state *st)
 	}
 	ev->opened_ns = st->opened_ns;
 	ev->closed_ns = bpf_ktime_get_ns();
+	ev->bytes_to_ep = end->bytes_to_ep;
+	ev->bytes_from_ep = end->bytes_from_ep;
+	ev->src = end->src;
 	ev->vip = st->vip;
 	ev->ep = st->ep;
 	ev->cluster_id = st->cluster_id;
-	ev->reserved = 0;
+	ev->result = end->result;
 	bpf_ringbuf_submit(ev, 0);
 }
 
-static __always_inline void endpoint_untrack(__u64 cookie)
+/* Everything the end of a tracked connection updates, except removing its
+ * entry. */
+static __always_inline void conn_account(struct kmesh_sock_state *st, const struct kmesh_conn_end *end)
+{
+	conn_event(st, end);
+	release_counted(st);
+	counters_closed(ep_counters(st->cluster_id, &st->ep), end->result, end->bytes_to_ep, end->bytes_from_ep);
+	counters_closed(conn_counters(&km_stats_listener, &st->vip), end->result, end->bytes_to_ep,
+			end->bytes_from_ep);
+}
+
+/* Remember where a redirected socket went (for the counters at close and,
+ * with ``counted``, LEAST_REQUEST's active count). A second connect() on
+ * the same socket ends what the first one recorded. */
+static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_endpoint *ep,
+					   bool counted, __u32 vip_ip, __u16 vip_port)
+{
+	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
+	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
+					  .flags = counted ? KMESH_SOCK_COUNTED : 0,
+					  .vip = { .ip = vip_ip, .port = vip_port } };
+	struct kmesh_sock_state *st;
+
+	stat_opened(&fresh.vip, cluster_id, &key);
+	if (!counted && !track_connections())
+		return;
+	st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+	if (st) {
+		struct kmesh_conn_end end = { .result = KMESH_CONN_FAILED };
+
+		conn_account(st, &end); /* that connect never became a connection */
+	}
+	fresh.opened_ns = bpf_ktime_get_ns();
+	/* Map full: this socket is not tracked (and, for LEAST_REQUEST, not
+	 * counted, so nothing is taken back for it either). */
+	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY) == 0 && counted)
+		endpoint_active_add(&key, 1);
+}
+
+/* The application released the socket (sock_release runs before TCP's
+ * close). A watched socket is counted when TCP reaches CLOSE, with its
+ * bytes: here only its LEAST_REQUEST count goes. One that never sent a SYN
+ * (connect() failed before it) ends here. */
+static __always_inline void endpoint_release(__u64 cookie)
 {
 	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
-	struct kmesh_ep_counters *c;
+	struct kmesh_conn_end end = { .result = KMESH_CONN_FAILED };
 
 	if (!st)
 		return;
-	conn_event(st);
-	if (st->flags & KMESH_SOCK_COUNTED)
-		endpoint_active_add(&st->ep, -1);
-	c = ep_counters(st->cluster_id, &st->ep);
-	if (c)
-		c->closed += 1;
+	if (st->flags & KMESH_SOCK_WATCHED) {
+		/* (The element is preallocated: if the CLOSE callback deleted
+		 * it this instant and another socket took it, this clears that
+		 * socket's flag. A race of microseconds, costing one count.) */
+		release_counted(st);
+		return;
+	}
+	conn_account(st, &end);
+	bpf_map_delete_elem(&km_sock_ep, &cookie);
+}
+
+/* sockops, when a tracked socket sends its SYN: ask for its state changes,
+ * so that its close is seen with its bytes and whether it ever connected. */
+static __always_inline void conn_watch(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+
+	if (!st)
+		return;
+	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) == 0)
+		__sync_fetch_and_or(&st->flags, KMESH_SOCK_WATCHED);
+}
+
+/* The state a socket left for CLOSE tells how its connection ended. */
+static __always_inline __u32 close_result(__u32 old_state)
+{
+	if (old_state == BPF_TCP_SYN_SENT)
+		return KMESH_CONN_FAILED;
+	/* Leaving these for CLOSE skips this end's FIN handshake: a reset
+	 * (sent or received) or an abort. */
+	if (old_state == BPF_TCP_ESTABLISHED || old_state == BPF_TCP_CLOSE_WAIT || old_state == BPF_TCP_FIN_WAIT1)
+		return KMESH_CONN_RESET;
+	return KMESH_CONN_CLOSED;
+}
+
+/* Payload bytes each way, from the client socket's own counters.
+ * bytes_received counts the peer's FIN as a byte once it arrived (tcp_fin
+ * sets SOCK_DONE); bytes_sent counts data only, retransmits included. */
+static __always_inline void conn_bytes(struct bpf_sock_ops *skops, struct kmesh_conn_end *end)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct tcp_sock *tp;
+
+	if (!bsk)
+		return;
+	tp = bpf_skc_to_tcp_sock(bsk);
+	if (!tp)
+		return;
+	end->bytes_to_ep = tp->bytes_sent - tp->bytes_retrans;
+	end->bytes_from_ep = tp->bytes_received;
+	if (end->bytes_from_ep && (tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & (1UL << SOCK_DONE)))
+		end->bytes_from_ep -= 1;
+}
+
+/* sockops, STATE_CB to CLOSE of a watched socket: count its end. */
+static __always_inline void conn_closed(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+	struct kmesh_conn_end end = {
+		.src = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) },
+		.result = close_result(skops->args[0]),
+	};
+
+	if (!st)
+		return;
+	conn_bytes(skops, &end);
+	conn_account(st, &end);
 	bpf_map_delete_elem(&km_sock_ep, &cookie);
 }
 

@@ -71,14 +71,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, KMESH_MAX_LISTENERS);
 	__type(key, struct kmesh_addr);
-	__type(value, __u64); /* connects redirected */
+	__type(value, struct kmesh_conn_counters);
 } km_stats_listener SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, KMESH_MAX_ENDPOINT_STATS);
 	__type(key, struct kmesh_ep_key);
-	__type(value, struct kmesh_ep_counters);
+	__type(value, struct kmesh_conn_counters);
 } km_stats_endpoint SEC(".maps");
 
 /* The layout version of the maps pinned beside it; the programs never read

@@ -52,7 +52,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 3,
+	KMESH_LAYOUT_VERSION = 4,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -163,21 +163,35 @@ struct kmesh_sock_state {
 	__u64 opened_ns; /* bpf_ktime_get_ns() at connect */
 };
 
+/* How a tracked connection ended (kmesh_conn_event.result). */
+enum kmesh_conn_result {
+	KMESH_CONN_CLOSED = 0, /* closed in an orderly way */
+	/* never established: refused, unreachable, timed out, or connect()
+	 * failed before a SYN was sent */
+	KMESH_CONN_FAILED = 1,
+	KMESH_CONN_RESET = 2,  /* established, then ended without a FIN from this end */
+};
+
 /* One record of km_events (ring buffer) per closed tracked connection,
- * while the access log is on: the daemon turns them into log lines.
- * (sock_release cannot read the socket's addresses or byte counts; those
- * will come from sockops state callbacks.) */
+ * while the access log is on: the daemon turns them into log lines. Bytes
+ * are payload only, as the client socket counted them. */
 struct kmesh_conn_event {
 	__u64 opened_ns;
 	__u64 closed_ns;
+	__u64 bytes_to_ep;   /* the client sent (tcp_sock bytes_sent less retransmits) */
+	__u64 bytes_from_ep; /* the client received */
+	struct kmesh_addr src; /* the client socket's own address */
 	struct kmesh_addr vip;
 	struct kmesh_addr ep;
 	__u32 cluster_id;
-	__u32 reserved;
+	__u32 result; /* enum kmesh_conn_result */
 };
 
 enum kmesh_sock_flag {
 	KMESH_SOCK_COUNTED = 1, /* in km_ep_active (LEAST_REQUEST) */
+	/* its SYN went out and sockops watches its state: the close is
+	 * counted when TCP reaches CLOSE, with its bytes and result */
+	KMESH_SOCK_WATCHED = 2,
 };
 
 /* Value of km_config (one entry), written by the daemon. */
@@ -195,10 +209,15 @@ struct kmesh_ep_key {
 	struct kmesh_addr ep;
 };
 
-/* Value of km_stats_endpoint (per CPU; the daemon sums). */
-struct kmesh_ep_counters {
-	__u64 opened; /* connects redirected to it */
-	__u64 closed; /* of those, sockets released */
+/* Value of km_stats_endpoint and km_stats_listener (per CPU; the daemon
+ * sums). closed, failed and the bytes are counted for tracked sockets
+ * (km_config.track_connections); failed connections are closed ones too. */
+struct kmesh_conn_counters {
+	__u64 opened; /* connects redirected */
+	__u64 closed;
+	__u64 failed; /* of the closed, never established */
+	__u64 bytes_to_ep;
+	__u64 bytes_from_ep;
 };
 
 /* Index of km_stats (per CPU): what connect4 decided (their sum is every

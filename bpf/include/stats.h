@@ -28,29 +28,55 @@ static __always_inline void stat_inc(__u32 idx)
 		*v += 1; /* per CPU: no other writer */
 }
 
-static __always_inline void stat_listener_redirect(__u32 ip, __u16 port)
+/* The counters under ``key`` in km_stats_listener or km_stats_endpoint,
+ * created at zero on first use; NULL when the map is full. */
+static __always_inline struct kmesh_conn_counters *conn_counters(void *map, const void *key)
 {
-	struct kmesh_addr key = { .ip = ip, .port = port };
-	__u64 one = 1, *v = bpf_map_lookup_elem(&km_stats_listener, &key);
-
-	if (v)
-		*v += 1;
-	else
-		bpf_map_update_elem(&km_stats_listener, &key, &one, BPF_NOEXIST);
-}
-
-static __always_inline struct kmesh_ep_counters *ep_counters(__u32 cluster_id, const struct kmesh_addr *ep)
-{
-	struct kmesh_ep_key key = { .cluster_id = cluster_id, .ep = *ep };
-	struct kmesh_ep_counters *c = bpf_map_lookup_elem(&km_stats_endpoint, &key);
+	struct kmesh_conn_counters *c = bpf_map_lookup_elem(map, key);
 
 	if (!c) {
-		struct kmesh_ep_counters zero = {};
+		struct kmesh_conn_counters zero = {};
 
-		bpf_map_update_elem(&km_stats_endpoint, &key, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&km_stats_endpoint, &key);
+		bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(map, key);
 	}
 	return c;
+}
+
+static __always_inline struct kmesh_conn_counters *ep_counters(__u32 cluster_id, const struct kmesh_addr *ep)
+{
+	struct kmesh_ep_key key = { .cluster_id = cluster_id, .ep = *ep };
+
+	return conn_counters(&km_stats_endpoint, &key);
+}
+
+/* A connect redirected from ``vip`` to ``ep`` of the cluster. Only connect4
+ * writes ``opened``, in process context: a plain per-CPU add is enough. */
+static __always_inline void stat_opened(const struct kmesh_addr *vip, __u32 cluster_id, const struct kmesh_addr *ep)
+{
+	struct kmesh_conn_counters *c = conn_counters(&km_stats_listener, vip);
+
+	if (c)
+		c->opened += 1;
+	c = ep_counters(cluster_id, ep);
+	if (c)
+		c->opened += 1;
+}
+
+/* What the end of a connection adds. The close path also runs in softirq
+ * (a reset arriving) and can interrupt a program on the same CPU, hence
+ * atomic adds even in per-CPU values. */
+static __always_inline void counters_closed(struct kmesh_conn_counters *c, __u32 result, __u64 to_ep, __u64 from_ep)
+{
+	if (!c)
+		return;
+	__sync_fetch_and_add(&c->closed, 1);
+	if (result == KMESH_CONN_FAILED)
+		__sync_fetch_and_add(&c->failed, 1);
+	if (to_ep)
+		__sync_fetch_and_add(&c->bytes_to_ep, to_ep);
+	if (from_ep)
+		__sync_fetch_and_add(&c->bytes_from_ep, from_ep);
 }
 
 #endif /* __KMESH_STATS_H__ */

@@ -1,13 +1,18 @@
 """The access log: one JSON line per closed connection, off by default.
 
-Fields (Envoy's access log names): start_time, duration_ms,
-downstream_local_address (the VIP), upstream_host, upstream_cluster. The
-client's address and the bytes each way are not there yet: sock_release
-cannot read them; they need sockops state callbacks.
+Fields, with Envoy's access log names where kmesh stands where Envoy would
+(the client is "downstream", the endpoint "upstream"): start_time,
+duration_ms, downstream_remote_address (the client socket), downstream_local_address
+(the VIP it connected to), upstream_host, upstream_cluster, bytes_received
+(from the client), bytes_sent (to the client), response_flags ("UF" for
+an upstream connection failure, else "-") and kmesh's own ``result``
+(closed, reset, failed). A socket whose connect() failed before sending a
+SYN has no address or bytes.
 
-sock_release puts a kmesh_conn_event into the km_events ring buffer while
-the log is on (``access_log`` in km_config); a thread here turns them into
-lines, to stdout (journald under systemd) or a file. Two bounds keep a
+The sockops program (when TCP reaches CLOSE) or sock_release (a socket
+that never sent a SYN) puts a kmesh_conn_event into the km_events ring
+buffer while the log is on (``access_log`` in km_config); a thread here
+turns them into lines, to stdout (journald under systemd) or a file. Two bounds keep a
 connection storm from flooding the host: the ring buffer's size (records
 that find it full are dropped and counted in the kernel) and a rate limit
 here (records over it are dropped and counted).
@@ -30,12 +35,18 @@ DEFAULT_RATE = 1000   # lines per second
 
 def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset: float) -> dict:
     """The log record of one event (pure: easy to test)."""
+    result = records.ConnResult(ev.result) if ev.result in records.ConnResult.__members__.values() else None
     return {
         "start_time": round(boot_offset + ev.opened_ns / 1e9, 6),
         "duration_ms": round((ev.closed_ns - ev.opened_ns) / 1e6, 3),
+        "downstream_remote_address": records.addr_text(ev.src) if ev.src.ip else None,
         "downstream_local_address": records.addr_text(ev.vip),
         "upstream_host": records.addr_text(ev.ep),
         "upstream_cluster": cluster_names.get(ev.cluster_id, f"#{ev.cluster_id}"),
+        "bytes_received": ev.bytes_to_ep,
+        "bytes_sent": ev.bytes_from_ep,
+        "response_flags": "UF" if result is records.ConnResult.FAILED else "-",
+        "result": result.name.lower() if result is not None else f"#{ev.result}",
     }
 
 

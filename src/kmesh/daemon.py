@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import sdnotify
 
 from kmesh import __version__, log as kmlog, mounts
-from kmesh.bpf import records
+from kmesh.bpf import libbpf, records
 from kmesh.bpf import loader
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
@@ -122,6 +122,9 @@ class Daemon:
         except (loader.LoaderError, OSError) as e:
             raise StartError(str(e)) from None
         self._dataplane = dp
+        if self.opts.bpf_stats:
+            # Counted while this fd is open: it closes with the process.
+            self._bpf_stats_fd = libbpf.enable_stats()
         from kmesh.accesslog import AccessLog
 
         # The access log writes km_config (close tracking and the log switch).
@@ -431,6 +434,9 @@ class Daemon:
 
     def programs_attached(self) -> dict[str, bool]:
         return self._dataplane.attached() if self._dataplane else {}
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        return self._dataplane.program_stats() if self._dataplane else {}
 
     def set_log_level(self, level: str) -> str:
         kmlog.set_level(level)   # ValueError names the levels

@@ -1,10 +1,15 @@
 """/metrics: the BPF counters and the daemon's health, in Prometheus' text
 format (prometheus-client does the exposition).
 
-The counters live in per-CPU BPF maps bumped by connect4 and sock_release;
-they are read and summed only when scraped, so an idle scraper costs the
-data path nothing. Names follow Istio's TCP metrics where one exists
-(``*_connections_opened_total`` / ``*_closed_total``).
+The counters live in per-CPU BPF maps bumped by connect4 (opened) and, for
+tracked sockets, by the sockops program when TCP reaches CLOSE (closed,
+failed, bytes) or by sock_release for a socket that never sent a SYN; they
+are read and summed only when scraped, so an idle scraper costs the data
+path nothing. Names and labels follow Istio's TCP metrics
+(``istio_tcp_connections_opened_total``, ``istio_tcp_received_bytes_total``:
+bytes from the client, ``istio_tcp_sent_bytes_total``: bytes to it).
+Bytes are what went through TCP: same-host acceleration hands messages
+over without it, and those are not counted.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ class DaemonCollector:
         maps = self.d.bpf_maps()
         if maps:
             yield from self._decisions(maps["km_stats"])
-            yield from self._listeners(maps["km_stats_listener"])
-            yield from self._endpoints(maps["km_stats_endpoint"], self.d.opts.track_connections)
+            closes = self.d.opts.track_connections
+            yield from self._listeners(maps["km_stats_listener"], closes)
+            yield from self._endpoints(maps["km_stats_endpoint"], closes)
 
     # -- the daemon -----------------------------------------------------------
     def _health(self) -> Iterator:
@@ -69,6 +75,15 @@ class DaemonCollector:
         for prog, on in d.programs_attached().items():
             g.add_metric([prog], 1 if on else 0)
         yield g
+        runs = CounterMetricFamily("kmesh_bpf_program_runs", "Program runs, counted while BPF stats are on "
+                                   "(-bpf-stats, or sysctl kernel.bpf_stats_enabled=1).", labels=["program"])
+        secs = CounterMetricFamily("kmesh_bpf_program_run_seconds", "Time in the program, counted while BPF "
+                                   "stats are on.", labels=["program"])
+        for prog, (n, ns) in d.program_stats().items():
+            runs.add_metric([prog], n)
+            secs.add_metric([prog], ns / 1e9)
+        yield runs
+        yield secs
         if d.accesslog:
             st = d.accesslog.status()
             c = CounterMetricFamily("kmesh_access_log_lines", "Access log lines written.")
@@ -94,35 +109,55 @@ class DaemonCollector:
             c.add_metric([decision], m.sum(records.ctypes.c_uint32(idx)) or 0)
         yield c
 
-    def _listeners(self, m) -> Iterator:
-        c = CounterMetricFamily("kmesh_listener_redirects", "Connects to a listener address redirected.",
-                                labels=["listener"])
-        for key in list(m.keys()):
-            c.add_metric([records.addr_text(key)], m.sum(key) or 0)
-        yield c
+    def _listeners(self, m, closes: bool) -> Iterator:
+        yield from _conn_families("kmesh_listener", ["listener"], (
+            ([records.addr_text(key)], m.sum(key)) for key in list(m.keys())), closes)
 
     def _endpoints(self, m, closes: bool) -> Iterator:
-        """Opened per (cluster, endpoint); closed and active only when closes
-        are counted (-track-connections)."""
+        """Per (cluster, endpoint); closed, failed, bytes and active only when
+        closes are counted (-track-connections)."""
         names = self.d.cluster_names()
-        opened = CounterMetricFamily("kmesh_tcp_connections_opened", "Connections redirected to an endpoint.",
-                                     labels=["destination_cluster", "endpoint"])
-        closed = CounterMetricFamily("kmesh_tcp_connections_closed", "Of those, sockets closed.",
-                                     labels=["destination_cluster", "endpoint"])
-        active = GaugeMetricFamily("kmesh_tcp_connections_active", "Opened and not yet closed.",
-                                   labels=["destination_cluster", "endpoint"])
-        for key in list(m.keys()):
-            v = m.sum(key)
-            if v is None:
-                continue
-            labels = [names.get(key.cluster_id, f"#{key.cluster_id}"), records.addr_text(key.ep)]
-            opened.add_metric(labels, v.opened)
-            closed.add_metric(labels, v.closed)
-            active.add_metric(labels, max(0, v.opened - v.closed))
-        yield opened
-        if closes:
-            yield closed
-            yield active
+
+        def rows():
+            for key in list(m.keys()):
+                cluster = names.get(key.cluster_id, f"#{key.cluster_id}")
+                yield [destination_service(cluster), cluster, records.addr_text(key.ep)], m.sum(key)
+        yield from _conn_families("kmesh_tcp", ["destination_service", "destination_cluster", "endpoint"],
+                                  rows(), closes)
+
+
+# (suffix, help, KmeshConnCounters field); the first one is counted always.
+_CONN_COUNTERS = (
+    ("connections_opened", "Connections redirected.", "opened"),
+    ("connections_closed", "Of those, closed (failed ones included).", "closed"),
+    ("connections_failed", "Of the closed, never established (refused, unreachable, timed out).", "failed"),
+    ("received_bytes", "Bytes the clients sent (through TCP).", "bytes_to_ep"),
+    ("sent_bytes", "Bytes the clients received (through TCP).", "bytes_from_ep"),
+)
+
+
+def _conn_families(prefix: str, labels: list[str], rows, closes: bool) -> Iterator:
+    """Counter families (and the active gauge) from (label values,
+    KmeshConnCounters) rows."""
+    fams = [CounterMetricFamily(f"{prefix}_{suffix}", text, labels=labels) for suffix, text, _ in _CONN_COUNTERS]
+    active = GaugeMetricFamily(f"{prefix}_connections_active", "Opened and not yet closed.", labels=labels)
+    for values, v in rows:
+        if v is None:
+            continue
+        for fam, (_, _, field) in zip(fams, _CONN_COUNTERS):
+            fam.add_metric(values, getattr(v, field))
+        active.add_metric(values, max(0, v.opened - v.closed))
+    yield fams[0]
+    if closes:
+        yield from fams[1:]
+        yield active
+
+
+def destination_service(cluster: str) -> str:
+    """The service a cluster stands for: the host of an Istio cluster name
+    (``outbound|80||reviews.default.svc.cluster.local``), else the name."""
+    parts = cluster.split("|")
+    return parts[3] if len(parts) == 4 and parts[3] else cluster
 
 
 def registry_for(daemon) -> CollectorRegistry:

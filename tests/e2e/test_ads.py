@@ -87,7 +87,7 @@ def test_traffic_follows_pushes(kmesh, cgroup, backends, xds):
 
     # SIGTERM in ADS mode: the stream is closed; the programs fail static
     assert k.stop() == 0
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS
     assert set(cgroup.curl(f"http://{v}:{PORT}/[1-20]")) == {"A", "B"}
 
 

@@ -124,11 +124,11 @@ def test_sigterm_fails_static_and_cleanup_removes_everything(kmesh, cgroup, back
     (a,) = backends("A")
     v = vip()
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "c1")], [cluster("c1", lb_ep(*a.addr))]))
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS
     assert k.stop(signal.SIGTERM) == 0
     assert "kmesh-daemon stopped" in k.log()
     # Fail static: no daemon, the last config still in force.
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS
     assert cgroup.curl(f"http://{v}/") == ["A"]
     r = subprocess.run([str(harness.BIN / "kmesh-daemon"), f"-bpf-fs-path={k.bpf_fs_path}", "cleanup"],
                        capture_output=True, text=True)
@@ -145,7 +145,7 @@ def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
     k = kmesh(cfg)
     load = cgroup.load(v, 80, 6)
     k.stop(signal.SIGKILL)
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]  # pinned links hold
+    assert sorted(k.attached_programs()) == harness.PROGRAMS  # pinned links hold
     # Served while no daemon runs (the load client shares the RR cursor, so
     # which backend each of these gets is not fixed).
     assert set(cgroup.curl(f"http://{v}/[1-4]")) <= {"A", "B"}
@@ -155,7 +155,7 @@ def test_sigkill_then_restart_keeps_traffic(kmesh, cgroup, backends):
         "clusters_written": 0, "listeners_written": 0, "listeners_deleted": 0, "clusters_deleted": 0}
     report = load.report(stop=False)
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]  # no duplicates
+    assert sorted(k.attached_programs()) == harness.PROGRAMS  # no duplicates
 
 
 def test_restart_with_changed_config_switches_without_gap(kmesh, cgroup, backends):
@@ -211,7 +211,7 @@ def test_upgrade_with_another_record_layout_migrates_without_a_gap(kmesh, cgroup
     assert k.pinned_layout() == records.KMESH_LAYOUT_VERSION
     assert not (k.pin_root / "staging").exists()
     assert {p.name for p in (k.pin_root / "map").iterdir()} >= {*loader.MAP_TYPES, "km_sock_ep", "km_events"}
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS
     assert cgroup.curl(f"http://{v}/[1-3]") == ["B"] * 3
     # and the next restart is an ordinary takeover of the migrated pins
     k.stop(signal.SIGTERM)
@@ -235,4 +235,4 @@ def test_restarts_under_load_never_fail_a_connect(kmesh, cgroup, backends):
     finally:
         report = load.report()
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS

@@ -11,6 +11,7 @@ import threading
 import time
 
 from tests.e2e.test_l4 import vip
+from tests.support import harness
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
 
 _CREDS = struct.calcsize("3i")
@@ -83,7 +84,7 @@ def test_ready_watchdog_and_stopping(kmesh, cgroup, backends, tmp_path):
     ready = lines.index("READY=1")
     statuses = [x for x in lines[:ready] if x.startswith("STATUS=")]
     assert statuses.index("STATUS=applying config") < statuses.index("STATUS=attaching programs"), statuses
-    assert fake.at_ready == {"listeners": 1, "programs": ["kmesh_connect4", "kmesh_sock_release"]}, fake.at_ready
+    assert fake.at_ready == {"listeners": 1, "programs": harness.PROGRAMS}, fake.at_ready
     assert lines[-1] == "STOPPING=1" or "STOPPING=1" in lines[ready:]
     pings = [t for t, _, text in fake.messages if text == "WATCHDOG=1"]
     assert len(pings) >= 4, pings                      # every ~0.2 s for 1.5 s

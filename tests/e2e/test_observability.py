@@ -1,10 +1,14 @@
-"""Counters, /metrics and kmeshctl on the real kernel: N connections through
-a VIP show up as exactly N opened and N closed for the right cluster and
-endpoint."""
+"""Counters, /metrics, the access log and kmeshctl on the real kernel: N
+connections through a VIP show up as exactly N opened and N closed for the
+right listener, cluster and endpoint, with the bytes the clients sent and
+received; a refused endpoint shows as failed."""
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+
+import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +30,21 @@ def metrics(k) -> dict[tuple, float]:
     return out
 
 
+def wait_metrics(k, pred, timeout: float = 10) -> dict[tuple, float]:
+    """/metrics once ``pred`` holds for it: a connection is counted closed
+    when TCP reaches CLOSE, a moment after the client process is done."""
+    end = harness.time.monotonic() + timeout
+    while True:
+        m = metrics(k)
+        if pred(m) or harness.time.monotonic() > end:
+            return m
+        harness.time.sleep(0.05)
+
+
+def ep_labels(cluster: str, port: int) -> tuple:
+    return (("destination_cluster", cluster), ("destination_service", cluster), ("endpoint", f"127.0.0.1:{port}"))
+
+
 def ctl(k, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", *args],
                           capture_output=True, text=True, timeout=30)
@@ -38,21 +57,27 @@ def test_connections_are_counted_per_cluster_and_endpoint(kmesh, cgroup, backend
     a, b = backends("A", "B")
     v = vip()
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr), lb_ep(*b.addr))]),
-              extra_args=TRACK)
+              extra_args=(*TRACK, "-bpf-stats"))
     assert cgroup.curl(f"http://{v}/[1-10]") == ["A", "B"] * 5
     cgroup.run(["curl", "-sS", "--max-time", "2", f"http://127.0.0.1:{harness.free_port()}/"])  # not a VIP
-    m = metrics(k)
+    listener = (("listener", f"{v}:80"),)
+    m = wait_metrics(k, lambda m: m.get(("kmesh_listener_connections_closed_total", listener)) == 10)
     for ep in (a, b):
-        labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{ep.port}"))
+        labels = ep_labels("web", ep.port)
         assert m[("kmesh_tcp_connections_opened_total", labels)] == 5
         assert m[("kmesh_tcp_connections_closed_total", labels)] == 5
+        assert m[("kmesh_tcp_connections_failed_total", labels)] == 0
         assert m[("kmesh_tcp_connections_active", labels)] == 0
-    assert m[("kmesh_listener_redirects_total", (("listener", f"{v}:80"),))] == 10
+    assert m[("kmesh_listener_connections_opened_total", listener)] == 10
+    assert m[("kmesh_listener_connections_failed_total", listener)] == 0
     assert m[("kmesh_connects_total", (("decision", "redirect"),))] == 10
     assert m[("kmesh_connects_total", (("decision", "no_listener"),))] >= 1
     assert m[("kmesh_config_version", ())] == 1
     assert m[("kmesh_map_entries", (("map", "km_listener"),))] == 1
     assert m[("kmesh_bpf_program_attached", (("program", "kmesh_connect4"),))] == 1
+    runs = ("kmesh_bpf_program_runs_total", (("program", "kmesh_connect4"),))
+    assert m[runs] >= 11 and m[("kmesh_bpf_program_run_seconds_total", runs[1])] > 0
+    assert m[("kmesh_bpf_program_runs_total", (("program", "kmesh_conn_ops"),))] >= 10
 
 
 def test_opened_only_without_tracking(kmesh, cgroup, backends):
@@ -62,9 +87,10 @@ def test_opened_only_without_tracking(kmesh, cgroup, backends):
               extra_args=("-track-connections=false",))
     cgroup.curl(f"http://{v}/[1-4]")
     m = metrics(k)
-    labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{a.port}"))
+    labels = ep_labels("web", a.port)
     assert m[("kmesh_tcp_connections_opened_total", labels)] == 4
     assert ("kmesh_tcp_connections_closed_total", labels) not in m
+    assert ("kmesh_tcp_received_bytes_total", labels) not in m
 
 
 def test_active_connections_while_open(kmesh, cgroup, backends):
@@ -75,12 +101,13 @@ def test_active_connections_while_open(kmesh, cgroup, backends):
                           stdout=subprocess.PIPE, stdin=subprocess.PIPE)
     try:
         assert json.loads(holder.stdout.readline())["held"] == 3
-        labels = (("destination_cluster", "web"), ("endpoint", f"127.0.0.1:{a.port}"))
+        labels = ep_labels("web", a.port)
         assert metrics(k)[("kmesh_tcp_connections_active", labels)] == 3
     finally:
         holder.stdin.close()
         holder.wait(10)
-    assert metrics(k)[("kmesh_tcp_connections_active", labels)] == 0
+    assert wait_metrics(k, lambda m: m[("kmesh_tcp_connections_active", labels)] == 0)[
+        ("kmesh_tcp_connections_active", labels)] == 0
 
 
 def test_kmeshctl(kmesh, cgroup, backends):
@@ -103,6 +130,97 @@ def test_kmeshctl(kmesh, cgroup, backends):
     r = ctl(k, "log", "--level", "debug")
     assert r.returncode == 0 and "debug" in r.stdout
     assert "log level changed" in k.log()
+
+
+PEER = harness.ROOT / "tests" / "support" / "sockpeer.py"
+PEER_HEADER = 24   # sockpeer's request header: up, down, seed
+
+
+@pytest.fixture
+def peer_server():
+    """A sockpeer server (outside the test cgroup) as the endpoint."""
+    procs = []
+
+    def start() -> int:
+        port = harness.free_port()
+        p = subprocess.Popen([sys.executable, str(PEER), "serve", str(port)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().startswith("listening")
+        return port
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_bytes_results_and_client_address(kmesh, cgroup, peer_server, tmp_path):
+    """Bytes each way per endpoint and listener and in the access log; an
+    orderly close is "closed", a reset "reset"."""
+    port = peer_server()
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "peer")], [cluster("peer", lb_ep("127.0.0.1", port))]),
+              extra_args=("-access-log", f"-access-log-file={log}"))
+    transfers = [(100_000, 50_000), (3, 1 << 20), (0, 0)]
+    for i, (up, down) in enumerate(transfers):
+        r = cgroup.run([sys.executable, str(PEER), "send", f"{v}:80", str(up), str(down), str(i)])
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"], r.stdout + r.stderr
+    r = cgroup.run([sys.executable, str(PEER), "send", f"{v}:80", "4000000", "0", "9", "abort"])
+    assert r.returncode == 0, r.stderr
+    labels = ep_labels("peer", port)
+    m = wait_metrics(k, lambda m: m.get(("kmesh_tcp_connections_closed_total", labels)) == 4)
+    assert m[("kmesh_tcp_connections_closed_total", labels)] == 4
+    sent_up = sum(up + PEER_HEADER for up, _ in transfers)
+    got_up = m[("kmesh_tcp_received_bytes_total", labels)]
+    assert sent_up < got_up <= sent_up + 4_000_000 + PEER_HEADER   # the aborted one sent part of its 4 MB
+    assert m[("kmesh_tcp_sent_bytes_total", labels)] == sum(down for _, down in transfers)
+    listener = (("listener", f"{v}:80"),)
+    assert m[("kmesh_listener_received_bytes_total", listener)] == got_up
+    assert m[("kmesh_listener_sent_bytes_total", listener)] == m[("kmesh_tcp_sent_bytes_total", labels)]
+
+    got = _lines(log, 4)
+    assert [(r["bytes_received"], r["bytes_sent"], r["result"]) for r in got[:3]] == [
+        (up + PEER_HEADER, down, "closed") for up, down in transfers]
+    assert got[3]["result"] == "reset" and got[3]["response_flags"] == "-"
+    for rec in got:
+        host, _, cport = rec["downstream_remote_address"].rpartition(":")
+        assert host == "127.0.0.1" and 0 < int(cport) < 65536 and int(cport) != port, rec
+        assert rec["upstream_host"] == f"127.0.0.1:{port}" and rec["downstream_local_address"] == f"{v}:80"
+
+
+def test_http_bytes_match_curl(kmesh, cgroup, backends, tmp_path):
+    """The bytes of an HTTP exchange as curl itself counts them."""
+    (a,) = backends("A")
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [cluster("web", lb_ep(*a.addr))]),
+              extra_args=("-access-log", f"-access-log-file={log}"))
+    r = cgroup.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{size_request} %{size_header} %{size_download}",
+                    f"http://{v}/"])
+    req, head, body = map(int, r.stdout.split())
+    (rec,) = _lines(log, 1)
+    assert (rec["bytes_received"], rec["bytes_sent"], rec["result"]) == (req, head + body, "closed")
+    m = wait_metrics(k, lambda m: m.get(("kmesh_tcp_sent_bytes_total", ep_labels("web", a.port))))
+    assert m[("kmesh_tcp_sent_bytes_total", ep_labels("web", a.port))] == head + body
+
+
+def test_refused_endpoint_counts_failed(kmesh, cgroup, tmp_path):
+    dead = harness.free_port()   # nothing listens there
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "dead")], [cluster("dead", lb_ep("127.0.0.1", dead))]),
+              extra_args=("-access-log", f"-access-log-file={log}"))
+    r = cgroup.run(["curl", "-sS", "--max-time", "5", f"http://{v}/"])
+    assert r.returncode == 7, r.stderr   # couldn't connect
+    labels = ep_labels("dead", dead)
+    m = wait_metrics(k, lambda m: m.get(("kmesh_tcp_connections_failed_total", labels)) == 1)
+    assert m[("kmesh_tcp_connections_failed_total", labels)] == 1
+    assert m[("kmesh_tcp_connections_closed_total", labels)] == 1
+    assert m[("kmesh_tcp_connections_active", labels)] == 0
+    assert m[("kmesh_listener_connections_failed_total", (("listener", f"{v}:80"),))] == 1
+    (rec,) = _lines(log, 1)
+    assert (rec["result"], rec["response_flags"], rec["bytes_received"], rec["bytes_sent"]) == ("failed", "UF", 0, 0)
 
 
 def test_kmeshctl_with_the_daemon_down():

@@ -83,13 +83,13 @@ def bpf_stats():
 def test_off_by_default_and_nothing_attached(kmesh, cgroup):
     k = kmesh(bootstrap([], []))
     assert k.get("/sockmap") == {"state": "off", "sockets": 0}
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS
 
 
 def test_integrity_both_ways_with_half_close(kmesh, cgroup, server, bpf_stats):
     k = kmesh(bootstrap([], []), extra_args=("-enable-sockmap",))
     assert k.get("/sockmap")["state"] == "on"
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release", "kmesh_sockops"]
+    assert sorted(k.attached_programs()) == sorted([*harness.PROGRAMS, "kmesh_sockops"])
     port, srv = server()
     runs = sk_msg_runs(k)
     results = []
@@ -218,4 +218,4 @@ def test_restart_without_it_keeps_connections_working(kmesh, cgroup, server):
     t.join(300)
     assert results and results[0]["ok"], results
     assert wait_for(lambda: k.get("/sockmap")["state"] == "off", timeout=15)
-    assert sorted(k.attached_programs()) == ["kmesh_connect4", "kmesh_sock_release"]
+    assert sorted(k.attached_programs()) == harness.PROGRAMS

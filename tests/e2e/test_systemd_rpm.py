@@ -19,14 +19,14 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.support import nspawn
+from tests.support import harness, nspawn
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
 
 VIP, PORT = "127.100.0.10", 80
 BACKENDS = {"A": 18081, "B": 18082}
 CLIENTS = "/sys/fs/cgroup/unified/kmesh-clients"
 BPFFS = "/run/kmesh-bpffs"
-PROGRAMS = ["kmesh_connect4", "kmesh_sock_release"]
+PROGRAMS = harness.PROGRAMS
 SYSCONFIG = f"""\
 KMESH_OPTS="-enable-kmesh -enable-ads=false -config-file /etc/kmesh/kmesh.yaml -admin-address 127.0.0.1:15200"
 KMESH_BPF_FS_PATH={BPFFS}

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from kmesh.bpf.loader import CGROUP_PROGRAMS
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
@@ -28,6 +30,8 @@ BPFFS = Path("/sys/fs/bpf")
 RUN_ID = uuid.uuid4().hex[:8]
 CLIENT = ROOT / "tests" / "support" / "client.py"
 BACKEND = ROOT / "examples" / "backend.py"
+# What a daemon attaches to its cgroup (sorted), without same-host acceleration.
+PROGRAMS = sorted(CGROUP_PROGRAMS)
 
 _counter = 0
 

@@ -3,8 +3,9 @@
 kmesh's sockmap acceleration enrolls). Run inside a test cgroup.
 
     sockpeer.py serve PORT                      accept connections until killed; prints "listening"
-    sockpeer.py send PORT UP DOWN SEED [abort]  one connection: send UP bytes, ask for DOWN bytes
-                                                back; prints JSON with the checks
+    sockpeer.py send [HOST:]PORT UP DOWN SEED [abort]
+                                                one connection (to 127.0.0.1 by default): send UP bytes,
+                                                ask for DOWN bytes back; prints JSON with the checks
 
 Each side writes a deterministic stream (from SEED) in messages of mixed
 sizes, 1 B to 1 MiB, then half-closes (shutdown(SHUT_WR)) and reads the
@@ -138,10 +139,11 @@ def serve(port: int) -> None:
             conn.close()
 
 
-def send(port: int, up: int, down: int, seed: int, abort: bool) -> None:
+def send(dest: str, up: int, down: int, seed: int, abort: bool) -> None:
+    host, _, port = dest.rpartition(":")
     sock = socket.socket()
     sock.setblocking(False)   # before connect(): kmesh reads the mode when it is established
-    if sock.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+    if sock.connect_ex((host or "127.0.0.1", int(port))) not in (0, errno.EINPROGRESS):
         raise ConnectionError("connect failed")
     wait(sock, selectors.EVENT_WRITE)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -159,4 +161,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
     else:
-        send(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "abort" in sys.argv[6:])
+        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "abort" in sys.argv[6:])

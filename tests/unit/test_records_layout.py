@@ -65,6 +65,7 @@ LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
     3: "bac686cdf8b55d91",   # + counters, km_config, km_events; km_sock_ep by socket cookie
+    4: "a4c1af00765d64b4",   # + failed/bytes counters per listener and endpoint; richer conn events
 }
 
 

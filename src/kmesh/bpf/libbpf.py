@@ -171,6 +171,28 @@ class _MapInfo(_c.Structure):
                 ("_rest", _c.c_uint8 * 128)]
 
 
+class ProgInfo(_c.Structure):
+    """struct bpf_prog_info (linux/bpf.h); the daemon reads the run
+    statistics (tests/unit/test_libbpf_layout.py checks the offsets)."""
+
+    _fields_ = [("type", _c.c_uint32), ("id", _c.c_uint32), ("tag", _c.c_uint8 * 8),
+                ("jited_prog_len", _c.c_uint32), ("xlated_prog_len", _c.c_uint32),
+                ("jited_prog_insns", _c.c_uint64), ("xlated_prog_insns", _c.c_uint64),
+                ("load_time", _c.c_uint64), ("created_by_uid", _c.c_uint32), ("nr_map_ids", _c.c_uint32),
+                ("map_ids", _c.c_uint64), ("name", _c.c_char * 16), ("ifindex", _c.c_uint32),
+                ("gpl_compatible", _c.c_uint32), ("netns_dev", _c.c_uint64), ("netns_ino", _c.c_uint64),
+                ("nr_jited_ksyms", _c.c_uint32), ("nr_jited_func_lens", _c.c_uint32),
+                ("jited_ksyms", _c.c_uint64), ("jited_func_lens", _c.c_uint64),
+                ("btf_id", _c.c_uint32), ("func_info_rec_size", _c.c_uint32), ("func_info", _c.c_uint64),
+                ("nr_func_info", _c.c_uint32), ("nr_line_info", _c.c_uint32), ("line_info", _c.c_uint64),
+                ("jited_line_info", _c.c_uint64), ("nr_jited_line_info", _c.c_uint32),
+                ("line_info_rec_size", _c.c_uint32), ("jited_line_info_rec_size", _c.c_uint32),
+                ("nr_prog_tags", _c.c_uint32), ("prog_tags", _c.c_uint64),
+                ("run_time_ns", _c.c_uint64), ("run_cnt", _c.c_uint64), ("recursion_misses", _c.c_uint64),
+                ("verified_insns", _c.c_uint32), ("attach_btf_obj_id", _c.c_uint32),
+                ("attach_btf_id", _c.c_uint32), ("_pad", _c.c_uint32)]
+
+
 class _TestRunOpts(_c.Structure):
     """struct bpf_test_run_opts (libbpf >= 0.7)."""
 
@@ -372,6 +394,14 @@ def link_update(link_fd: int, prog_fd: int) -> None:
 
 def link_detach(link_fd: int) -> None:
     _check(bpf_link_detach(link_fd), "detach bpf_link")
+
+
+def prog_info(prog_fd: int) -> ProgInfo:
+    """The program's info; the array pointers stay 0, so none are filled."""
+    info = ProgInfo()
+    size = _c.c_uint32(_c.sizeof(info))
+    _check(bpf_obj_get_info_by_fd(prog_fd, _c.byref(info), _c.byref(size)), "bpf_prog info")
+    return info
 
 
 def link_info(link_fd: int) -> _LinkInfo:

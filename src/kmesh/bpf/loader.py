@@ -48,8 +48,8 @@ MAP_TYPES = {
     "km_meta": (ctypes.c_uint32, records.KmeshMeta),
     "km_config": (ctypes.c_uint32, records.KmeshConfig),
     "km_stats": (ctypes.c_uint32, ctypes.c_uint64),
-    "km_stats_listener": (records.KmeshAddr, ctypes.c_uint64),
-    "km_stats_endpoint": (records.KmeshEpKey, records.KmeshEpCounters),
+    "km_stats_listener": (records.KmeshAddr, records.KmeshConnCounters),
+    "km_stats_endpoint": (records.KmeshEpKey, records.KmeshConnCounters),
 }
 PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint"}
 SOCKMAP_MAP_TYPES = {
@@ -61,7 +61,7 @@ META_MAP = "km_meta"
 SOCK_HASH = "km_sock_hash"
 # Programs attached to the governed cgroup, in attach order, and what each
 # attaches to: the cgroup, or a map of the object.
-CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_connect4")
+CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4")
 SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
 PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH}
 
@@ -293,6 +293,15 @@ class Dataplane:
         self.migrating = False
         log.info("pinned maps migrated", extra={"kv": {"from_layout": self.pinned_layout,
                                                        "layout": records.KMESH_LAYOUT_VERSION}})
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """name -> (runs, run time in ns) of the loaded programs: counted only
+        while BPF stats are on (bpf_enable_stats or kernel.bpf_stats_enabled)."""
+        out = {}
+        for name, fd in self.prog_fds.items():
+            info = libbpf.prog_info(fd)
+            out[name] = (info.run_cnt, info.run_time_ns)
+        return out
 
     def attached(self) -> dict[str, bool]:
         return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS + SOCKMAP_PROGRAMS}

@@ -51,7 +51,7 @@ LIMITS = {
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 3
+KMESH_LAYOUT_VERSION = 4
 
 
 class LbPolicy(enum.IntEnum):
@@ -129,16 +129,27 @@ class KmeshSockState(ctypes.Structure):
 
 
 class KmeshConnEvent(ctypes.Structure):
-    _fields_ = [("opened_ns", ctypes.c_uint64), ("closed_ns", ctypes.c_uint64), ("vip", KmeshAddr),
-                ("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("opened_ns", ctypes.c_uint64), ("closed_ns", ctypes.c_uint64),
+                ("bytes_to_ep", ctypes.c_uint64), ("bytes_from_ep", ctypes.c_uint64),
+                ("src", KmeshAddr), ("vip", KmeshAddr), ("ep", KmeshAddr),
+                ("cluster_id", ctypes.c_uint32), ("result", ctypes.c_uint32)]
+
+
+class ConnResult(enum.IntEnum):
+    """enum kmesh_conn_result: how a tracked connection ended."""
+
+    CLOSED = 0
+    FAILED = 1
+    RESET = 2
 
 
 class KmeshEpKey(ctypes.Structure):
     _fields_ = [("cluster_id", ctypes.c_uint32), ("ep", KmeshAddr)]
 
 
-class KmeshEpCounters(ctypes.Structure):
-    _fields_ = [("opened", ctypes.c_uint64), ("closed", ctypes.c_uint64)]
+class KmeshConnCounters(ctypes.Structure):
+    _fields_ = [("opened", ctypes.c_uint64), ("closed", ctypes.c_uint64), ("failed", ctypes.c_uint64),
+                ("bytes_to_ep", ctypes.c_uint64), ("bytes_from_ep", ctypes.c_uint64)]
 
 
 class Stat(enum.IntEnum):
@@ -177,13 +188,14 @@ STRUCTS = {
     "kmesh_config": KmeshConfig,
     "kmesh_conn_event": KmeshConnEvent,
     "kmesh_ep_key": KmeshEpKey,
-    "kmesh_ep_counters": KmeshEpCounters,
+    "kmesh_conn_counters": KmeshConnCounters,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
          "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
          "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1},
          "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2},
-         "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1},
+         "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2},
+         "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}
 
 

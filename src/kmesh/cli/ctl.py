@@ -104,24 +104,39 @@ def dump(obj):
     click.echo(_table(rows, ["ID", "CLUSTER", "LB", "ENDPOINTS"]))
 
 
+_STATS_FAMILIES = {"kmesh_tcp_connections_opened": "opened", "kmesh_tcp_connections_closed": "closed",
+                   "kmesh_tcp_connections_failed": "failed", "kmesh_tcp_connections_active": "active",
+                   "kmesh_tcp_received_bytes": "bytes_in", "kmesh_tcp_sent_bytes": "bytes_out"}
+
+
 def _scrape(admin: str) -> dict[str, dict]:
-    """destination_cluster -> {"opened", "closed", "active", "endpoints": {ep: {...}}} from /metrics."""
+    """destination_cluster -> {"opened", "closed", "failed", "active",
+    "bytes_in", "bytes_out", "endpoints": {ep: {...}}} from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
+
+    def zero() -> dict:
+        return dict.fromkeys(_STATS_FAMILIES.values(), 0)
 
     out: dict[str, dict] = {}
     for fam in text_string_to_metric_families(_request(admin, "/metrics").decode()):
-        kind = {"kmesh_tcp_connections_opened": "opened", "kmesh_tcp_connections_closed": "closed",
-                "kmesh_tcp_connections_active": "active"}.get(fam.name)
+        kind = _STATS_FAMILIES.get(fam.name)
         if not kind:
             continue
         for s in fam.samples:
             if s.name.endswith("_created"):
                 continue
-            c = out.setdefault(s.labels["destination_cluster"],
-                               {"opened": 0, "closed": 0, "active": 0, "endpoints": {}})
+            c = out.setdefault(s.labels["destination_cluster"], {**zero(), "endpoints": {}})
             c[kind] += s.value
-            c["endpoints"].setdefault(s.labels["endpoint"], {"opened": 0, "closed": 0, "active": 0})[kind] += s.value
+            c["endpoints"].setdefault(s.labels["endpoint"], zero())[kind] += s.value
     return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def _stats_rows(now: dict, before: dict | None, seconds: float, top: int) -> list[list]:
@@ -130,6 +145,7 @@ def _stats_rows(now: dict, before: dict | None, seconds: float, top: int) -> lis
         rate = (c["opened"] - before[name]["opened"]) / seconds if before and name in before else None
         rows.append((rate or 0, c["opened"], [name, f"{rate:.1f}" if rate is not None else "-",
                                               int(c["active"]), int(c["opened"]), int(c["closed"]),
+                                              int(c["failed"]), _size(c["bytes_in"]), _size(c["bytes_out"]),
                                               len(c["endpoints"])]))
     rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
     return [r[2] for r in rows[:top]]
@@ -141,8 +157,9 @@ def _stats_rows(now: dict, before: dict | None, seconds: float, top: int) -> lis
 @click.option("--top", default=20, show_default=True, help="clusters shown")
 @click.pass_obj
 def stats(obj, once: bool, interval: float, top: int):
-    """The busiest clusters: new connections per second, active, opened, closed."""
-    header = ["CLUSTER", "CONN/S", "ACTIVE", "OPENED", "CLOSED", "ENDPOINTS"]
+    """The busiest clusters: new connections per second, active, opened,
+    closed, failed, bytes from the clients (IN) and to them (OUT)."""
+    header = ["CLUSTER", "CONN/S", "ACTIVE", "OPENED", "CLOSED", "FAILED", "IN", "OUT", "ENDPOINTS"]
     before, t_before = None, 0.0
     while True:
         now, t_now = _scrape(obj["admin"]), time.monotonic()

@@ -32,6 +32,8 @@ def _opt(name: str, **kw):
 @_opt("access-log-file", default="", help="where access log lines go (default: stdout, journald under systemd)")
 @_opt("access-log-rate", default=1000, type=int, help="access log lines per second at most; more are dropped "
       "and counted")
+@_opt("bpf-stats", default=False, help="count every BPF program's runs and run time while the daemon runs "
+      "(kmesh_bpf_program_runs_total; kernel-wide, ~20-40 ns per program run)", **_BOOL)
 @click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,
               show_default=True, help="accelerate same-host TCP connections with sockops + sk_msg "
               "(Kmesh's mda); false turns it off, also when an earlier run left it on", **_BOOL)
