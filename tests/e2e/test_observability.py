@@ -278,3 +278,45 @@ def test_access_log_storm_is_bounded(kmesh, cgroup, backends, tmp_path):
     assert k.get("/ready", raw=True)[0] == 200
     m = metrics(k)
     assert m[("kmesh_access_log_dropped_total", (("reason", "rate_limit"),))] == st["rate_dropped"]
+
+
+CONNECT_LOOP = """
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    s = socket.socket()
+    s.connect_ex((host, port))
+    s.close()
+"""
+
+
+def test_ring_buffer_overload_is_counted(kmesh, cgroup, tmp_path):
+    """With the reader stopped, more closes than the ring buffer holds: the
+    rest are dropped in the kernel and counted; every close is accounted
+    for (written + rate-limited + ring buffer full) and the daemon recovers."""
+    dead = harness.free_port()   # refused: the quickest connection there is
+    v = vip()
+    log = tmp_path / "access.log"
+    k = kmesh(bootstrap([tcp_listener("one", v, 80, "dead")], [cluster("dead", lb_ep("127.0.0.1", dead))]),
+              extra_args=("-access-log", f"-access-log-file={log}"))
+    n = 20_000   # a 1 MiB ring buffer holds ~14 500 records
+    k.proc.send_signal(harness.signal.SIGSTOP)
+    try:
+        r = cgroup.run([sys.executable, "-c", CONNECT_LOOP, v, "80", str(n)])
+    finally:
+        k.proc.send_signal(harness.signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    full = ("kmesh_access_log_dropped_total", (("reason", "ring_buffer_full"),))
+    limited = ("kmesh_access_log_dropped_total", (("reason", "rate_limit"),))
+
+    def settled(m):
+        return m[("kmesh_access_log_lines_total", ())] + m[limited] + m[full] == n
+    m = wait_metrics(k, settled, timeout=30)
+    assert settled(m), m
+    assert m[full] > 0 and m[("kmesh_tcp_connections_failed_total", ep_labels("dead", dead))] == n
+    assert k.get("/ready", raw=True)[0] == 200
+    before = m[("kmesh_access_log_lines_total", ())]
+    harness.time.sleep(1.1)   # the rate limit refills
+    cgroup.run(["curl", "-sS", "--max-time", "2", f"http://{v}/"])
+    assert wait_metrics(k, lambda m: m[("kmesh_access_log_lines_total", ())] > before)[
+        ("kmesh_access_log_lines_total", ())] == before + 1
