@@ -7,7 +7,8 @@
  *                        (and ends the tracking of a socket that never
  *                        sent a SYN);
  *   sockops              watches tracked sockets from their SYN to CLOSE:
- *                        closed/failed counters, bytes, access log records.
+ *                        closed/failed counters, bytes, access log records,
+ *                        connect timeout, outlier detection.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -18,6 +19,8 @@
 #include "endpoint.h"
 
 #define SOCK_ALLOW 1   /* cgroup sock_addr verdict: let the syscall go on */
+#define SOCK_DENY 0    /* ... fail it, with the errno set by bpf_set_retval() */
+#define KMESH_ECONNREFUSED 111
 #define SOCKOPS_DONE 1 /* sockops return value: ignored by these callbacks */
 
 char LICENSE[] SEC("license") = "GPL";
@@ -27,7 +30,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
 	const struct kmesh_endpoint *ep = 0;
 	struct kmesh_cluster *c = 0;
-	__u32 cluster_id = 0, ip = ctx->user_ip4;
+	__u32 cluster_id = 0, taken = 0, ip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
 	enum kmesh_decision d;
 
@@ -36,14 +39,24 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		return SOCK_ALLOW;
 	/* Anything short of a redirect leaves the connect as the app asked:
 	 * without an endpoint it fails as it would without kmesh. */
-	d = kmesh_decide(ip, port, &c, &ep, &cluster_id);
-	if (d != KMESH_REDIRECT) {
+	d = kmesh_decide(ip, port, &c, &ep, &cluster_id, &taken);
+	switch (d) {
+	case KMESH_REDIRECT:
+		break;
+	case KMESH_RATE_LIMITED:
+	case KMESH_OVERFLOW:
+		/* A policy refuses the connection: connect() fails at once
+		 * with ECONNREFUSED, as if the service had refused it. */
+		stat_refused(d == KMESH_RATE_LIMITED, ip, port, cluster_id);
+		bpf_set_retval(-KMESH_ECONNREFUSED);
+		return SOCK_DENY;
+	default:
 		stat_inc(d == KMESH_NO_LISTENER ? KMESH_STAT_NO_LISTENER :
 			 d == KMESH_NO_CLUSTER ? KMESH_STAT_NO_CLUSTER : KMESH_STAT_NO_ENDPOINT);
 		return SOCK_ALLOW;
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);
-	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, ep, c->lb_policy == KMESH_LB_LEAST_REQUEST, ip, port);
+	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, c, ep, taken, ip, port);
 	ctx->user_ip4 = ep->ip;
 	ctx->user_port = ep->port;
 	return SOCK_ALLOW;
@@ -61,8 +74,14 @@ SEC("sockops")
 int kmesh_conn_ops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TIMEOUT_INIT:
+		skops->reply = conn_syn_rto(skops);
+		break;
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		conn_watch(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		conn_established(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)

@@ -5,6 +5,11 @@
 
 #include "kmesh_maps.h"
 #include "endpoint.h"
+#include "policy.h"
+
+/* Draws of the LB's own choice before walking the endpoints for one that
+ * outlier detection has not ejected. */
+#define KMESH_PICK_TRIES 4
 
 /* Index masks for arrays whose length is a power of two: a value already
  * below the length is unchanged, and the verifier sees the bound. */
@@ -54,9 +59,11 @@ cluster_pick_random(const struct kmesh_cluster *c)
 
 /* LEAST_REQUEST: fewest active connections relative to weight, i.e. the
  * smallest (active + 1) / weight, compared without division. The scan starts
- * at a rotating offset so ties are spread instead of piling on endpoint 0. */
+ * at a rotating offset so ties are spread instead of piling on endpoint 0.
+ * With outlier detection, ejected endpoints are left out (a failing endpoint
+ * has the fewest connections, so drawing again would find it again). */
 static __always_inline const struct kmesh_endpoint *
-cluster_pick_least_request(struct kmesh_cluster *c)
+cluster_pick_least_request(struct kmesh_cluster *c, __u32 cluster_id, bool skip_ejected)
 {
 	__u32 n = c->endpoint_count;
 	__u32 start = __sync_fetch_and_add(&c->rr_cursor, 1);
@@ -74,6 +81,8 @@ cluster_pick_least_request(struct kmesh_cluster *c)
 			break;
 		idx = kmesh_bound((start + i) % n, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS));
 		ep = &c->endpoints[idx];
+		if (skip_ejected && endpoint_ejected(cluster_id, ep))
+			continue;
 		weight = ep->weight ? ep->weight : 1;
 		load = endpoint_active(ep) + 1;
 		if (!best || load * best_weight < best_load * weight) {
@@ -85,19 +94,62 @@ cluster_pick_least_request(struct kmesh_cluster *c)
 	return best;
 }
 
+/* Any endpoint outlier detection has not ejected, from a random start. */
 static __always_inline const struct kmesh_endpoint *
-cluster_pick_endpoint(struct kmesh_cluster *c)
+cluster_pick_unejected(struct kmesh_cluster *c, __u32 cluster_id)
 {
+	__u32 n = c->endpoint_count;
+	__u32 start = bpf_get_prandom_u32();
+
+	if (n == 0 || n > KMESH_MAX_ENDPOINTS)
+		return 0;
+	for (__u32 i = 0; i < KMESH_MAX_ENDPOINTS; i++) {
+		const struct kmesh_endpoint *ep;
+
+		if (i >= n)
+			break;
+		ep = &c->endpoints[kmesh_bound((start + i) % n, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS))];
+		if (!endpoint_ejected(cluster_id, ep))
+			return ep;
+	}
+	return 0;
+}
+
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_by_slot(struct kmesh_cluster *c)
+{
+	return c->lb_policy == KMESH_LB_RANDOM ? cluster_pick_random(c) : cluster_pick_round_robin(c);
+}
+
+/* The endpoint for a new connection. With outlier detection, an ejected
+ * endpoint is passed over: the LB draws again, then any endpoint not
+ * ejected will do; when all are ejected the first choice stands (Envoy's
+ * panic routing: trying beats refusing). */
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_endpoint(struct kmesh_cluster *c, __u32 cluster_id)
+{
+	const struct kmesh_endpoint *first, *ep;
+
 	if (c->endpoint_count == 0 || c->slot_count == 0)
 		return 0;
-	switch (c->lb_policy) {
-	case KMESH_LB_RANDOM:
-		return cluster_pick_random(c);
-	case KMESH_LB_LEAST_REQUEST:
-		return cluster_pick_least_request(c);
-	default:
-		return cluster_pick_round_robin(c);
+	if (c->lb_policy == KMESH_LB_LEAST_REQUEST) {
+		bool skip = c->policy.outlier_failures != 0;
+
+		ep = cluster_pick_least_request(c, cluster_id, skip);
+		return ep || !skip ? ep : cluster_pick_least_request(c, cluster_id, false);
 	}
+	first = ep = cluster_pick_by_slot(c);
+	if (!ep || !c->policy.outlier_failures)
+		return ep;
+	for (int i = 0; i < KMESH_PICK_TRIES; i++) {
+		if (!endpoint_ejected(cluster_id, ep))
+			return ep;
+		ep = cluster_pick_by_slot(c);
+		if (!ep)
+			return first;
+	}
+	ep = cluster_pick_unejected(c, cluster_id);
+	return ep ? ep : first;
 }
 
 #endif /* __KMESH_CLUSTER_H__ */

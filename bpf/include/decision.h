@@ -14,25 +14,53 @@ enum kmesh_decision {
 	KMESH_NO_CLUSTER = 2,  /* listener points at no live cluster */
 	KMESH_NO_ENDPOINT = 3, /* cluster has no endpoint */
 	KMESH_REDIRECT = 4,    /* *ep is where the connect goes */
+	KMESH_RATE_LIMITED = 5, /* the listener's local rate limit: refuse the connect */
+	KMESH_OVERFLOW = 6,     /* the cluster's max_connections: refuse the connect */
 };
 
+/* ``*taken``: KMESH_DECIDE_* of a redirect. Policies are checked in
+ * Envoy's order: the listener's rate limit, then the cluster's circuit
+ * breaker, then the endpoint choice (which skips ejected endpoints). */
 static __always_inline enum kmesh_decision
 kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
-	     __u32 *cluster_id)
+	     __u32 *cluster_id, __u32 *taken)
 {
+	struct kmesh_addr lkey;
 	struct kmesh_listener *l;
+	struct kmesh_cluster *c;
+	__u32 max;
 
-	l = listener_lookup(ip, port);
+	*taken = 0;
+	l = listener_lookup(ip, port, &lkey);
 	if (!l)
 		return KMESH_NO_LISTENER;
+	if (l->rate_limit.max_tokens && !rate_limit_admit(&lkey, &l->rate_limit))
+		return KMESH_RATE_LIMITED;
 	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;
-	*cluster = bpf_map_lookup_elem(&km_cluster, cluster_id);
-	if (!*cluster)
+	c = bpf_map_lookup_elem(&km_cluster, cluster_id);
+	*cluster = c;
+	if (!c)
 		return KMESH_NO_CLUSTER;
-	*ep = cluster_pick_endpoint(*cluster);
-	if (!*ep)
+	max = c->policy.max_connections;
+	if (max) {
+		switch (cluster_admit(*cluster_id, max)) {
+		case KMESH_ADMIT_REFUSED:
+			return KMESH_OVERFLOW;
+		case KMESH_ADMIT_COUNTED:
+			*taken = KMESH_DECIDE_SLOT;
+			break;
+		default:
+			break;
+		}
+	}
+	*ep = cluster_pick_endpoint(c, *cluster_id);
+	if (!*ep) {
+		if (*taken & KMESH_DECIDE_SLOT)
+			cluster_release(*cluster_id);
+		*taken = 0;
 		return KMESH_NO_ENDPOINT;
+	}
 	return KMESH_REDIRECT;
 }
 

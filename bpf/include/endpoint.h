@@ -7,7 +7,15 @@
 #include <bpf/bpf_endian.h>
 
 #include "kmesh_maps.h"
+#include "policy.h"
 #include "stats.h"
+
+#define KMESH_SOL_TCP 6           /* IPPROTO_TCP, as a setsockopt level */
+#define KMESH_TCP_USER_TIMEOUT 18 /* uapi linux/tcp.h */
+#define KMESH_MS_PER_S 1000
+
+/* The kernel's HZ, from its config (/proc/config.gz); 0 when unknown. */
+extern unsigned int CONFIG_HZ __kconfig __weak;
 
 static __always_inline __u64 endpoint_active(const struct kmesh_endpoint *ep)
 {
@@ -44,13 +52,18 @@ struct kmesh_conn_end {
 	__u32 result; /* enum kmesh_conn_result */
 };
 
-/* Give back a LEAST_REQUEST socket's active count, once: release and the
- * CLOSE state callback can run at the same time on two CPUs (a reset
- * arriving while the application closes). */
+/* Give back what a socket holds while open (its LEAST_REQUEST count, its
+ * max_connections slot), once: release and the CLOSE state callback can run
+ * at the same time on two CPUs (a reset arriving while the application
+ * closes). */
 static __always_inline void release_counted(struct kmesh_sock_state *st)
 {
-	if (__sync_fetch_and_and(&st->flags, ~KMESH_SOCK_COUNTED) & KMESH_SOCK_COUNTED)
+	__u32 held = __sync_fetch_and_and(&st->flags, ~(KMESH_SOCK_COUNTED | KMESH_SOCK_CLUSTER_COUNTED));
+
+	if (held & KMESH_SOCK_COUNTED)
 		endpoint_active_add(&st->ep, -1);
+	if (held & KMESH_SOCK_CLUSTER_COUNTED)
+		cluster_release(st->cluster_id);
 }
 
 /* An access log record for a closing socket, when the log is on. A full
@@ -90,20 +103,37 @@ static __always_inline void conn_account(struct kmesh_sock_state *st, const stru
 			end->bytes_from_ep);
 }
 
-/* Remember where a redirected socket went (for the counters at close and,
- * with ``counted``, LEAST_REQUEST's active count). A second connect() on
- * the same socket ends what the first one recorded. */
-static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_endpoint *ep,
-					   bool counted, __u32 vip_ip, __u16 vip_port)
+/* What a socket to this cluster must be tracked for, whatever
+ * track_connections says: KMESH_SOCK_* flags it starts with. */
+static __always_inline __u32 sock_flags_for(const struct kmesh_cluster *c, __u32 taken)
+{
+	__u32 flags = 0;
+
+	if (c->lb_policy == KMESH_LB_LEAST_REQUEST)
+		flags |= KMESH_SOCK_COUNTED;
+	if (taken & KMESH_DECIDE_SLOT)
+		flags |= KMESH_SOCK_CLUSTER_COUNTED;
+	if (c->policy.outlier_failures)
+		flags |= KMESH_SOCK_OUTLIER;
+	return flags;
+}
+
+/* Remember where a redirected socket went: for the counters at close, for
+ * what it holds while open (KMESH_SOCK_COUNTED, _CLUSTER_COUNTED) and for
+ * the policies sockops applies (connect timeout, outlier detection). A
+ * second connect() on the same socket ends what the first one recorded. */
+static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_cluster *c,
+					   const struct kmesh_endpoint *ep, __u32 taken, __u32 vip_ip, __u16 vip_port)
 {
 	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
 	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
-					  .flags = counted ? KMESH_SOCK_COUNTED : 0,
-					  .vip = { .ip = vip_ip, .port = vip_port } };
+					  .flags = sock_flags_for(c, taken),
+					  .vip = { .ip = vip_ip, .port = vip_port },
+					  .connect_timeout_ms = c->policy.connect_timeout_ms };
 	struct kmesh_sock_state *st;
 
 	stat_opened(&fresh.vip, cluster_id, &key);
-	if (!counted && !track_connections())
+	if (!fresh.flags && !fresh.connect_timeout_ms && !track_connections())
 		return;
 	st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
 	if (st) {
@@ -112,9 +142,14 @@ static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const
 		conn_account(st, &end); /* that connect never became a connection */
 	}
 	fresh.opened_ns = bpf_ktime_get_ns();
-	/* Map full: this socket is not tracked (and, for LEAST_REQUEST, not
-	 * counted, so nothing is taken back for it either). */
-	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY) == 0 && counted)
+	if (bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY)) {
+		/* Map full: this socket is not tracked, so it cannot hold a
+		 * slot (nothing would give it back), nor be counted. */
+		if (taken & KMESH_DECIDE_SLOT)
+			cluster_release(cluster_id);
+		return;
+	}
+	if (fresh.flags & KMESH_SOCK_COUNTED)
 		endpoint_active_add(&key, 1);
 }
 
@@ -140,17 +175,67 @@ static __always_inline void endpoint_release(__u64 cookie)
 	bpf_map_delete_elem(&km_sock_ep, &cookie);
 }
 
-/* sockops, when a tracked socket sends its SYN: ask for its state changes,
- * so that its close is seen with its bytes and whether it ever connected. */
-static __always_inline void conn_watch(struct bpf_sock_ops *skops)
+static __always_inline struct kmesh_sock_state *sock_state(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+
+	return bpf_map_lookup_elem(&km_sock_ep, &cookie);
+}
+
+/* sockops, when a tracked socket sends its SYN: ask for its state changes,
+ * so that its close is seen with its bytes and whether it ever connected;
+ * and bound the connect by the cluster's connect_timeout (TCP_USER_TIMEOUT,
+ * which also covers the SYN retransmissions), unless the application set a
+ * user timeout of its own. */
+static __always_inline void conn_watch(struct bpf_sock_ops *skops)
+{
+	struct kmesh_sock_state *st = sock_state(skops);
+	int current = 0;
 
 	if (!st)
 		return;
 	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) == 0)
 		__sync_fetch_and_or(&st->flags, KMESH_SOCK_WATCHED);
+	if (!st->connect_timeout_ms)
+		return;
+	if (bpf_getsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &current, sizeof(current)) || current)
+		return;
+	current = st->connect_timeout_ms;
+	if (bpf_setsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &current, sizeof(current)) == 0)
+		__sync_fetch_and_or(&st->flags, KMESH_SOCK_USER_TIMEOUT);
+}
+
+/* sockops TIMEOUT_INIT (the SYN's first retransmission timeout, 1 s by
+ * default): a connect_timeout under a second needs an earlier first
+ * retransmission, or the timeout could only be noticed at 1 s. Returns the
+ * timeout in jiffies, or -1 for the default. */
+static __always_inline int conn_syn_rto(struct bpf_sock_ops *skops)
+{
+	struct kmesh_sock_state *st;
+	__u32 hz = CONFIG_HZ, ms, jiffies;
+
+	if (!hz)
+		return -1;
+	st = sock_state(skops);
+	if (!st || !st->connect_timeout_ms || st->connect_timeout_ms >= KMESH_MS_PER_S)
+		return -1;
+	ms = st->connect_timeout_ms;
+	jiffies = ms * hz / KMESH_MS_PER_S;
+	return jiffies ? jiffies : 1;
+}
+
+/* sockops ACTIVE_ESTABLISHED of a tracked socket: the connect succeeded. */
+static __always_inline void conn_established(struct bpf_sock_ops *skops)
+{
+	struct kmesh_sock_state *st = sock_state(skops);
+	int off = 0;
+
+	if (!st)
+		return;
+	if (st->flags & KMESH_SOCK_USER_TIMEOUT)
+		bpf_setsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &off, sizeof(off));
+	if (st->flags & KMESH_SOCK_OUTLIER)
+		outlier_success(st->cluster_id, &st->ep);
 }
 
 /* The state a socket left for CLOSE tells how its connection ended. */
@@ -197,6 +282,8 @@ static __always_inline void conn_closed(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	conn_bytes(skops, &end);
+	if (end.result == KMESH_CONN_FAILED && (st->flags & KMESH_SOCK_OUTLIER))
+		outlier_failure(st->cluster_id, &st->ep);
 	conn_account(st, &end);
 	bpf_map_delete_elem(&km_sock_ep, &cookie);
 }

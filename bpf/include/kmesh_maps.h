@@ -81,6 +81,35 @@ struct {
 	__type(value, struct kmesh_conn_counters);
 } km_stats_endpoint SEC(".maps");
 
+/* Traffic policy state, kept apart from the records the daemon replaces. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_LISTENERS);
+	__type(key, struct kmesh_addr);
+	__type(value, struct kmesh_bucket);
+} km_rate_limit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_POLICY_CLUSTERS);
+	__type(key, __u32);
+	__type(value, struct kmesh_cluster_state);
+} km_cluster_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_OUTLIER_ENDPOINTS);
+	__type(key, struct kmesh_ep_key);
+	__type(value, struct kmesh_outlier);
+} km_outlier SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, KMESH_MAX_POLICY_CLUSTERS);
+	__type(key, __u32);
+	__type(value, struct kmesh_cluster_counters);
+} km_stats_cluster SEC(".maps");
+
 /* The layout version of the maps pinned beside it; the programs never read
  * it: it is for the daemon that finds these pins after a restart or an
  * upgrade. */

@@ -27,6 +27,9 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 	/* Same-host sockets accelerated at once (two per connection). */
 	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* Clusters with policies that keep state, endpoints with outlier state. */
+	KMESH_MAX_POLICY_CLUSTERS = 16384,
+	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
 	/* Access log ring buffer (bytes, a power of two). */
 	KMESH_EVENTS_BYTES = 1048576,
 	/* Redirected sockets open at once whose close is counted. */
@@ -81,12 +84,29 @@ struct kmesh_weighted_cluster {
 	__u32 cum_weight;
 };
 
+/* A listener's local rate limit on new connections (Envoy's network
+ * local_ratelimit token bucket); max_tokens 0: none. The bucket itself is in
+ * km_rate_limit, so that replacing the listener record keeps it. */
+struct kmesh_rate_limit {
+	__u32 max_tokens;
+	__u32 tokens_per_fill;
+	__u64 fill_interval_ns;
+};
+
 /* Value of km_listener: where a connection to (ip, port) goes. A single
  * cluster is one entry with weight 1. */
 struct kmesh_listener {
 	__u32 cluster_count;
 	__u32 total_weight;
+	struct kmesh_rate_limit rate_limit;
 	struct kmesh_weighted_cluster clusters[KMESH_MAX_WEIGHTED_CLUSTERS];
+};
+
+/* Value of km_rate_limit, keyed by the listener's key: the token bucket. */
+struct kmesh_bucket {
+	struct bpf_spin_lock lock;
+	__u32 tokens;
+	__u64 last_fill_ns; /* start of the fill interval the tokens are for */
 };
 
 struct kmesh_endpoint {
@@ -94,6 +114,17 @@ struct kmesh_endpoint {
 	__u16 port; /* network byte order */
 	__u16 pad;
 	__u32 weight;
+};
+
+/* A cluster's traffic policies (Envoy's circuit_breakers, connect_timeout and
+ * outlier_detection, as kmesh enforces them at L4); 0 turns each off. */
+struct kmesh_cluster_policy {
+	__u32 max_connections;     /* open connections to the cluster, at most */
+	__u32 connect_timeout_ms;  /* a connect not established by then fails (ETIMEDOUT) */
+	__u32 outlier_failures;    /* consecutive connect failures that eject an endpoint */
+	__u32 outlier_base_ms;     /* ejection time, times the endpoint's ejection count ... */
+	__u32 outlier_max_ms;      /* ... up to this */
+	__u32 outlier_max_percent; /* of the cluster's endpoints ejected at once (at least one) */
 };
 
 /* Value of km_cluster, keyed by a cluster id the daemon allocates. The whole
@@ -104,6 +135,7 @@ struct kmesh_cluster {
 	__u32 endpoint_count; /* <= KMESH_MAX_ENDPOINTS */
 	__u32 slot_count;     /* <= KMESH_LB_SLOTS; 0 when endpoint_count == 0 */
 	__u32 rr_cursor;      /* shared round-robin position, bumped atomically */
+	struct kmesh_cluster_policy policy;
 	struct kmesh_endpoint endpoints[KMESH_MAX_ENDPOINTS];
 	/* Endpoint indexes in smooth weighted round-robin order, computed by
 	 * the daemon: ROUND_ROBIN walks it, RANDOM samples it. */
@@ -161,6 +193,8 @@ struct kmesh_sock_state {
 	__u32 flags;     /* KMESH_SOCK_* */
 	struct kmesh_addr vip; /* what the application connected to */
 	__u64 opened_ns; /* bpf_ktime_get_ns() at connect */
+	__u32 connect_timeout_ms; /* the cluster's, when the connect began */
+	__u32 reserved;
 };
 
 /* How a tracked connection ended (kmesh_conn_event.result). */
@@ -192,6 +226,27 @@ enum kmesh_sock_flag {
 	/* its SYN went out and sockops watches its state: the close is
 	 * counted when TCP reaches CLOSE, with its bytes and result */
 	KMESH_SOCK_WATCHED = 2,
+	KMESH_SOCK_CLUSTER_COUNTED = 4, /* holds a slot of its cluster's max_connections */
+	KMESH_SOCK_USER_TIMEOUT = 8,    /* kmesh set TCP_USER_TIMEOUT for the connect: undo once established */
+	KMESH_SOCK_OUTLIER = 16,        /* its cluster detects outliers: a success resets the endpoint's count */
+};
+
+/* Value of km_cluster_state, by cluster id: what max_connections counts. */
+struct kmesh_cluster_state {
+	__s64 active; /* connections holding a slot */
+};
+
+/* Value of km_outlier, by (cluster id, endpoint): outlier detection. */
+struct kmesh_outlier {
+	__u32 failures;       /* consecutive connect failures */
+	__u32 ejections;      /* times ejected, for the ejection time; reset by a success */
+	__u64 ejected_until_ns; /* 0: not ejected */
+};
+
+/* Value of km_stats_cluster (per CPU): what a cluster's policies did. */
+struct kmesh_cluster_counters {
+	__u64 overflow;  /* connects refused by max_connections */
+	__u64 ejections; /* endpoints ejected by outlier detection */
 };
 
 /* Value of km_config (one entry), written by the daemon. */
@@ -218,6 +273,7 @@ struct kmesh_conn_counters {
 	__u64 failed; /* of the closed, never established */
 	__u64 bytes_to_ep;
 	__u64 bytes_from_ep;
+	__u64 rate_limited; /* listener: connects refused by its local rate limit */
 };
 
 /* Index of km_stats (per CPU): what connect4 decided (their sum is every

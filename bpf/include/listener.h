@@ -8,18 +8,18 @@
 #define KMESH_WILDCARD_IP 0 /* 0.0.0.0: a listener that matches any VIP */
 
 /* Exact (ip, port) first, then the wildcard 0.0.0.0:port, as Envoy prefers
- * the most specific listener address. */
+ * the most specific listener address. ``*key``: the key that matched. */
 static __always_inline struct kmesh_listener *
-listener_lookup(__u32 ip, __u16 port)
+listener_lookup(__u32 ip, __u16 port, struct kmesh_addr *key)
 {
-	struct kmesh_addr key = { .ip = ip, .port = port };
 	struct kmesh_listener *l;
 
-	l = bpf_map_lookup_elem(&km_listener, &key);
+	*key = (struct kmesh_addr){ .ip = ip, .port = port };
+	l = bpf_map_lookup_elem(&km_listener, key);
 	if (l)
 		return l;
-	key.ip = KMESH_WILDCARD_IP;
-	return bpf_map_lookup_elem(&km_listener, &key);
+	key->ip = KMESH_WILDCARD_IP;
+	return bpf_map_lookup_elem(&km_listener, key);
 }
 
 /* Envoy picks among weighted clusters at random in proportion to weight. */

@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 import sdnotify
 
 from kmesh import __version__, log as kmlog, mounts
-from kmesh.bpf import libbpf, records
-from kmesh.bpf import loader
+from kmesh.bpf import libbpf, loader, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import MeshConfig
 from kmesh.config.translate import translate_bootstrap
-from kmesh.dataplane import sockmap as sockmap_mod
+from kmesh.dataplane import policy_state, sockmap as sockmap_mod
 from kmesh.dataplane.maps import ConfigMaps
 from kmesh.dataplane.plan import CapacityError, MapState, plan, plan_changes
 from kmesh.options import Options
@@ -136,7 +135,8 @@ class Daemon:
         else:
             self.sockmap_state = {"none": "off", "removed": "off"}.get(
                 sockmap_mod.turn_off_pinned(dp.pin_root), "draining")
-        self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"])
+        self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"],
+                                {n: dp.maps[n] for n in loader.POLICY_STATE_MAPS})
         self._state = self._maps.read_state()
 
         if self.ads and dp.took_over and not dp.migrating:
@@ -421,6 +421,14 @@ class Daemon:
     # -- views for the admin API --------------------------------------------
     def cluster_names(self) -> dict[int, str]:
         return {cid: name for name, cid in self._state.cluster_ids.items()}
+
+    def policy_state(self) -> tuple[list, list]:
+        """(clusters, listeners) with a traffic policy, and what it holds now."""
+        if not self._dataplane:
+            return [], []
+        with self._lock:
+            ids = dict(self._state.cluster_ids)
+        return policy_state.read(self.current_mesh(), ids, self._dataplane.maps)
 
     def bpf_maps(self) -> dict:
         """The loaded maps by name (empty before load)."""

@@ -39,6 +39,7 @@ class DaemonCollector:
             closes = self.d.opts.track_connections
             yield from self._listeners(maps["km_stats_listener"], closes)
             yield from self._endpoints(maps["km_stats_endpoint"], closes)
+            yield from self._policies()
 
     # -- the daemon -----------------------------------------------------------
     def _health(self) -> Iterator:
@@ -110,8 +111,38 @@ class DaemonCollector:
         yield c
 
     def _listeners(self, m, closes: bool) -> Iterator:
-        yield from _conn_families("kmesh_listener", ["listener"], (
-            ([records.addr_text(key)], m.sum(key)) for key in list(m.keys())), closes)
+        rows = [([records.addr_text(key)], m.sum(key)) for key in list(m.keys())]
+        yield from _conn_families("kmesh_listener", ["listener"], rows, closes)
+        limited = CounterMetricFamily("kmesh_listener_rate_limited", "Connects refused by the listener's local "
+                                      "rate limit (Envoy: local_rate_limit rate_limited).", labels=["listener"])
+        for values, v in rows:
+            if v is not None and v.rate_limited:
+                limited.add_metric(values, v.rate_limited)
+        yield limited
+
+    def _policies(self) -> Iterator:
+        clusters, _ = self.d.policy_state()
+        cap = GaugeMetricFamily("kmesh_cluster_max_connections", "The cluster's circuit breaker: connections "
+                                "open at once, at most.", labels=["cluster"])
+        held = GaugeMetricFamily("kmesh_cluster_connections_active", "Connections holding a max_connections slot.",
+                                 labels=["cluster"])
+        overflow = CounterMetricFamily("kmesh_cluster_overflow", "Connects refused by max_connections "
+                                       "(Envoy: upstream_cx_overflow).", labels=["cluster"])
+        ejections = CounterMetricFamily("kmesh_cluster_outlier_ejections", "Endpoints ejected by outlier "
+                                        "detection (Envoy: outlier_detection.ejections_enforced_total).",
+                                        labels=["cluster"])
+        ejected = GaugeMetricFamily("kmesh_endpoint_ejected", "1 while outlier detection keeps the endpoint "
+                                    "out of its cluster's load balancing.", labels=["cluster", "endpoint"])
+        for c in clusters:
+            if c.policy.max_connections:
+                cap.add_metric([c.name], c.policy.max_connections)
+                held.add_metric([c.name], c.active)
+                overflow.add_metric([c.name], c.overflow)
+            if c.policy.outlier_failures:
+                ejections.add_metric([c.name], c.ejections)
+                for ep in c.ejected:
+                    ejected.add_metric([c.name, ep], 1)
+        yield from (cap, held, overflow, ejections, ejected)
 
     def _endpoints(self, m, closes: bool) -> Iterator:
         """Per (cluster, endpoint); closed, failed, bytes and active only when

@@ -41,3 +41,17 @@ def hcm_listener(name: str, ip: str, port: int, routes: list[dict]) -> dict:
 
 def bootstrap(listeners: list[dict], clusters: list[dict]) -> dict:
     return {"static_resources": {"listeners": listeners, "clusters": clusters}}
+
+
+LOCAL_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit"
+
+
+def rate_limited(listener: dict, max_tokens: int, tokens_per_fill: int = 1, fill_interval: str = "1s") -> dict:
+    """``listener`` with a network local_ratelimit filter before its terminal filter."""
+    rl = {"name": "envoy.filters.network.local_ratelimit", "typed_config": {
+        "@type": LOCAL_RATELIMIT, "stat_prefix": "rl",
+        "token_bucket": {"max_tokens": max_tokens, "tokens_per_fill": tokens_per_fill,
+                         "fill_interval": fill_interval}}}
+    for chain in listener["filter_chains"]:
+        chain["filters"].insert(0, rl)
+    return listener

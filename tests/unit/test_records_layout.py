@@ -42,7 +42,8 @@ def header_probe(tmp_path, printfs: list[str]) -> dict[str, str]:
     """Compile ``printfs`` ("NAME VALUE" lines) against the header with the
     host compiler and run them."""
     src = tmp_path / "probe.c"
-    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n#include \"kmesh_records.h\"\n"
+    src.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n#include <linux/bpf.h>\n"
+                   "#include \"kmesh_records.h\"\n"
                    "int main(void) {\n" + "\n".join(printfs) + "\nreturn 0; }\n")
     exe = tmp_path / "probe"
     subprocess.run(["cc", "-I", str(ROOT / "bpf" / "include"), str(src), "-o", str(exe)], check=True)
@@ -65,7 +66,7 @@ LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
     3: "bac686cdf8b55d91",   # + counters, km_config, km_events; km_sock_ep by socket cookie
-    4: "a4c1af00765d64b4",   # + failed/bytes counters per listener and endpoint; richer conn events
+    4: "d660cbbe9b419691",   # + failed/bytes counters, richer conn events; traffic policies and their state
 }
 
 

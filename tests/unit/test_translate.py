@@ -99,9 +99,9 @@ def test_priority_and_health():
 
 def test_unenforced_fields_warn():
     d = base()
-    d["static_resources"]["clusters"][0]["circuit_breakers"] = {"thresholds": [{"max_connections": 5}]}
+    d["static_resources"]["clusters"][0]["per_connection_buffer_limit_bytes"] = 1024
     m = translate(d)
-    assert any("static_resources.clusters[0].circuit_breakers" in w for w in m.warnings)
+    assert any("static_resources.clusters[0].per_connection_buffer_limit_bytes" in w for w in m.warnings)
 
 
 def test_udp_listener_skipped_with_warning():

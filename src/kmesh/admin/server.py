@@ -31,6 +31,8 @@ HELP = {
     "POST /logging?level=LEVEL": "change the log level at runtime (debug, info, warn, error)",
     "GET /accesslog": "access log state: on or off, where it goes, lines written and dropped",
     "POST /accesslog/on, /accesslog/off": "switch the access log at runtime",
+    "GET /policies": "traffic policies in force: per cluster the limits, slots held, refusals and ejected "
+                     "endpoints; per listener the rate limit and tokens left",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
 }
@@ -87,6 +89,10 @@ class _Handler(BaseHTTPRequestHandler):
             })
         elif path == "/bpf/kmesh/maps":
             self._send(200, d.dump_maps())
+        elif path == "/policies":
+            clusters, listeners = d.policy_state()
+            self._send(200, {"clusters": {c.name: c.as_dict() for c in clusters},
+                             "listeners": {x.address: x.as_dict() for x in listeners}})
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())
         elif path == "/accesslog":

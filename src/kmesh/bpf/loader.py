@@ -50,8 +50,13 @@ MAP_TYPES = {
     "km_stats": (ctypes.c_uint32, ctypes.c_uint64),
     "km_stats_listener": (records.KmeshAddr, records.KmeshConnCounters),
     "km_stats_endpoint": (records.KmeshEpKey, records.KmeshConnCounters),
+    "km_stats_cluster": (ctypes.c_uint32, records.KmeshClusterCounters),
+    "km_rate_limit": (records.KmeshAddr, records.KmeshBucket),
+    "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
+    "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
 }
-PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint"}
+PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint", "km_stats_cluster"}
+POLICY_STATE_MAPS = ("km_rate_limit", "km_cluster_state", "km_stats_cluster", "km_outlier")
 SOCKMAP_MAP_TYPES = {
     "km_sock_hash": (records.KmeshSockKey, ctypes.c_uint64),
     "km_local_ip": (ctypes.c_uint32, ctypes.c_uint32),
@@ -196,7 +201,9 @@ class Dataplane:
             raise LoaderError(f"BPF object {path} not found: run ./build.sh -b "
                               "(or set KMESH_BPF_DIR to the directory holding it)")
         obj = libbpf.BpfObject(path)
-        handles = obj.maps()
+        # libbpf's own maps (".kconfig", ".rodata": named "<obj>.<section>")
+        # belong to this load only: never pinned or shared.
+        handles = {name: h for name, h in obj.maps().items() if "." not in name}
         for name, (ktype, vtype) in map_types.items():
             h = handles.get(name)
             if h is None:

@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import socket
 import struct
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 # enum kmesh_limits
 KMESH_MAX_LISTENERS = 16384
@@ -31,6 +31,8 @@ KMESH_MAX_LOCAL_ADDRS = 1024
 KMESH_MAX_LISTENERS_TRACKED = 16384
 KMESH_SOCKMAP_TURN_BYTES = 131072
 KMESH_SOCKMAP_SMALL_MSG = 16384
+KMESH_MAX_POLICY_CLUSTERS = 16384
+KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 
 LIMITS = {
     "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
@@ -47,6 +49,8 @@ LIMITS = {
     "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
     "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
     "KMESH_SOCKMAP_SMALL_MSG": KMESH_SOCKMAP_SMALL_MSG,
+    "KMESH_MAX_POLICY_CLUSTERS": KMESH_MAX_POLICY_CLUSTERS,
+    "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
 }
 
 
@@ -70,12 +74,22 @@ class KmeshWeightedCluster(ctypes.Structure):
     _fields_ = [("cluster_id", ctypes.c_uint32), ("cum_weight", ctypes.c_uint32)]
 
 
+class KmeshRateLimit(ctypes.Structure):
+    _fields_ = [("max_tokens", ctypes.c_uint32), ("tokens_per_fill", ctypes.c_uint32),
+                ("fill_interval_ns", ctypes.c_uint64)]
+
+
 class KmeshListener(ctypes.Structure):
     _fields_ = [
         ("cluster_count", ctypes.c_uint32),
         ("total_weight", ctypes.c_uint32),
+        ("rate_limit", KmeshRateLimit),
         ("clusters", KmeshWeightedCluster * KMESH_MAX_WEIGHTED_CLUSTERS),
     ]
+
+
+class KmeshBucket(ctypes.Structure):
+    _fields_ = [("lock", ctypes.c_uint32), ("tokens", ctypes.c_uint32), ("last_fill_ns", ctypes.c_uint64)]
 
 
 class KmeshEndpoint(ctypes.Structure):
@@ -87,12 +101,19 @@ class KmeshEndpoint(ctypes.Structure):
     ]
 
 
+class KmeshClusterPolicy(ctypes.Structure):
+    _fields_ = [("max_connections", ctypes.c_uint32), ("connect_timeout_ms", ctypes.c_uint32),
+                ("outlier_failures", ctypes.c_uint32), ("outlier_base_ms", ctypes.c_uint32),
+                ("outlier_max_ms", ctypes.c_uint32), ("outlier_max_percent", ctypes.c_uint32)]
+
+
 class KmeshCluster(ctypes.Structure):
     _fields_ = [
         ("lb_policy", ctypes.c_uint32),
         ("endpoint_count", ctypes.c_uint32),
         ("slot_count", ctypes.c_uint32),
         ("rr_cursor", ctypes.c_uint32),
+        ("policy", KmeshClusterPolicy),
         ("endpoints", KmeshEndpoint * KMESH_MAX_ENDPOINTS),
         ("slots", ctypes.c_uint8 * KMESH_LB_SLOTS),
     ]
@@ -125,7 +146,8 @@ class KmeshConfig(ctypes.Structure):
 
 class KmeshSockState(ctypes.Structure):
     _fields_ = [("ep", KmeshAddr), ("cluster_id", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("vip", KmeshAddr), ("opened_ns", ctypes.c_uint64)]
+                ("vip", KmeshAddr), ("opened_ns", ctypes.c_uint64), ("connect_timeout_ms", ctypes.c_uint32),
+                ("reserved", ctypes.c_uint32)]
 
 
 class KmeshConnEvent(ctypes.Structure):
@@ -149,7 +171,20 @@ class KmeshEpKey(ctypes.Structure):
 
 class KmeshConnCounters(ctypes.Structure):
     _fields_ = [("opened", ctypes.c_uint64), ("closed", ctypes.c_uint64), ("failed", ctypes.c_uint64),
-                ("bytes_to_ep", ctypes.c_uint64), ("bytes_from_ep", ctypes.c_uint64)]
+                ("bytes_to_ep", ctypes.c_uint64), ("bytes_from_ep", ctypes.c_uint64),
+                ("rate_limited", ctypes.c_uint64)]
+
+
+class KmeshClusterState(ctypes.Structure):
+    _fields_ = [("active", ctypes.c_int64)]
+
+
+class KmeshOutlier(ctypes.Structure):
+    _fields_ = [("failures", ctypes.c_uint32), ("ejections", ctypes.c_uint32), ("ejected_until_ns", ctypes.c_uint64)]
+
+
+class KmeshClusterCounters(ctypes.Structure):
+    _fields_ = [("overflow", ctypes.c_uint64), ("ejections", ctypes.c_uint64)]
 
 
 class Stat(enum.IntEnum):
@@ -189,12 +224,19 @@ STRUCTS = {
     "kmesh_conn_event": KmeshConnEvent,
     "kmesh_ep_key": KmeshEpKey,
     "kmesh_conn_counters": KmeshConnCounters,
+    "kmesh_rate_limit": KmeshRateLimit,
+    "kmesh_cluster_policy": KmeshClusterPolicy,
+    "kmesh_bucket": KmeshBucket,
+    "kmesh_cluster_state": KmeshClusterState,
+    "kmesh_outlier": KmeshOutlier,
+    "kmesh_cluster_counters": KmeshClusterCounters,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
          "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
          "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1},
          "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2},
-         "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2},
+         "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2, "KMESH_SOCK_CLUSTER_COUNTED": 4,
+                             "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16},
          "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}
 
@@ -261,12 +303,39 @@ def smooth_wrr_slots(weights: Sequence[int], max_slots: int = KMESH_LB_SLOTS) ->
     return order
 
 
-def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]]) -> KmeshCluster:
+class ClusterPolicy(NamedTuple):
+    """struct kmesh_cluster_policy as content (config/policies.py fills it);
+    0 turns each policy off."""
+
+    max_connections: int = 0
+    connect_timeout_ms: int = 0
+    outlier_failures: int = 0
+    outlier_base_ms: int = 0
+    outlier_max_ms: int = 0
+    outlier_max_percent: int = 0
+
+
+class RateLimit(NamedTuple):
+    """A listener's struct kmesh_rate_limit as content; max_tokens 0: none."""
+
+    max_tokens: int = 0
+    tokens_per_fill: int = 0
+    fill_interval_ms: int = 0
+
+
+NO_POLICY = ClusterPolicy()
+NO_RATE_LIMIT = RateLimit()
+_NS_PER_MS = 1_000_000
+
+
+def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]],
+                   policy: ClusterPolicy = NO_POLICY) -> KmeshCluster:
     """endpoints: (ip, port, weight) in config order."""
     if len(endpoints) > KMESH_MAX_ENDPOINTS:
         raise ValueError(f"{len(endpoints)} endpoints exceed the limit of {KMESH_MAX_ENDPOINTS}")
     rec = KmeshCluster()
     rec.lb_policy = int(lb_policy)
+    rec.policy = KmeshClusterPolicy(*policy)
     rec.endpoint_count = len(endpoints)
     for i, (ip, port, weight) in enumerate(endpoints):
         rec.endpoints[i] = KmeshEndpoint(_ip_field(ip), _port_field(port), 0, weight)
@@ -277,7 +346,7 @@ def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]
     return rec
 
 
-def listener_record(clusters: Sequence[tuple[int, int]]) -> KmeshListener:
+def listener_record(clusters: Sequence[tuple[int, int]], rate_limit: RateLimit = NO_RATE_LIMIT) -> KmeshListener:
     """clusters: (cluster_id, weight); zero-weight entries are left out."""
     live = [(cid, w) for cid, w in clusters if w > 0]
     if len(live) > KMESH_MAX_WEIGHTED_CLUSTERS:
@@ -289,39 +358,55 @@ def listener_record(clusters: Sequence[tuple[int, int]]) -> KmeshListener:
         rec.clusters[i] = KmeshWeightedCluster(cid, total)
     rec.cluster_count = len(live)
     rec.total_weight = total
+    rec.rate_limit = KmeshRateLimit(rate_limit.max_tokens, rate_limit.tokens_per_fill,
+                                    rate_limit.fill_interval_ms * _NS_PER_MS)
     return rec
 
 
 # --- fingerprints ---------------------------------------------------------------
 # The daemon remembers what each map entry holds by a short fingerprint of
 # the record's *content*, not by a copy (10 000 clusters x 1.8 KB). Content is
-# what a record is made from: for a cluster (lb policy, endpoints), for a
-# listener its live (cluster id, weight) pairs. Everything else in a record
+# what a record is made from: for a cluster (lb policy, endpoints, traffic
+# policy), for a listener its live (cluster id, weight) pairs and its rate
+# limit. Everything else in a record
 # (slot table, cumulative weights) follows from it, and runtime fields (the
 # round-robin cursor) are not content. A record read back from a pinned map
 # gives the same fingerprint as the model it was written from, which is what
 # lets a restarted daemon see that nothing needs writing.
 
-ClusterSpec = tuple  # (LbPolicy, ((ip, port, weight), ...))
-ListenerSpec = tuple  # ((cluster_id, weight), ...), weights > 0
+ClusterSpec = tuple  # (LbPolicy, ((ip, port, weight), ...), ClusterPolicy)
+ListenerSpec = tuple  # (((cluster_id, weight), ...) with weights > 0, RateLimit)
 
 
 def _fingerprint(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
+def _policy_text(policy: tuple, none: tuple) -> str:
+    """A policy in a fingerprint: nothing when off, so that records without
+    one fingerprint as before policies existed."""
+    return "" if policy == none else "/" + ",".join(map(str, policy))
+
+
 def cluster_fingerprint(spec: ClusterSpec) -> bytes:
-    lb, endpoints = spec
-    return _fingerprint(f"{int(lb)}/" + ",".join(f"{_ip_field(ip)}:{port}:{w}" for ip, port, w in endpoints))
+    lb, endpoints, policy = spec
+    return _fingerprint(f"{int(lb)}/" + ",".join(f"{_ip_field(ip)}:{port}:{w}" for ip, port, w in endpoints)
+                        + _policy_text(policy, NO_POLICY))
 
 
 def listener_fingerprint(spec: ListenerSpec) -> bytes:
-    return _fingerprint(",".join(f"{cid}:{w}" for cid, w in spec))
+    clusters, rate_limit = spec
+    return _fingerprint(",".join(f"{cid}:{w}" for cid, w in clusters) + _policy_text(rate_limit, NO_RATE_LIMIT))
+
+
+def policy_of(rec: KmeshCluster) -> ClusterPolicy:
+    return ClusterPolicy(*(getattr(rec.policy, f) for f, _ in KmeshClusterPolicy._fields_))
 
 
 def cluster_spec_of(rec: KmeshCluster) -> ClusterSpec:
     return (rec.lb_policy, tuple((ip_of(e.ip), port_of(e.port), e.weight)
-                                 for e in rec.endpoints[: min(rec.endpoint_count, KMESH_MAX_ENDPOINTS)]))
+                                 for e in rec.endpoints[: min(rec.endpoint_count, KMESH_MAX_ENDPOINTS)]),
+            policy_of(rec))
 
 
 def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
@@ -329,7 +414,8 @@ def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
     for wc in rec.clusters[: min(rec.cluster_count, KMESH_MAX_WEIGHTED_CLUSTERS)]:
         out.append((wc.cluster_id, wc.cum_weight - prev))
         prev = wc.cum_weight
-    return tuple(out)
+    rl = rec.rate_limit
+    return tuple(out), RateLimit(rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_ns // _NS_PER_MS)
 
 
 def addr_text(key: KmeshAddr) -> str:
@@ -337,8 +423,12 @@ def addr_text(key: KmeshAddr) -> str:
 
 
 def decode_listener(rec: KmeshListener) -> dict:
-    return {"total_weight": rec.total_weight,
-            "clusters": [{"cluster_id": cid, "weight": w} for cid, w in listener_spec_of(rec)]}
+    clusters, rate_limit = listener_spec_of(rec)
+    out = {"total_weight": rec.total_weight,
+           "clusters": [{"cluster_id": cid, "weight": w} for cid, w in clusters]}
+    if rate_limit != NO_RATE_LIMIT:
+        out["rate_limit"] = rate_limit._asdict()
+    return out
 
 
 def decode_cluster(rec: KmeshCluster) -> dict:
@@ -350,4 +440,6 @@ def decode_cluster(rec: KmeshCluster) -> dict:
         ],
         "slot_count": rec.slot_count,
         "rr_cursor": rec.rr_cursor,
+        **({"policy": {k: v for k, v in policy_of(rec)._asdict().items() if v}} if rec.policy.max_connections
+           or rec.policy.connect_timeout_ms or rec.policy.outlier_failures else {}),
     }

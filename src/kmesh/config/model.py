@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kmesh.bpf.records import LbPolicy
+from kmesh.bpf.records import NO_POLICY, NO_RATE_LIMIT, ClusterPolicy, LbPolicy, RateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class Cluster:
     name: str
     lb_policy: LbPolicy
     endpoints: tuple[Endpoint, ...]
+    policy: ClusterPolicy = NO_POLICY   # circuit breaker, connect timeout, outlier detection
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Listener:
     ip: str  # "0.0.0.0" is the wildcard
     port: int
     clusters: tuple[WeightedCluster, ...]
+    rate_limit: RateLimit = NO_RATE_LIMIT   # new connections (network local_ratelimit)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -36,8 +36,9 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 
-from kmesh.bpf.records import KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS, LbPolicy
-from kmesh.config import filters
+from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS, NO_POLICY, NO_RATE_LIMIT,
+                               ClusterPolicy, LbPolicy, RateLimit)
+from kmesh.config import filters, policies
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import Cluster, Endpoint, Listener, MeshConfig, WeightedCluster
 
@@ -57,7 +58,7 @@ _UNHEALTHY = {health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_chec
 # Fields whose effect kmesh reproduces (or that change nothing at L4). Any
 # other field that is set produces a "not enforced" warning.
 _CLUSTER_APPLIED = {"name", "alt_stat_name", "type", "lb_policy", "load_assignment", "connect_timeout", "metadata",
-                    "eds_cluster_config"}
+                    "eds_cluster_config", "circuit_breakers", "outlier_detection"}
 _TCP_PROXY_APPLIED = {"stat_prefix", "cluster", "weighted_clusters"}
 _PLAINTEXT_ALPN = {"http/1.1", "http/1.0", "h2c"}
 _MAX_U32 = 2**32 - 1
@@ -230,6 +231,7 @@ class ClusterHead:
     service: str | None            # EDS: the service whose ClusterLoadAssignment holds the endpoints
     reason: str                    # set: not governed, and why (for EDS: once its endpoints are in)
     endpoints: tuple[Endpoint, ...] | None   # STATIC: the inline load_assignment
+    traffic: ClusterPolicy         # circuit breaker, connect timeout, outlier detection
     warnings: tuple                # shared notes, relative to the cluster's path
     skipped: tuple
     problems: tuple[Problem, ...]
@@ -255,8 +257,9 @@ def cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: bool) -> Cl
     """The head of the cluster at ``path`` (``ctx``: fresh, based at ``path``;
     ``eds``: whether EDS exists, i.e. ADS mode)."""
     reason, service, endpoints = _cluster_head(ctx, path, pb, eds)
-    return ClusterHead(sys.intern(pb.name), _LB.get(pb.lb_policy), service, reason, endpoints, *ctx.notes(),
-                       tuple(ctx.problems))
+    traffic = policies.cluster_policy(ctx, path, pb) if not reason else NO_POLICY
+    return ClusterHead(sys.intern(pb.name), _LB.get(pb.lb_policy), service, reason, endpoints, traffic,
+                       *ctx.notes(), tuple(ctx.problems))
 
 
 def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
@@ -323,14 +326,14 @@ def compose_cluster(ctx: _Ctx, path: str, head: ClusterHead,
     if head.reason:
         return _ClusterOutcome(None, head.reason)
     if got is None:
-        return _ClusterOutcome(Cluster(head.name, head.policy, head.endpoints))
+        return _ClusterOutcome(Cluster(head.name, head.policy, head.endpoints, head.traffic))
     for notes, kept in ((got.warnings, ctx.warnings), (got.skipped, ctx.skipped)):
         for note in notes:
             ctx._note(kept, *note)
     ctx.problems += got.problems
     if got.endpoints is None or head.problems:
         return _ClusterOutcome(None, "invalid endpoints")
-    return _ClusterOutcome(Cluster(head.name, head.policy, got.endpoints))
+    return _ClusterOutcome(Cluster(head.name, head.policy, got.endpoints, head.traffic))
 
 
 def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
@@ -392,6 +395,7 @@ class _Entry:
     priority: int
     path: str
     listener: str
+    rate_limit: RateLimit = NO_RATE_LIMIT
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
@@ -608,35 +612,56 @@ def _chain_keys(ctx: _Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]])
 
 
 def _filter_chain(ctx: _Ctx, cpath: str, chain, keys, listener: str, routes) -> list[_Entry] | None:
+    entries, rate_limit = _chain_filters(ctx, cpath, chain, keys, listener, routes)
+    if entries and rate_limit != NO_RATE_LIMIT:
+        entries = [replace(e, rate_limit=rate_limit) for e in entries]
+    return entries
+
+
+def _chain_filters(ctx: _Ctx, cpath: str, chain, keys, listener: str,
+                   routes) -> tuple[list[_Entry] | None, RateLimit]:
+    """The chain's entries, and the rate limit of a local_ratelimit filter
+    before its terminal filter."""
+    rate_limit = NO_RATE_LIMIT
     if not chain.filters:
         ctx.error(f"{cpath}.filters", "a filter chain needs a tcp_proxy or http_connection_manager filter")
-        return None
+        return None, rate_limit
     for i, f in enumerate(chain.filters):
         fpath = f"{cpath}.filters[{i}]"
         if f.WhichOneof("config_type") != "typed_config":
             ctx.unsupported(f"{fpath}.typed_config", f"filter '{f.name}' needs a typed_config")
-            return None
+            return None, rate_limit
         type_name = f.typed_config.TypeName()
+        if type_name == policies.LOCAL_RATELIMIT_TYPE:
+            if rate_limit != NO_RATE_LIMIT:
+                ctx.warn(fpath, "a second local_ratelimit filter: kmesh applies only the first")
+                continue
+            got = policies.rate_limit(ctx, f"{fpath}.typed_config", f.typed_config)
+            if got is None:
+                return None, rate_limit
+            rate_limit = got
+            continue
         if type_name not in _TERMINAL:
             if ctx.lenient:
                 ctx.skip(fpath, f"network filter '{f.name}' ({type_name}) is not applied by kmesh")
                 continue
             ctx.error(f"{fpath}.typed_config", f"unsupported network filter '{f.name}' ({type_name}); "
-                      f"kmesh supports {filters.TCP_PROXY} and {filters.HTTP_CONNECTION_MANAGER}")
-            return None
+                      f"kmesh supports {filters.LOCAL_RATELIMIT}, {filters.TCP_PROXY} and "
+                      f"{filters.HTTP_CONNECTION_MANAGER}")
+            return None, rate_limit
         tpath = f"{fpath}.typed_config"
         if type_name == filters.TCP_PROXY_TYPE:
             msg = filters.tcp_proxy_pb2.TcpProxy()
             f.typed_config.Unpack(msg)
             refs = _tcp_proxy(ctx, tpath, msg)
             if refs is None:
-                return None
-            return [_Entry(ip, port, tuple(refs), prio, tpath, listener) for ip, port, prio in keys]
+                return None, rate_limit
+            return [_Entry(ip, port, tuple(refs), prio, tpath, listener) for ip, port, prio in keys], rate_limit
         msg = filters.hcm_pb2.HttpConnectionManager()
         f.typed_config.Unpack(msg)
-        return _http_connection_manager(ctx, tpath, msg, keys, listener, routes)
+        return _http_connection_manager(ctx, tpath, msg, keys, listener, routes), rate_limit
     ctx.unsupported(f"{cpath}.filters", "no tcp_proxy or http_connection_manager filter in the chain")
-    return None
+    return None, rate_limit
 
 
 def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping | None) -> list[_Entry] | None:
@@ -726,7 +751,7 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
         chosen, weighted = e, tuple(live)
     if chosen is None or not weighted:
         return None, referenced
-    return Listener(chosen.listener, key[0], key[1], weighted), referenced
+    return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],

@@ -26,10 +26,14 @@ def _batches(items: list):
 class ConfigMaps:
     """The listener and cluster maps, written in Plan order."""
 
-    def __init__(self, listener: Map, cluster: Map, ep_active: Map | None = None):
+    def __init__(self, listener: Map, cluster: Map, ep_active: Map | None = None, policy: dict | None = None):
         self.listener = listener
         self.cluster = cluster
         self.ep_active = ep_active
+        # km_rate_limit, km_cluster_state, km_stats_cluster, km_outlier: the
+        # state of a deleted listener's or cluster's policies goes with it, so
+        # that a cluster id given out again starts from nothing.
+        self.policy = policy or {}
 
     def read_state(self) -> MapState:
         st = MapState()
@@ -42,16 +46,29 @@ class ConfigMaps:
 
     def apply(self, plan: Plan) -> None:
         for batch in _batches(plan.cluster_upserts):
-            self.cluster.update_batch([(records.ClusterId(cid), records.cluster_record(lb, eps))
-                                       for cid, (lb, eps) in batch])
+            self.cluster.update_batch([(records.ClusterId(cid), records.cluster_record(*spec))
+                                       for cid, spec in batch])
         for batch in _batches(plan.listener_upserts):
-            self.listener.update_batch([(records.addr_key(*k), records.listener_record(spec)) for k, spec in batch])
+            self.listener.update_batch([(records.addr_key(*k), records.listener_record(*spec)) for k, spec in batch])
         for k in plan.listener_deletes:
             self.listener.delete(records.addr_key(*k))
+            if "km_rate_limit" in self.policy:
+                self.policy["km_rate_limit"].delete(records.addr_key(*k))
         if plan.cluster_deletes:
             time.sleep(DELETE_GRACE_SECONDS)
             for cid in plan.cluster_deletes:
                 self.cluster.delete(records.ClusterId(cid))
+            self._forget_clusters(set(plan.cluster_deletes))
+
+    def _forget_clusters(self, ids: set[int]) -> None:
+        for name in ("km_cluster_state", "km_stats_cluster"):
+            if name in self.policy:
+                for cid in ids:
+                    self.policy[name].delete(records.ClusterId(cid))
+        if "km_outlier" in self.policy:
+            m = self.policy["km_outlier"]
+            for k in [k for k in m.keys() if k.cluster_id in ids]:
+                m.delete(k)
 
     def dump(self, names: dict[int, str] | None = None) -> dict:
         names = names or {}

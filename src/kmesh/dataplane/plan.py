@@ -88,11 +88,11 @@ class CapacityError(ValueError):
 
 
 def cluster_spec(c: Cluster) -> records.ClusterSpec:
-    return (c.lb_policy, tuple((e.ip, e.port, e.weight) for e in c.endpoints))
+    return (c.lb_policy, tuple((e.ip, e.port, e.weight) for e in c.endpoints), c.policy)
 
 
 def listener_spec(lst: Listener, cluster_id) -> records.ListenerSpec:
-    return tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0)
+    return tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0), lst.rate_limit
 
 
 def plan(state: MapState, config: MeshConfig,
