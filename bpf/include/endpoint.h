@@ -27,19 +27,13 @@ static __always_inline __u64 endpoint_active(const struct kmesh_endpoint *ep)
 
 static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __s64 delta)
 {
-	struct kmesh_ep_stats *st = bpf_map_lookup_elem(&km_ep_active, key);
+	struct kmesh_ep_stats zero = {};
+	struct kmesh_ep_stats *st;
 
-	if (!st) {
-		struct kmesh_ep_stats zero = {};
-
-		if (delta < 0)
-			return; /* never went up: nothing to take back */
-		/* BPF_NOEXIST: a concurrent connect may have created it. */
-		bpf_map_update_elem(&km_ep_active, key, &zero, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&km_ep_active, key);
-		if (!st)
-			return; /* map full: the endpoint is simply not counted */
-	}
+	/* Taking back what never went up finds nothing to take it from. */
+	st = delta < 0 ? bpf_map_lookup_elem(&km_ep_active, key) : map_lookup_or_init(&km_ep_active, key, &zero);
+	if (!st)
+		return; /* map full: the endpoint is simply not counted */
 	__sync_fetch_and_add(&st->active, delta);
 }
 

@@ -120,4 +120,16 @@ struct {
 	__type(value, struct kmesh_meta);
 } km_meta SEC(".maps");
 
+/* The value under ``key``, created from ``*init`` when missing (another CPU
+ * may create it first: BPF_NOEXIST keeps theirs). NULL when the map is full. */
+static __always_inline void *map_lookup_or_init(void *map, const void *key, const void *init)
+{
+	void *v = bpf_map_lookup_elem(map, key);
+
+	if (v)
+		return v;
+	bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	return bpf_map_lookup_elem(map, key);
+}
+
 #endif /* __KMESH_MAPS_H__ */

@@ -18,18 +18,13 @@
  * The bucket is shared by all CPUs, hence the lock. */
 static __always_inline bool rate_limit_admit(const struct kmesh_addr *key, const struct kmesh_rate_limit *rl)
 {
-	struct kmesh_bucket *b = bpf_map_lookup_elem(&km_rate_limit, key);
 	__u64 now = bpf_ktime_get_ns();
+	struct kmesh_bucket fresh = { .tokens = rl->max_tokens, .last_fill_ns = now };
+	struct kmesh_bucket *b = map_lookup_or_init(&km_rate_limit, key, &fresh);
 	bool ok;
 
-	if (!b) {
-		struct kmesh_bucket fresh = { .tokens = rl->max_tokens, .last_fill_ns = now };
-
-		bpf_map_update_elem(&km_rate_limit, key, &fresh, BPF_NOEXIST);
-		b = bpf_map_lookup_elem(&km_rate_limit, key);
-		if (!b)
-			return true; /* map full: this listener is not limited */
-	}
+	if (!b)
+		return true; /* map full: this listener is not limited */
 	bpf_spin_lock(&b->lock);
 	if (rl->fill_interval_ns && now - b->last_fill_ns >= rl->fill_interval_ns) {
 		__u64 fills = (now - b->last_fill_ns) / rl->fill_interval_ns;
@@ -62,16 +57,11 @@ enum kmesh_admit {
  * then check: two CPUs racing for the last slot cannot both get it. */
 static __always_inline enum kmesh_admit cluster_admit(__u32 cluster_id, __u32 max)
 {
-	struct kmesh_cluster_state *st = bpf_map_lookup_elem(&km_cluster_state, &cluster_id);
+	struct kmesh_cluster_state zero = {};
+	struct kmesh_cluster_state *st = map_lookup_or_init(&km_cluster_state, &cluster_id, &zero);
 
-	if (!st) {
-		struct kmesh_cluster_state zero = {};
-
-		bpf_map_update_elem(&km_cluster_state, &cluster_id, &zero, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&km_cluster_state, &cluster_id);
-		if (!st)
-			return KMESH_ADMIT_UNCOUNTED;
-	}
+	if (!st)
+		return KMESH_ADMIT_UNCOUNTED;
 	if (__sync_fetch_and_add(&st->active, 1) < max)
 		return KMESH_ADMIT_COUNTED;
 	__sync_fetch_and_add(&st->active, -1);
@@ -88,16 +78,11 @@ static __always_inline void cluster_release(__u32 cluster_id)
 
 static __always_inline void stat_cluster(__u32 cluster_id, bool overflow)
 {
-	struct kmesh_cluster_counters *c = bpf_map_lookup_elem(&km_stats_cluster, &cluster_id);
+	struct kmesh_cluster_counters zero = {};
+	struct kmesh_cluster_counters *c = map_lookup_or_init(&km_stats_cluster, &cluster_id, &zero);
 
-	if (!c) {
-		struct kmesh_cluster_counters zero = {};
-
-		bpf_map_update_elem(&km_stats_cluster, &cluster_id, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&km_stats_cluster, &cluster_id);
-		if (!c)
-			return;
-	}
+	if (!c)
+		return;
 	/* Overflow is counted in connect4, ejections in sockops (maybe in
 	 * softirq on the same CPU): atomic even per CPU. */
 	__sync_fetch_and_add(overflow ? &c->overflow : &c->ejections, 1);
@@ -166,21 +151,15 @@ static __always_inline void outlier_failure(__u32 cluster_id, const struct kmesh
 {
 	struct kmesh_cluster *c = bpf_map_lookup_elem(&km_cluster, &cluster_id);
 	struct kmesh_ep_key key = { .cluster_id = cluster_id, .ep = *ep };
-	struct kmesh_outlier *o;
+	struct kmesh_outlier zero = {}, *o;
 	__u64 now, ms;
 	__u32 times;
 
 	if (!c || !c->policy.outlier_failures)
 		return;
-	o = bpf_map_lookup_elem(&km_outlier, &key);
-	if (!o) {
-		struct kmesh_outlier zero = {};
-
-		bpf_map_update_elem(&km_outlier, &key, &zero, BPF_NOEXIST);
-		o = bpf_map_lookup_elem(&km_outlier, &key);
-		if (!o)
-			return;
-	}
+	o = map_lookup_or_init(&km_outlier, &key, &zero);
+	if (!o)
+		return;
 	if (__sync_fetch_and_add(&o->failures, 1) + 1 < c->policy.outlier_failures)
 		return;
 	now = bpf_ktime_get_ns();

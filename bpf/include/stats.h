@@ -32,15 +32,9 @@ static __always_inline void stat_inc(__u32 idx)
  * created at zero on first use; NULL when the map is full. */
 static __always_inline struct kmesh_conn_counters *conn_counters(void *map, const void *key)
 {
-	struct kmesh_conn_counters *c = bpf_map_lookup_elem(map, key);
+	struct kmesh_conn_counters zero = {};
 
-	if (!c) {
-		struct kmesh_conn_counters zero = {};
-
-		bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(map, key);
-	}
-	return c;
+	return map_lookup_or_init(map, key, &zero);
 }
 
 static __always_inline struct kmesh_conn_counters *ep_counters(__u32 cluster_id, const struct kmesh_addr *ep)
