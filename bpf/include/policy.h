@@ -11,6 +11,8 @@
 #include "stats.h"
 
 #define KMESH_NS_PER_MS 1000000ULL
+/* The access log's bucket in km_rate_limit: port 0 is no listener's. */
+#define KMESH_ACCESS_LOG_BUCKET { .ip = 0, .port = 0 }
 #define KMESH_PERCENT 100
 
 /* Envoy's network local_ratelimit: a bucket of max_tokens, refilled by

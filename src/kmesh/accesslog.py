@@ -12,10 +12,13 @@ SYN has no address or bytes.
 The sockops program (when TCP reaches CLOSE) or sock_release (a socket
 that never sent a SYN) puts a kmesh_conn_event into the km_events ring
 buffer while the log is on (``access_log`` in km_config); a thread here
-turns them into lines, to stdout (journald under systemd) or a file. Two bounds keep a
-connection storm from flooding the host: the ring buffer's size (records
-that find it full are dropped and counted in the kernel) and a rate limit
-here (records over it are dropped and counted).
+turns them into lines, to stdout (journald under systemd) or a file. Two
+bounds keep a connection storm from flooding the host, both in the kernel,
+so that the daemon never reads what it would throw away: a token bucket
+(``-access-log-rate`` records a second, a second's worth at once) and the
+ring buffer's size; records over either are dropped and counted (km_stats).
+Records wake the reader only once 64 KiB are waiting; it also reads every
+100 ms, so a line appears at most that late.
 """
 from __future__ import annotations
 
@@ -31,6 +34,16 @@ from kmesh.bpf import libbpf, records
 log = logging.getLogger("kmesh.accesslog")
 
 DEFAULT_RATE = 1000   # lines per second
+POLL_MS = 100
+FILLS_PER_SECOND = 10
+
+
+def rate_limit(rate: int) -> records.KmeshRateLimit:
+    """The kernel bucket for ``rate`` records a second (0: no limit)."""
+    if rate <= 0:
+        return records.KmeshRateLimit()
+    per_fill = max(1, rate // FILLS_PER_SECOND)
+    return records.KmeshRateLimit(rate, per_fill, 1_000_000_000 * per_fill // rate)
 
 
 def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset: float) -> dict:
@@ -50,31 +63,16 @@ def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset:
     }
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst or rate, clock
-        self.tokens, self.last = self.burst, clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 class AccessLog:
-    def __init__(self, events_fd: int, config_map: libbpf.Map, cluster_names, path: str = "",
-                 rate: float = DEFAULT_RATE, track_connections: bool = True):
+    def __init__(self, events_fd: int, config_map: libbpf.Map, stats: libbpf.PerCpuMap, cluster_names,
+                 path: str = "", rate: int = DEFAULT_RATE, track_connections: bool = True):
         self.config_map = config_map
+        self.stats = stats
         self.cluster_names = cluster_names   # callable -> {id: name}
         self.path = path
         self.track_connections = track_connections
-        self.bucket = TokenBucket(rate)
+        self.rate = rate
         self.written = 0
-        self.rate_dropped = 0
         self.enabled = False
         self._out = None
         self._stop = threading.Event()
@@ -86,9 +84,6 @@ class AccessLog:
         self._thread.start()
 
     def _record(self, data: bytes) -> None:
-        if not self.bucket.take():
-            self.rate_dropped += 1
-            return
         ev = records.KmeshConnEvent.from_buffer_copy(data[:ctypes.sizeof(records.KmeshConnEvent)])
         if ev.cluster_id not in self._names:
             self._names = self.cluster_names()
@@ -99,7 +94,7 @@ class AccessLog:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if self._rb.poll(200) and self._out:
+                if self._rb.poll(POLL_MS) and self._out:
                     self._out.flush()
                 elif self._out is None:
                     sys.stdout.flush()
@@ -113,14 +108,18 @@ class AccessLog:
         if on and self.path and self._out is None:
             self._out = open(self.path, "a", buffering=1)
         self.config_map.update(ctypes.c_uint32(0),
-                               records.KmeshConfig(int(self.track_connections or on), int(on)))
+                               records.KmeshConfig(int(self.track_connections or on), int(on), rate_limit(self.rate)))
         if on != self.enabled:
             log.info("access log " + ("on" if on else "off"), extra={"kv": {"to": self.path or "stdout"}})
         self.enabled = on
 
+    def dropped(self, stat: records.Stat) -> int:
+        return self.stats.sum(ctypes.c_uint32(stat)) or 0
+
     def status(self) -> dict:
         return {"enabled": self.enabled, "to": self.path or "stdout", "written": self.written,
-                "rate_dropped": self.rate_dropped, "rate_limit_per_s": self.bucket.rate}
+                "rate_dropped": self.dropped(records.Stat.EVENTS_RATE_LIMITED),
+                "ring_buffer_dropped": self.dropped(records.Stat.EVENTS_DROPPED), "rate_limit_per_s": self.rate}
 
     def close(self) -> None:
         self._stop.set()

@@ -127,8 +127,9 @@ class Daemon:
         from kmesh.accesslog import AccessLog
 
         # The access log writes km_config (close tracking and the log switch).
-        self.accesslog = AccessLog(dp.map_fds["km_events"], dp.maps["km_config"], self.cluster_names,
-                                   self.opts.access_log_file, self.opts.access_log_rate, self.opts.track_connections)
+        self.accesslog = AccessLog(dp.map_fds["km_events"], dp.maps["km_config"], dp.maps["km_stats"],
+                                   self.cluster_names, self.opts.access_log_file, self.opts.access_log_rate,
+                                   self.opts.track_connections)
         self.accesslog.set(self.opts.access_log)
         if dp.sockmap:
             self._sockmap_on()

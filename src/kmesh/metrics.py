@@ -92,9 +92,7 @@ class DaemonCollector:
             yield c
             c = CounterMetricFamily("kmesh_access_log_dropped", "Access log records dropped.", labels=["reason"])
             c.add_metric(["rate_limit"], st["rate_dropped"])
-            stats = d.bpf_maps().get("km_stats")
-            c.add_metric(["ring_buffer_full"],
-                         (stats.sum(records.ctypes.c_uint32(records.Stat.EVENTS_DROPPED)) or 0) if stats else 0)
+            c.add_metric(["ring_buffer_full"], st["ring_buffer_dropped"])
             yield c
         sm = d.sockmap_status()
         g = GaugeMetricFamily("kmesh_sockmap_sockets", "Sockets enrolled for same-host acceleration.",

@@ -298,7 +298,7 @@ def test_ring_buffer_overload_is_counted(kmesh, cgroup, tmp_path):
     v = vip()
     log = tmp_path / "access.log"
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "dead")], [cluster("dead", lb_ep("127.0.0.1", dead))]),
-              extra_args=("-access-log", f"-access-log-file={log}"))
+              extra_args=("-access-log", f"-access-log-file={log}", "-access-log-rate=1000000"))
     n = 20_000   # a 1 MiB ring buffer holds ~14 500 records
     k.proc.send_signal(harness.signal.SIGSTOP)
     try:

@@ -42,3 +42,12 @@ def test_destination_service_of_istio_cluster_names():
         "reviews.default.svc.cluster.local"
     assert metrics.destination_service("web") == "web"
     assert metrics.destination_service("a|b") == "a|b"
+
+
+def test_kernel_bucket_for_the_access_log_rate():
+    for rate in (1, 5, 15, 1000, 123_456):
+        rl = accesslog.rate_limit(rate)
+        assert rl.max_tokens == rate   # a second's worth at once
+        assert abs(rl.tokens_per_fill * 1e9 / rl.fill_interval_ns - rate) / rate < 0.01, rate
+        assert rl.fill_interval_ns >= 50_000   # not refilled for every record
+    assert accesslog.rate_limit(0).max_tokens == 0   # no limit

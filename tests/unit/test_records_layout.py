@@ -66,7 +66,7 @@ LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
     3: "bac686cdf8b55d91",   # + counters, km_config, km_events; km_sock_ep by socket cookie
-    4: "d660cbbe9b419691",   # + failed/bytes counters, richer conn events; traffic policies and their state
+    4: "833e7d5d2282e46f",   # + failed/bytes counters, richer conn events, access log bucket; traffic policies
 }
 
 

@@ -80,6 +80,7 @@ libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", _c.c_int)
 RingBufferSampleFn = _c.CFUNCTYPE(_c.c_int, _vp, _vp, _c.c_size_t)
 ring_buffer__new = _fn("ring_buffer__new", _vp, _c.c_int, RingBufferSampleFn, _vp, _vp)
 ring_buffer__poll = _fn("ring_buffer__poll", _c.c_int, _vp, _c.c_int)
+ring_buffer__consume = _fn("ring_buffer__consume", _c.c_int, _vp)
 ring_buffer__free = _fn("ring_buffer__free", None, _vp)
 bpf_map_delete_elem = _fn("bpf_map_delete_elem", _c.c_int, _c.c_int, _vp)
 bpf_map_get_next_key = _fn("bpf_map_get_next_key", _c.c_int, _c.c_int, _vp, _vp)
@@ -321,10 +322,15 @@ class RingBuffer:
             raise BpfError(err, f"ring buffer: {os.strerror(err)}")
 
     def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for a wake-up, then read what is there
+        (records submitted without a wake-up too)."""
         rc = ring_buffer__poll(self._rb, timeout_ms)
         if rc < 0 and rc != -errno.EINTR:
             _check(rc, "ring buffer poll")
-        return max(rc, 0)
+        got = ring_buffer__consume(self._rb)
+        if got < 0:
+            _check(got, "ring buffer consume")
+        return max(rc, 0) + got
 
     def close(self) -> None:
         if self._rb:

@@ -27,6 +27,7 @@ KMESH_MAX_SOCKMAP_SOCKETS = 65536
 KMESH_MAX_ENDPOINT_STATS = 65536
 KMESH_MAX_TRACKED_SOCKETS = 65536
 KMESH_EVENTS_BYTES = 1048576
+KMESH_EVENTS_WAKEUP_BYTES = 65536
 KMESH_MAX_LOCAL_ADDRS = 1024
 KMESH_MAX_LISTENERS_TRACKED = 16384
 KMESH_SOCKMAP_TURN_BYTES = 131072
@@ -45,6 +46,7 @@ LIMITS = {
     "KMESH_MAX_ENDPOINT_STATS": KMESH_MAX_ENDPOINT_STATS,
     "KMESH_MAX_TRACKED_SOCKETS": KMESH_MAX_TRACKED_SOCKETS,
     "KMESH_EVENTS_BYTES": KMESH_EVENTS_BYTES,
+    "KMESH_EVENTS_WAKEUP_BYTES": KMESH_EVENTS_WAKEUP_BYTES,
     "KMESH_MAX_LOCAL_ADDRS": KMESH_MAX_LOCAL_ADDRS,
     "KMESH_MAX_LISTENERS_TRACKED": KMESH_MAX_LISTENERS_TRACKED,
     "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
@@ -140,8 +142,11 @@ class KmeshSockTurn(ctypes.Structure):
     _fields_ = [("last_sender", ctypes.c_uint32), ("plain", ctypes.c_uint32), ("turn_bytes", ctypes.c_uint64)]
 
 
+
+
 class KmeshConfig(ctypes.Structure):
-    _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32)]
+    _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32),
+                ("access_log_limit", KmeshRateLimit)]
 
 
 class KmeshSockState(ctypes.Structure):
@@ -195,9 +200,10 @@ class Stat(enum.IntEnum):
     NO_ENDPOINT = 2
     REDIRECTS = 3
     EVENTS_DROPPED = 4
+    EVENTS_RATE_LIMITED = 5
 
 
-KMESH_STAT_MAX = 5
+KMESH_STAT_MAX = 6
 
 
 class KmeshMeta(ctypes.Structure):
