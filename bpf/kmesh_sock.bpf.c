@@ -43,6 +43,17 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	switch (d) {
 	case KMESH_REDIRECT:
 		break;
+	case KMESH_HANDOFF: {
+		const struct kmesh_addr *to = handoff_address();
+
+		if (!to) /* turned off since the decision */
+			return SOCK_ALLOW;
+		stat_inc(KMESH_STAT_L7_HANDOFFS);
+		handoff_track(bpf_get_socket_cookie(ctx), to, ip, port);
+		ctx->user_ip4 = to->ip;
+		ctx->user_port = to->port;
+		return SOCK_ALLOW;
+	}
 	case KMESH_RATE_LIMITED:
 	case KMESH_OVERFLOW:
 		/* A policy refuses the connection: connect() fails at once

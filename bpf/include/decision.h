@@ -8,6 +8,15 @@
 #include "kmesh_maps.h"
 #include "listener.h"
 #include "cluster.h"
+#include "stats.h"
+
+/* Where L7 connections go, or NULL when nowhere. */
+static __always_inline const struct kmesh_addr *handoff_address(void)
+{
+	struct kmesh_config *cfg = kmesh_config();
+
+	return cfg && cfg->l7_handoff.port ? &cfg->l7_handoff : 0;
+}
 
 enum kmesh_decision {
 	KMESH_NO_LISTENER = 1, /* not a VIP: leave the connect alone */
@@ -16,6 +25,7 @@ enum kmesh_decision {
 	KMESH_REDIRECT = 4,    /* *ep is where the connect goes */
 	KMESH_RATE_LIMITED = 5, /* the listener's local rate limit: refuse the connect */
 	KMESH_OVERFLOW = 6,     /* the cluster's max_connections: refuse the connect */
+	KMESH_HANDOFF = 7,      /* an L7 listener: the daemon's hand-off listener takes it */
 };
 
 /* ``*taken``: KMESH_DECIDE_* of a redirect. Policies are checked in
@@ -36,6 +46,10 @@ kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct 
 		return KMESH_NO_LISTENER;
 	if (l->rate_limit.max_tokens && !rate_limit_admit(&lkey, &l->rate_limit))
 		return KMESH_RATE_LIMITED;
+	/* Without a hand-off listener (the daemon runs without L7), the
+	 * listener's catch-all clusters take the connection, as at L4. */
+	if ((l->flags & KMESH_LISTENER_L7) && handoff_address())
+		return KMESH_HANDOFF;
 	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;
 	c = bpf_map_lookup_elem(&km_cluster, cluster_id);

@@ -156,6 +156,25 @@ static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const
 		endpoint_active_add(&key, 1);
 }
 
+/* Send a connect to an L7 listener to the daemon's hand-off listener at
+ * ``to``, tracked (whatever track_connections says) so that sockops can
+ * publish its original destination once its source port is known. */
+static __always_inline void handoff_track(__u64 cookie, const struct kmesh_addr *to, __u32 vip_ip, __u16 vip_port)
+{
+	struct kmesh_sock_state fresh = { .ep = *to, .flags = KMESH_SOCK_L7,
+					  .vip = { .ip = vip_ip, .port = vip_port } };
+	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
+
+	stat_opened(&fresh.vip, 0, to);
+	if (st) {
+		struct kmesh_conn_end end = { .result = KMESH_CONN_FAILED };
+
+		conn_account(st, &end);
+	}
+	fresh.opened_ns = bpf_ktime_get_ns();
+	bpf_map_update_elem(&km_sock_ep, &cookie, &fresh, BPF_ANY);
+}
+
 /* The application released the socket (sock_release runs before TCP's
  * close). A watched socket is counted when TCP reaches CLOSE, with its
  * bytes: here only its LEAST_REQUEST count goes. One that never sent a SYN
@@ -199,6 +218,13 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 		return;
 	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) == 0)
 		__sync_fetch_and_or(&st->flags, KMESH_SOCK_WATCHED);
+	if (st->flags & KMESH_SOCK_L7) {
+		/* The source address is known from here on; the daemon finds
+		 * the entry by its accepted socket's peer. */
+		struct kmesh_addr src = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
+
+		bpf_map_update_elem(&km_orig_dst, &src, &st->vip, BPF_ANY);
+	}
 	if (!st->connect_timeout_ms)
 		return;
 	if (bpf_getsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &current, sizeof(current)) || current)

@@ -27,6 +27,9 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_ENDPOINTS = 65536,
 	/* Same-host sockets accelerated at once (two per connection). */
 	KMESH_MAX_SOCKMAP_SOCKETS = 65536,
+	/* Connections handed to the L7 listener whose original destination the
+	 * daemon has not read yet. */
+	KMESH_MAX_HANDOFFS = 65536,
 	/* Clusters with policies that keep state, endpoints with outlier state. */
 	KMESH_MAX_POLICY_CLUSTERS = 16384,
 	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
@@ -102,8 +105,17 @@ struct kmesh_rate_limit {
 struct kmesh_listener {
 	__u32 cluster_count;
 	__u32 total_weight;
+	__u32 flags; /* KMESH_LISTENER_* */
+	__u32 reserved;
 	struct kmesh_rate_limit rate_limit;
 	struct kmesh_weighted_cluster clusters[KMESH_MAX_WEIGHTED_CLUSTERS];
+};
+
+enum kmesh_listener_flag {
+	/* Its routes need the HTTP request (host, path, headers): connections
+	 * go to the daemon's hand-off listener (km_config.l7_handoff), which
+	 * reads the request head and picks the route (docs/l7.md). */
+	KMESH_LISTENER_L7 = 1,
 };
 
 /* Value of km_rate_limit, keyed by the listener's key: the token bucket. */
@@ -233,6 +245,7 @@ enum kmesh_sock_flag {
 	KMESH_SOCK_CLUSTER_COUNTED = 4, /* holds a slot of its cluster's max_connections */
 	KMESH_SOCK_USER_TIMEOUT = 8,    /* kmesh set TCP_USER_TIMEOUT for the connect: undo once established */
 	KMESH_SOCK_OUTLIER = 16,        /* its cluster detects outliers: a success resets the endpoint's count */
+	KMESH_SOCK_L7 = 32,             /* handed off to the daemon: publish its original destination */
 };
 
 /* Value of km_cluster_state, by cluster id: what max_connections counts. */
@@ -264,6 +277,9 @@ struct kmesh_config {
 	 * KMESH_ACCESS_LOG_BUCKET): a storm of connections is cut short in the
 	 * kernel, not after the daemon has read it. max_tokens 0: no limit. */
 	struct kmesh_rate_limit access_log_limit;
+	/* Where connections to an L7 listener go (0.0.0.0:0: nowhere; they are
+	 * then left alone). */
+	struct kmesh_addr l7_handoff;
 };
 
 /* Key of km_stats_endpoint: one endpoint of one cluster. */
@@ -293,7 +309,8 @@ enum kmesh_stat {
 	KMESH_STAT_REDIRECTS = 3,
 	KMESH_STAT_EVENTS_DROPPED = 4, /* access log records the ring buffer had no room for */
 	KMESH_STAT_EVENTS_RATE_LIMITED = 5, /* access log records over its rate limit */
-	KMESH_STAT_MAX = 6,
+	KMESH_STAT_L7_HANDOFFS = 6, /* connects to an L7 listener sent to the daemon's hand-off listener */
+	KMESH_STAT_MAX = 7,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

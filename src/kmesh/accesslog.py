@@ -64,9 +64,9 @@ def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset:
 
 
 class AccessLog:
-    def __init__(self, events_fd: int, config_map: libbpf.Map, stats: libbpf.PerCpuMap, cluster_names,
+    def __init__(self, events_fd: int, kconfig, stats: libbpf.PerCpuMap, cluster_names,
                  path: str = "", rate: int = DEFAULT_RATE, track_connections: bool = True):
-        self.config_map = config_map
+        self.kconfig = kconfig   # dataplane.kconfig.KernelConfig
         self.stats = stats
         self.cluster_names = cluster_names   # callable -> {id: name}
         self.path = path
@@ -107,8 +107,8 @@ class AccessLog:
         log needs (its records come from tracked sockets)."""
         if on and self.path and self._out is None:
             self._out = open(self.path, "a", buffering=1)
-        self.config_map.update(ctypes.c_uint32(0),
-                               records.KmeshConfig(int(self.track_connections or on), int(on), rate_limit(self.rate)))
+        self.kconfig.set(track_connections=int(self.track_connections or on), access_log=int(on),
+                         access_log_limit=rate_limit(self.rate))
         if on != self.enabled:
             log.info("access log " + ("on" if on else "off"), extra={"kv": {"to": self.path or "stdout"}})
         self.enabled = on

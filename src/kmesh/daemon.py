@@ -29,9 +29,10 @@ from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import MeshConfig
 from kmesh.config.translate import translate_bootstrap
 from kmesh.dataplane import policy_state, sockmap as sockmap_mod
+from kmesh.dataplane.kconfig import KernelConfig
 from kmesh.dataplane.maps import ConfigMaps
 from kmesh.dataplane.plan import CapacityError, MapState, plan, plan_changes
-from kmesh.options import Options
+from kmesh.options import Options, split_address
 
 log = logging.getLogger("kmesh.daemon")
 
@@ -78,6 +79,8 @@ class Daemon:
         self._lock = threading.Lock()
         self._state = MapState()
         self._dataplane: loader.Dataplane | None = None
+        self.l7 = None   # kmesh.l7.handoff.Handoff
+        self._l7_index: tuple = (None, {}, {})
         self._maps: ConfigMaps | None = None
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
@@ -127,10 +130,12 @@ class Daemon:
         from kmesh.accesslog import AccessLog
 
         # The access log writes km_config (close tracking and the log switch).
-        self.accesslog = AccessLog(dp.map_fds["km_events"], dp.maps["km_config"], dp.maps["km_stats"],
+        self.kconfig = KernelConfig(dp.maps["km_config"])
+        self.accesslog = AccessLog(dp.map_fds["km_events"], self.kconfig, dp.maps["km_stats"],
                                    self.cluster_names, self.opts.access_log_file, self.opts.access_log_rate,
                                    self.opts.track_connections)
         self.accesslog.set(self.opts.access_log)
+        self._start_l7(dp)
         if dp.sockmap:
             self._sockmap_on()
         else:
@@ -280,6 +285,11 @@ class Daemon:
             self.ads.stop()
         if self.admin:
             self.admin.stop()
+        if self.l7:
+            # Fail static for L7 too: its listeners fall back to their
+            # catch-all route in the kernel instead of a closed port.
+            self.kconfig.set(l7_handoff=records.KmeshAddr())
+            self.l7.stop()
         if self.accesslog:
             if self.accesslog.enabled:
                 self.accesslog.set(False)   # nobody reads the ring buffer from now on
@@ -422,6 +432,36 @@ class Daemon:
     # -- views for the admin API --------------------------------------------
     def cluster_names(self) -> dict[int, str]:
         return {cid: name for name, cid in self._state.cluster_ids.items()}
+
+    # -- L7 -------------------------------------------------------------------
+    def _start_l7(self, dp: loader.Dataplane) -> None:
+        if not self.opts.l7_address:
+            self.kconfig.set(l7_handoff=records.KmeshAddr())
+            return
+        from kmesh.l7.handoff import Handoff   # late: httptools and asyncio only when used
+
+        ip, port = split_address(self.opts.l7_address)
+        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target)
+        try:
+            self.l7.start()
+        except OSError as e:
+            raise StartError(f"L7 hand-off listener {self.opts.l7_address}: {e} "
+                             "(another kmesh-daemon? choose another -l7-address, or -l7-address= to turn L7 off)") \
+                from None
+        self.kconfig.set(l7_handoff=records.addr_key(ip, port))
+
+    def l7_target(self, vip: tuple[str, int]):
+        """The routes of the L7 listener a handed-off connection was going to
+        (an exact address first, then the wildcard on its port)."""
+        from kmesh.l7.handoff import Target
+
+        mesh = self.current_mesh()
+        if self._l7_index[0] is not mesh:
+            listeners = {(x.ip, x.port): x for x in mesh.listeners if x.routes is not None}
+            self._l7_index = (mesh, listeners, {c.name: c for c in mesh.clusters})
+        _, listeners, clusters = self._l7_index
+        lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
+        return Target(lst.name, lst.routes, clusters) if lst else None
 
     def policy_state(self) -> tuple[list, list]:
         """(clusters, listeners) with a traffic policy, and what it holds now."""

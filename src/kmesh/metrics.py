@@ -22,7 +22,8 @@ from kmesh.bpf import records
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_listener",
-              records.Stat.NO_CLUSTER: "no_cluster", records.Stat.NO_ENDPOINT: "no_endpoint"}
+              records.Stat.NO_CLUSTER: "no_cluster", records.Stat.NO_ENDPOINT: "no_endpoint",
+              records.Stat.L7_HANDOFFS: "l7_handoff"}
 
 
 class DaemonCollector:
@@ -85,6 +86,8 @@ class DaemonCollector:
             secs.add_metric([prog], ns / 1e9)
         yield runs
         yield secs
+        if d.l7:
+            yield from _l7_families(d.l7.stats)
         if d.accesslog:
             st = d.accesslog.status()
             c = CounterMetricFamily("kmesh_access_log_lines", "Access log lines written.")
@@ -149,6 +152,8 @@ class DaemonCollector:
 
         def rows():
             for key in list(m.keys()):
+                if key.cluster_id == 0:
+                    continue   # connections handed to the L7 listener: counted per listener
                 cluster = names.get(key.cluster_id, f"#{key.cluster_id}")
                 yield [destination_service(cluster), cluster, records.addr_text(key.ep)], m.sum(key)
         yield from _conn_families("kmesh_tcp", ["destination_service", "destination_cluster", "endpoint"],
@@ -180,6 +185,25 @@ def _conn_families(prefix: str, labels: list[str], rows, closes: bool) -> Iterat
     if closes:
         yield from fams[1:]
         yield active
+
+
+def _l7_families(st) -> Iterator:
+    """The hand-off listener's counters (kmesh.l7.handoff.Stats)."""
+    for name, text, value in (
+            ("kmesh_l7_connections_accepted", "Connections the L7 hand-off listener accepted.", st.accepted),
+            ("kmesh_l7_requests_routed", "Connections routed to an upstream by their first request.", st.routed),
+            ("kmesh_l7_upstream_failures", "Requests answered 503: no endpoint could be connected.",
+             st.upstream_failures),
+            ("kmesh_l7_bad_requests", "Connections whose first bytes were no HTTP/1.x request head.",
+             st.bad_requests)):
+        c = CounterMetricFamily(name, text)
+        c.add_metric([], value)
+        yield c
+    c = CounterMetricFamily("kmesh_l7_responses", "Responses the hand-off listener gave itself (no route, direct "
+                            "response, redirect, fault abort, errors), by status.", labels=["code"])
+    for code, n in sorted(st.answered.items()):
+        c.add_metric([str(code)], n)
+    yield c
 
 
 def destination_service(cluster: str) -> str:

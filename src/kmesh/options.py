@@ -7,6 +7,7 @@ DEFAULT_CONFIG_FILE = "/etc/kmesh/kmesh.yaml"
 DEFAULT_BPF_FS_PATH = "/sys/fs/bpf"
 DEFAULT_CGROUP2_PATH = "/mnt/kmesh_cgroup2"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:15200"
+DEFAULT_L7_ADDRESS = "127.0.0.1:15201"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Options:
     access_log_file: str = ""       # "" : stdout (journald under systemd)
     access_log_rate: int = 1000     # lines per second at most
     bpf_stats: bool = False         # count program runs and run time (kernel-wide; ~20-40 ns per run)
+    l7_address: str = DEFAULT_L7_ADDRESS   # hand-off listener for routes that need HTTP; "" turns L7 off
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

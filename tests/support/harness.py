@@ -153,6 +153,7 @@ class Kmesh:
     config_path: Path
     bpf_fs_path: Path = field(default_factory=lambda: BPFFS / unique("kmesh-test"))
     admin_port: int = field(default_factory=free_port)
+    l7_port: int = field(default_factory=free_port)   # the L7 hand-off listener, on 127.0.0.1
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     ads: str | None = None          # None: standalone; "": ADS, address from the bootstrap; else -xds-address
@@ -171,7 +172,8 @@ class Kmesh:
         mode = ["-enable-ads=false"] if self.ads is None else [f"-xds-address={self.ads}"] if self.ads else []
         return [str(BIN / "kmesh-daemon"), *mode, f"-config-file={self.config_path}",
                 f"-bpf-fs-path={self.bpf_fs_path}", f"-cgroup2-path={self.cgroup.path}",
-                f"-admin-address=127.0.0.1:{self.admin_port}", *self.extra_args, *extra]
+                f"-admin-address=127.0.0.1:{self.admin_port}", f"-l7-address=127.0.0.1:{self.l7_port}",
+                *self.extra_args, *extra]
 
     def write_config(self, cfg: dict | str) -> None:
         text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)

@@ -27,7 +27,8 @@ SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "rpm", "python3", "python3-pip", "libbpf1", "curl", "procps",
             "iproute2", "ca-certificates", "gawk"]
 # Runtime Python packages the RPM Requires, from PyPI (Debian 12's are too old).
-WHEELS = ["protobuf>=6.31.1", "grpcio>=1.74", "click>=8.1", "PyYAML>=6.0", "sdnotify>=0.3", "prometheus-client>=0.14"]
+WHEELS = ["protobuf>=6.31.1", "grpcio>=1.74", "click>=8.1", "PyYAML>=6.0", "sdnotify>=0.3", "prometheus-client>=0.14",
+          "httptools>=0.6"]
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 CGROUP_SYSTEMD = Path("/sys/fs/cgroup/systemd")
 

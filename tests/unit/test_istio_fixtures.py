@@ -83,5 +83,5 @@ def test_what_is_skipped_says_why():
     skipped = "\n".join(bookinfo_state()[0].mesh().skipped)
     for needle in ("LDS[virtualOutbound]", "LDS[virtualInbound]", "CDS[PassthroughCluster]",
                    "CDS[InboundPassthroughCluster]", "DNS clusters are not supported",
-                   "TLS/mTLS is not applied", "istio.stats", "prefix_ranges", "header 'end-user'"):
+                   "TLS/mTLS is not applied", "istio.stats", "prefix_ranges"):
         assert needle in skipped, needle

@@ -41,7 +41,7 @@ def test_switching_clusters_adds_before_it_deletes():
     new_id = p2.new_state.cluster_ids["b"]
     assert new_id != p1.new_state.cluster_ids["a"], "a new cluster never reuses a live id"
     assert [cid for cid, _ in p2.cluster_upserts] == [new_id]
-    clusters, _rate_limit = p2.listener_upserts[0][1]
+    clusters, _rate_limit, _flags = p2.listener_upserts[0][1]
     assert clusters[0][0] == new_id
     assert p2.cluster_deletes == [p1.new_state.cluster_ids["a"]]
 

@@ -109,6 +109,6 @@ def test_policies_survive_the_record_round_trip():
     assert records.cluster_fingerprint(spec) != records.cluster_fingerprint(
         (records.LbPolicy.RANDOM, (("127.0.0.1", 80, 1),), records.NO_POLICY))
     lrec = records.listener_record([(1, 1)], RateLimit(10, 2, 500))
-    assert records.listener_spec_of(lrec) == (((1, 1),), RateLimit(10, 2, 500))
+    assert records.listener_spec_of(lrec) == (((1, 1),), RateLimit(10, 2, 500), 0)
     assert records.decode_listener(lrec)["rate_limit"] == {"max_tokens": 10, "tokens_per_fill": 2,
                                                            "fill_interval_ms": 500}

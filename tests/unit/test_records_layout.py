@@ -66,7 +66,7 @@ LAYOUT_FINGERPRINTS = {
     1: "ed5ca7f9dffdafeb",
     2: "c94dd42f890e2526",   # + same-host acceleration (kmesh_sockmap.bpf.o)
     3: "bac686cdf8b55d91",   # + counters, km_config, km_events; km_sock_ep by socket cookie
-    4: "833e7d5d2282e46f",   # + failed/bytes counters, richer conn events, access log bucket; traffic policies
+    4: "1731c9925fc2e21c",   # + failed/bytes counters, conn events, access log bucket; policies; L7 hand-off
 }
 
 

@@ -64,7 +64,7 @@ def test_weighted_and_lb_policies():
     assert m.listeners[1].clusters == (WeightedCluster("c2", 80), WeightedCluster("c3", 20))
 
 
-def test_hcm_catch_all_route_and_l7_warning():
+def test_hcm_routes_that_need_the_request_go_l7():
     d = base()
     d["static_resources"]["listeners"] = [hcm_listener("h", "127.0.0.2", 80, [
         {"match": {"prefix": "/api"}, "route": {"cluster": "c1"}},
@@ -73,18 +73,38 @@ def test_hcm_catch_all_route_and_l7_warning():
     ])]
     d["static_resources"]["clusters"].append(cluster("c2", lb_ep("127.0.0.1", 9000)))
     m = translate(d)
-    assert m.listeners[0].clusters == (WeightedCluster("c1", 80), WeightedCluster("c2", 20))
-    assert any("routes[0].match" in w and "prefix '/api'" in w for w in m.warnings)
+    (lst,) = m.listeners
+    assert lst.routes is not None   # decided per request by the hand-off listener
+    # without L7, the first catch-all route (the other route's cluster checked, at weight 0)
+    assert lst.clusters == (WeightedCluster("c1", 80), WeightedCluster("c2", 20))
+    assert m.warnings == ()
 
 
-def test_hcm_header_match_warns_on_chosen_route():
+def test_hcm_header_match_is_l7():
     d = base()
     d["static_resources"]["listeners"] = [hcm_listener("h", "127.0.0.2", 80, [
         {"match": {"prefix": "/", "headers": [{"name": "end-user", "string_match": {"exact": "jason"}}]},
          "route": {"cluster": "c1"}}])]
     m = translate(d)
+    assert m.listeners[0].routes is not None
     assert m.listeners[0].clusters == (WeightedCluster("c1", 1),)
-    assert any("header 'end-user'" in w for w in m.warnings)
+    assert m.warnings == ()
+
+
+def test_hcm_direct_response_only_is_l7_without_clusters():
+    d = base()
+    d["static_resources"]["listeners"] = [hcm_listener("h", "127.0.0.2", 80, [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200}}])]
+    (lst,) = translate(d).listeners
+    assert lst.routes is not None and lst.clusters == ()
+
+
+def test_hcm_catch_all_only_stays_l4():
+    d = base()
+    d["static_resources"]["listeners"] = [hcm_listener("h", "127.0.0.2", 80, [
+        {"match": {"prefix": "/"}, "route": {"cluster": "c1"}}, {"match": {"prefix": "/never"}, "route": {"cluster": "c1"}}])]
+    (lst,) = translate(d).listeners
+    assert lst.routes is None and lst.clusters == (WeightedCluster("c1", 1),)
 
 
 def test_priority_and_health():
@@ -225,10 +245,6 @@ MALFORMED = [
          {"filters": [{"name": "hcm", "typed_config": {"@type": HCM, "stat_prefix": "x", "rds": {
              "route_config_name": "r"}}}]}]}),
      f"{TC}.rds", "RDS needs ADS mode"),
-    ("HCM direct_response route",
-     lambda d: d[SR]["listeners"].__setitem__(0, hcm_listener("l1", "127.0.0.1", 23333, [
-         {"match": {"prefix": "/"}, "direct_response": {"status": 200}}])),
-     f"{TC}.route_config.virtual_hosts[0].routes[0].direct_response", "needs L7"),
     ("HCM route to undefined cluster",
      lambda d: d[SR]["listeners"].__setitem__(0, hcm_listener("l1", "127.0.0.1", 23333, [
          {"match": {"prefix": "/"}, "route": {"cluster": "missing"}}])),

@@ -54,6 +54,7 @@ MAP_TYPES = {
     "km_rate_limit": (records.KmeshAddr, records.KmeshBucket),
     "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
     "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
+    "km_orig_dst": (records.KmeshAddr, records.KmeshAddr),
 }
 PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint", "km_stats_cluster"}
 POLICY_STATE_MAPS = ("km_rate_limit", "km_cluster_state", "km_stats_cluster", "km_outlier")

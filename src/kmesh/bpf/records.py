@@ -33,6 +33,8 @@ KMESH_MAX_LISTENERS_TRACKED = 16384
 KMESH_SOCKMAP_TURN_BYTES = 131072
 KMESH_SOCKMAP_SMALL_MSG = 16384
 KMESH_MAX_POLICY_CLUSTERS = 16384
+KMESH_MAX_HANDOFFS = 65536
+LISTENER_L7 = 1   # enum kmesh_listener_flag
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 
 LIMITS = {
@@ -52,6 +54,7 @@ LIMITS = {
     "KMESH_SOCKMAP_TURN_BYTES": KMESH_SOCKMAP_TURN_BYTES,
     "KMESH_SOCKMAP_SMALL_MSG": KMESH_SOCKMAP_SMALL_MSG,
     "KMESH_MAX_POLICY_CLUSTERS": KMESH_MAX_POLICY_CLUSTERS,
+    "KMESH_MAX_HANDOFFS": KMESH_MAX_HANDOFFS,
     "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
 }
 
@@ -85,6 +88,8 @@ class KmeshListener(ctypes.Structure):
     _fields_ = [
         ("cluster_count", ctypes.c_uint32),
         ("total_weight", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
         ("rate_limit", KmeshRateLimit),
         ("clusters", KmeshWeightedCluster * KMESH_MAX_WEIGHTED_CLUSTERS),
     ]
@@ -146,7 +151,7 @@ class KmeshSockTurn(ctypes.Structure):
 
 class KmeshConfig(ctypes.Structure):
     _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32),
-                ("access_log_limit", KmeshRateLimit)]
+                ("access_log_limit", KmeshRateLimit), ("l7_handoff", KmeshAddr)]
 
 
 class KmeshSockState(ctypes.Structure):
@@ -201,9 +206,10 @@ class Stat(enum.IntEnum):
     REDIRECTS = 3
     EVENTS_DROPPED = 4
     EVENTS_RATE_LIMITED = 5
+    L7_HANDOFFS = 6
 
 
-KMESH_STAT_MAX = 6
+KMESH_STAT_MAX = 7
 
 
 class KmeshMeta(ctypes.Structure):
@@ -242,7 +248,8 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
          "kmesh_listen_flag": {"KMESH_LISTEN_NONBLOCK": 1},
          "kmesh_dir": {"KMESH_DIR_A": 1, "KMESH_DIR_B": 2},
          "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2, "KMESH_SOCK_CLUSTER_COUNTED": 4,
-                             "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16},
+                             "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16, "KMESH_SOCK_L7": 32},
+         "kmesh_listener_flag": {"KMESH_LISTENER_L7": LISTENER_L7},
          "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}
 
@@ -352,8 +359,10 @@ def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]
     return rec
 
 
-def listener_record(clusters: Sequence[tuple[int, int]], rate_limit: RateLimit = NO_RATE_LIMIT) -> KmeshListener:
-    """clusters: (cluster_id, weight); zero-weight entries are left out."""
+def listener_record(clusters: Sequence[tuple[int, int]], rate_limit: RateLimit = NO_RATE_LIMIT,
+                    flags: int = 0) -> KmeshListener:
+    """clusters: (cluster_id, weight); zero-weight entries are left out.
+    flags: LISTENER_L7 for routes that need the HTTP request."""
     live = [(cid, w) for cid, w in clusters if w > 0]
     if len(live) > KMESH_MAX_WEIGHTED_CLUSTERS:
         raise ValueError(f"{len(live)} weighted clusters exceed the limit of {KMESH_MAX_WEIGHTED_CLUSTERS}")
@@ -364,6 +373,7 @@ def listener_record(clusters: Sequence[tuple[int, int]], rate_limit: RateLimit =
         rec.clusters[i] = KmeshWeightedCluster(cid, total)
     rec.cluster_count = len(live)
     rec.total_weight = total
+    rec.flags = flags
     rec.rate_limit = KmeshRateLimit(rate_limit.max_tokens, rate_limit.tokens_per_fill,
                                     rate_limit.fill_interval_ms * _NS_PER_MS)
     return rec
@@ -381,7 +391,7 @@ def listener_record(clusters: Sequence[tuple[int, int]], rate_limit: RateLimit =
 # lets a restarted daemon see that nothing needs writing.
 
 ClusterSpec = tuple  # (LbPolicy, ((ip, port, weight), ...), ClusterPolicy)
-ListenerSpec = tuple  # (((cluster_id, weight), ...) with weights > 0, RateLimit)
+ListenerSpec = tuple  # (((cluster_id, weight), ...) with weights > 0, RateLimit, flags)
 
 
 def _fingerprint(text: str) -> bytes:
@@ -401,8 +411,9 @@ def cluster_fingerprint(spec: ClusterSpec) -> bytes:
 
 
 def listener_fingerprint(spec: ListenerSpec) -> bytes:
-    clusters, rate_limit = spec
-    return _fingerprint(",".join(f"{cid}:{w}" for cid, w in clusters) + _policy_text(rate_limit, NO_RATE_LIMIT))
+    clusters, rate_limit, flags = spec
+    return _fingerprint(",".join(f"{cid}:{w}" for cid, w in clusters) + _policy_text(rate_limit, NO_RATE_LIMIT)
+                        + (f"/f{flags}" if flags else ""))
 
 
 def policy_of(rec: KmeshCluster) -> ClusterPolicy:
@@ -421,7 +432,7 @@ def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
         out.append((wc.cluster_id, wc.cum_weight - prev))
         prev = wc.cum_weight
     rl = rec.rate_limit
-    return tuple(out), RateLimit(rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_ns // _NS_PER_MS)
+    return tuple(out), RateLimit(rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_ns // _NS_PER_MS), rec.flags
 
 
 def addr_text(key: KmeshAddr) -> str:
@@ -429,9 +440,11 @@ def addr_text(key: KmeshAddr) -> str:
 
 
 def decode_listener(rec: KmeshListener) -> dict:
-    clusters, rate_limit = listener_spec_of(rec)
+    clusters, rate_limit, flags = listener_spec_of(rec)
     out = {"total_weight": rec.total_weight,
            "clusters": [{"cluster_id": cid, "weight": w} for cid, w in clusters]}
+    if flags & LISTENER_L7:
+        out["l7"] = True
     if rate_limit != NO_RATE_LIMIT:
         out["rate_limit"] = rate_limit._asdict()
     return out

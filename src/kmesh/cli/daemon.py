@@ -32,6 +32,9 @@ def _opt(name: str, **kw):
 @_opt("access-log-file", default="", help="where access log lines go (default: stdout, journald under systemd)")
 @_opt("access-log-rate", default=1000, type=int, help="access log lines per second at most; more are dropped "
       "and counted")
+@_opt("l7-address", default=options.DEFAULT_L7_ADDRESS, help="the hand-off listener for HTTP routes that need "
+      "the request (host, path, headers): connections to such listeners come here and are routed per request; "
+      "empty turns L7 off (such listeners then take their catch-all route in the kernel)")
 @_opt("bpf-stats", default=False, help="count every BPF program's runs and run time while the daemon runs "
       "(kmesh_bpf_program_runs_total; kernel-wide, ~20-40 ns per program run)", **_BOOL)
 @click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,

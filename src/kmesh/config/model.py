@@ -38,6 +38,10 @@ class Listener:
     port: int
     clusters: tuple[WeightedCluster, ...]
     rate_limit: RateLimit = NO_RATE_LIMIT   # new connections (network local_ratelimit)
+    # HTTP routes that need the request (kmesh.l7.routes.RouteTable), decided
+    # by the daemon's hand-off listener; ``clusters`` then hold the catch-all
+    # route, used when the daemon runs without L7.
+    routes: object | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -396,6 +396,7 @@ class _Entry:
     path: str
     listener: str
     rate_limit: RateLimit = NO_RATE_LIMIT
+    routes: object = None   # kmesh.l7.routes.RouteTable when the routes need the request
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
@@ -467,32 +468,38 @@ def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
     return None
 
 
-def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost) -> list[_Ref] | None:
-    """The route a connection takes in a virtual host: the first catch-all
-    route (no L7 condition), else the first route."""
+def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_Ref] | None:
+    """The route a connection takes in a virtual host at L4: the first
+    catch-all route (no L7 condition), else the first route; the clusters
+    of the other routes come along with weight 0, to be checked. With
+    ``l7`` the routes are decided per request and this is only the fallback
+    for a daemon without L7: no notes about it, and a virtual host may have
+    no cluster route at all (direct responses, redirects)."""
     routes = list(vhost.routes)
     if not routes:
         ctx.unsupported(f"{vpath}.routes", "the virtual host has no routes")
         return None
     chosen = next((i for i, r in enumerate(routes) if not _l7_conditions(r.match)), 0)
-    refs = None
+    refs: list[_Ref] | None = [] if l7 else None
+    others: list[_Ref] = []
     for i, r in enumerate(routes):
         rpath = f"{vpath}.routes[{i}]"
         needs = _l7_conditions(r.match)
+        if l7 and r.WhichOneof("action") != "route":
+            continue   # answered by the hand-off listener
         if i == chosen:
-            if needs:
+            if needs and not l7:
                 ctx.warn(f"{rpath}.match", f"{', '.join(needs)} needs L7 routing (not yet supported); "
                          "the route applies to every connection")
             refs = _route_action(ctx, rpath, r)
-        else:
+            continue
+        if not l7:
             ctx.warn(f"{rpath}.match", f"{', '.join(needs) or 'this route'} needs L7 routing (not yet supported); "
                      f"connections use routes[{chosen}] instead")
-            if r.WhichOneof("action") == "route" and refs is not None:
-                # Validate what it references even though it is not applied.
-                extra = _route_action(ctx, rpath, r)
-                if extra:
-                    refs = refs + [_Ref(x.path, x.cluster, 0) for x in extra]
-    return refs
+        if r.WhichOneof("action") == "route":
+            # Checked even where not applied at L4.
+            others += [_Ref(x.path, x.cluster, 0) for x in _route_action(ctx, rpath, r) or ()]
+    return None if refs is None else refs + others
 
 
 def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
@@ -531,7 +538,17 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     if not vhosts:
         ctx.unsupported(f"{rc_path}.virtual_hosts", "route_config has no virtual_hosts")
         return None
-    if len(vhosts) > 1:
+    from kmesh.l7 import routes as l7   # late: only configs with HTTP routes pay for it
+
+    # Per request: an explicit listener address when anything in the routes
+    # needs the request; a VIP among a wildcard listener's virtual hosts when
+    # its own virtual host does (then Host picks among all, as in Envoy).
+    rc_l7 = l7.needs_l7(rc)
+    wildcard = any(ip == WILDCARD for ip, _, _ in keys)
+    vhost_l7 = [rc_l7 and wildcard and l7.vhost_needs_l7(v, rc) for v in vhosts]
+    wanted = any(vhost_l7) or (rc_l7 and any(ip != WILDCARD for ip, _, _ in keys))
+    table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) if wanted else None
+    if len(vhosts) > 1 and table is None:
         ctx.warn(f"{rc_path}.virtual_hosts", "a virtual host is chosen by the destination IP among its domains, "
                  "else the '*' one; choosing by Host needs L7 routing (not yet supported)")
     star = next((i for i, v in enumerate(vhosts) if "*" in v.domains), None)
@@ -540,7 +557,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
 
     def refs_of(i: int) -> list[_Ref] | None:
         if i not in refs_cache:
-            refs_cache[i] = _virtual_host_refs(ctx, f"{rc_path}.virtual_hosts[{i}]", vhosts[i])
+            refs_cache[i] = _virtual_host_refs(ctx, f"{rc_path}.virtual_hosts[{i}]", vhosts[i], table is not None)
         return refs_cache[i]
 
     entries = []
@@ -549,17 +566,25 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
             for i, v in enumerate(vhosts):
                 for vip in _domain_ips(v.domains, port):
                     refs = refs_of(i)
-                    if refs:
-                        entries.append(_Entry(vip, port, tuple(refs), _P_DOMAIN + prio % 10,
-                                              f"{rc_path}.virtual_hosts[{i}].domains", listener))
+                    routes = table if vhost_l7[i] else None
+                    if refs or routes:
+                        entries.append(_Entry(vip, port, tuple(refs or ()), _P_DOMAIN + prio % 10,
+                                              f"{rc_path}.virtual_hosts[{i}].domains", listener, routes=routes))
+            # The wildcard itself only with a governed catch-all: every
+            # connection to the port would come to it.
+            if fallback is None or not refs_of(fallback):
+                continue
             chosen = fallback
         else:
             chosen = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
         if chosen is None:
             continue
         refs = refs_of(chosen)
-        if refs:
-            entries.append(_Entry(ip, port, tuple(refs), prio, f"{rc_path}.virtual_hosts[{chosen}]", listener))
+        # an explicit address: Host picks among all the virtual hosts
+        routes = table if ip != WILDCARD else (table if vhost_l7[chosen] else None)
+        if refs or routes:
+            entries.append(_Entry(ip, port, tuple(refs or ()), prio, f"{rc_path}.virtual_hosts[{chosen}]", listener,
+                                  routes=routes))
     if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
         return None
     return entries
@@ -749,9 +774,9 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
             if r.weight > 0:
                 live.append(WeightedCluster(r.cluster, r.weight))
         chosen, weighted = e, tuple(live)
-    if chosen is None or not weighted:
+    if chosen is None or not (weighted or chosen.routes is not None):
         return None, referenced
-    return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit), referenced
+    return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],

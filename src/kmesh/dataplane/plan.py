@@ -92,7 +92,8 @@ def cluster_spec(c: Cluster) -> records.ClusterSpec:
 
 
 def listener_spec(lst: Listener, cluster_id) -> records.ListenerSpec:
-    return tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0), lst.rate_limit
+    return (tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0), lst.rate_limit,
+            records.LISTENER_L7 if lst.routes is not None else 0)
 
 
 def plan(state: MapState, config: MeshConfig,

@@ -1,0 +1,1 @@
+"""HTTP-level (L7) routing decisions: pure logic, no sockets."""

@@ -1,0 +1,307 @@
+"""The daemon's L7 hand-off listener (docs/l7.md).
+
+connect4 sends every connection to an L7 listener's VIP here, and sockops
+publishes where it was going (km_orig_dst, by the client socket's address,
+which is the peer of the socket accepted here). This side reads the request
+head, lets the listener's route table decide (kmesh.l7.routes), answers
+itself (404, direct response, redirect, fault abort, 431, 503) or connects
+to an endpoint of the chosen cluster, writes the head there and relays the
+rest of the connection both ways.
+
+The first request on a connection picks the route; later requests on a
+keep-alive connection follow it. Clients that send ``Connection: close``
+are routed per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import httptools
+
+from kmesh.bpf import records
+from kmesh.config.model import Cluster
+from kmesh.l7 import routes as rt
+
+log = logging.getLogger("kmesh.l7")
+
+HEAD_LIMIT = 64 * 1024        # a larger request head gets 431, as Envoy's default max_request_headers_kb
+READ_CHUNK = 64 * 1024
+DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's connect_timeout default
+HEAD_TIMEOUT = 30.0            # a client that sends no complete head in time is closed
+
+
+@dataclass(frozen=True)
+class Target:
+    """What connections to one L7 listener address are routed with."""
+
+    listener: str
+    routes: rt.RouteTable
+    clusters: Mapping[str, Cluster]
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    routed: int = 0
+    answered: dict = field(default_factory=dict)   # status -> count (answered here)
+    upstream_failures: int = 0
+    no_destination: int = 0
+    bad_requests: int = 0
+
+    def answer(self, status: int) -> None:
+        self.answered[status] = self.answered.get(status, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "routed": self.routed, "upstream_failures": self.upstream_failures,
+                "answered": {str(k): v for k, v in sorted(self.answered.items())},
+                "no_destination": self.no_destination, "bad_requests": self.bad_requests}
+
+
+class _Head:
+    """httptools callbacks: the parts of a request head routing needs."""
+
+    def __init__(self):
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+class BadRequest(Exception):
+    pass
+
+
+def parse_head(head: bytes) -> rt.Request:
+    """A complete request head (up to and including the blank line)."""
+    h = _Head()
+    parser = httptools.HttpRequestParser(h)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass   # Upgrade / CONNECT: the head is parsed; the rest is relayed as it comes
+    except httptools.HttpParserError as e:
+        raise BadRequest(str(e)) from None
+    if not h.complete:
+        raise BadRequest("incomplete request head")
+    host = next((v for n, v in h.headers if n.lower() == "host"), "")
+    return rt.Request(method=parser.get_method().decode("latin-1"), path=h.url.decode("latin-1"), host=host,
+                      headers=tuple(h.headers))
+
+
+def rewrite_head(head: bytes, route) -> bytes:
+    """The head with the route's path and Host rewrites applied."""
+    if route.rewrite_path is None and route.rewrite_host is None:
+        return head
+    lines = head.split(b"\r\n")
+    if route.rewrite_path is not None:
+        method, _, rest = lines[0].partition(b" ")
+        _, _, version = rest.rpartition(b" ")
+        lines[0] = b" ".join((method, route.rewrite_path.encode("latin-1"), version))
+    if route.rewrite_host is not None:
+        lines = [b"Host: " + route.rewrite_host.encode("latin-1") if line[:5].lower() == b"host:" else line
+                 for line in lines]
+    return b"\r\n".join(lines)
+
+
+def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection."""
+    reason = _REASONS.get(status, "")
+    lines = [f"HTTP/1.1 {status} {reason}", f"content-length: {len(body)}", "connection: close"]
+    if body:
+        lines.append("content-type: text/plain")
+    lines += [f"{k}: {v}" for k, v in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+_REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
+            308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+
+
+class Balancer:
+    """The endpoint order for a new upstream connection, with the cluster's
+    LB policy: ROUND_ROBIN walks the endpoints by weight from a shared
+    cursor, RANDOM and LEAST_REQUEST draw by weight (this side does not see
+    the kernel's active counts). Retries take the next endpoints."""
+
+    def __init__(self):
+        self._cursors: dict[str, itertools.count] = {}
+
+    def order(self, c: Cluster) -> list[tuple[str, int]]:
+        eps = [(e.ip, e.port) for e in c.endpoints for _ in range(max(1, e.weight))]
+        if not eps:
+            return []
+        if c.lb_policy == records.LbPolicy.ROUND_ROBIN:
+            start = next(self._cursors.setdefault(c.name, itertools.count())) % len(eps)
+        else:
+            start = random.randrange(len(eps))
+        seen, out = set(), []
+        for ep in eps[start:] + eps[:start]:
+            if ep not in seen:
+                seen.add(ep)
+                out.append(ep)
+        return out
+
+
+class Handoff:
+    """The hand-off listener: an asyncio loop in a thread of the daemon."""
+
+    def __init__(self, address: tuple[str, int], orig_dst, targets: Callable[[tuple[str, int]], Target | None],
+                 head_limit: int = HEAD_LIMIT):
+        self.address = address
+        self.orig_dst = orig_dst   # km_orig_dst: client address -> VIP
+        self.targets = targets
+        self.head_limit = head_limit
+        self.stats = Stats()
+        self.balancer = Balancer()
+        self._loop = asyncio.new_event_loop()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Bind now (a port in use fails the daemon's start), serve in a thread."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(self.address)
+        sock.listen(4096)
+        sock.setblocking(False)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, sock=sock,
+                                                                          limit=self.head_limit))
+        self._thread = threading.Thread(target=self._loop.run_forever, name="l7-handoff", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+
+        async def close():
+            self._server.close()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._thread = None
+
+    # -- one connection ------------------------------------------------------
+    def _destination(self, peer: tuple) -> tuple[str, int] | None:
+        key = records.addr_key(peer[0], peer[1])
+        vip = self.orig_dst.lookup(key)
+        if vip is None:
+            return None
+        self.orig_dst.delete(key)
+        return records.ip_of(vip.ip), records.port_of(vip.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats.accepted += 1
+        try:
+            await self._route(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass
+        except Exception:   # noqa: BLE001 - one connection must not take the listener down
+            log.exception("l7 connection failed")
+        finally:
+            writer.close()
+
+    async def _answer(self, writer: asyncio.StreamWriter, status: int, body: bytes = b"",
+                      extra: tuple[tuple[str, str], ...] = ()) -> None:
+        self.stats.answer(status)
+        writer.write(response(status, body, extra))
+        await writer.drain()
+
+    async def _route(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        vip = self._destination(writer.get_extra_info("peername"))
+        target = self.targets(vip) if vip else None
+        if target is None:
+            self.stats.no_destination += 1
+            return   # not handed off by kmesh, or its listener is gone: close
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            return await self._answer(writer, 431)
+        try:
+            req = parse_head(head)
+        except BadRequest:
+            self.stats.bad_requests += 1
+            return await self._answer(writer, 400)
+        decision = target.routes.match(req)
+        if decision is None:
+            return await self._answer(writer, 404)
+        if isinstance(decision, rt.DirectResponse):
+            return await self._answer(writer, decision.status, decision.body)
+        if isinstance(decision, rt.Redirect):
+            return await self._answer(writer, decision.status, extra=(("location", decision.location),))
+        await self._forward(target, decision, head, reader, writer)
+
+    async def _forward(self, target: Target, route, head: bytes, reader, writer) -> None:
+        fault = route.fault
+        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
+            return await self._answer(writer, fault.abort_status, b"fault filter abort")
+        cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
+        upstream = await self._connect(cluster, route.retries) if cluster else None
+        if upstream is None:
+            self.stats.upstream_failures += 1
+            return await self._answer(writer, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
+        up_reader, up_writer = upstream
+        self.stats.routed += 1
+        up_writer.write(rewrite_head(head, route))
+        upload = asyncio.ensure_future(_pump(reader, up_writer))   # a request body goes on meanwhile
+        try:
+            # The route's timeout covers the upstream's first byte (after
+            # that, the connection is the application's).
+            first = up_reader.read(READ_CHUNK)
+            try:
+                first = await (asyncio.wait_for(first, route.timeout_ms / 1000) if route.timeout_ms else first)
+            except asyncio.TimeoutError:
+                return await self._answer(writer, 504, b"upstream request timeout")
+            if first:
+                writer.write(first)
+                await _pump(up_reader, writer)
+            elif writer.can_write_eof():
+                writer.write_eof()
+            await upload
+        finally:
+            upload.cancel()
+            up_writer.close()
+
+    async def _connect(self, cluster: Cluster, retries: int):
+        timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
+        for ip, port in self.balancer.order(cluster)[:1 + retries]:
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(ip, port, limit=READ_CHUNK), timeout)
+            except (OSError, asyncio.TimeoutError):
+                continue
+        return None
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the half-close on."""
+    try:
+        while True:
+            data = await src.read(READ_CHUNK)
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (ConnectionError, OSError):
+        dst.close()

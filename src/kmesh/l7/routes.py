@@ -1,0 +1,1234 @@
+"""Envoy RouteConfiguration -> a per-request route decision (pure functions).
+
+``compile_routes`` checks a RouteConfiguration once and turns it into a
+``RouteTable``; ``RouteTable.match`` then decides one HTTP/1.1 request the way
+Envoy's router does:
+
+* the virtual host by the Host header (lowercased): exact domain, then the
+  longest suffix wildcard (``*.foo.com``, ``*-bar.foo.com``), then the longest
+  prefix wildcard (``foo.*``), then ``*``. The port is part of the host unless
+  ``ignore_port_in_host_matching`` is set (Istio sets it); Envoy does not retry
+  without the port, so neither does kmesh;
+* the first route whose path specifier, headers, query parameters and gRPC
+  condition all match; paths are matched without the query and fragment;
+* its action: forward (clusters, timeout, retries, fault, rewrites), a direct
+  response, or a redirect whose Location is built as Envoy builds it.
+
+Every field that is set is either applied, or reported: ``problem`` for what
+Envoy would refuse or kmesh cannot do safely (the table is then not built),
+``note`` for what is accepted but not enforced. Nothing is ignored silently,
+except ``name`` and ``metadata``, which change no behaviour.
+
+What the caller owns: the HTTP connection manager's own settings (path
+normalisation, port stripping, which HTTP filters run: a per-route fault only
+takes effect when the fault filter is in the chain, and that filter's own
+config applies where no level of the route configuration sets one), the
+absolute-form request target, and the ``x-forwarded-proto`` header (``http``
+when absent, as Envoy sets it on a plaintext connection).
+"""
+from __future__ import annotations
+
+import operator
+import re
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+
+Report = Callable[[str, str], None]
+
+DEFAULT_TIMEOUT_MS = 15_000            # RouteAction.timeout when unset
+DEFAULT_MAX_BODY = 4096                # RouteConfiguration.max_direct_response_body_size_bytes
+FAULT_FILTER = "envoy.filters.http.fault"
+NOT_ENFORCED = "accepted but not enforced by kmesh"
+
+_FAULT_TYPE = fault_pb2.HTTPFault.DESCRIPTOR.full_name
+_FILTER_CONFIG_TYPE = route_components_pb2.FilterConfig.DESCRIPTOR.full_name
+_INT64 = (-2**63, 2**63)
+_REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
+_TLS_NONE, _TLS_EXTERNAL_ONLY, _TLS_ALL = 0, 1, 2
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+# absl::SimpleAtoi: optional ASCII white space around an optionally signed decimal.
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*")
+_GRPC = "application/grpc"
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+# --------------------------------------------------------------------------
+# What the caller sees
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as received. ``path`` is the request target as sent (with
+    the query); ``host`` the Host header; header names are as sent."""
+    method: str
+    path: str
+    host: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """An HTTP fault to inject; percents are 0..100."""
+    abort_status: int | None
+    abort_percent: float
+    delay_ms: int | None
+    delay_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTo:
+    """Forward upstream. ``clusters`` are (name, weight): draw one with
+    ``pick_weighted``. ``timeout_ms`` None: no timeout. ``retries`` counts
+    retries after a failed connect."""
+    clusters: tuple[tuple[str, int], ...]
+    timeout_ms: int | None
+    retries: int
+    fault: Fault | None
+    route_name: str
+    vhost_name: str
+    rewrite_path: str | None = None     # the new request target (query kept)
+    rewrite_host: str | None = None     # the new Host header
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    status: int
+    location: str
+
+
+Decision = RouteTo | DirectResponse | Redirect
+
+
+@dataclass(frozen=True, slots=True)
+class TableOptions:
+    """RouteConfiguration-wide settings that shape matching."""
+    ignore_port_in_host_matching: bool = False
+    ignore_path_parameters: bool = False
+    max_direct_response_body_size: int = DEFAULT_MAX_BODY
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+class _Sink:
+    """The caller's problem/note callbacks, remembering whether a problem came."""
+    __slots__ = ("_problem", "failed", "note")
+
+    def __init__(self, problem: Report, note: Report):
+        self._problem, self.note, self.failed = problem, note, False
+
+    def problem(self, path: str, reason: str) -> None:
+        self.failed = True
+        self._problem(path, reason)
+
+
+def _check_fields(sink: _Sink, path: str, msg: Message, handled: Iterable[str],
+                  problems: Mapping[str, str] = _EMPTY, notes: Mapping[str, str] = _EMPTY,
+                  strict: bool = False) -> None:
+    """Report each set field of ``msg`` that the caller does not apply itself:
+    a problem if listed in ``problems``, else a note. ``strict``: a field known
+    to no list (a newer proto) is a problem, for messages whose every field
+    changes which requests match."""
+    for f, _ in msg.ListFields():
+        name = f.name
+        if name in handled:
+            continue
+        if name in problems:
+            sink.problem(f"{path}.{name}", problems[name])
+        elif strict and name not in notes:
+            sink.problem(f"{path}.{name}", "not supported by kmesh")
+        else:
+            sink.note(f"{path}.{name}", notes.get(name, NOT_ENFORCED))
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+def _lower(text: str) -> str:
+    """ASCII lowercase, as Envoy's (absl) case-insensitive compares."""
+    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
+
+
+def _query_start(path: str) -> int:
+    """Where the query or fragment starts (Envoy's removeQueryAndFragment)."""
+    ends = [i for i in (path.find("?"), path.find("#")) if i >= 0]
+    return min(ends) if ends else len(path)
+
+
+def _duration_ms(sink: _Sink, path: str, d: duration_pb2.Duration) -> int | None:
+    if d.seconds < 0 or d.nanos < 0 or d.nanos > 999_999_999:
+        sink.problem(path, "must be a non-negative duration")
+        return None
+    return d.seconds * 1000 + d.nanos // 1_000_000
+
+
+def _percent(sink: _Sink, path: str, fp) -> float:
+    """A FractionalPercent as 0..100 (a numerator over the denominator is 100 %)."""
+    denominator = _DENOMINATORS.get(fp.denominator)
+    if denominator is None:
+        sink.problem(f"{path}.denominator", f"unknown denominator {fp.denominator}")
+        return 0.0
+    return min(fp.numerator / denominator, 1.0) * 100
+
+
+def pick_weighted(clusters: Sequence[tuple[str, int]], rnd: float) -> str:
+    """The cluster that ``rnd`` (in [0, 1)) falls on, each cluster owning a
+    share of [0, 1) in proportion to its weight, in order (as Envoy does with
+    its random value modulo the total weight)."""
+    total = sum(w for _, w in clusters)
+    if total <= 0:
+        raise ValueError("no cluster has a weight")
+    target, acc, last = rnd * total, 0, None
+    for name, weight in clusters:
+        if weight > 0:
+            acc += weight
+            last = name
+            if target < acc:
+                return name
+    return last     # rnd * total rounded up to total
+
+
+# --------------------------------------------------------------------------
+# Regular expressions (RE2 syntax, evaluated by Python's re)
+# --------------------------------------------------------------------------
+
+_RE2_REJECTS = (("(?=", "lookahead"), ("(?!", "lookahead"), ("(?<=", "lookbehind"), ("(?<!", "lookbehind"),
+                ("(?>", "an atomic group"), ("(?(", "a conditional"), ("(?P=", "a backreference"),
+                ("(?#", "a comment"))
+
+
+def _re2_to_python(pattern: str) -> tuple[str | None, str]:
+    """``pattern`` in Python's syntax, or None and why RE2 (so Envoy) rejects it.
+    Python accepts a few constructs RE2 refuses; ``\\z`` is spelt ``\\Z``."""
+    out, i, n, in_class = [], 0, len(pattern), False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1:i + 2]
+            if nxt in ("1", "2", "3", "4", "5", "6", "7", "8", "9") and not in_class:
+                return None, f"a backreference (\\{nxt}) is not RE2 syntax"
+            if nxt == "Z":
+                return None, "\\Z is not RE2 syntax (RE2 spells the end of text \\z)"
+            out.append("\\Z" if nxt == "z" else c + nxt)
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            # A ']' first in a class ("[]a]", "[^]a]") is a literal.
+            j = i + 1 + (pattern[i + 1:i + 2] == "^")
+            j += pattern[j:j + 1] == "]"
+            out.append(pattern[i:j])
+            i, in_class = j, True
+            continue
+        elif c == "(":
+            for prefix, what in _RE2_REJECTS:
+                if pattern.startswith(prefix, i):
+                    return None, f"{what} '{prefix}...' is not RE2 syntax"
+        elif c in "*+?}" and pattern[i + 1:i + 2] == "+":
+            return None, f"a possessive quantifier ({c}+) is not RE2 syntax"
+        out.append(c)
+        i += 1
+    return "".join(out), ""
+
+
+def _compile_re2(pattern: str) -> tuple[re.Pattern | None, str]:
+    translated, why = _re2_to_python(pattern)
+    if translated is None:
+        return None, why
+    try:
+        # RE2's \d \w \s \b are ASCII-only.
+        return re.compile(translated, re.ASCII), ""
+    except re.error as e:
+        return None, (f"does not compile: {e} (kmesh evaluates RE2 syntax with Python's re, "
+                      "which lacks a few RE2 features such as \\p{..} and \\Q..\\E)")
+
+
+def _regex(sink: _Sink, path: str, rm) -> re.Pattern | None:
+    """A RegexMatcher, compiled; matched in full, as RE2::FullMatch."""
+    _check_fields(sink, path, rm, ("regex", "google_re2"))
+    if rm.google_re2.HasField("max_program_size"):
+        sink.note(f"{path}.google_re2.max_program_size", f"deprecated: {NOT_ENFORCED}")
+    if not rm.regex:
+        sink.problem(f"{path}.regex", "must not be empty")
+        return None
+    rx, why = _compile_re2(rm.regex)
+    if rx is None:
+        sink.problem(f"{path}.regex", why)
+    return rx
+
+
+def _substitution(text: str, groups: int) -> tuple[tuple[str | int, ...] | None, str]:
+    """An RE2 rewrite string as literal parts and group numbers: ``\\0``..``\\9``
+    name groups, ``\\\\`` is a backslash, any other escape is invalid."""
+    parts: list[str | int] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            literal.append(c)
+            i += 1
+            continue
+        nxt = text[i + 1:i + 2]
+        if nxt == "\\":
+            literal.append("\\")
+        elif nxt and nxt in string.digits:
+            if int(nxt) > groups:
+                return None, f"\\{nxt} names a group the pattern does not have"
+            parts += ["".join(literal), int(nxt)]
+            literal = []
+        else:
+            return None, f"invalid escape '\\{nxt}' (RE2 allows \\0 to \\9 and \\\\)"
+        i += 2
+    parts.append("".join(literal))
+    return tuple(p for p in parts if p != ""), ""
+
+
+def _replace_all(rx: re.Pattern, parts: tuple[str | int, ...], text: str) -> str:
+    """RE2::GlobalReplace: like re.sub, but an empty match right where the
+    previous match ended is not replaced."""
+    out, pos, last_end = [], 0, -1
+    for m in rx.finditer(text):
+        start, end = m.span()
+        if start == end == last_end:
+            continue
+        out.append(text[pos:start])
+        out.extend(p if isinstance(p, str) else (m.group(p) or "") for p in parts)
+        pos = last_end = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------
+# The request as matchers see it
+# --------------------------------------------------------------------------
+
+class _View:
+    """One request's derived forms, each computed on first use."""
+    __slots__ = ("_headers", "_query", "path", "req")
+
+    def __init__(self, req: Request, ignore_path_parameters: bool):
+        self.req = req
+        path = req.path[:_query_start(req.path)]
+        if ignore_path_parameters:
+            path = path.split(";", 1)[0]
+        self.path = path        # what path specifiers match
+        self._headers: dict[str, str] | None = None
+        self._query: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lowercased names -> values, repeated headers joined with ',' (as
+        Envoy's getAllOfHeaderAsString), plus the pseudo-headers. ``host`` is
+        an alias of ``:authority``, as in Envoy's header map."""
+        if self._headers is None:
+            req, out = self.req, {}
+            for name, value in req.headers:
+                key, value = _lower(name), value.strip(" \t")
+                if key != "host":
+                    prev = out.get(key)
+                    out[key] = value if prev is None else f"{prev},{value}"
+            out.setdefault("x-forwarded-proto", "http")
+            out.update({":authority": req.host, "host": req.host, ":path": req.path,
+                        ":method": req.method, ":scheme": "http"})
+            self._headers = out
+        return self._headers
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query parameters, not percent-decoded, the first of a repeated name
+        winning (Envoy's parseQueryString)."""
+        if self._query is None:
+            out: dict[str, str] = {}
+            path = self.req.path
+            q = path.find("?")
+            if q >= 0:
+                for param in path[q + 1:].split("&"):
+                    name, _, value = param.partition("=")
+                    out.setdefault(name, value)
+            self._query = out
+        return self._query
+
+
+# --------------------------------------------------------------------------
+# Path specifiers
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    prefix: str             # lowercased when ignore_case
+    ignore_case: bool
+
+    def matches(self, path: str) -> bool:
+        if self.ignore_case:
+            return _lower(path[:len(self.prefix)]) == self.prefix
+        return path.startswith(self.prefix)
+
+    def matched_len(self, target: str) -> int:
+        return len(self.prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class _Exact:
+    path: str
+    ignore_case: bool
+
+    def matches(self, path: str) -> bool:
+        return (_lower(path) if self.ignore_case else path) == self.path
+
+    def matched_len(self, target: str) -> int:
+        return len(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class _SeparatedPrefix:
+    """A prefix followed by '/' or the end of the path (the query is gone)."""
+    prefix: _Prefix
+
+    def matches(self, path: str) -> bool:
+        n = len(self.prefix.prefix)
+        return self.prefix.matches(path) and (len(path) == n or path[n:n + 1] == "/")
+
+    def matched_len(self, target: str) -> int:
+        return len(self.prefix.prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class _Regex:
+    rx: re.Pattern
+
+    def matches(self, path: str) -> bool:
+        return self.rx.fullmatch(path) is not None
+
+    def matched_len(self, target: str) -> int:
+        return _query_start(target)       # a rewrite replaces the whole path
+
+
+_PathMatch = _Prefix | _Exact | _SeparatedPrefix | _Regex
+_SEPARATED_PREFIX = re.compile(r"[^?#]+[^?#/]")
+
+_MATCH_APPLIED = ("prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
+                  "query_parameters", "grpc")
+_MATCH_PROBLEMS = {
+    "connect_matcher": "CONNECT requests are not routed by kmesh",
+    "path_match_policy": "path match extensions (URI templates) are not supported by kmesh",
+    "runtime_fraction": "runtime-fraction matching is not supported by kmesh",
+    "tls_context": "kmesh routes plaintext HTTP only: TLS context matching is not supported",
+    "dynamic_metadata": "dynamic metadata is not available to kmesh's router",
+    "filter_state": "filter state is not available to kmesh's router",
+}
+
+
+def _path_match(sink: _Sink, path: str, m) -> _PathMatch | None:
+    kind = m.WhichOneof("path_specifier")
+    ignore_case = m.HasField("case_sensitive") and not m.case_sensitive.value
+    if kind == "prefix":
+        return _Prefix(_lower(m.prefix) if ignore_case else m.prefix, ignore_case)
+    if kind == "path":
+        return _Exact(_lower(m.path) if ignore_case else m.path, ignore_case)
+    if kind == "path_separated_prefix":
+        value = m.path_separated_prefix
+        if not _SEPARATED_PREFIX.fullmatch(value):
+            sink.problem(f"{path}.path_separated_prefix",
+                         "must be at least 2 characters, without '?' or '#', and must not end with '/'")
+            return None
+        return _SeparatedPrefix(_Prefix(_lower(value) if ignore_case else value, ignore_case))
+    if kind == "safe_regex":
+        if m.HasField("case_sensitive"):
+            sink.note(f"{path}.case_sensitive", "has no effect on safe_regex (as in Envoy)")
+        rx = _regex(sink, f"{path}.safe_regex", m.safe_regex)
+        return _Regex(rx) if rx else None
+    if kind is None:
+        sink.problem(path, "a route match needs prefix, path, safe_regex or path_separated_prefix")
+    return None     # connect_matcher, path_match_policy: reported with the other fields
+
+
+# --------------------------------------------------------------------------
+# Header, query parameter and gRPC conditions
+# --------------------------------------------------------------------------
+
+_TEXT_OPS = {"exact": operator.eq, "prefix": str.startswith, "suffix": str.endswith, "contains": operator.contains}
+
+
+def _text_test(kind: str, value: str, ignore_case: bool) -> Callable[[str], bool]:
+    op = _TEXT_OPS[kind]
+    if ignore_case:
+        value = _lower(value)
+        return lambda v: op(_lower(v), value)
+    return lambda v: op(v, value)
+
+
+def _regex_test(rx: re.Pattern) -> Callable[[str], bool]:
+    return lambda v: rx.fullmatch(v) is not None
+
+
+def _range_test(start: int, end: int) -> Callable[[str], bool]:
+    """Int64Range [start, end) over a value that parses as an int64."""
+    def test(v: str) -> bool:
+        m = _ATOI.fullmatch(v)
+        if m is None:
+            return False
+        n = int(m.group(1))
+        return _INT64[0] <= n < _INT64[1] and start <= n < end
+    return test
+
+
+def _string_matcher(sink: _Sink, path: str, sm) -> Callable[[str], bool] | None:
+    """An envoy.type.matcher.v3.StringMatcher as a test of a value."""
+    _check_fields(sink, path, sm, ("exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"),
+                  {"custom": "custom string matcher extensions are not supported by kmesh"}, strict=True)
+    kind = sm.WhichOneof("match_pattern")
+    if kind == "safe_regex":
+        if sm.ignore_case:
+            sink.problem(f"{path}.ignore_case", "ignore_case has no effect for safe_regex (Envoy refuses it)")
+        rx = _regex(sink, f"{path}.safe_regex", sm.safe_regex)
+        return _regex_test(rx) if rx else None
+    if kind in _TEXT_OPS:
+        value = getattr(sm, kind)
+        if kind != "exact" and not value:
+            sink.problem(f"{path}.{kind}", "must not be empty")
+            return None
+        return _text_test(kind, value, sm.ignore_case)
+    if kind is None:
+        sink.problem(path, "a string matcher needs exact, prefix, suffix, contains or safe_regex")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _HeaderCond:
+    """One HeaderMatcher. ``test`` None is a presence match (``present``)."""
+    name: str
+    test: Callable[[str], bool] | None
+    present: bool
+    invert: bool
+    missing_as_empty: bool
+
+    def __call__(self, view: _View) -> bool:
+        value = view.headers.get(self.name)
+        if value is None:
+            if not self.missing_as_empty:
+                # An absent header fails every matcher but a presence match.
+                return self.test is None and self.present == self.invert
+            value = ""
+        matched = self.present if self.test is None else self.test(value)
+        return matched != self.invert
+
+
+_LEGACY_TEXT = {"prefix_match": "prefix", "suffix_match": "suffix", "contains_match": "contains"}
+
+
+def _header_test(sink: _Sink, path: str, kind: str, value) -> Callable[[str], bool] | None:
+    if kind == "exact_match":
+        # Envoy's legacy exact_match: an empty value matches any value.
+        return (lambda v: True) if not value else _text_test("exact", value, False)
+    if kind in _LEGACY_TEXT:
+        if not value:
+            sink.problem(path, "must not be empty")
+            return None
+        return _text_test(_LEGACY_TEXT[kind], value, False)
+    if kind == "safe_regex_match":
+        rx = _regex(sink, path, value)
+        return _regex_test(rx) if rx else None
+    if kind == "range_match":
+        return _range_test(value.start, value.end)
+    return _string_matcher(sink, path, value)       # string_match
+
+
+def _header_cond(sink: _Sink, path: str, h) -> _HeaderCond | None:
+    _check_fields(sink, path, h, ("name", "exact_match", "safe_regex_match", "range_match", "present_match",
+                                  "prefix_match", "suffix_match", "contains_match", "string_match",
+                                  "invert_match", "treat_missing_header_as_empty"), strict=True)
+    if not h.name:
+        sink.problem(f"{path}.name", "a header matcher needs a name")
+        return None
+    kind = h.WhichOneof("header_match_specifier")
+    test, present = None, True      # no specifier: the header must be present
+    if kind == "present_match":
+        present = h.present_match
+    elif kind is not None:
+        test = _header_test(sink, f"{path}.{kind}", kind, getattr(h, kind))
+        if test is None:
+            return None
+    return _HeaderCond(_lower(h.name), test, present, h.invert_match, h.treat_missing_header_as_empty)
+
+
+@dataclass(frozen=True, slots=True)
+class _QueryCond:
+    """One QueryParameterMatcher; ``test`` None: the parameter must be present
+    (Envoy reads ``present_match: false`` the same way)."""
+    name: str
+    test: Callable[[str], bool] | None
+
+    def __call__(self, view: _View) -> bool:
+        value = view.query.get(self.name)
+        return value is not None and (self.test is None or self.test(value))
+
+
+def _query_cond(sink: _Sink, path: str, q) -> _QueryCond | None:
+    _check_fields(sink, path, q, ("name", "string_match", "present_match"), strict=True)
+    if not q.name:
+        sink.problem(f"{path}.name", "a query parameter matcher needs a name")
+        return None
+    if q.WhichOneof("query_parameter_match_specifier") != "string_match":
+        return _QueryCond(q.name, None)
+    test = _string_matcher(sink, f"{path}.string_match", q.string_match)
+    return _QueryCond(q.name, test) if test else None
+
+
+def _is_grpc(view: _View) -> bool:
+    """Envoy's isGrpcRequestHeaders: content-type application/grpc or application/grpc+..."""
+    ct = view.headers.get("content-type", "")
+    return ct.startswith(_GRPC) and (len(ct) == len(_GRPC) or ct[len(_GRPC)] == "+")
+
+
+def _conditions(sink: _Sink, path: str, m) -> tuple[Callable[[_View], bool], ...]:
+    """The non-path conditions of a RouteMatch, in Envoy's order."""
+    conds: list = [_is_grpc] if m.HasField("grpc") else []
+    conds += [_header_cond(sink, f"{path}.headers[{i}]", h) for i, h in enumerate(m.headers)]
+    conds += [_query_cond(sink, f"{path}.query_parameters[{i}]", q) for i, q in enumerate(m.query_parameters)]
+    return tuple(c for c in conds if c is not None)
+
+
+# --------------------------------------------------------------------------
+# Faults (typed_per_filter_config)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _FaultRule:
+    """The fault filter's setting at one level (route, virtual host, route
+    configuration); the most specific level wins whole, as in Envoy.
+    ``fault`` None: the filter is disabled there or configures nothing."""
+    fault: Fault | None
+    headers: tuple[_HeaderCond, ...] = ()
+
+    def applies(self, view: _View) -> bool:
+        return all(h(view) for h in self.headers)
+
+
+def _fault_abort(sink: _Sink, path: str, a) -> tuple[int | None, float]:
+    _check_fields(sink, path, a, ("http_status", "percentage"),
+                  {"grpc_status": "gRPC aborts need HTTP/2; kmesh routes HTTP/1.1"},
+                  {"header_abort": f"aborts asked for by a request header are {NOT_ENFORCED}"})
+    kind = a.WhichOneof("error_type")
+    if kind is None:
+        sink.problem(path, "an abort needs http_status, grpc_status or header_abort")
+    if kind != "http_status":
+        return None, 0.0
+    if not 200 <= a.http_status < 600:
+        sink.problem(f"{path}.http_status", "must be in [200, 600)")
+    return a.http_status, _percent(sink, f"{path}.percentage", a.percentage)
+
+
+def _fault_delay(sink: _Sink, path: str, d) -> tuple[int | None, float]:
+    _check_fields(sink, path, d, ("fixed_delay", "percentage"),
+                  notes={"header_delay": f"delays asked for by a request header are {NOT_ENFORCED}"})
+    kind = d.WhichOneof(d.DESCRIPTOR.oneofs[0].name)
+    if kind is None:
+        sink.problem(path, "a delay needs fixed_delay or header_delay")
+    if kind != "fixed_delay":
+        return None, 0.0
+    ms = _duration_ms(sink, f"{path}.fixed_delay", d.fixed_delay)
+    if ms is not None and d.fixed_delay.seconds == d.fixed_delay.nanos == 0:
+        sink.problem(f"{path}.fixed_delay", "must be greater than 0")
+    return ms, _percent(sink, f"{path}.percentage", d.percentage)
+
+
+def _fault_rule(sink: _Sink, path: str, hf: fault_pb2.HTTPFault) -> _FaultRule:
+    _check_fields(sink, path, hf, ("delay", "abort", "headers"), {
+        "upstream_cluster": "faults limited to one upstream cluster are not supported by kmesh",
+        "downstream_nodes": "faults limited to downstream nodes are not supported by kmesh",
+    })
+    status, abort_pct = _fault_abort(sink, f"{path}.abort", hf.abort) if hf.HasField("abort") else (None, 0.0)
+    delay, delay_pct = _fault_delay(sink, f"{path}.delay", hf.delay) if hf.HasField("delay") else (None, 0.0)
+    headers = tuple(c for i, h in enumerate(hf.headers) if (c := _header_cond(sink, f"{path}.headers[{i}]", h)))
+    if status is None and delay is None:
+        return _FaultRule(None)
+    return _FaultRule(Fault(status, abort_pct, delay, delay_pct), headers)
+
+
+def _unwrap_filter_config(any_: any_pb2.Any) -> tuple[any_pb2.Any, bool]:
+    """(the filter's own config, whether the filter is disabled here): an
+    envoy.config.route.v3.FilterConfig wraps a config with flags."""
+    if any_.TypeName() != _FILTER_CONFIG_TYPE:
+        return any_, False
+    fc = route_components_pb2.FilterConfig()
+    any_.Unpack(fc)
+    return fc.config, fc.disabled
+
+
+def _per_filter(sink: _Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _FaultRule | None:
+    """The fault rule of one level's typed_per_filter_config (None: none at
+    this level); every other filter's config is noted."""
+    rule = None
+    for key in sorted(configs):
+        kpath = f'{path}["{key}"]'
+        wrapped = configs[key].TypeName() == _FILTER_CONFIG_TYPE
+        config, disabled = _unwrap_filter_config(configs[key])
+        is_fault = config.TypeName() == _FAULT_TYPE
+        if not is_fault and not (disabled and key == FAULT_FILTER):
+            sink.note(kpath, f"per-route config of filter '{key}' ({config.TypeName() or 'no type'}): {NOT_ENFORCED}")
+            continue
+        if rule is not None:
+            sink.problem(kpath, "more than one fault filter config: kmesh applies one fault filter")
+            continue
+        if disabled:
+            rule = _FaultRule(None)
+            continue
+        hf = fault_pb2.HTTPFault()
+        if not config.Unpack(hf):
+            sink.problem(kpath, "cannot decode the HTTPFault config")
+            continue
+        if wrapped:
+            kpath += ".config"
+        rule = _fault_rule(sink, kpath, hf)
+    return rule
+
+
+def _has_fault(configs: Mapping[str, any_pb2.Any]) -> bool:
+    for any_ in configs.values():
+        config, disabled = _unwrap_filter_config(any_)
+        if not disabled and config.TypeName() == _FAULT_TYPE:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# Retries, rewrites
+# --------------------------------------------------------------------------
+
+# retry_on conditions that cover a failed connect: kmesh retries those.
+_RETRY_CONNECT = {"connect-failure", "refused-stream", "reset-before-request"}
+_RETRY_PARTLY = {"5xx", "gateway-error", "reset"}
+_RETRY_OTHER = {"retriable-4xx", "retriable-status-codes", "retriable-headers", "envoy-ratelimited",
+                "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+                "unavailable"}
+
+
+def _retries(sink: _Sink, path: str, rp) -> int:
+    """Retries after a failed connect: num_retries (default 1) when retry_on
+    has a condition that covers one, else 0."""
+    _check_fields(sink, path, rp, ("retry_on", "num_retries"))
+    counted = False
+    for cond in (c.strip() for c in rp.retry_on.split(",")):
+        if not cond or cond in _RETRY_CONNECT:
+            counted = counted or bool(cond)
+            continue
+        if cond in _RETRY_PARTLY:
+            counted = True
+            why = "kmesh retries its failed connects only; retrying after a response or a reset is not enforced"
+        elif cond in _RETRY_OTHER:
+            why = NOT_ENFORCED
+        else:
+            why = "unknown retry condition (Envoy ignores it)"
+        sink.note(f"{path}.retry_on", f"'{cond}': {why}")
+    if not counted:
+        return 0
+    return rp.num_retries.value if rp.HasField("num_retries") else 1
+
+
+@dataclass(frozen=True, slots=True)
+class _PathRewrite:
+    """prefix_rewrite (the matched prefix, or the whole path of a regex route,
+    is replaced) or regex_rewrite (over the path; the query is kept)."""
+    prefix: str
+    rx: re.Pattern | None = None
+    substitution: tuple[str | int, ...] = ()
+
+    def apply(self, target: str, matched_len: int) -> str:
+        if self.rx is None:
+            return self.prefix + target[matched_len:]
+        end = _query_start(target)
+        return _replace_all(self.rx, self.substitution, target[:end]) + target[end:]
+
+
+def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> _PathRewrite | None:
+    """The path rewrite of a RouteAction or RedirectAction (``msg``); None: none."""
+    if prefix and has_regex:
+        sink.problem(path, "specify only one of prefix_rewrite, regex_rewrite or path_rewrite_policy")
+        return None
+    if prefix:
+        return _PathRewrite(prefix)
+    if not has_regex:
+        return None
+    rpath = f"{path}.regex_rewrite"
+    _check_fields(sink, rpath, msg.regex_rewrite, ("pattern", "substitution"))
+    if not msg.regex_rewrite.HasField("pattern"):
+        sink.problem(f"{rpath}.pattern", "required")
+        return None
+    rx = _regex(sink, f"{rpath}.pattern", msg.regex_rewrite.pattern)
+    if rx is None:
+        return None
+    parts, why = _substitution(msg.regex_rewrite.substitution, rx.groups)
+    if parts is None:
+        sink.problem(f"{rpath}.substitution", why)
+        return None
+    return _PathRewrite("", rx, parts)
+
+
+# --------------------------------------------------------------------------
+# Route actions
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _VHostCtx:
+    """What a virtual host (and the route configuration) hands its routes."""
+    name: str
+    retries: int
+    fault: _FaultRule | None
+    max_body: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    base: RouteTo
+    rewrite: _PathRewrite | None
+    fault: _FaultRule | None
+
+    def decide(self, view: _View, pm: _PathMatch) -> RouteTo:
+        changes = {}
+        if self.rewrite is not None:
+            target = view.req.path
+            changes["rewrite_path"] = self.rewrite.apply(target, pm.matched_len(target))
+        if self.fault is not None and self.fault.headers and not self.fault.applies(view):
+            changes["fault"] = None
+        return replace(self.base, **changes) if changes else self.base
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    decision: DirectResponse | Redirect
+
+    def decide(self, view: _View, pm: _PathMatch) -> DirectResponse | Redirect:
+        return self.decision
+
+
+def _redirect_host(host: str, scheme: str, port: str, forwarded_proto: str) -> str:
+    """The request's host for a Location (Envoy's processRequestHost): without
+    its port when a new port is set, or when the scheme changes and the port
+    is the old scheme's default."""
+    if not host:
+        return host
+    if host[0] == "[":
+        end = host.rfind("]:")
+        end = end + 1 if end >= 0 else -1
+    else:
+        end = host.rfind(":")
+    if end < 0:
+        return host
+    old_port = host[end:]
+    remove = bool(port) or (scheme != forwarded_proto and (
+        (forwarded_proto == "https" and old_port == ":443") or (forwarded_proto == "http" and old_port == ":80")))
+    return host[:end] if remove else host
+
+
+@dataclass(frozen=True, slots=True)
+class _Redirect:
+    status: int
+    scheme: str             # "" keeps the request's
+    host: str               # "" keeps the request's
+    port: str               # ":8080" or ""
+    path: str               # path_redirect
+    rewrite: _PathRewrite | None
+    strip_query: bool
+
+    def decide(self, view: _View, pm: _PathMatch) -> Redirect:
+        target = view.req.path
+        if self.rewrite is not None:
+            target = self.rewrite.apply(target, pm.matched_len(target))
+        scheme = self.scheme or "http"
+        host = self.host or _redirect_host(view.req.host, scheme, self.port, view.headers["x-forwarded-proto"])
+        path_has_query = "?" in self.path
+        if self.path:
+            q = target.find("?")
+            final = self.path if path_has_query or q < 0 else self.path + target[q:]
+        else:
+            final = target
+        if not final.startswith("/"):
+            final = "/" + final
+        if self.strip_query and not path_has_query:
+            final = final.split("?", 1)[0]
+        return Redirect(self.status, f"{scheme}://{host}{self.port}{final}")
+
+
+_WEIGHTED_NOTES = {
+    "total_weight": "deprecated; the sum of the weights is used, as in Envoy",
+    "runtime_key_prefix": "runtime weight overrides are not enforced by kmesh; the configured weights apply",
+    "header_name": "drawing the cluster from a request header is not enforced by kmesh; it is drawn at random",
+    "use_hash_policy": "drawing the cluster by hash policy is not enforced by kmesh; it is drawn at random",
+}
+
+
+def _weighted(sink: _Sink, path: str, wc) -> tuple[tuple[str, int], ...] | None:
+    _check_fields(sink, path, wc, ("clusters",), notes=_WEIGHTED_NOTES)
+    if not wc.clusters:
+        sink.problem(f"{path}.clusters", "needs at least one cluster")
+        return None
+    out = []
+    for i, cw in enumerate(wc.clusters):
+        cpath = f"{path}.clusters[{i}]"
+        _check_fields(sink, cpath, cw, ("name", "weight"),
+                      {"cluster_header": "choosing the cluster from a request header is not supported by kmesh"})
+        if not cw.name and not cw.cluster_header:
+            sink.problem(f"{cpath}.name", "a weighted cluster needs a name")
+        elif not cw.HasField("weight"):
+            sink.problem(f"{cpath}.weight", "required")
+        elif cw.name:
+            out.append((cw.name, cw.weight.value))
+    if len(out) != len(wc.clusters):
+        return None
+    if sum(w for _, w in out) == 0:
+        sink.problem(f"{path}.clusters", "the sum of the weights must be greater than 0")
+        return None
+    return tuple(out)
+
+
+_ACTION_APPLIED = ("cluster", "weighted_clusters", "timeout", "retry_policy", "prefix_rewrite", "regex_rewrite",
+                   "host_rewrite_literal")
+_ACTION_PROBLEMS = {
+    "cluster_header": "choosing the cluster from a request header is not supported by kmesh",
+    "cluster_specifier_plugin": "cluster specifier plugins are not supported by kmesh",
+    "inline_cluster_specifier_plugin": "cluster specifier plugins are not supported by kmesh",
+    "path_rewrite_policy": "path rewrite extensions are not supported by kmesh",
+    "path_rewrite": "substitution-format path rewrites are not supported by kmesh",
+}
+
+
+def _clusters(sink: _Sink, path: str, ra) -> tuple[tuple[str, int], ...] | None:
+    which = ra.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        if ra.cluster:
+            return ((ra.cluster, 1),)
+        sink.problem(f"{path}.cluster", "must not be empty")
+    elif which == "weighted_clusters":
+        return _weighted(sink, f"{path}.weighted_clusters", ra.weighted_clusters)
+    elif which is None:
+        sink.problem(path, "a route action needs cluster or weighted_clusters")
+    return None     # the other specifiers are reported with the other fields
+
+
+def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
+             ) -> _Forward | None:
+    _check_fields(sink, path, ra, _ACTION_APPLIED, _ACTION_PROBLEMS)
+    clusters = _clusters(sink, path, ra)
+    timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
+    retries = _retries(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retries
+    rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
+    if clusters is None:
+        return None
+    base = RouteTo(clusters, timeout or None, retries, fault.fault if fault else None, route_name, vh.name,
+                   rewrite_host=ra.host_rewrite_literal or None)
+    return _Forward(base, rewrite, fault)
+
+
+_REDIRECT_APPLIED = ("https_redirect", "scheme_redirect", "host_redirect", "port_redirect", "path_redirect",
+                     "prefix_rewrite", "regex_rewrite", "response_code", "strip_query")
+
+
+def _redirect(sink: _Sink, path: str, ra) -> _Redirect | None:
+    _check_fields(sink, path, ra, _REDIRECT_APPLIED)
+    status = _REDIRECT_CODES.get(ra.response_code)
+    if status is None:
+        sink.problem(f"{path}.response_code", f"unknown response code {ra.response_code}")
+        return None
+    rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
+    scheme = ra.scheme_redirect or ("https" if ra.https_redirect else "")
+    return _Redirect(status, scheme, ra.host_redirect, f":{ra.port_redirect}" if ra.port_redirect else "",
+                     ra.path_redirect, rewrite, ra.strip_query)
+
+
+def _body(sink: _Sink, path: str, ds, max_body: int) -> bytes | None:
+    _check_fields(sink, path, ds, ("inline_string", "inline_bytes"), {
+        "filename": "response bodies from files are not supported by kmesh; use inline_string or inline_bytes",
+        "environment_variable": "response bodies from the environment are not supported by kmesh; "
+                                "use inline_string or inline_bytes",
+    })
+    kind = ds.WhichOneof("specifier")
+    if kind not in ("inline_string", "inline_bytes"):
+        return None
+    body = ds.inline_bytes if kind == "inline_bytes" else ds.inline_string.encode()
+    if len(body) > max_body:
+        sink.problem(path, f"response body size is {len(body)} bytes; maximum is {max_body} "
+                           "(max_direct_response_body_size_bytes)")
+        return None
+    return body
+
+
+def _direct(sink: _Sink, path: str, dr, max_body: int) -> _Fixed | None:
+    _check_fields(sink, path, dr, ("status", "body"))
+    if not 200 <= dr.status < 600:
+        sink.problem(f"{path}.status", "must be in [200, 600)")
+        return None
+    if dr.status == 201 or 300 <= dr.status < 400:
+        sink.note(f"{path}.status", "Envoy adds a Location header (the request's URL) to this status; kmesh does not")
+    body = _body(sink, f"{path}.body", dr.body, max_body) if dr.HasField("body") else b""
+    return _Fixed(DirectResponse(dr.status, body)) if body is not None else None
+
+
+# --------------------------------------------------------------------------
+# Routes and virtual hosts
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Route:
+    path: _PathMatch
+    conditions: tuple[Callable[[_View], bool], ...]
+    action: _Forward | _Fixed | _Redirect
+
+    def decide(self, view: _View) -> Decision | None:
+        if self.path.matches(view.path) and all(c(view) for c in self.conditions):
+            return self.action.decide(view, self.path)
+        return None
+
+
+_ROUTE_APPLIED = ("name", "metadata", "match", "route", "redirect", "direct_response", "typed_per_filter_config")
+_ROUTE_PROBLEMS = {"filter_action": "filter_action routes are not supported by kmesh",
+                   "non_forwarding_action": "non-forwarding routes are not supported by kmesh"}
+
+
+def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | None):
+    kind = route.WhichOneof("action")
+    if kind is None:
+        sink.problem(rpath, "a route needs route, redirect or direct_response")
+        return None
+    if kind != "route" and fault is not None and fault.fault is not None:
+        sink.note(f"{rpath}.{kind}", "fault injection is not applied to redirects and direct responses by kmesh")
+    if kind == "route":
+        return _forward(sink, f"{rpath}.route", route.route, route.name, vh, fault)
+    if kind == "redirect":
+        return _redirect(sink, f"{rpath}.redirect", route.redirect)
+    if kind == "direct_response":
+        return _direct(sink, f"{rpath}.direct_response", route.direct_response, vh.max_body)
+    return None     # filter_action, non_forwarding_action: reported with the other fields
+
+
+def _route(sink: _Sink, rpath: str, route, vh: _VHostCtx) -> _Route | None:
+    _check_fields(sink, rpath, route, _ROUTE_APPLIED, _ROUTE_PROBLEMS)
+    mpath = f"{rpath}.match"
+    _check_fields(sink, mpath, route.match, _MATCH_APPLIED, _MATCH_PROBLEMS, strict=True)
+    pm = _path_match(sink, mpath, route.match)
+    conditions = _conditions(sink, mpath, route.match)
+    fault = _per_filter(sink, f"{rpath}.typed_per_filter_config", route.typed_per_filter_config)
+    action = _action(sink, rpath, route, vh, fault if fault is not None else vh.fault)
+    if pm is None or action is None:
+        return None
+    return _Route(pm, conditions, action)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _VHost:
+    name: str
+    routes: tuple[_Route, ...]
+    require_tls: int
+
+    def decide(self, view: _View) -> Decision | None:
+        if self.require_tls and view.headers["x-forwarded-proto"] != "https" and (
+                self.require_tls == _TLS_ALL or view.headers.get("x-envoy-internal") != "true"):
+            req = view.req
+            return Redirect(301, f"https://{req.host}{req.path}")
+        for route in self.routes:
+            decision = route.decide(view)
+            if decision is not None:
+                return decision
+        return None
+
+
+_VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata")
+_VHOST_PROBLEMS = {"matcher": "the generic matcher tree of a virtual host is not supported by kmesh; use routes"}
+
+
+def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None) -> _VHost | None:
+    _check_fields(sink, vpath, vh, _VHOST_APPLIED, _VHOST_PROBLEMS)
+    if not vh.name:
+        sink.problem(f"{vpath}.name", "a virtual host needs a name")
+    if not vh.domains:
+        sink.problem(f"{vpath}.domains", "a virtual host needs at least one domain")
+    fault = _per_filter(sink, f"{vpath}.typed_per_filter_config", vh.typed_per_filter_config)
+    retries = _retries(sink, f"{vpath}.retry_policy", vh.retry_policy) if vh.HasField("retry_policy") else 0
+    ctx = _VHostCtx(vh.name, retries, fault if fault is not None else rc_fault, options.max_direct_response_body_size)
+    routes = [_route(sink, f"{vpath}.routes[{i}]", r, ctx) for i, r in enumerate(vh.routes)]
+    if None in routes:
+        return None
+    return _VHost(vh.name, tuple(routes), vh.require_tls)
+
+
+# --------------------------------------------------------------------------
+# Host index
+# --------------------------------------------------------------------------
+
+def _port_start(host: str) -> int:
+    """Where ':port' starts (Envoy's getPortStart), -1 if none; an IPv6
+    literal is bracketed."""
+    colon = host.rfind(":")
+    return colon if colon >= 0 and host.rfind("]") < colon else -1
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _HostIndex:
+    exact: dict[str, _VHost]
+    suffixes: tuple[tuple[int, dict[str, _VHost]], ...]     # longest first
+    prefixes: tuple[tuple[int, dict[str, _VHost]], ...]     # longest first
+    default: _VHost | None
+    ignore_port: bool
+
+    def find(self, host: str) -> _VHost | None:
+        if not (self.exact or self.suffixes or self.prefixes):
+            return self.default
+        if self.ignore_port and (p := _port_start(host)) >= 0:
+            host = host[:p]
+        host = _lower(host)
+        vhost = self.exact.get(host)
+        if vhost is not None:
+            return vhost
+        n = len(host)
+        # A wildcard matches one character or more: "*.foo.com" not ".foo.com".
+        for length, table in self.suffixes:
+            if length < n and (vhost := table.get(host[n - length:])) is not None:
+                return vhost
+        for length, table in self.prefixes:
+            if length < n and (vhost := table.get(host[:length])) is not None:
+                return vhost
+        return self.default
+
+
+def _host_index(sink: _Sink, path: str, vhosts: Sequence, compiled: Sequence[_VHost | None],
+                ignore_port: bool) -> _HostIndex:
+    exact: dict[str, _VHost] = {}
+    suffixes: dict[int, dict[str, _VHost]] = {}
+    prefixes: dict[int, dict[str, _VHost]] = {}
+    default, seen = None, {}
+    for i, (pb, vhost) in enumerate(zip(vhosts, compiled)):
+        for j, domain in enumerate(pb.domains):
+            dpath, d = f"{path}[{i}].domains[{j}]", _lower(domain)
+            if d in seen:
+                sink.problem(dpath, f"duplicate domain '{domain}' (also at {seen[d]}): Envoy requires unique domains"
+                             if d != "*" else "only one virtual host may have the wildcard domain '*'")
+                continue
+            seen[d] = dpath
+            if d == "*":
+                default = vhost
+            elif d.startswith("*"):
+                suffixes.setdefault(len(d) - 1, {})[d[1:]] = vhost
+            elif d.endswith("*"):
+                prefixes.setdefault(len(d) - 1, {})[d[:-1]] = vhost
+            else:
+                exact[d] = vhost
+
+    def longest_first(tables: dict) -> tuple:
+        return tuple(sorted(tables.items(), key=lambda kv: -kv[0]))
+    return _HostIndex(exact, longest_first(suffixes), longest_first(prefixes), default, ignore_port)
+
+
+# --------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RouteTable:
+    hosts: _HostIndex
+    ignore_path_parameters: bool
+
+    def match(self, req: Request) -> Decision | None:
+        """The decision for ``req``; None when no virtual host or no route
+        matches (Envoy answers 404)."""
+        if req.method == "CONNECT":
+            return None     # only connect_matcher routes take CONNECT; kmesh refuses those
+        vhost = self.hosts.find(req.host)
+        if vhost is None:
+            return None
+        return vhost.decide(_View(req, self.ignore_path_parameters))
+
+
+def _compile(sink: _Sink, vhosts: Sequence, path: str, options: TableOptions,
+             rc_fault: _FaultRule | None) -> RouteTable | None:
+    compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault) for i, vh in enumerate(vhosts)]
+    hosts = _host_index(sink, path, vhosts, compiled, options.ignore_port_in_host_matching)
+    return None if sink.failed else RouteTable(hosts, options.ignore_path_parameters)
+
+
+def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], path: str, problem: Report,
+                          note: Report, options: TableOptions = TableOptions()) -> RouteTable | None:
+    """A table for virtual hosts alone; ``path`` names the list of them (e.g.
+    ``...route_config.virtual_hosts``). None if a problem was reported."""
+    return _compile(_Sink(problem, note), vhosts, path, options, None)
+
+
+_RC_APPLIED = ("name", "metadata", "virtual_hosts", "ignore_port_in_host_matching",
+               "ignore_path_parameters_in_path_matching", "max_direct_response_body_size_bytes",
+               "typed_per_filter_config", "validate_clusters")
+_RC_PROBLEMS = {
+    "vhds": "on-demand virtual hosts (VHDS) are not supported by kmesh",
+    "cluster_specifier_plugins": "cluster specifier plugins are not supported by kmesh",
+    "vhost_header": "choosing the virtual host by another header than Host is not supported by kmesh",
+}
+
+
+def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: Report, note: Report) -> RouteTable | None:
+    """A table for ``rc`` (at field path ``path`` in its source). Each problem
+    and note names the field; None if a problem was reported."""
+    sink = _Sink(problem, note)
+    _check_fields(sink, path, rc, _RC_APPLIED, _RC_PROBLEMS)
+    if rc.validate_clusters.value:
+        sink.note(f"{path}.validate_clusters", "cluster references are checked by kmesh's translator, not here")
+    options = TableOptions(
+        rc.ignore_port_in_host_matching, rc.ignore_path_parameters_in_path_matching,
+        rc.max_direct_response_body_size_bytes.value if rc.HasField("max_direct_response_body_size_bytes")
+        else DEFAULT_MAX_BODY)
+    rc_fault = _per_filter(sink, f"{path}.typed_per_filter_config", rc.typed_per_filter_config)
+    return _compile(sink, rc.virtual_hosts, f"{path}.virtual_hosts", options, rc_fault)
+
+
+# --------------------------------------------------------------------------
+# Fast-path test
+# --------------------------------------------------------------------------
+
+def _plain_forward(route) -> bool:
+    """A route that sends every request to its cluster(s) unchanged."""
+    m, ra = route.match, route.route
+    return (route.WhichOneof("action") == "route" and not _has_fault(route.typed_per_filter_config)
+            and m.WhichOneof("path_specifier") == "prefix" and m.prefix in ("", "/")
+            and all(f.name in ("prefix", "case_sensitive") for f, _ in m.ListFields())
+            and ra.WhichOneof("cluster_specifier") in ("cluster", "weighted_clusters")
+            and not (ra.HasField("timeout") and (ra.timeout.seconds or ra.timeout.nanos))
+            and not (ra.prefix_rewrite or ra.HasField("regex_rewrite") or ra.host_rewrite_literal))
+
+
+def needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
+    """Whether requests under ``rc`` need a per-request decision: False only
+    for one virtual host that takes every host ('*') and whose first route
+    forwards everything (prefix '/' or '') with no fault, no rewrite and no
+    explicit non-zero timeout. An unset timeout (Envoy's 15 s default) does
+    not count: it is what every plain config has, and a connection-level path
+    cannot enforce it anyway."""
+    if len(rc.virtual_hosts) != 1 or rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config):
+        return True
+    vh = rc.virtual_hosts[0]
+    return "*" not in vh.domains or vhost_needs_l7(vh)
+
+
+def vhost_needs_l7(vh, rc: route_pb2.RouteConfiguration | None = None) -> bool:
+    """Whether connections that reach this virtual host by its address (a VIP
+    among its domains) need a per-request decision: the same test as
+    needs_l7 for one virtual host, whatever its domains (``rc``: the route
+    configuration holding it, whose own settings count too)."""
+    if rc is not None and (rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config)):
+        return True
+    if vh.require_tls or vh.HasField("matcher") or _has_fault(vh.typed_per_filter_config) or not vh.routes:
+        return True
+    return not _plain_forward(vh.routes[0])

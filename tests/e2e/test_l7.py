@@ -1,0 +1,203 @@
+"""HTTP/1.1 routing through the daemon's hand-off listener (real kernel:
+connect4 hands L7 listeners' connections over, sockops publishes their
+original destination; a child cgroup, loopback VIPs and backends)."""
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.e2e.test_l4 import vip
+from tests.e2e.test_observability import metrics
+from tests.support import harness
+from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
+
+JASON = {"match": {"prefix": "/", "headers": [{"name": "end-user", "string_match": {"exact": "jason"}}]},
+         "route": {"cluster": "reviews-v2"}}
+DEFAULT = {"match": {"prefix": "/"}, "route": {"cluster": "reviews-v1"}}
+
+
+def curl(cgroup, url: str, *args: str) -> tuple[int, str]:
+    """(HTTP status, body) of one request on a new connection."""
+    r = cgroup.run(["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", *args, url])
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code or 0), body.strip()
+
+
+@pytest.fixture
+def reviews(kmesh, backends):
+    """Bookinfo's reviews routing: end-user jason -> v2, everyone else -> v1."""
+    v1, v2 = backends("v1", "v2")
+    v = vip()
+    k = kmesh(bootstrap([hcm_listener("reviews", v, 80, [JASON, DEFAULT])],
+                        [cluster("reviews-v1", lb_ep(*v1.addr)), cluster("reviews-v2", lb_ep(*v2.addr))]))
+    return k, v
+
+
+def test_route_by_header(reviews, cgroup):
+    k, v = reviews
+    assert [curl(cgroup, f"http://{v}/reviews/0", "-H", "end-user: jason") for _ in range(10)] == [(200, "v2")] * 10
+    assert [curl(cgroup, f"http://{v}/reviews/0") for _ in range(10)] == [(200, "v1")] * 10
+    m = metrics(k)
+    assert m[("kmesh_connects_total", (("decision", "l7_handoff"),))] == 20
+
+
+def test_keep_alive_stays_on_its_first_route(reviews, cgroup):
+    _, v = reviews
+    script = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+out = []
+for user in ("jason", "someone"):
+    s.sendall(f"GET / HTTP/1.1\\r\\nHost: reviews\\r\\nend-user: {user}\\r\\n\\r\\n".encode())
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += s.recv(4096)
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\\r\\n")[0])
+    while len(body) < length:
+        body += s.recv(4096)
+    out.append(body.decode().strip())
+print(" ".join(out))
+"""
+    r = cgroup.run([sys.executable, "-c", script, v])
+    assert r.stdout.split() == ["v2", "v2"], r.stdout + r.stderr
+
+
+def test_paths_direct_response_redirect_and_no_route(kmesh, cgroup, backends):
+    api, web = backends("api", "web")
+    v = vip()
+    routes = [{"match": {"path": "/healthz"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
+              {"match": {"prefix": "/old/"}, "redirect": {"prefix_rewrite": "/new/"}},
+              {"match": {"safe_regex": {"regex": "/api/v[0-9]+/.*"}}, "route": {"cluster": "api"}},
+              {"match": {"prefix": "/web", "case_sensitive": False}, "route": {"cluster": "web"}}]
+    kmesh(bootstrap([hcm_listener("site", v, 80, routes)], [cluster("api", lb_ep(*api.addr)),
+                                                             cluster("web", lb_ep(*web.addr))]))
+    assert curl(cgroup, f"http://{v}/healthz") == (200, "ok")
+    assert curl(cgroup, f"http://{v}/api/v2/users") == (200, "api")
+    assert curl(cgroup, f"http://{v}/WEB/index.html") == (200, "web")
+    assert curl(cgroup, f"http://{v}/nothing")[0] == 404
+    r = cgroup.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"http://{v}/old/x?q=1"])
+    assert r.stdout == f"301 http://{v}/new/x?q=1", r.stdout
+
+
+def test_weighted_per_request_and_fault_abort(kmesh, cgroup, backends):
+    a, b = backends("A", "B")
+    v = vip()
+    canary = {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+        {"name": "a", "weight": 80}, {"name": "b", "weight": 20}]}}}
+    faulty = {"match": {"prefix": "/"}, "route": {"cluster": "a"}, "typed_per_filter_config": {
+        "envoy.filters.http.fault": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "abort": {"http_status": 503, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}}}}
+    kmesh(bootstrap([hcm_listener("canary", v, 80, [canary]), hcm_listener("faulty", v, 81, [faulty])],
+                    [cluster("a", lb_ep(*a.addr)), cluster("b", lb_ep(*b.addr))]))
+    n = 300
+    got = cgroup.curl(f"http://{v}/[1-{n}]", ("-H", "Connection: close"))
+    assert abs(got.count("B") / n - 0.20) < 0.07, got.count("B")
+    codes = cgroup.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", "Connection: close",
+                        f"http://{v}:81/[1-{n}]"]).stdout.split()
+    assert len(codes) == n and set(codes) == {"200", "503"} and abs(codes.count("503") / n - 0.5) < 0.1
+
+
+def test_errors_431_and_503(kmesh, cgroup):
+    v = vip()
+    dead = harness.free_port()
+    kmesh(bootstrap([hcm_listener("x", v, 80, [{"match": {"prefix": "/", "headers": [
+        {"name": "x", "present_match": True}]}, "route": {"cluster": "dead"}}, DEFAULT])],
+        [cluster("dead", lb_ep("127.0.0.1", dead)), cluster("reviews-v1", lb_ep("127.0.0.1", dead))]))
+    status, body = curl(cgroup, f"http://{v}/", "-H", "x: 1")
+    assert status == 503 and "connection failure" in body
+    assert curl(cgroup, f"http://{v}/", "-H", "big: " + "a" * 70_000)[0] == 431
+
+
+class HashServer:
+    """An HTTP-ish backend for integrity: reads a head with Content-Length,
+    then that many bytes; answers with their sha256 and N deterministic bytes
+    (N from the ``want`` header)."""
+
+    def __init__(self):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _one(conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            length, want = int(fields[b"Content-Length"]), int(fields[b"want"])
+            h = hashlib.sha256(body)
+            got = len(body)
+            while got < length:
+                chunk = conn.recv(1 << 20)
+                h.update(chunk)
+                got += len(chunk)
+            payload = (h.hexdigest().encode() * (want // 64 + 1))[:want]
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+
+
+TRANSFER = """
+import hashlib, socket, sys
+host, up, down = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, 80))
+body = bytes(range(256)) * (up // 256)
+s.sendall(b"POST /x HTTP/1.1\\r\\nHost: h\\r\\nContent-Length: %d\\r\\nwant: %d\\r\\n\\r\\n" % (len(body), down) + body)
+data = b""
+while True:
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    data += chunk
+    if b"\\r\\n\\r\\n" in data and len(data.split(b"\\r\\n\\r\\n", 1)[1]) >= down:
+        break
+payload = data.split(b"\\r\\n\\r\\n", 1)[1]
+expect = hashlib.sha256(body).hexdigest().encode()
+print(len(payload) == down and payload[:64] == expect and set(payload.split(expect)) <= {b"", expect[:down % 64]})
+"""
+
+
+def test_large_transfer_both_ways_is_intact(kmesh, cgroup):
+    srv = HashServer()
+    v = vip()
+    kmesh(bootstrap([hcm_listener("big", v, 80, [{"match": {"prefix": "/x"}, "route": {"cluster": "h"}}])],
+                    [cluster("h", lb_ep("127.0.0.1", srv.port))]))
+    r = cgroup.run([sys.executable, "-c", TRANSFER, v, str(64 << 20), str(64 << 20)], timeout=120)
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
+    srv.lsock.close()
+
+
+def test_without_l7_the_catch_all_route_serves(kmesh, cgroup, backends):
+    v1, v2 = backends("v1", "v2")
+    v = vip()
+    k = kmesh(bootstrap([hcm_listener("reviews", v, 80, [JASON, DEFAULT])],
+                        [cluster("reviews-v1", lb_ep(*v1.addr)), cluster("reviews-v2", lb_ep(*v2.addr))]),
+              extra_args=("-l7-address=",))
+    assert curl(cgroup, f"http://{v}/", "-H", "end-user: jason") == (200, "v1")   # the first catch-all route
+    assert k.get("/ready", raw=True)[0] == 200
+
+
+def test_l7_status_and_metrics(reviews, cgroup):
+    k, v = reviews
+    curl(cgroup, f"http://{v}/")
+    st = k.get("/l7")
+    assert st["accepted"] >= 1 and st["routed"] >= 1, st
+    m = metrics(k)
+    assert m[("kmesh_l7_requests_routed_total", ())] >= 1
