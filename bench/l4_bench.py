@@ -378,7 +378,8 @@ def find_envoy() -> str | None:
 
 
 class Envoy:
-    """Envoy with one tcp_proxy listener on 127.0.0.1:<free port> to nginx."""
+    """Envoy with one listener on 127.0.0.1:<free port> to nginx (tcp_proxy
+    unless another config is given)."""
 
     def __init__(self, binary: str, tmp: Path, base_id: int):
         self.binary, self.tmp, self.base_id = binary, tmp, base_id
@@ -386,9 +387,10 @@ class Envoy:
         self.port = 0
         self.version = "?"
 
-    def start(self, backend_port: int) -> None:
+    def start(self, backend_port: int, config=None) -> None:
+        """``config(ip, port, backend_port)``: the bootstrap (default: a tcp_proxy)."""
         self.port, admin_port = free_port(), free_port()
-        cfg = proxy_config("127.0.0.1", self.port, backend_port)
+        cfg = (config or proxy_config)("127.0.0.1", self.port, backend_port)
         cfg["admin"] = {"address": sock("127.0.0.1", admin_port)}
         path = self.tmp / "envoy.json"
         path.write_text(json.dumps(cfg, indent=2))

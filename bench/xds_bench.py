@@ -74,7 +74,7 @@ def run_size(n: int, updates: int, backends) -> dict:
     xds = XdsServer().start()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / harness.unique("kmesh-xds-bench")
     tmp.mkdir()
-    k = harness.Kmesh(cg, tmp / "kmesh.yaml", ads=xds.address)
+    k = harness.Kmesh(cg, tmp / "kmesh.yaml", ads=xds.address, extra_args=tuple(os.environ.get("XDS_BENCH_ARGS", "").split()))
     try:
         k.write_config({})
         base_port = backends[0].port

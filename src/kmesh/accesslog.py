@@ -106,7 +106,7 @@ class AccessLog:
         """Switch the log; also writes km_config's close tracking, which the
         log needs (its records come from tracked sockets)."""
         if on and self.path and self._out is None:
-            self._out = open(self.path, "a", buffering=1)
+            self._out = open(self.path, "a")   # flushed after every poll, not per line
         self.kconfig.set(track_connections=int(self.track_connections or on), access_log=int(on),
                          access_log_limit=rate_limit(self.rate))
         if on != self.enabled:

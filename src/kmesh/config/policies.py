@@ -48,10 +48,49 @@ def _u32(msg, name: str, default: int) -> int:
     return getattr(msg, name).value if msg.HasField(name) else default
 
 
+class _Recorder:
+    """Stands in for the translator's context: keeps what was said, with
+    paths relative to the cluster, to say it again for another cluster."""
+
+    def __init__(self, lenient: bool):
+        self.lenient = lenient
+        self.said: list[tuple[str, str, str]] = []
+
+    def error(self, path, reason):
+        self.said.append(("error", path, reason))
+
+    def warn(self, path, reason):
+        self.said.append(("warn", path, reason))
+
+
+# Every cluster of a big mesh tends to carry the same policy fields (istiod:
+# the same circuit breakers and connect timeout on all 10 000): translate
+# each distinct set once.
+_MEMO: dict[tuple, tuple[ClusterPolicy, tuple]] = {}
+_MEMO_MAX = 1024
+
+
 def cluster_policy(ctx, path: str, pb: cluster_pb2.Cluster) -> ClusterPolicy:
     """The policies of the cluster at ``path``; notes and errors go to ``ctx``."""
     if not (pb.HasField("circuit_breakers") or pb.HasField("connect_timeout") or pb.HasField("outlier_detection")):
         return NO_POLICY
+    key = (ctx.lenient, pb.circuit_breakers.SerializeToString(deterministic=True),
+           pb.connect_timeout.seconds, pb.connect_timeout.nanos, pb.HasField("connect_timeout"),
+           pb.outlier_detection.SerializeToString(deterministic=True), pb.HasField("outlier_detection"))
+    got = _MEMO.get(key)
+    if got is None:
+        rec = _Recorder(ctx.lenient)
+        got = (_cluster_policy(rec, "", pb), tuple(rec.said))
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = got
+    policy, said = got
+    for kind, rel, reason in said:
+        getattr(ctx, kind)(path + rel, reason)
+    return policy
+
+
+def _cluster_policy(ctx, path: str, pb: cluster_pb2.Cluster) -> ClusterPolicy:
     max_conn = _max_connections(ctx, f"{path}.circuit_breakers", pb.circuit_breakers)
     timeout = 0
     if pb.HasField("connect_timeout"):

@@ -545,7 +545,8 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     # its own virtual host does (then Host picks among all, as in Envoy).
     rc_l7 = l7.needs_l7(rc)
     wildcard = any(ip == WILDCARD for ip, _, _ in keys)
-    vhost_l7 = [rc_l7 and wildcard and l7.vhost_needs_l7(v, rc) for v in vhosts]
+    rc_level = rc_l7 and wildcard and l7.route_config_needs_l7(rc)
+    vhost_l7 = [rc_l7 and wildcard and (rc_level or l7.vhost_needs_l7(v)) for v in vhosts]
     wanted = any(vhost_l7) or (rc_l7 and any(ip != WILDCARD for ip, _, _ in keys))
     table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) if wanted else None
     if len(vhosts) > 1 and table is None:

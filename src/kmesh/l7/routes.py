@@ -702,6 +702,8 @@ def _per_filter(sink: _Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _
 
 
 def _has_fault(configs: Mapping[str, any_pb2.Any]) -> bool:
+    if not configs:
+        return False   # the common case, checked per virtual host of big meshes
     for any_ in configs.values():
         config, disabled = _unwrap_filter_config(any_)
         if not disabled and config.TypeName() == _FAULT_TYPE:
@@ -1216,19 +1218,23 @@ def needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
     explicit non-zero timeout. An unset timeout (Envoy's 15 s default) does
     not count: it is what every plain config has, and a connection-level path
     cannot enforce it anyway."""
-    if len(rc.virtual_hosts) != 1 or rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config):
+    if len(rc.virtual_hosts) != 1 or route_config_needs_l7(rc):
         return True
     vh = rc.virtual_hosts[0]
     return "*" not in vh.domains or vhost_needs_l7(vh)
 
 
-def vhost_needs_l7(vh, rc: route_pb2.RouteConfiguration | None = None) -> bool:
+def route_config_needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
+    """Whether the route configuration's own settings need a per-request
+    decision for every virtual host in it."""
+    return rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config)
+
+
+def vhost_needs_l7(vh) -> bool:
     """Whether connections that reach this virtual host by its address (a VIP
     among its domains) need a per-request decision: the same test as
-    needs_l7 for one virtual host, whatever its domains (``rc``: the route
-    configuration holding it, whose own settings count too)."""
-    if rc is not None and (rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config)):
-        return True
+    needs_l7 for one virtual host, whatever its domains (see also
+    route_config_needs_l7)."""
     if vh.require_tls or vh.HasField("matcher") or _has_fault(vh.typed_per_filter_config) or not vh.routes:
         return True
     return not _plain_forward(vh.routes[0])
