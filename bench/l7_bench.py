@@ -185,7 +185,10 @@ def table(s: dict) -> str:
     lines = [head, "|---|" + "---:|" * (len(modes) + 2)]
     for label, key, unit in rows:
         vals = " | ".join(f"{s[m][key]:,.0f} {unit}" for m in modes)
-        ratio = lambda den: f"{s['l7'][key] / s[den][key]:.2f}×" if den in s and s[den][key] else "-"  # noqa: E731
+        def ratio(den: str) -> str:
+            if key == "daemon_cpu_ms_per_1000_conns" or den not in s or not s[den][key]:
+                return "-"   # only the L7 mode runs through the daemon
+            return f"{s['l7'][key] / s[den][key]:.2f}×"
         lines.append(f"| {label} | {vals} | {ratio('direct')} | {ratio('envoy')} |")
     return "\n".join(lines)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import hashlib
-import ipaddress
 import socket
 import struct
 from typing import NamedTuple, Sequence
@@ -275,8 +274,11 @@ def port_of(field: int) -> int:
 
 
 def addr_key(ip: str, port: int) -> KmeshAddr:
-    ipaddress.IPv4Address(ip)  # raises on anything that is not dotted IPv4
-    return KmeshAddr(_ip_field(ip), _port_field(port), 0)
+    try:
+        packed = socket.inet_pton(socket.AF_INET, ip)   # dotted IPv4 only (inet_aton takes "1.2" too)
+    except OSError:
+        raise ValueError(f"{ip!r} is not an IPv4 address") from None
+    return KmeshAddr(struct.unpack("=I", packed)[0], _port_field(port), 0)
 
 
 def smooth_wrr_slots(weights: Sequence[int], max_slots: int = KMESH_LB_SLOTS) -> list[int]:
