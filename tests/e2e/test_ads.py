@@ -175,7 +175,7 @@ def test_layout_migration_in_ads_mode_waits_for_the_control_plane(kmesh, cgroup,
 
 
 def test_ready_after_timeout_without_control_plane(kmesh, cgroup):
-    port = harness.free_port()   # nothing listens there
+    port = harness.dead_port()   # nothing listens there
     t0 = time.monotonic()
     k = kmesh({}, ads=f"127.0.0.1:{port}", extra_args=("-xds-ready-timeout=2",))
     assert time.monotonic() - t0 >= 2

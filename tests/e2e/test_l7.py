@@ -106,7 +106,7 @@ def test_weighted_per_request_and_fault_abort(kmesh, cgroup, backends):
 
 def test_errors_431_and_503(kmesh, cgroup):
     v = vip()
-    dead = harness.free_port()
+    dead = harness.dead_port()
     kmesh(bootstrap([hcm_listener("x", v, 80, [{"match": {"prefix": "/", "headers": [
         {"name": "x", "present_match": True}]}, "route": {"cluster": "dead"}}, DEFAULT])],
         [cluster("dead", lb_ep("127.0.0.1", dead)), cluster("reviews-v1", lb_ep("127.0.0.1", dead))]))

@@ -206,7 +206,7 @@ def test_http_bytes_match_curl(kmesh, cgroup, backends, tmp_path):
 
 
 def test_refused_endpoint_counts_failed(kmesh, cgroup, tmp_path):
-    dead = harness.free_port()   # nothing listens there
+    dead = harness.dead_port()   # nothing listens there
     v = vip()
     log = tmp_path / "access.log"
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "dead")], [cluster("dead", lb_ep("127.0.0.1", dead))]),
@@ -224,7 +224,7 @@ def test_refused_endpoint_counts_failed(kmesh, cgroup, tmp_path):
 
 
 def test_kmeshctl_with_the_daemon_down():
-    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{harness.free_port()}", "version"],
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{harness.dead_port()}", "version"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "cannot reach kmesh-daemon's admin API" in r.stderr and "is it running?" in r.stderr
@@ -294,7 +294,7 @@ def test_ring_buffer_overload_is_counted(kmesh, cgroup, tmp_path):
     """With the reader stopped, more closes than the ring buffer holds: the
     rest are dropped in the kernel and counted; every close is accounted
     for (written + rate-limited + ring buffer full) and the daemon recovers."""
-    dead = harness.free_port()   # refused: the quickest connection there is
+    dead = harness.dead_port()   # refused: the quickest connection there is
     v = vip()
     log = tmp_path / "access.log"
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "dead")], [cluster("dead", lb_ep("127.0.0.1", dead))]),

@@ -159,7 +159,7 @@ def _picks(cgroup, v, n) -> list[str]:
 
 def test_outlier_ejection(kmesh, cgroup, backends):
     a, b = backends("A", "B")
-    dead = harness.free_port()   # no listener: every connect to it is refused
+    dead = harness.dead_port()   # no listener: every connect to it is refused
     v = vip()
     c = cluster("web", lb_ep(*a.addr), lb_ep("127.0.0.1", dead), lb_ep(*b.addr))
     c["outlier_detection"] = {"consecutive_5xx": 2, "base_ejection_time": "3s", "max_ejection_percent": 50}
@@ -181,7 +181,7 @@ def test_outlier_ejection(kmesh, cgroup, backends):
 
 def test_outlier_never_ejects_beyond_max_percent(kmesh, cgroup, backends):
     (a,) = backends("A")
-    dead1, dead2 = harness.free_port(), harness.free_port()
+    dead1, dead2 = harness.dead_port(), harness.dead_port()
     v = vip()
     c = cluster("web", lb_ep("127.0.0.1", dead1), lb_ep("127.0.0.1", dead2), lb_ep(*a.addr), lb_ep(*a.addr))
     c["outlier_detection"] = {"consecutive_5xx": 1, "base_ejection_time": "30s", "max_ejection_percent": 25}

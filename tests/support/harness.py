@@ -48,6 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_HELD: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A port on 127.0.0.1 that refuses every connect for the rest of the
+    run: bound (so nothing else, e.g. a daemon's listener, can take it) but
+    not listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
+
+
 def ensure_bpffs() -> None:
     BPFFS.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["findmnt", "-n", "-t", "bpf", str(BPFFS)], capture_output=True).returncode != 0:
