@@ -81,6 +81,7 @@ class Daemon:
         self._dataplane: loader.Dataplane | None = None
         self.l7 = None   # kmesh.l7.handoff.Handoff
         self._l7_index: tuple = (None, {}, {})
+        self._l7_buckets: dict[tuple, tuple] = {}
         self._maps: ConfigMaps | None = None
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
@@ -461,7 +462,22 @@ class Daemon:
             self._l7_index = (mesh, listeners, {c.name: c for c in mesh.clusters})
         _, listeners, clusters = self._l7_index
         lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
-        return Target(lst.name, lst.routes, clusters) if lst else None
+        if lst is None:
+            return None
+        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst))
+
+    def _l7_bucket(self, lst):
+        """The listener's HTTP rate-limit bucket, kept while its settings stay."""
+        from kmesh.l7.handoff import TokenBucket
+
+        rl = lst.http_rate_limit
+        if rl is None:
+            return None
+        key = (lst.name, lst.ip, lst.port)
+        got = self._l7_buckets.get(key)
+        if got is None or got[0] != rl.bucket:
+            got = self._l7_buckets[key] = (rl.bucket, TokenBucket(*rl.bucket))
+        return got[1]
 
     def policy_state(self) -> tuple[list, list]:
         """(clusters, listeners) with a traffic policy, and what it holds now."""

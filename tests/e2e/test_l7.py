@@ -201,3 +201,24 @@ def test_l7_status_and_metrics(reviews, cgroup):
     assert st["accepted"] >= 1 and st["routed"] >= 1, st
     m = metrics(k)
     assert m[("kmesh_l7_requests_routed_total", ())] >= 1
+
+
+HTTP_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+
+
+def test_http_local_rate_limit_answers_429(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    lst = hcm_listener("limited", v, 80, [DEFAULT])
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": HTTP_RL, "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "60s"},
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}}},
+        {"name": "envoy.filters.http.router",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    kmesh(bootstrap([lst], [cluster("reviews-v1", lb_ep(*a.addr))]))
+    # a catch-all route alone would stay at L4: the rate limit makes the listener L7
+    got = [curl(cgroup, f"http://{v}/") for _ in range(8)]
+    assert got == [(200, "A")] * 5 + [(429, "local_rate_limited")] * 3, got

@@ -112,3 +112,36 @@ def test_policies_survive_the_record_round_trip():
     assert records.listener_spec_of(lrec) == (((1, 1),), RateLimit(10, 2, 500), 0)
     assert records.decode_listener(lrec)["rate_limit"] == {"max_tokens": 10, "tokens_per_fill": 2,
                                                            "fill_interval_ms": 500}
+
+
+def test_http_local_rate_limit_filter():
+    from google.protobuf import any_pb2, json_format
+    from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as m
+    from kmesh.config import policies
+    from kmesh.config.translate import _Ctx
+
+    def translate_rl(d):
+        a = any_pb2.Any()
+        a.Pack(json_format.ParseDict(d, m.LocalRateLimit()))
+        ctx = _Ctx("t.yaml", "static_resources", False)
+        return policies.http_rate_limit(ctx, "f", a), ctx
+
+    bucket = {"max_tokens": 10, "tokens_per_fill": 2, "fill_interval": "1s"}
+    got, ctx = translate_rl({"stat_prefix": "x", "token_bucket": bucket,
+                             "filter_enabled": {"default_value": {"numerator": 50, "denominator": "HUNDRED"}},
+                             "status": {"code": 503}})
+    assert got == policies.HttpRateLimit(RateLimit(10, 2, 1000), 503, 50.0, 0.0)
+    got, ctx = translate_rl({"stat_prefix": "x", "token_bucket": bucket})   # Envoy: enabled 0% by default
+    assert got is None and any("filter_enabled" in p for p, _ in ctx.warnings)
+
+
+def test_handoff_token_bucket_fills_by_whole_intervals():
+    from kmesh.l7.handoff import TokenBucket
+
+    now = [0.0]
+    b = TokenBucket(3, 2, 1000, clock=lambda: now[0])
+    assert [b.take() for _ in range(4)] == [True, True, True, False]
+    now[0] = 0.9
+    assert not b.take()
+    now[0] = 2.5   # two whole intervals: 4 tokens, capped at 3
+    assert [b.take() for _ in range(4)] == [True, True, True, False]

@@ -42,6 +42,8 @@ class Listener:
     # by the daemon's hand-off listener; ``clusters`` then hold the catch-all
     # route, used when the daemon runs without L7.
     routes: object | None = field(default=None, compare=False)
+    # the HTTP connection manager's local_ratelimit filter (policies.HttpRateLimit)
+    http_rate_limit: object | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

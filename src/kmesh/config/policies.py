@@ -8,14 +8,18 @@ The kernel side is bpf/include/policy.h.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as http_rl_pb2
 from envoy.extensions.filters.network.local_ratelimit.v3 import local_rate_limit_pb2
 from google.protobuf import duration_pb2
 
 from kmesh.bpf.records import NO_POLICY, ClusterPolicy, RateLimit
 
 LOCAL_RATELIMIT_TYPE = local_rate_limit_pb2.LocalRateLimit.DESCRIPTOR.full_name
+HTTP_LOCAL_RATELIMIT_TYPE = http_rl_pb2.LocalRateLimit.DESCRIPTOR.full_name
 MAX_U32 = 2**32 - 1
 # Envoy's defaults (outlier_detection.proto)
 DEFAULT_CONSECUTIVE = 5
@@ -177,3 +181,51 @@ def rate_limit(ctx, path: str, typed_config) -> RateLimit | None:
         ctx.error(f"{bpath}.fill_interval", f"must be at least {MIN_FILL_INTERVAL_MS} ms, as Envoy requires")
         return None
     return RateLimit(tb.max_tokens, _u32(tb, "tokens_per_fill", 1), interval)
+
+
+@dataclass(frozen=True)
+class HttpRateLimit:
+    """An HTTP local_ratelimit filter as the L7 hand-off listener applies it:
+    one token per request it routes (the first on a connection)."""
+
+    bucket: RateLimit
+    status: int = 429
+    enabled_percent: float = 100.0
+    enforced_percent: float = 100.0
+
+
+_HTTP_RL_APPLIED = {"stat_prefix", "status", "token_bucket", "filter_enabled", "filter_enforced"}
+_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
+
+
+def _runtime_percent(msg, name: str) -> float:
+    """A RuntimeFractionalPercent's default, in percent; unset: 0 (Envoy)."""
+    if not msg.HasField(name):
+        return 0.0
+    fp = getattr(msg, name).default_value
+    return 100.0 * fp.numerator / _DENOMINATORS.get(fp.denominator, 100)
+
+
+def http_rate_limit(ctx, path: str, typed_config) -> HttpRateLimit | None:
+    """The HTTP filter envoy.filters.http.local_ratelimit at ``path`` (None:
+    does nothing, as Envoy with filter_enabled unset, or invalid)."""
+    msg = http_rl_pb2.LocalRateLimit()
+    typed_config.Unpack(msg)
+    for f, _ in msg.ListFields():
+        if f.name not in _HTTP_RL_APPLIED:
+            ctx.warn(f"{path}.{f.name}", "not applied by kmesh: one bucket per listener, every request counts")
+    enabled = _runtime_percent(msg, "filter_enabled")
+    if not msg.HasField("token_bucket") or enabled == 0:
+        ctx.warn(f"{path}.filter_enabled", "0% (Envoy's default when unset): the filter limits nothing")
+        return None
+    tb = msg.token_bucket
+    if tb.max_tokens == 0:
+        ctx.error(f"{path}.token_bucket.max_tokens", "must be greater than 0")
+        return None
+    interval = _ms(tb.fill_interval)
+    if interval == 0:
+        ctx.error(f"{path}.token_bucket.fill_interval", "must be greater than 0")
+        return None
+    status = msg.status.code if msg.HasField("status") and msg.status.code else 429
+    return HttpRateLimit(RateLimit(tb.max_tokens, _u32(tb, "tokens_per_fill", 1), interval), status, enabled,
+                         _runtime_percent(msg, "filter_enforced"))

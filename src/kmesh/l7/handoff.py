@@ -20,6 +20,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -37,6 +38,25 @@ DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's connect_timeout default
 HEAD_TIMEOUT = 30.0            # a client that sends no complete head in time is closed
 
 
+class TokenBucket:
+    """The HTTP local rate limit's bucket (Envoy's token bucket: starts full,
+    tokens_per_fill at every whole fill_interval)."""
+
+    def __init__(self, max_tokens: int, tokens_per_fill: int, fill_interval_ms: int, clock=time.monotonic):
+        self.max, self.per_fill, self.interval, self.clock = max_tokens, tokens_per_fill, fill_interval_ms / 1000, clock
+        self.tokens, self.last = max_tokens, clock()
+
+    def take(self) -> bool:
+        fills = int((self.clock() - self.last) / self.interval)
+        if fills:
+            self.tokens = min(self.max, self.tokens + fills * self.per_fill)
+            self.last += fills * self.interval
+        if self.tokens <= 0:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass(frozen=True)
 class Target:
     """What connections to one L7 listener address are routed with."""
@@ -44,6 +64,8 @@ class Target:
     listener: str
     routes: rt.RouteTable
     clusters: Mapping[str, Cluster]
+    rate_limit: object = None          # policies.HttpRateLimit
+    bucket: TokenBucket | None = None  # its bucket, kept across config updates
 
 
 @dataclass
@@ -253,6 +275,10 @@ class Handoff:
         except BadRequest:
             self.stats.bad_requests += 1
             return await self._answer(writer, 400)
+        rl = target.rate_limit
+        if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
+                and random.random() * 100 < rl.enforced_percent:
+            return await self._answer(writer, rl.status, b"local_rate_limited")
         decision = target.routes.match(req)
         if decision is None:
             return await self._answer(writer, 404)
