@@ -29,6 +29,7 @@ SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
 	const struct kmesh_endpoint *ep = 0;
+	const struct kmesh_addr *to = 0;
 	struct kmesh_cluster *c = 0;
 	__u32 cluster_id = 0, taken = 0, ip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
@@ -39,21 +40,16 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		return SOCK_ALLOW;
 	/* Anything short of a redirect leaves the connect as the app asked:
 	 * without an endpoint it fails as it would without kmesh. */
-	d = kmesh_decide(ip, port, &c, &ep, &cluster_id, &taken);
+	d = kmesh_decide(ip, port, &c, &ep, &cluster_id, &taken, &to);
 	switch (d) {
 	case KMESH_REDIRECT:
 		break;
-	case KMESH_HANDOFF: {
-		const struct kmesh_addr *to = handoff_address();
-
-		if (!to) /* turned off since the decision */
-			return SOCK_ALLOW;
+	case KMESH_HANDOFF:
 		stat_inc(KMESH_STAT_L7_HANDOFFS);
 		handoff_track(bpf_get_socket_cookie(ctx), to, ip, port);
 		ctx->user_ip4 = to->ip;
 		ctx->user_port = to->port;
 		return SOCK_ALLOW;
-	}
 	case KMESH_RATE_LIMITED:
 	case KMESH_OVERFLOW:
 		/* A policy refuses the connection: connect() fails at once

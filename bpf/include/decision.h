@@ -28,12 +28,13 @@ enum kmesh_decision {
 	KMESH_HANDOFF = 7,      /* an L7 listener: the daemon's hand-off listener takes it */
 };
 
-/* ``*taken``: KMESH_DECIDE_* of a redirect. Policies are checked in
+/* ``*taken``: KMESH_DECIDE_* of a redirect; ``*handoff``: where an L7
+ * listener's connection goes (KMESH_HANDOFF). Policies are checked in
  * Envoy's order: the listener's rate limit, then the cluster's circuit
  * breaker, then the endpoint choice (which skips ejected endpoints). */
 static __always_inline enum kmesh_decision
 kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
-	     __u32 *cluster_id, __u32 *taken)
+	     __u32 *cluster_id, __u32 *taken, const struct kmesh_addr **handoff)
 {
 	struct kmesh_addr lkey;
 	struct kmesh_listener *l;
@@ -48,7 +49,7 @@ kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct 
 		return KMESH_RATE_LIMITED;
 	/* Without a hand-off listener (the daemon runs without L7), the
 	 * listener's catch-all clusters take the connection, as at L4. */
-	if ((l->flags & KMESH_LISTENER_L7) && handoff_address())
+	if ((l->flags & KMESH_LISTENER_L7) && (*handoff = handoff_address()))
 		return KMESH_HANDOFF;
 	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;

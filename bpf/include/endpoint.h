@@ -243,7 +243,9 @@ static __always_inline int conn_syn_rto(struct bpf_sock_ops *skops)
 	struct kmesh_sock_state *st;
 	__u32 hz = CONFIG_HZ, ms, jiffies;
 
-	if (!hz)
+	/* Only a connecting socket has a SYN to time; accepted ones (request
+	 * sockets) need no lookup. */
+	if (!hz || skops->state != BPF_TCP_SYN_SENT)
 		return -1;
 	st = sock_state(skops);
 	if (!st || !st->connect_timeout_ms || st->connect_timeout_ms >= KMESH_MS_PER_S)

@@ -32,7 +32,9 @@ int lb_decide(struct lb_test_ctx *ctx)
 	struct kmesh_cluster *c = 0;
 	__u32 cluster_id = 0, taken = 0;
 
-	ctx->result = kmesh_decide(ctx->ip, ctx->port, &c, &ep, &cluster_id, &taken);
+	const struct kmesh_addr *to = 0;
+
+	ctx->result = kmesh_decide(ctx->ip, ctx->port, &c, &ep, &cluster_id, &taken, &to);
 	if (ctx->result == KMESH_REDIRECT && c && ep) {
 		ctx->lb_policy = c->lb_policy;
 		ctx->ep_ip = ep->ip;
