@@ -8,7 +8,9 @@
  *                        sent a SYN);
  *   sockops              watches tracked sockets from their SYN to CLOSE:
  *                        closed/failed counters, bytes, access log records,
- *                        connect timeout, outlier detection.
+ *                        connect timeout, outlier detection;
+ *   sk_skb verdict       splices the two daemon-side sockets of a routed L7
+ *                        connection (km_splice).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -17,6 +19,7 @@
 #include "kmesh_maps.h"
 #include "decision.h"
 #include "endpoint.h"
+#include "splice.h"
 
 #define SOCK_ALLOW 1   /* cgroup sock_addr verdict: let the syscall go on */
 #define SOCK_DENY 0    /* ... fail it, with the errno set by bpf_set_retval() */
@@ -96,4 +99,32 @@ int kmesh_conn_ops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return SOCKOPS_DONE;
+}
+
+/* The stream verdict of km_splice (include/splice.h): each daemon-side
+ * socket's incoming bytes go to its peer's send side, within the budget. */
+SEC("sk_skb/stream_verdict")
+int kmesh_splice(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct kmesh_splice_dir *dir;
+
+	/* An empty skb is the FIN: redirected, it would put EPIPE on the peer.
+	 * The daemon passes the half-close on once the bytes before it have
+	 * left. */
+	if (!skb->len)
+		return SK_DROP;
+	dir = bpf_map_lookup_elem(&km_splice_dir, &cookie);
+	if (!dir)
+		return SK_PASS; /* not paired (yet): the daemon reads it */
+	if (!splice_skip_repeat(skb, dir))
+		return SK_DROP;
+	if (!splice_admit(dir, &cookie, skb->len)) {
+		dir->mode = KMESH_SPLICE_PASS;
+		dir->passed += skb->len;
+		return SK_PASS;
+	}
+	dir->mode = KMESH_SPLICE_REDIRECT;
+	dir->redirected += skb->len;
+	return bpf_sk_redirect_hash(skb, &km_splice, &dir->peer, 0);
 }

@@ -92,6 +92,33 @@ struct {
 	__type(value, struct kmesh_addr);
 } km_orig_dst SEC(".maps");
 
+/* L7 splicing (include/splice.h): the daemon-side sockets of spliced
+ * connections by socket cookie, the verdict's state per socket, and what
+ * the daemon relayed of the bytes the verdict left to it (written only by
+ * the daemon, so that neither side overwrites the other's counters). The
+ * kernel removes a socket from km_splice when it closes; the daemon deletes
+ * the other two entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, KMESH_MAX_SPLICED_SOCKETS);
+	__type(key, __u64);
+	__type(value, __u64);
+} km_splice SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_SPLICED_SOCKETS);
+	__type(key, __u64);
+	__type(value, struct kmesh_splice_dir);
+} km_splice_dir SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_SPLICED_SOCKETS);
+	__type(key, __u64);
+	__type(value, __u64);
+} km_splice_relayed SEC(".maps");
+
 /* Traffic policy state, kept apart from the records the daemon replaces. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -54,6 +54,9 @@ enum kmesh_limits {
 	/* A message this large or larger is handed over at about TCP's speed
 	 * or better, and does not count toward the turn. */
 	KMESH_SOCKMAP_SMALL_MSG = 16384,
+	/* Daemon-side sockets of L7 connections spliced in the kernel (two
+	 * per connection). */
+	KMESH_MAX_SPLICED_SOCKETS = 65536,
 };
 
 /* The version of everything the daemon keeps in pinned maps: these records
@@ -62,7 +65,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 4,
+	KMESH_LAYOUT_VERSION = 5,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -311,6 +314,34 @@ enum kmesh_stat {
 	KMESH_STAT_EVENTS_RATE_LIMITED = 5, /* access log records over its rate limit */
 	KMESH_STAT_L7_HANDOFFS = 6, /* connects to an L7 listener sent to the daemon's hand-off listener */
 	KMESH_STAT_MAX = 7,
+};
+
+/* Value of km_splice_dir, by the socket cookie of one daemon-side socket of
+ * a spliced L7 connection: where its incoming bytes go (docs/l7.md). Only
+ * the verdict writes it once the pair is spliced; the daemon reads it. */
+struct kmesh_splice_dir {
+	__u64 peer;       /* socket cookie of the other daemon-side socket */
+	__u64 redirected; /* bytes handed to the peer's send side by the verdict */
+	__u64 passed;     /* bytes left to the daemon (the peer fell behind) */
+	/* Redirected bytes that may wait for room in the peer's send buffer
+	 * (kernel memory nothing else bounds); past it, bytes go to the daemon,
+	 * which relays them with ordinary TCP backpressure. */
+	__u32 budget;
+	__u32 mode;       /* enum kmesh_splice_mode */
+	/* TCP sequence number after the last byte the verdict saw, to drop a
+	 * repeat: the kernel hands the verdict whole skbs, also one whose head
+	 * overlaps bytes already delivered (a retransmission after the
+	 * receiver dropped for memory), so the overlap would go out twice. */
+	__u32 next_seq;
+	__u32 seq_known;  /* next_seq is set */
+	__u64 repeated;   /* bytes dropped as repeats */
+};
+
+enum kmesh_splice_mode {
+	KMESH_SPLICE_REDIRECT = 0, /* bytes go to the peer in the kernel */
+	/* bytes go to the daemon until it has relayed every byte so passed
+	 * (km_splice_relayed == passed): then the kernel takes over again */
+	KMESH_SPLICE_PASS = 1,
 };
 
 /* Value of km_ep_active: connections currently open to one endpoint. */

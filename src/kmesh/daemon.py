@@ -440,9 +440,14 @@ class Daemon:
             self.kconfig.set(l7_handoff=records.KmeshAddr())
             return
         from kmesh.l7.handoff import Handoff   # late: httptools and asyncio only when used
+        from kmesh.l7.splice import Splicer
 
         ip, port = split_address(self.opts.l7_address)
-        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target)
+        splicer = None
+        if self.opts.l7_splice_budget:
+            splicer = Splicer(dp.maps["km_splice"], dp.maps["km_splice_dir"], dp.maps["km_splice_relayed"],
+                              self.opts.l7_splice_budget)
+        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target, splicer)
         try:
             self.l7.start()
         except OSError as e:

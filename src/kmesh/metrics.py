@@ -87,7 +87,7 @@ class DaemonCollector:
         yield runs
         yield secs
         if d.l7:
-            yield from _l7_families(d.l7.stats)
+            yield from _l7_families(d.l7.stats, d.l7.splicer.stats if d.l7.splicer else None)
         if d.accesslog:
             st = d.accesslog.status()
             c = CounterMetricFamily("kmesh_access_log_lines", "Access log lines written.")
@@ -187,9 +187,20 @@ def _conn_families(prefix: str, labels: list[str], rows, closes: bool) -> Iterat
         yield active
 
 
-def _l7_families(st) -> Iterator:
-    """The hand-off listener's counters (kmesh.l7.handoff.Stats)."""
-    for name, text, value in (
+def _l7_families(st, sp) -> Iterator:
+    """The hand-off listener's counters (kmesh.l7.handoff.Stats, and
+    kmesh.l7.splice.SpliceStats when it splices)."""
+    spliced = () if sp is None else (
+        ("kmesh_l7_connections_spliced", "Routed connections spliced in the kernel.", sp.spliced),
+        ("kmesh_l7_connections_not_spliced", "Routed connections the kernel would not splice (closed before, "
+         "map full): relayed by the daemon.", sp.not_spliceable),
+        ("kmesh_l7_passed_bytes", "Bytes of spliced connections relayed by the daemon because a reader fell "
+         "behind by more than -l7-splice-budget.", sp.passed_bytes),
+        ("kmesh_l7_repeated_bytes", "Bytes of closed spliced connections the kernel handed over twice (a "
+         "retransmission overlapping delivered bytes) and the verdict dropped.", sp.repeated_bytes))
+    if sp is not None:
+        yield GaugeMetricFamily("kmesh_l7_spliced_active", "Spliced connections open now.", value=sp.active)
+    for name, text, value in (*spliced,
             ("kmesh_l7_connections_accepted", "Connections the L7 hand-off listener accepted.", st.accepted),
             ("kmesh_l7_requests_routed", "Connections routed to an upstream by their first request.", st.routed),
             ("kmesh_l7_upstream_failures", "Requests answered 503: no endpoint could be connected.",

@@ -33,7 +33,8 @@ HELP = {
     "POST /accesslog/on, /accesslog/off": "switch the access log at runtime",
     "GET /policies": "traffic policies in force: per cluster the limits, slots held, refusals and ejected "
                      "endpoints; per listener the rate limit and tokens left",
-    "GET /l7": "the L7 hand-off listener: address, connections accepted, routed, answered here by status",
+    "GET /l7": "the L7 hand-off listener: address, connections accepted, routed, answered here by status, "
+              "spliced in the kernel",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
 }
@@ -95,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"clusters": {c.name: c.as_dict() for c in clusters},
                              "listeners": {x.address: x.as_dict() for x in listeners}})
         elif path == "/l7":
-            self._send(200, {"enabled": True, "address": d.opts.l7_address, **d.l7.stats.as_dict()} if d.l7
+            self._send(200, {"enabled": True, "address": d.opts.l7_address, **d.l7.status()} if d.l7
                        else {"enabled": False})
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())

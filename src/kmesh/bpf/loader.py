@@ -55,6 +55,9 @@ MAP_TYPES = {
     "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
     "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
     "km_orig_dst": (records.KmeshAddr, records.KmeshAddr),
+    "km_splice": (ctypes.c_uint64, ctypes.c_uint64),
+    "km_splice_dir": (ctypes.c_uint64, records.KmeshSpliceDir),
+    "km_splice_relayed": (ctypes.c_uint64, ctypes.c_uint64),
 }
 PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint", "km_stats_cluster"}
 POLICY_STATE_MAPS = ("km_rate_limit", "km_cluster_state", "km_stats_cluster", "km_outlier")
@@ -65,11 +68,14 @@ SOCKMAP_MAP_TYPES = {
 }
 META_MAP = "km_meta"
 SOCK_HASH = "km_sock_hash"
-# Programs attached to the governed cgroup, in attach order, and what each
-# attaches to: the cgroup, or a map of the object.
-CGROUP_PROGRAMS = ("kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4")
+SPLICE_HASH = "km_splice"
+# Programs of the core object in attach order (the splice verdict first: a
+# hand-off must never find its map without it), of the sockmap object, and
+# what each attaches to: the governed cgroup, or a map of its object.
+CORE_PROGRAMS = ("kmesh_splice", "kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4")
 SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
-PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH}
+PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH, "kmesh_splice": SPLICE_HASH}
+CGROUP_PROGRAMS = tuple(p for p in CORE_PROGRAMS if p not in PROGRAM_TARGETS)
 
 
 @contextmanager
@@ -238,7 +244,7 @@ class Dataplane:
 
     # -- attach -----------------------------------------------------------
     def attach(self) -> list[AttachResult]:
-        programs = CGROUP_PROGRAMS + (SOCKMAP_PROGRAMS if self.sockmap else ())
+        programs = CORE_PROGRAMS + (SOCKMAP_PROGRAMS if self.sockmap else ())
         cg_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             cg_id = os.fstat(cg_fd).st_ino
@@ -312,7 +318,7 @@ class Dataplane:
         return out
 
     def attached(self) -> dict[str, bool]:
-        return {name: (self.link_dir / name).exists() for name in CGROUP_PROGRAMS + SOCKMAP_PROGRAMS}
+        return {name: (self.link_dir / name).exists() for name in CORE_PROGRAMS + SOCKMAP_PROGRAMS}
 
     # -- teardown ---------------------------------------------------------
     def close(self) -> None:

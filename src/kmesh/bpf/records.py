@@ -35,6 +35,7 @@ KMESH_MAX_POLICY_CLUSTERS = 16384
 KMESH_MAX_HANDOFFS = 65536
 LISTENER_L7 = 1   # enum kmesh_listener_flag
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
+KMESH_MAX_SPLICED_SOCKETS = 65536
 
 LIMITS = {
     "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
@@ -55,11 +56,12 @@ LIMITS = {
     "KMESH_MAX_POLICY_CLUSTERS": KMESH_MAX_POLICY_CLUSTERS,
     "KMESH_MAX_HANDOFFS": KMESH_MAX_HANDOFFS,
     "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
+    "KMESH_MAX_SPLICED_SOCKETS": KMESH_MAX_SPLICED_SOCKETS,
 }
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 4
+KMESH_LAYOUT_VERSION = 5
 
 
 class LbPolicy(enum.IntEnum):
@@ -211,6 +213,19 @@ class Stat(enum.IntEnum):
 KMESH_STAT_MAX = 7
 
 
+class KmeshSpliceDir(ctypes.Structure):
+    _fields_ = [("peer", ctypes.c_uint64), ("redirected", ctypes.c_uint64), ("passed", ctypes.c_uint64),
+                ("budget", ctypes.c_uint32), ("mode", ctypes.c_uint32), ("next_seq", ctypes.c_uint32),
+                ("seq_known", ctypes.c_uint32), ("repeated", ctypes.c_uint64)]
+
+
+class SpliceMode(enum.IntEnum):
+    """enum kmesh_splice_mode."""
+
+    REDIRECT = 0
+    PASS = 1
+
+
 class KmeshMeta(ctypes.Structure):
     _fields_ = [("layout_version", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
 
@@ -241,6 +256,7 @@ STRUCTS = {
     "kmesh_cluster_state": KmeshClusterState,
     "kmesh_outlier": KmeshOutlier,
     "kmesh_cluster_counters": KmeshClusterCounters,
+    "kmesh_splice_dir": KmeshSpliceDir,
 }
 ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p) for p in LbPolicy},
          "kmesh_layout": {"KMESH_LAYOUT_VERSION": KMESH_LAYOUT_VERSION},
@@ -249,6 +265,7 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
          "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2, "KMESH_SOCK_CLUSTER_COUNTED": 4,
                              "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16, "KMESH_SOCK_L7": 32},
          "kmesh_listener_flag": {"KMESH_LISTENER_L7": LISTENER_L7},
+         "kmesh_splice_mode": {f"KMESH_SPLICE_{m.name}": int(m) for m in SpliceMode},
          "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}
 

@@ -35,6 +35,10 @@ def _opt(name: str, **kw):
 @_opt("l7-address", default=options.DEFAULT_L7_ADDRESS, help="the hand-off listener for HTTP routes that need "
       "the request (host, path, headers): connections to such listeners come here and are routed per request; "
       "empty turns L7 off (such listeners then take their catch-all route in the kernel)")
+@_opt("l7-splice-budget", default=256 * 1024, type=click.IntRange(min=0), help="routed L7 connections are "
+      "spliced in the kernel; this many bytes per direction may wait for a slow reader there before the daemon "
+      "takes the excess with TCP backpressure (kernel memory per connection); 0 relays every L7 connection in "
+      "the daemon instead")
 @_opt("bpf-stats", default=False, help="count every BPF program's runs and run time while the daemon runs "
       "(kmesh_bpf_program_runs_total; kernel-wide, ~20-40 ns per program run)", **_BOOL)
 @click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,

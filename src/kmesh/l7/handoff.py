@@ -21,7 +21,7 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
 import httptools
@@ -29,6 +29,8 @@ import httptools
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
+from kmesh.l7 import splice
+from kmesh.l7.splice import Splicer
 
 log = logging.getLogger("kmesh.l7")
 
@@ -155,6 +157,7 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+UPSTREAM_TIMEOUT = b"upstream request timeout"
 
 
 class Balancer:
@@ -192,20 +195,32 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+class HeadTooLarge(Exception):
+    pass
+
+
 class Handoff:
-    """The hand-off listener: an asyncio loop in a thread of the daemon."""
+    """The hand-off listener: an asyncio loop in a thread of the daemon.
+    With a Splicer, routed connections are spliced in the kernel; without
+    one (or when a connection cannot be spliced) they are relayed here."""
 
     def __init__(self, address: tuple[str, int], orig_dst, targets: Callable[[tuple[str, int]], Target | None],
-                 head_limit: int = HEAD_LIMIT):
+                 splicer: Splicer | None = None, head_limit: int = HEAD_LIMIT):
         self.address = address
         self.orig_dst = orig_dst   # km_orig_dst: client address -> VIP
         self.targets = targets
+        self.splicer = splicer
         self.head_limit = head_limit
         self.stats = Stats()
         self.balancer = Balancer()
         self._loop = _new_loop()
-        self._server = None
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+
+    def status(self) -> dict:
+        out = self.stats.as_dict()
+        out["splice"] = asdict(self.splicer.stats) if self.splicer else None
+        return out
 
     # -- life cycle -----------------------------------------------------------
     def start(self) -> None:
@@ -215,8 +230,8 @@ class Handoff:
         sock.bind(self.address)
         sock.listen(4096)
         sock.setblocking(False)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, sock=sock,
-                                                                          limit=self.head_limit))
+        self._listener = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
         self._thread = threading.Thread(target=self._loop.run_forever, name="l7-handoff", daemon=True)
         self._thread.start()
 
@@ -224,12 +239,27 @@ class Handoff:
         if self._thread is None:
             return
 
-        async def close():
-            self._server.close()
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        def close():
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._loop.stop()
+        self._loop.call_soon_threadsafe(close)
         self._thread.join(5)
         self._thread = None
+
+    def _accept(self) -> None:
+        """Accept every pending connection (the listener is readable)."""
+        for _ in range(256):   # then let the loop run the connections already accepted
+            try:
+                conn, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:   # EMFILE & co.: the listener stays; the client is refused by its backlog
+                log.warning("l7 accept failed", extra={"kv": {"error": str(e)}})
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._loop.create_task(self._serve(conn, peer))
 
     # -- one connection ------------------------------------------------------
     def _destination(self, peer: tuple) -> tuple[str, int] | None:
@@ -242,93 +272,148 @@ class Handoff:
             return None
         return records.ip_of(vip.ip), records.port_of(vip.port)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, conn: socket.socket, peer: tuple) -> None:
         self.stats.accepted += 1
         try:
-            await self._route(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            await self._route(conn, peer)
+        except (OSError, asyncio.TimeoutError):
             pass
         except Exception:   # noqa: BLE001 - one connection must not take the listener down
             log.exception("l7 connection failed")
         finally:
-            writer.close()
+            conn.close()
 
-    async def _answer(self, writer: asyncio.StreamWriter, status: int, body: bytes = b"",
+    async def _peek_head(self, conn: socket.socket) -> bytes | None:
+        """The request head, left unread in the socket (MSG_PEEK): once
+        spliced, the kernel forwards it with the rest. A plain read would
+        not do: the kernel splices whole skbs, so bytes read from a
+        partly-read skb would go upstream a second time. None: the client
+        closed first."""
+        loop = asyncio.get_running_loop()
+        lowat = 1
+        try:
+            while True:
+                data = await splice.recv(loop, conn, self.head_limit, socket.MSG_PEEK)
+                if not data:
+                    return None
+                end = data.find(b"\r\n\r\n")
+                if end >= 0:
+                    return data[:end + 4]
+                if len(data) >= self.head_limit:
+                    raise HeadTooLarge()
+                # Partial head: be woken only when more than this has come.
+                lowat = len(data) + 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        finally:
+            if lowat > 1:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    async def _answer(self, conn: socket.socket, head: bytes, status: int, body: bytes = b"",
                       extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer the request here and close: its head is read first (unread
+        bytes at close would make the kernel send an RST)."""
         self.stats.answer(status)
-        writer.write(response(status, body, extra))
-        await writer.drain()
+        if head:
+            conn.recv(len(head))
+        await asyncio.get_running_loop().sock_sendall(conn, response(status, body, extra))
 
-    async def _route(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        vip = self._destination(writer.get_extra_info("peername"))
+    async def _route(self, conn: socket.socket, peer: tuple) -> None:
+        vip = self._destination(peer)
         target = self.targets(vip) if vip else None
         if target is None:
             self.stats.no_destination += 1
             return   # not handed off by kmesh, or its listener is gone: close
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):   # no extra task, unlike wait_for
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return await self._answer(writer, 431)
+                head = await self._peek_head(conn)
+        except HeadTooLarge:
+            return await self._answer(conn, b"", 431)
+        if head is None:
+            return
         try:
             req = parse_head(head)
         except BadRequest:
             self.stats.bad_requests += 1
-            return await self._answer(writer, 400)
+            return await self._answer(conn, head, 400)
         rl = target.rate_limit
         if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
                 and random.random() * 100 < rl.enforced_percent:
-            return await self._answer(writer, rl.status, b"local_rate_limited")
+            return await self._answer(conn, head, rl.status, b"local_rate_limited")
         decision = target.routes.match(req)
         if decision is None:
-            return await self._answer(writer, 404)
+            return await self._answer(conn, head, 404)
         if isinstance(decision, rt.DirectResponse):
-            return await self._answer(writer, decision.status, decision.body)
+            return await self._answer(conn, head, decision.status, decision.body)
         if isinstance(decision, rt.Redirect):
-            return await self._answer(writer, decision.status, extra=(("location", decision.location),))
-        await self._forward(target, decision, head, reader, writer)
+            return await self._answer(conn, head, decision.status, extra=(("location", decision.location),))
+        await self._forward(target, decision, head, conn)
 
-    async def _forward(self, target: Target, route, head: bytes, reader, writer) -> None:
+    async def _forward(self, target: Target, route, head: bytes, conn: socket.socket) -> None:
         fault = route.fault
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            return await self._answer(writer, fault.abort_status, b"fault filter abort")
+            return await self._answer(conn, head, fault.abort_status, b"fault filter abort")
         cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
         upstream = await self._connect(cluster, route.retries) if cluster else None
         if upstream is None:
             self.stats.upstream_failures += 1
-            return await self._answer(writer, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
-        up_reader, up_writer = upstream
+            return await self._answer(conn, head, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
         self.stats.routed += 1
-        up_writer.write(rewrite_head(head, route))
-        upload = asyncio.ensure_future(_pump(reader, up_writer))   # a request body goes on meanwhile
-        try:
-            # The route's timeout covers the upstream's first byte (after
-            # that, the connection is the application's).
-            try:
-                async with asyncio.timeout(route.timeout_ms / 1000 if route.timeout_ms else None):
-                    first = await up_reader.read(READ_CHUNK)
-            except asyncio.TimeoutError:
-                return await self._answer(writer, 504, b"upstream request timeout")
-            if first:
-                writer.write(first)
-                await _pump(up_reader, writer)
-            elif writer.can_write_eof():
-                writer.write_eof()
-            await upload
-        finally:
-            upload.cancel()
-            up_writer.close()
+        timeout = route.timeout_ms / 1000 if route.timeout_ms else None
+        rewrites = route.rewrite_path is not None or route.rewrite_host is not None
+        cookies = self.splicer.splice(conn, upstream) if self.splicer and not rewrites else None
+        if cookies is None:
+            return await self._relay(route, head, conn, upstream, timeout)
+        if not await self.splicer.carry(conn, upstream, cookies, timeout, response(504, UPSTREAM_TIMEOUT)):
+            self.stats.answer(504)
 
-    async def _connect(self, cluster: Cluster, retries: int):
+    async def _relay(self, route, head: bytes, conn: socket.socket, upstream: socket.socket,
+                     timeout: float | None) -> None:
+        """The connection through the daemon: a route that rewrites the head
+        (the kernel cannot), or a connection the kernel would not splice."""
+        reader, writer = await asyncio.open_connection(sock=conn, limit=READ_CHUNK)
+        up_reader, up_writer = await asyncio.open_connection(sock=upstream, limit=READ_CHUNK)
+        try:
+            await reader.readexactly(len(head))
+            up_writer.write(rewrite_head(head, route))
+            upload = asyncio.ensure_future(_pump(reader, up_writer))   # a request body goes on meanwhile
+            try:
+                # The route's timeout covers the upstream's first byte (after
+                # that, the connection is the application's).
+                try:
+                    async with asyncio.timeout(timeout):
+                        first = await up_reader.read(READ_CHUNK)
+                except asyncio.TimeoutError:
+                    self.stats.answer(504)
+                    writer.write(response(504, UPSTREAM_TIMEOUT))
+                    await writer.drain()
+                    return
+                if first:
+                    writer.write(first)
+                    await _pump(up_reader, writer)
+                elif writer.can_write_eof():
+                    writer.write_eof()
+                await upload
+            finally:
+                upload.cancel()
+        finally:
+            up_writer.close()
+            writer.close()
+
+    async def _connect(self, cluster: Cluster, retries: int) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
         for ip, port in self.balancer.order(cluster)[:1 + retries]:
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 async with asyncio.timeout(timeout):
-                    return await asyncio.open_connection(ip, port, limit=READ_CHUNK)
+                    await loop.sock_connect(sock, (ip, port))
+                return sock
             except (OSError, asyncio.TimeoutError):
-                continue
+                sock.close()
         return None
 
 

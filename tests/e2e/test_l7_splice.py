@@ -1,0 +1,405 @@
+"""Routed L7 connections spliced in the kernel (km_splice's stream verdict):
+integrity, half-close and reset propagation, the byte budget against slow
+and never-reading peers, the fallback when the kernel will not splice, and
+the route timeout (real kernel; child cgroup; loopback VIPs and backends)."""
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.e2e.test_l4 import vip
+from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
+
+
+
+def l7_route(extra: dict | None = None) -> list[dict]:
+    """One route that needs L7 (a path match), to cluster b."""
+    return [{"match": {"prefix": "/x"}, "route": {"cluster": "b", **(extra or {})}}]
+
+
+class Backend:
+    """A loopback TCP backend whose behaviour per connection is a function
+    of the accepted socket (run in its own thread)."""
+
+    def __init__(self, handler):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        self.handler = handler
+        self.results: list = []
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        try:
+            self.results.append(self.handler(conn))
+        except Exception as e:   # noqa: BLE001 - the test reads it
+            self.results.append(e)
+
+    def close(self):
+        self.lsock.close()
+        for c in self.conns:
+            c.close()
+
+
+def read_head(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def splice_env(kmesh, cgroup):
+    """start(handler, routes=None, args=()) -> (kmesh, vip, backend)."""
+    made = []
+
+    def start(handler, routes=None, args=()):
+        b = Backend(handler)
+        made.append(b)
+        v = vip()
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, routes or l7_route())],
+                            [cluster("b", lb_ep("127.0.0.1", b.port))]), extra_args=args)
+        return k, v, b
+
+    yield start
+    for b in made:
+        b.close()
+
+
+def run_client(cgroup, script: str, *args, timeout: float = 120) -> str:
+    r = cgroup.run([sys.executable, "-c", script, *map(str, args)], timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
+# --- integrity ----------------------------------------------------------------
+
+def echo_sha(conn):
+    """Read head + N bytes (N from the path), answer with N bytes back and the sha256 of what came."""
+    data = read_head(conn)
+    head, _, body = data.partition(b"\r\n\r\n")
+    n = int(head.split(b" ")[1].split(b"/")[2])
+    h = hashlib.sha256(body)
+    got = len(body)
+    while got < n:
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            break
+        h.update(chunk)
+        got += len(chunk)
+    conn.sendall(h.hexdigest().encode())
+    block = bytes(range(256)) * 4096
+    left = n
+    while left:
+        left -= conn.send(block[:min(left, len(block))])
+    conn.shutdown(socket.SHUT_WR)
+    return got
+
+
+BOTH_WAYS = r"""
+import hashlib, socket, sys, threading
+host, n = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, 80))
+s.sendall(b"POST /x/%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+block = bytes(range(256)) * 4096
+sent = hashlib.sha256()
+def up():
+    left = n
+    while left:
+        chunk = block[:min(left, len(block))]
+        s.sendall(chunk)
+        sent.update(chunk)
+        left -= len(chunk)
+t = threading.Thread(target=up)
+t.start()
+got, h = b"", hashlib.sha256()
+digest = b""
+total = 0
+while True:
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    if len(digest) < 64:
+        need = 64 - len(digest)
+        digest += chunk[:need]
+        chunk = chunk[need:]
+    h.update(chunk)
+    total += len(chunk)
+t.join()
+expect = hashlib.sha256()
+left = n
+while left:
+    expect.update(block[:min(left, len(block))])
+    left -= min(left, len(block))
+print(digest.decode() == sent.hexdigest(), total == n, h.hexdigest() == expect.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("budget", [64 * 1024, 4 << 20])
+def test_one_gib_each_way_is_intact_and_spliced(splice_env, cgroup, budget):
+    """Full-duplex bulk: both directions keep switching between the kernel
+    and the daemon (the budget is small next to what a bulk sender puts in
+    flight); every byte arrives once and in order."""
+    k, v, b = splice_env(echo_sha, args=(f"-l7-splice-budget={budget}",))
+    assert run_client(cgroup, BOTH_WAYS, v, 1 << 30, timeout=300) == "True True True"
+    st = k.get("/l7")["splice"]
+    assert st["spliced"] == 1 and st["not_spliceable"] == 0, st
+
+
+# --- end of stream ------------------------------------------------------------
+
+def half_close_server(conn):
+    """Answer once the client's half-close arrives: proves the FIN went through after its data."""
+    data = read_head(conn)
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    conn.sendall(b"got %d" % len(data))
+    conn.close()
+    return len(data)
+
+
+HALF_CLOSE = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+time.sleep(0.3)                       # spliced by now
+s.sendall(b"z" * 200000)
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode())
+"""
+
+
+def test_half_close_passes_after_the_data(splice_env, cgroup):
+    k, v, b = splice_env(half_close_server)
+    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(5):
+        assert run_client(cgroup, HALF_CLOSE, v) == f"got {head + 200000}"
+    assert k.get("/l7")["splice"]["spliced"] == 5
+
+
+def reset_server(conn):
+    read_head(conn)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.3)
+    conn.close()
+    return "reset"
+
+
+RESET_SEEN = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+try:
+    print(s.recv(10) or "eof")
+except ConnectionResetError:
+    print("reset")
+"""
+
+
+def test_backend_reset_resets_the_client(splice_env, cgroup):
+    k, v, b = splice_env(reset_server)
+    assert run_client(cgroup, RESET_SEEN, v) == "reset"
+
+
+def wait_for_reset(conn):
+    read_head(conn)
+    conn.settimeout(10)
+    try:
+        return conn.recv(10) or "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
+CLIENT_RESETS = r"""
+import socket, struct, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+time.sleep(0.3)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"""
+
+
+def test_client_reset_resets_the_backend(splice_env, cgroup):
+    k, v, b = splice_env(wait_for_reset)
+    run_client(cgroup, CLIENT_RESETS, v)
+    deadline = time.time() + 10
+    while not b.results and time.time() < deadline:
+        time.sleep(0.05)
+    assert b.results == ["reset"]
+    deadline = time.time() + 5
+    while k.get("/l7")["splice"]["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert k.get("/l7")["splice"]["active"] == 0
+
+
+EARLY_FIN = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.shutdown(socket.SHUT_WR)            # FIN before the daemon splices: the kernel refuses the socket
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode())
+"""
+
+
+def test_client_done_before_the_splice_is_relayed(splice_env, cgroup):
+    k, v, b = splice_env(half_close_server)
+    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert run_client(cgroup, EARLY_FIN, v) == f"got {head}"
+    st = k.get("/l7")["splice"]
+    assert st["spliced"] + st["not_spliceable"] == 1, st
+
+
+# --- the byte budget ----------------------------------------------------------
+
+def never_reads(conn):
+    read_head(conn)
+    time.sleep(30)
+
+
+UPLOAD_UNTIL_BLOCKED = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+time.sleep(0.3)
+s.setblocking(False)
+block = b"u" * (1 << 20)
+total, last = 0, time.time()
+while time.time() - last < 2:         # until nothing more is taken for 2 s
+    try:
+        total += s.send(block)
+        last = time.time()
+    except BlockingIOError:
+        time.sleep(0.01)
+    if total > (2 << 30):
+        break
+print(total)
+"""
+
+
+@pytest.mark.parametrize("budget", [256 * 1024])
+def test_a_backend_that_never_reads_bounds_what_the_client_can_send(splice_env, cgroup, budget):
+    k, v, b = splice_env(never_reads, args=(f"-l7-splice-budget={budget}",))
+    taken = int(run_client(cgroup, UPLOAD_UNTIL_BLOCKED, v))
+    # The client's send buffer, the daemon's two sockets' buffers, the
+    # backend's receive buffer and the budget: TCP's own limits (tcp_wmem /
+    # tcp_rmem maxima), nowhere near the unbounded queue of a plain redirect.
+    bound = budget + 2 * tcp_max("tcp_wmem") + 2 * tcp_max("tcp_rmem")
+    assert taken <= bound, (taken, bound)
+    assert k.get("/l7")["splice"]["passed_bytes"] > 0
+
+
+def tcp_max(name: str) -> int:
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
+
+
+def sends_fast(conn):
+    read_head(conn)
+    block = bytes(range(256)) * 4096
+    sent = 0
+    for _ in range(100):
+        conn.sendall(block)
+        sent += len(block)
+    conn.shutdown(socket.SHUT_WR)
+    return sent
+
+
+SLOW_READER = r"""
+import hashlib, socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+rate = int(sys.argv[2])
+h, total, start = hashlib.sha256(), 0, time.time()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    h.update(chunk)
+    total += len(chunk)
+    ahead = total / rate - (time.time() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+print(total, h.hexdigest())
+"""
+
+
+def test_a_slow_reader_gets_every_byte_within_the_bound(splice_env, cgroup):
+    sent_at = {}
+
+    def backend(conn):
+        n = sends_fast(conn)
+        sent_at["done"] = time.time()
+        return n
+
+    k, v, b = splice_env(backend)
+    n = 100 * (1 << 20)
+    rate = 20 << 20
+    start = time.time()
+    total, digest = run_client(cgroup, SLOW_READER, v, rate).split()
+    block = bytes(range(256)) * 4096
+    assert int(total) == n and digest == hashlib.sha256(block * 100).hexdigest()
+    assert time.time() - start >= n / rate * 0.8
+    # The backend could not run ahead by more than the bound: it finished
+    # sending only near the end of the slow read.
+    bound = 256 * 1024 + 2 * tcp_max("tcp_wmem") + 2 * tcp_max("tcp_rmem")
+    ahead_s = time.time() - sent_at["done"]
+    assert ahead_s * rate <= bound + rate * 0.5, (ahead_s, bound)
+    assert k.get("/l7")["splice"]["passed_bytes"] > 0
+
+
+# --- route timeout ------------------------------------------------------------
+
+def silent(conn):
+    read_head(conn)
+    conn.settimeout(10)
+    try:
+        return conn.recv(10) or "eof"
+    except ConnectionResetError:
+        return "reset"
+
+
+def test_route_timeout_answers_504_on_a_spliced_connection(splice_env, cgroup):
+    k, v, b = splice_env(silent, routes=l7_route({"timeout": "0.3s"}))
+    r = cgroup.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", f"http://{v}/x"])
+    assert r.stdout.rsplit("\n", 1)[1] == "504", r.stdout + r.stderr
+    deadline = time.time() + 5
+    while not b.results and time.time() < deadline:
+        time.sleep(0.05)
+    assert b.results == ["reset"]
