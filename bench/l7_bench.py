@@ -82,7 +82,8 @@ class Run:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.close_lua = self.tmp / "close.lua"
         self.close_lua.write_text('wrk.headers["Connection"] = "close"\n')
-        self.daemon = Daemon(self.name, [f"-l7-address=127.0.0.1:{free_port()}", "-log-level=warn"], self.tmp)
+        self.daemon = Daemon(self.name, [f"-l7-address=127.0.0.1:{free_port()}", "-log-level=warn",
+                                         *args.daemon_arg], self.tmp)
         self.envoy: Envoy | None = None
         self.nginx = None
         self.urls: dict[str, str] = {}
@@ -216,6 +217,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--daemon-arg", action="append", default=[],
+                    help="extra kmesh-daemon argument, e.g. -l7-splice-budget=0 (relay in the daemon)")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     args.duration = args.duration or (2.0 if args.quick else 5.0)

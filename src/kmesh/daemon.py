@@ -469,7 +469,7 @@ class Daemon:
         lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
         if lst is None:
             return None
-        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst))
+        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac)
 
     def _l7_bucket(self, lst):
         """The listener's HTTP rate-limit bucket, kept while its settings stay."""

@@ -222,3 +222,23 @@ def test_http_local_rate_limit_answers_429(kmesh, cgroup, backends):
     # a catch-all route alone would stay at L4: the rate limit makes the listener L7
     got = [curl(cgroup, f"http://{v}/") for _ in range(8)]
     assert got == [(200, "A")] * 5 + [(429, "local_rate_limited")] * 3, got
+
+
+RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+
+
+def test_rbac_denies_by_header_with_403(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    lst = hcm_listener("guarded", v, 80, [DEFAULT])
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": RBAC, "rules": {"action": "DENY", "policies": {
+            "deny-bots": {"permissions": [{"header": {"name": "user-agent", "string_match": {"prefix": "bot"}}}],
+                          "principals": [{"any": True}]}}}}},
+        {"name": "envoy.filters.http.router",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    k = kmesh(bootstrap([lst], [cluster("reviews-v1", lb_ep(*a.addr))]))
+    # a catch-all route alone would stay at L4: the RBAC filter makes the listener L7
+    assert curl(cgroup, f"http://{v}/", "-A", "bot/2.0") == (403, "RBAC: access denied")
+    assert curl(cgroup, f"http://{v}/", "-A", "curl/8") == (200, "A")
+    assert k.get("/l7")["denied"] == 1

@@ -3,6 +3,7 @@
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.extensions.filters.network.local_ratelimit.v3 import local_rate_limit_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 
@@ -12,6 +13,7 @@ LOCAL_RATELIMIT = "envoy.filters.network.local_ratelimit"
 
 TCP_PROXY_TYPE = tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 HCM_TYPE = hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+RBAC_TYPE = rbac_pb2.RBAC.DESCRIPTOR.full_name
 
 
 def rds_names(listeners) -> set[str]:

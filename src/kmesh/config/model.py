@@ -32,6 +32,15 @@ class WeightedCluster:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpFilters:
+    """HTTP filters of a connection manager, applied to the request that
+    routes a connection: local_ratelimit (policies.HttpRateLimit) and RBAC
+    (kmesh.l7.rbac.Rbac), each None when absent."""
+    rate_limit: object | None = None
+    rbac: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     ip: str  # "0.0.0.0" is the wildcard
@@ -42,8 +51,16 @@ class Listener:
     # by the daemon's hand-off listener; ``clusters`` then hold the catch-all
     # route, used when the daemon runs without L7.
     routes: object | None = field(default=None, compare=False)
-    # the HTTP connection manager's local_ratelimit filter (policies.HttpRateLimit)
-    http_rate_limit: object | None = field(default=None, compare=False)
+    # the HTTP connection manager's filters the hand-off listener applies
+    http_filters: HttpFilters | None = field(default=None, compare=False)
+
+    @property
+    def http_rate_limit(self):
+        return self.http_filters.rate_limit if self.http_filters else None
+
+    @property
+    def rbac(self):
+        return self.http_filters.rbac if self.http_filters else None
 
 
 @dataclass(frozen=True)

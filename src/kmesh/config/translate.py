@@ -40,7 +40,7 @@ from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS,
                                ClusterPolicy, LbPolicy, RateLimit)
 from kmesh.config import filters, policies
 from kmesh.config.errors import ConfigError, Problem
-from kmesh.config.model import Cluster, Endpoint, Listener, MeshConfig, WeightedCluster
+from kmesh.config.model import Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
 
 _Cluster = cluster_pb2.Cluster
 _LB = {
@@ -397,7 +397,7 @@ class _Entry:
     listener: str
     rate_limit: RateLimit = NO_RATE_LIMIT
     routes: object = None   # kmesh.l7.routes.RouteTable when the routes need the request
-    http_rate_limit: object = None   # policies.HttpRateLimit, with routes
+    http_filters: object = None   # model.HttpFilters, with routes
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
@@ -503,15 +503,24 @@ def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_
     return None if refs is None else refs + others
 
 
-def _http_filters(ctx: _Ctx, path: str, hcm):
-    """The HTTP local rate limit among the connection manager's filters
-    (applied by the L7 hand-off listener), or None."""
-    got = None
+def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
+    """The HTTP local rate limit and RBAC among the connection manager's
+    filters (applied by the L7 hand-off listener): (HttpRateLimit | None,
+    Rbac | None)."""
+    rate_limit = rbac = None
     for i, f in enumerate(hcm.http_filters):
-        if f.WhichOneof("config_type") == "typed_config" and \
-                f.typed_config.TypeName() == policies.HTTP_LOCAL_RATELIMIT_TYPE and got is None:
-            got = policies.http_rate_limit(ctx, f"{path}.http_filters[{i}].typed_config", f.typed_config)
-    return got
+        if f.WhichOneof("config_type") != "typed_config":
+            continue
+        fpath, kind = f"{path}.http_filters[{i}].typed_config", f.typed_config.TypeName()
+        if kind == policies.HTTP_LOCAL_RATELIMIT_TYPE and rate_limit is None:
+            rate_limit = policies.http_rate_limit(ctx, fpath, f.typed_config)
+        elif kind == filters.RBAC_TYPE:
+            if rbac is not None:
+                ctx.unsupported(fpath, "kmesh applies one RBAC filter per connection manager")
+                continue
+            from kmesh.l7 import rbac as l7rbac   # late: only configs with RBAC pay for it
+            rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
+    return rate_limit, rbac
 
 
 def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
@@ -555,10 +564,11 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     # Per request: an explicit listener address when anything in the routes
     # needs the request; a VIP among a wildcard listener's virtual hosts when
     # its own virtual host does (then Host picks among all, as in Envoy).
-    http_rl = _http_filters(ctx, path, hcm)
-    rc_l7 = http_rl is not None or l7.needs_l7(rc)
+    http_rl, rbac = _http_filters(ctx, path, hcm)
+    http_filters = HttpFilters(http_rl, rbac) if http_rl is not None or rbac is not None else None
+    rc_l7 = http_filters is not None or l7.needs_l7(rc)
     wildcard = any(ip == WILDCARD for ip, _, _ in keys)
-    rc_level = rc_l7 and wildcard and (http_rl is not None or l7.route_config_needs_l7(rc))
+    rc_level = rc_l7 and wildcard and (http_filters is not None or l7.route_config_needs_l7(rc))
     vhost_l7 = [rc_l7 and wildcard and (rc_level or l7.vhost_needs_l7(v)) for v in vhosts]
     wanted = any(vhost_l7) or (rc_l7 and any(ip != WILDCARD for ip, _, _ in keys))
     table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) if wanted else None
@@ -584,7 +594,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
                     if refs or routes:
                         entries.append(_Entry(vip, port, tuple(refs or ()), _P_DOMAIN + prio % 10,
                                               f"{rc_path}.virtual_hosts[{i}].domains", listener, routes=routes,
-                                              http_rate_limit=http_rl))
+                                              http_filters=http_filters))
             # The wildcard itself only with a governed catch-all: every
             # connection to the port would come to it.
             if fallback is None or not refs_of(fallback):
@@ -599,7 +609,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
         routes = table if ip != WILDCARD else (table if vhost_l7[chosen] else None)
         if refs or routes:
             entries.append(_Entry(ip, port, tuple(refs or ()), prio, f"{rc_path}.virtual_hosts[{chosen}]", listener,
-                                  routes=routes, http_rate_limit=http_rl))
+                                  routes=routes, http_filters=http_filters))
     if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
         return None
     return entries
@@ -792,7 +802,7 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
     if chosen is None or not (weighted or chosen.routes is not None):
         return None, referenced
     return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes,
-                    chosen.http_rate_limit if chosen.routes is not None else None), referenced
+                    chosen.http_filters if chosen.routes is not None else None), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],

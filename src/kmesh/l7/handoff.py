@@ -30,6 +30,7 @@ from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
 from kmesh.l7 import splice
+from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
 
 log = logging.getLogger("kmesh.l7")
@@ -68,6 +69,7 @@ class Target:
     clusters: Mapping[str, Cluster]
     rate_limit: object = None          # policies.HttpRateLimit
     bucket: TokenBucket | None = None  # its bucket, kept across config updates
+    rbac: object = None                # kmesh.l7.rbac.Rbac
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Stats:
     upstream_failures: int = 0
     no_destination: int = 0
     bad_requests: int = 0
+    denied: int = 0   # by RBAC
 
     def answer(self, status: int) -> None:
         self.answered[status] = self.answered.get(status, 0) + 1
@@ -85,7 +88,7 @@ class Stats:
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "routed": self.routed, "upstream_failures": self.upstream_failures,
                 "answered": {str(k): v for k, v in sorted(self.answered.items())},
-                "no_destination": self.no_destination, "bad_requests": self.bad_requests}
+                "no_destination": self.no_destination, "bad_requests": self.bad_requests, "denied": self.denied}
 
 
 class _Head:
@@ -335,6 +338,9 @@ class Handoff:
         except BadRequest:
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
+        if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
+            self.stats.denied += 1
+            return await self._answer(conn, head, 403, DENIED)
         rl = target.rate_limit
         if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
                 and random.random() * 100 < rl.enforced_percent:
@@ -410,7 +416,7 @@ class Handoff:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, (ip, port))
+                    await splice.connect(loop, sock, (ip, port))
                 return sock
             except (OSError, asyncio.TimeoutError):
                 sock.close()

@@ -1238,3 +1238,11 @@ def vhost_needs_l7(vh) -> bool:
     if vh.require_tls or vh.HasField("matcher") or _has_fault(vh.typed_per_filter_config) or not vh.routes:
         return True
     return not _plain_forward(vh.routes[0])
+
+
+# Shared with the HTTP filters the hand-off listener applies (kmesh.l7.rbac).
+View = _View
+Sink = _Sink
+check_fields = _check_fields
+header_cond = _header_cond
+string_matcher = _string_matcher

@@ -1,0 +1,183 @@
+"""Envoy's HTTP RBAC filter (``envoy.filters.http.rbac``) as the L7 hand-off
+listener applies it to the first request of a connection (pure functions).
+
+A policy matches when any of its permissions and any of its principals
+match; ALLOW lets a request through only when some policy matches, DENY
+refuses it when some policy matches (403, body ``RBAC: access denied``, as
+Envoy). Supported matchers are the ones a request on a plaintext connection
+can answer: permissions ``any``, ``header``, ``url_path``, ``destination_ip``,
+``destination_port(_range)``, ``and_rules``/``or_rules``/``not_rule``;
+principals ``any``, ``header``, ``url_path``, ``direct_remote_ip``/
+``remote_ip``/``source_ip`` (the client's own address: no proxy sits in
+between), ``and_ids``/``or_ids``/``not_id``. Anything else (mTLS identities,
+metadata, CEL conditions, matcher trees) is a problem: the caller rejects the
+configuration instead of letting requests through that Envoy would refuse.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+
+from kmesh.l7 import routes as rt
+
+DENIED = b"RBAC: access denied"
+ALLOW, DENY, LOG = 0, 1, 2   # envoy.config.rbac.v3.RBAC.Action
+NOT_APPLIED = "not applied by kmesh (no per-policy stats or audit log yet)"
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """What one request is matched on."""
+    view: rt.View
+    source: ipaddress.IPv4Address
+    destination: ipaddress.IPv4Address
+    port: int
+
+
+Matcher = Callable[[Subject], bool]
+
+
+@dataclass(frozen=True)
+class Rbac:
+    action: int
+    policies: tuple[tuple[str, Matcher], ...]
+
+    def allows(self, req: rt.Request, source: str, destination: tuple[str, int]) -> bool:
+        s = Subject(rt.View(req, False), ipaddress.IPv4Address(source),
+                    ipaddress.IPv4Address(destination[0]), destination[1])
+        matched = any(m(s) for _, m in self.policies)
+        return matched if self.action == ALLOW else not matched
+
+
+def _net(sink: rt.Sink, path: str, c) -> ipaddress.IPv4Network | None:
+    try:
+        net = ipaddress.ip_network(f"{c.address_prefix}/{c.prefix_len.value if c.HasField('prefix_len') else 32}",
+                                   strict=False)
+    except ValueError as e:
+        sink.problem(path, f"not a CIDR range: {e}")
+        return None
+    if net.version != 4:
+        sink.problem(path, "kmesh routes IPv4 only: an IPv6 range never matches")
+        return None
+    return net
+
+
+def _any_of(ms: list[Matcher]) -> Matcher:
+    return lambda s: any(m(s) for m in ms)
+
+
+def _all_of(ms: list[Matcher]) -> Matcher:
+    return lambda s: all(m(s) for m in ms)
+
+
+def _list(sink: rt.Sink, path: str, items, one) -> list[Matcher] | None:
+    got = [one(sink, f"{path}[{i}]", x) for i, x in enumerate(items)]
+    return None if any(m is None for m in got) else got
+
+
+def _common(sink: rt.Sink, path: str, msg, kind: str) -> Matcher | None:
+    """The matchers permissions and principals share."""
+    value = getattr(msg, kind)
+    if kind == "any":
+        if not value:
+            sink.problem(f"{path}.any", "must be true")
+            return None
+        return lambda s: True
+    if kind == "header":
+        hc = rt.header_cond(sink, f"{path}.header", value)
+        return (lambda s: hc(s.view)) if hc else None
+    if kind == "url_path":
+        rt.check_fields(sink, f"{path}.url_path", value, ("path",), strict=True)
+        test = rt.string_matcher(sink, f"{path}.url_path.path", value.path)
+        return (lambda s: test(s.view.path)) if test else None
+    return None
+
+
+def _permission(sink: rt.Sink, path: str, p) -> Matcher | None:
+    kind = p.WhichOneof("rule")
+    if kind in ("any", "header", "url_path"):
+        return _common(sink, path, p, kind)
+    if kind in ("and_rules", "or_rules"):
+        ms = _list(sink, f"{path}.{kind}.rules", p.and_rules.rules if kind == "and_rules" else p.or_rules.rules,
+                   _permission)
+        return None if ms is None else (_all_of(ms) if kind == "and_rules" else _any_of(ms))
+    if kind == "not_rule":
+        m = _permission(sink, f"{path}.not_rule", p.not_rule)
+        return None if m is None else (lambda s: not m(s))
+    if kind == "destination_ip":
+        net = _net(sink, f"{path}.destination_ip", p.destination_ip)
+        return None if net is None else (lambda s: s.destination in net)
+    if kind == "destination_port":
+        port = p.destination_port
+        return lambda s: s.port == port
+    if kind == "destination_port_range":
+        lo, hi = p.destination_port_range.start, p.destination_port_range.end
+        return lambda s: lo <= s.port < hi
+    sink.problem(f"{path}.{kind or 'rule'}", "this RBAC permission is not supported by kmesh" if kind
+                 else "a permission needs a rule")
+    return None
+
+
+def _principal(sink: rt.Sink, path: str, p) -> Matcher | None:
+    kind = p.WhichOneof("identifier")
+    if kind in ("any", "header", "url_path"):
+        return _common(sink, path, p, kind)
+    if kind in ("and_ids", "or_ids"):
+        ms = _list(sink, f"{path}.{kind}.ids", p.and_ids.ids if kind == "and_ids" else p.or_ids.ids, _principal)
+        return None if ms is None else (_all_of(ms) if kind == "and_ids" else _any_of(ms))
+    if kind == "not_id":
+        m = _principal(sink, f"{path}.not_id", p.not_id)
+        return None if m is None else (lambda s: not m(s))
+    if kind in ("direct_remote_ip", "remote_ip", "source_ip"):
+        net = _net(sink, f"{path}.{kind}", getattr(p, kind))
+        return None if net is None else (lambda s: s.source in net)
+    sink.problem(f"{path}.{kind or 'identifier'}", "this RBAC principal is not supported by kmesh (no mTLS "
+                 "identities, metadata or filter state on a plaintext hand-off)" if kind
+                 else "a principal needs an identifier")
+    return None
+
+
+def _policy(sink: rt.Sink, path: str, pol) -> Matcher | None:
+    rt.check_fields(sink, path, pol, ("permissions", "principals"), strict=True)
+    if not pol.permissions or not pol.principals:
+        sink.problem(path, "a policy needs at least one permission and one principal")
+        return None
+    perms = _list(sink, f"{path}.permissions", pol.permissions, _permission)
+    princ = _list(sink, f"{path}.principals", pol.principals, _principal)
+    if perms is None or princ is None:
+        return None
+    p, q = _any_of(perms), _any_of(princ)
+    return lambda s: p(s) and q(s)
+
+
+def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report) -> Rbac | None:
+    """The filter's config at ``path``: an Rbac, or None when it lets every
+    request through (no rules, or LOG) or has a problem (reported)."""
+    sink = rt.Sink(problem, note)
+    msg = http_rbac_pb2.RBAC()
+    typed_config.Unpack(msg)
+    rt.check_fields(sink, path, msg, ("rules",), problems={
+        "matcher": "RBAC matcher trees are not supported by kmesh: use rules"},
+        notes={"shadow_rules": "shadow rules only log in Envoy: not applied", "shadow_matcher": NOT_APPLIED,
+               "rules_stat_prefix": NOT_APPLIED, "shadow_rules_stat_prefix": NOT_APPLIED,
+               "track_per_rule_stats": NOT_APPLIED})
+    if not msg.HasField("rules"):
+        return None
+    rules = msg.rules
+    rt.check_fields(sink, f"{path}.rules", rules, ("action", "policies"),
+                    notes={"audit_logging_options": NOT_APPLIED})
+    if rules.action == LOG:
+        sink.note(f"{path}.rules.action", "LOG only logs in Envoy: every request goes through")
+        return None
+    pols = []
+    for name in sorted(rules.policies):
+        m = _policy(sink, f"{path}.rules.policies[{name}]", rules.policies[name])
+        if m is not None:
+            pols.append((name, m))
+    if sink.failed:
+        return None
+    return Rbac(rules.action, tuple(pols))
+
