@@ -436,8 +436,13 @@ class Daemon:
 
     # -- L7 -------------------------------------------------------------------
     def _start_l7(self, dp: loader.Dataplane) -> None:
+        from kmesh.l7 import fdstore
+
         if not self.opts.l7_address:
             self.kconfig.set(l7_handoff=records.KmeshAddr())
+            for name, fd in fdstore.received().items():   # spliced by a daemon with L7 on: they end now
+                fdstore.remove([name])
+                os.close(fd)
             return
         from kmesh.l7.handoff import Handoff   # late: httptools and asyncio only when used
         from kmesh.l7.splice import Splicer
@@ -455,6 +460,7 @@ class Daemon:
                              "(another kmesh-daemon? choose another -l7-address, or -l7-address= to turn L7 off)") \
                 from None
         self.kconfig.set(l7_handoff=records.addr_key(ip, port))
+        self.l7.adopt(fdstore.received())
 
     def l7_target(self, vip: tuple[str, int]):
         """The routes of the L7 listener a handed-off connection was going to

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from tests.e2e.test_l4 import vip
+from tests.support import harness
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
 
 
@@ -403,3 +405,71 @@ def test_route_timeout_answers_504_on_a_spliced_connection(splice_env, cgroup):
     while not b.results and time.time() < deadline:
         time.sleep(0.05)
     assert b.results == ["reset"]
+
+
+# --- restart ------------------------------------------------------------------
+
+def numbered_responses(conn):
+    """Answer each request head with r1, r2, ... (keep-alive); at EOF close."""
+    n, data = 0, b""
+    while True:
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return f"eof after {n}"
+            data += chunk
+        _, _, data = data.partition(b"\r\n\r\n")
+        n += 1
+        body = b"r%d" % n
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_spliced_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
+    """The stopping daemon hands the spliced sockets to the service
+    manager's fd store; meanwhile the kernel keeps carrying the bytes; the
+    next daemon takes them back and carries the end of the connection."""
+    from tests.support.fdstore import FdStore
+
+    store = FdStore(tmp_path / "notify")
+    b = Backend(numbered_responses)
+    client = None
+    try:
+        v = vip()
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]),
+                  env={"NOTIFY_SOCKET": store.path})
+        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+        def ask(line: str = "get") -> str:
+            client.stdin.write(line + "\n")
+            client.stdin.flush()
+            return client.stdout.readline().strip()
+
+        assert ask() == "r1"
+        assert k.get("/l7")["splice"]["active"] == 1
+        assert k.stop() == 0
+        names = [n for n, _ in store.listen_fds()]
+        assert len(names) == 2 and all(n.startswith("kmesh-l7.") for n in names), names
+        assert ask() == "r2"                       # no daemon: the kernel carries it
+        k.listen_fds = store.listen_fds()
+        k.start()
+        st = k.get("/l7")["splice"]
+        assert st["adopted"] == 1 and st["active"] == 1, st
+        assert sorted(store.removed) == sorted(names)
+        assert ask() == "r3"
+        assert ask("close") == "eof"               # the new daemon passed the FIN on, and back
+        deadline = time.time() + 5
+        while not b.results and time.time() < deadline:
+            time.sleep(0.05)
+        assert b.results == ["eof after 3"]
+        deadline = time.time() + 5
+        while k.get("/l7")["splice"]["active"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert k.get("/l7")["splice"]["active"] == 0
+    finally:
+        if client:
+            client.kill()
+            client.wait()
+        b.close()
+        store.close()

@@ -20,9 +20,10 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.support import harness, nspawn
-from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener
+from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
 
 VIP, PORT = "127.100.0.10", 80
+L7_PORT = 81   # an HTTP route by path: through the L7 hand-off, spliced
 BACKENDS = {"A": 18081, "B": 18082}
 CLIENTS = "/sys/fs/cgroup/unified/kmesh-clients"
 BPFFS = "/run/kmesh-bpffs"
@@ -150,8 +151,10 @@ def test_install_and_start(box):
     assert c.run("rpm", "-q", "kmesh").stdout.strip() == "kmesh-0.1.0-1.x86_64"
     assert c.show("kmesh.service", "UnitFileState") == "enabled"   # %post presets it
     c.write("/etc/kmesh/kmesh.yaml", yaml.safe_dump(bootstrap(
-        [tcp_listener("web", VIP, PORT, "web")],
-        [cluster("web", *(lb_ep("127.0.0.1", p) for p in BACKENDS.values()))])))
+        [tcp_listener("web", VIP, PORT, "web"),
+         hcm_listener("web-l7", VIP, L7_PORT, [{"match": {"prefix": "/a"}, "route": {"cluster": "web-a"}}])],
+        [cluster("web", *(lb_ep("127.0.0.1", p) for p in BACKENDS.values())),
+         cluster("web-a", lb_ep("127.0.0.1", BACKENDS["A"]))])))
     c.write("/etc/sysconfig/kmesh", SYSCONFIG)
     c.run("systemctl", "start", "kmesh.service")
     wait_active(c)
@@ -186,6 +189,33 @@ def test_restart_and_upgrade_under_load(box):
     assert journal.count("takeover=True") >= 2, journal[-3000:]
     assert "restarting (job=restart" in journal
     assert attached(c) == PROGRAMS          # replaced in place: no duplicates
+
+
+def test_restart_keeps_spliced_l7_connections(box):
+    """The stopping daemon puts the spliced sockets in systemd's fd store
+    (FileDescriptorStoreMax); the next one gets them back and carries on."""
+    c = box
+    client = c.popen(*in_clients(c, "python3", "/mnt/kmesh-test/client.py", "keepalive", VIP, str(L7_PORT), "/a"),
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(line: str = "get") -> str:
+        client.stdin.write(line + "\n")
+        client.stdin.flush()
+        return client.stdout.readline().strip()
+
+    try:
+        assert ask() == "A"
+        pid = c.show("kmesh.service", "MainPID")
+        c.run("systemctl", "restart", "kmesh.service")
+        wait_active(c)
+        assert c.show("kmesh.service", "MainPID") != pid
+        assert ask() == "A"              # the same connection, now the new daemon's
+        journal = c.run("journalctl", "-u", "kmesh", "--no-pager", "-o", "cat").stdout
+        assert 'msg="spliced L7 connections taken over" adopted=1 closed=0' in journal, journal[-3000:]
+        assert ask("close") == "eof"     # the new daemon passed the FIN on and the backend's back
+    finally:
+        client.kill()
+        client.wait()
 
 
 def test_watchdog_restarts_a_frozen_daemon(box):

@@ -6,6 +6,9 @@
     client.py hold HOST PORT N         open N keep-alive connections, GET once on each,
                                        print "held", keep them until stdin closes
     client.py udp HOST PORT            connect() a UDP socket, print getpeername()
+    client.py keepalive HOST PORT PATH one connection; per stdin line "get": GET PATH on it,
+                                       print the body; "close": half-close, print "eof" once
+                                       the other side has closed too
 """
 import collections
 import json
@@ -19,7 +22,17 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
 
 def fetch(host: str, port: int, keep: bool = False):
     s = socket.create_connection((host, port), timeout=5)
-    s.sendall(REQUEST.replace(b"close", b"keep-alive") if keep else REQUEST)
+    body = request(s, REQUEST.replace(b"close", b"keep-alive") if keep else REQUEST)
+    if keep:
+        return s, body
+    s.close()
+    return None, body
+
+
+def request(s: socket.socket, req: bytes) -> str:
+    """Send one request on s, read its response (by Content-Length, else to
+    EOF): the body, stripped."""
+    s.sendall(req)
     data = b""
     while True:
         head, sep, body = data.partition(b"\r\n\r\n")
@@ -32,11 +45,7 @@ def fetch(host: str, port: int, keep: bool = False):
         if not chunk:
             break
         data += chunk
-    body = data.partition(b"\r\n\r\n")[2].decode().strip()
-    if keep:
-        return s, body
-    s.close()
-    return None, body
+    return data.partition(b"\r\n\r\n")[2].decode().strip()
 
 
 def loop(host: str, port: int, seconds: float) -> None:
@@ -71,6 +80,17 @@ def hold(host: str, port: int, n: int) -> None:
         s.close()
 
 
+def keepalive(host: str, port: int, path: str) -> None:
+    s = socket.create_connection((host, port), timeout=10)
+    req = b"GET %s HTTP/1.1\r\nHost: vip\r\n\r\n" % path.encode()
+    for line in sys.stdin:
+        if line.strip() == "close":
+            s.shutdown(socket.SHUT_WR)
+            print("eof" if s.recv(4096) == b"" else "data", flush=True)
+            return
+        print(request(s, req), flush=True)
+
+
 def udp(host: str, port: int) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect((host, port))
@@ -83,6 +103,8 @@ if __name__ == "__main__":
         loop(host, port, float(sys.argv[4]))
     elif mode == "hold":
         hold(host, port, int(sys.argv[4]))
+    elif mode == "keepalive":
+        keepalive(host, port, sys.argv[4])
     elif mode == "udp":
         udp(host, port)
     else:

@@ -172,6 +172,7 @@ class Kmesh:
     ads: str | None = None          # None: standalone; "": ADS, address from the bootstrap; else -xds-address
     extra_args: tuple[str, ...] = ()
     env: dict | None = None           # extra environment for the daemon
+    listen_fds: tuple[tuple[str, int], ...] = ()   # (name, fd) passed as systemd passes its fd store
 
     @property
     def admin(self) -> str:
@@ -197,7 +198,12 @@ class Kmesh:
     def start(self, wait: bool = True) -> "Kmesh":
         self.log_path = self.config_path.with_name(f"daemon-{int(time.time() * 1000)}.log")
         env = {**os.environ, **self.env} if self.env else None
-        self.proc = subprocess.Popen(self.argv(), stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env)
+        argv, fds = self.argv(), [fd for _, fd in self.listen_fds]
+        if fds:
+            argv = [sys.executable, str(ROOT / "tests" / "support" / "listen_fds.py"), ",".join(map(str, fds)),
+                    ":".join(n for n, _ in self.listen_fds), "--", *argv]
+        self.proc = subprocess.Popen(argv, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                                     pass_fds=fds)
         if wait:
             self.wait_ready()
         return self

@@ -29,7 +29,7 @@ import httptools
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
-from kmesh.l7 import splice
+from kmesh.l7 import fdstore, splice
 from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
 
@@ -238,17 +238,56 @@ class Handoff:
         self._thread = threading.Thread(target=self._loop.run_forever, name="l7-handoff", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Stop accepting; hand spliced connections to the service manager's
+        fd store (when there is one) so that they outlive this process.
+        Returns how many connections were handed over."""
         if self._thread is None:
-            return
+            return 0
 
-        def close():
+        async def close():
             self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
-            self._loop.stop()
-        self._loop.call_soon_threadsafe(close)
+            if self.splicer:
+                await self.splicer.quiesce()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._thread = None
+        for t in asyncio.all_tasks(self._loop):
+            t._log_destroy_pending = False   # parked for good: this process is on its way out
+        if not self.splicer or not self.splicer.pairs:
+            return 0
+        kept = fdstore.store(self.splicer.handover()) // 2
+        log.info("spliced L7 connections kept open for the next daemon" if kept else
+                 "no fd store (NOTIFY_SOCKET / FileDescriptorStoreMax): spliced L7 connections close with the "
+                 "daemon", extra={"kv": {"kept": kept, "open": len(self.splicer.pairs)}})
+        return kept
+
+    def adopt(self, named: dict[str, int]) -> int:
+        """Take over the spliced connections a previous daemon left in the fd
+        store (name -> fd, from fdstore.received()); how many."""
+        sides: dict[tuple[int, int], dict[str, int]] = {}
+        for name, fd in named.items():
+            got = fdstore.parse_name(name)
+            if got is not None:
+                sides.setdefault(got[:2], {})[got[2]] = fd
+        fdstore.remove(n for n in named if fdstore.parse_name(n))
+        adopted = 0
+        for cookies, fds in sides.items():
+            socks = [socket.socket(fileno=fds[s]) for s in ("c", "u") if s in fds]
+            for s in socks:
+                s.setblocking(False)
+            if len(socks) == 2 and self.splicer and self.splicer.adoptable(*socks, cookies):
+                asyncio.run_coroutine_threadsafe(self.splicer.adopt(*socks, cookies), self._loop)
+                adopted += 1
+            else:
+                for s in socks:
+                    s.close()
+        if named:
+            log.info("spliced L7 connections taken over", extra={"kv": {"adopted": adopted,
+                                                                        "closed": len(sides) - adopted}})
+        return adopted
 
     def _accept(self) -> None:
         """Accept every pending connection (the listener is readable)."""

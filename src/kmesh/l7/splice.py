@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from kmesh.bpf import records
+from kmesh.l7 import fdstore
 
 log = logging.getLogger("kmesh.l7")
 
@@ -128,6 +129,7 @@ class SpliceStats:
     passed_bytes: int = 0     # bytes the verdict left to the daemon (a peer fell behind)
     repeated_bytes: int = 0   # bytes the verdict dropped as repeats (splice.h: splice_skip_repeat)
     active: int = 0
+    adopted: int = 0          # taken over from the previous daemon (fdstore)
 
 
 class Splicer:
@@ -137,6 +139,10 @@ class Splicer:
         self.sockhash, self.dirs, self.relayed = sockhash, dirs, relayed
         self.budget = budget
         self.stats = SpliceStats()
+        self.pairs: dict[tuple[int, int], tuple[socket.socket, socket.socket]] = {}
+        self.handed_over = False   # the sockets went to the fd store: leave them and their entries
+        self.stopping = False      # relays finish what they hold and read nothing more
+        self._holding = 0          # relays holding bytes read and not yet written
 
     # -- pairing -----------------------------------------------------------
     def splice(self, client: socket.socket, upstream: socket.socket) -> tuple[int, int] | None:
@@ -184,8 +190,49 @@ class Splicer:
                 self.relayed.delete(key)
 
     # -- a spliced connection ----------------------------------------------
+    async def quiesce(self, timeout: float = 5.0) -> None:
+        """Before a handover, in the event loop: let every relay write out
+        the bytes it holds (read from one socket, not yet on the other), and
+        read no more."""
+        self.stopping = True
+        end = asyncio.get_running_loop().time() + timeout
+        while self._holding and asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(0.005)
+
+    def handover(self) -> list[tuple[str, int]]:
+        """(name, fd) of every spliced pair, for the fd store, once the event
+        loop has stopped; from then on nothing here closes them or drops
+        their entries."""
+        self.handed_over = True
+        return [(fdstore.pair_name(cc, cu, side), sock.fileno())
+                for (cc, cu), pair in self.pairs.items() for side, sock in zip("cu", pair)]
+
+    def adoptable(self, client: socket.socket, upstream: socket.socket, cookies: tuple[int, int]) -> bool:
+        """Whether a pair from the fd store is the one its name says, still
+        spliced with its entries in place."""
+        try:
+            got = (cookie(client), cookie(upstream))
+        except OSError as e:
+            log.warning("a stored L7 connection is no TCP socket", extra={"kv": {"error": str(e)}})
+            return False
+        if got != cookies:
+            log.warning("a stored L7 connection is not the one its name says", extra={"kv": {
+                "cookies": cookies, "found": got}})
+            return False
+        if not all(self.dirs.lookup(ctypes.c_uint64(c)) is not None for c in cookies):
+            log.info("a stored L7 connection is no longer spliced (its entries are gone)")
+            return False
+        return True
+
+    async def adopt(self, client: socket.socket, upstream: socket.socket, cookies: tuple[int, int]) -> None:
+        """Watch a pair a previous daemon spliced (see adoptable())."""
+        self.stats.adopted += 1
+        relayed = [self.relayed.lookup(ctypes.c_uint64(c)) for c in cookies]
+        await self.carry(client, upstream, cookies, relayed=tuple(int(r.value) if r else 0 for r in relayed))
+
     async def carry(self, client: socket.socket, upstream: socket.socket, cookies: tuple[int, int],
-                    first_byte_timeout: float | None = None, timeout_response: bytes = b"") -> bool:
+                    first_byte_timeout: float | None = None, timeout_response: bytes = b"",
+                    relayed: tuple[int, int] = (0, 0)) -> bool:
         """Watch a spliced pair until both directions have ended: pass FIN
         and RST on, relay what the verdict leaves to the daemon. Closes both
         sockets. With ``first_byte_timeout``, an upstream that has sent
@@ -194,8 +241,9 @@ class Splicer:
         loop = asyncio.get_running_loop()
         cc, cu = cookies
         self.stats.active += 1
-        directions = {asyncio.ensure_future(self._direction(loop, client, upstream, cc)),
-                      asyncio.ensure_future(self._direction(loop, upstream, client, cu))}
+        self.pairs[cookies] = (client, upstream)
+        directions = {asyncio.ensure_future(self._direction(loop, client, upstream, cc, relayed[0])),
+                      asyncio.ensure_future(self._direction(loop, upstream, client, cu, relayed[1]))}
         waiting = set(directions)
         if first_byte_timeout:
             waiting.add(asyncio.ensure_future(self._first_byte(cu, first_byte_timeout)))
@@ -220,12 +268,14 @@ class Splicer:
                 reset(upstream)
             return True
         finally:
-            for t in every:
-                t.cancel()
-            self.stats.active -= 1
-            client.close()
-            upstream.close()
-            self.forget(cc, cu)
+            if not self.handed_over:
+                for t in every:
+                    t.cancel()
+                self.stats.active -= 1
+                del self.pairs[cookies]
+                client.close()
+                upstream.close()
+                self.forget(cc, cu)
 
     async def _first_byte(self, upstream_cookie: int, timeout: float) -> None:
         """Raise UpstreamTimeout if the upstream sent nothing in time."""
@@ -241,11 +291,13 @@ class Splicer:
         d = self.dirs.lookup(key)
         return d is None or d.redirected > 0 or d.passed > 0
 
-    async def _direction(self, loop, src: socket.socket, dst: socket.socket, key: int) -> None:
+    async def _direction(self, loop, src: socket.socket, dst: socket.socket, key: int, relayed: int) -> None:
         """Bytes arriving on src for dst: the kernel moves them; this relays
-        the passed ones and the end of the stream."""
-        relayed = 0
+        the passed ones and the end of the stream. ``relayed``: passed bytes
+        already relayed (by a previous daemon)."""
         while True:
+            if self.stopping:
+                await loop.create_future()   # parked: the next daemon carries on
             data = await recv(loop, src, RELAY_CHUNK)   # ECONNRESET raises: both are reset
             if not data:
                 # The FIN, unless bytes passed before it are still on their
@@ -254,11 +306,15 @@ class Splicer:
                     break
                 await asyncio.sleep(0.001)
                 continue
-            self.stats.passed_bytes += len(data)
-            await self._drained(dst, key, relayed)
-            await sendall(loop, dst, data)
-            relayed += len(data)
-            self.relayed.update(ctypes.c_uint64(key), ctypes.c_uint64(relayed))
+            self._holding += 1
+            try:
+                self.stats.passed_bytes += len(data)
+                await self._drained(dst, key, relayed)
+                await sendall(loop, dst, data)
+                relayed += len(data)
+                self.relayed.update(ctypes.c_uint64(key), ctypes.c_uint64(relayed))
+            finally:
+                self._holding -= 1
         await self._drained(dst, key, relayed)
         try:
             dst.shutdown(socket.SHUT_WR)
