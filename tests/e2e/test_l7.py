@@ -85,23 +85,38 @@ def test_paths_direct_response_redirect_and_no_route(kmesh, cgroup, backends):
     assert r.stdout == f"301 http://{v}/new/x?q=1", r.stdout
 
 
-def test_weighted_per_request_and_fault_abort(kmesh, cgroup, backends):
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+def test_weighted_per_request_fault_abort_and_delay(kmesh, cgroup, backends):
     a, b = backends("A", "B")
     v = vip()
     canary = {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
         {"name": "a", "weight": 80}, {"name": "b", "weight": 20}]}}}
     faulty = {"match": {"prefix": "/"}, "route": {"cluster": "a"}, "typed_per_filter_config": {
-        "envoy.filters.http.fault": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-            "abort": {"http_status": 503, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}}}}
-    kmesh(bootstrap([hcm_listener("canary", v, 80, [canary]), hcm_listener("faulty", v, 81, [faulty])],
+        "envoy.filters.http.fault": {"@type": FAULT, "abort": {
+            "http_status": 503, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}}}}
+    slow = {"match": {"prefix": "/slow"}, "route": {"cluster": "a"}, "typed_per_filter_config": {
+        "envoy.filters.http.fault": {"@type": FAULT, "delay": {
+            "fixed_delay": "0.25s", "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}}
+    kmesh(bootstrap([hcm_listener("canary", v, 80, [canary]), hcm_listener("faulty", v, 81, [faulty]),
+                     hcm_listener("slow", v, 82, [slow, {"match": {"prefix": "/"}, "route": {"cluster": "a"}}])],
                     [cluster("a", lb_ep(*a.addr)), cluster("b", lb_ep(*b.addr))]))
-    n = 300
+    n = 1000
     got = cgroup.curl(f"http://{v}/[1-{n}]", ("-H", "Connection: close"))
-    assert abs(got.count("B") / n - 0.20) < 0.07, got.count("B")
+    assert len(got) == n and abs(got.count("B") / n - 0.20) <= 0.05, got.count("B")
     codes = cgroup.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", "Connection: close",
                         f"http://{v}:81/[1-{n}]"]).stdout.split()
-    assert len(codes) == n and set(codes) == {"200", "503"} and abs(codes.count("503") / n - 0.5) < 0.1
+    assert len(codes) == n and set(codes) == {"200", "503"} and abs(codes.count("503") / n - 0.5) <= 0.05
+
+    def seconds(path: str) -> float:
+        r = cgroup.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"http://{v}:82{path}"])
+        code, t = r.stdout.split()
+        assert code == "200", r.stdout
+        return float(t)
+    delayed, plain = [seconds("/slow") for _ in range(3)], [seconds("/fast") for _ in range(3)]
+    assert all(0.25 <= t < 0.25 + 0.2 for t in delayed), delayed
+    assert all(t < 0.1 for t in plain), plain
 
 
 def test_errors_431_and_503(kmesh, cgroup):

@@ -331,15 +331,18 @@ def tcp_max(name: str) -> int:
         return int(f.read().split()[2])
 
 
-def sends_fast(conn):
-    read_head(conn)
-    block = bytes(range(256)) * 4096
-    sent = 0
-    for _ in range(100):
-        conn.sendall(block)
-        sent += len(block)
-    conn.shutdown(socket.SHUT_WR)
-    return sent
+BLOCK = bytes(range(256)) * 4096   # 1 MiB
+
+
+def sender(mib: int):
+    """A backend that answers any head with ``mib`` MiB of BLOCKs, then FIN."""
+    def send(conn):
+        read_head(conn)
+        for _ in range(mib):
+            conn.sendall(BLOCK)
+        conn.shutdown(socket.SHUT_WR)
+        return mib
+    return send
 
 
 SLOW_READER = r"""
@@ -362,22 +365,30 @@ print(total, h.hexdigest())
 """
 
 
+def digest_of(mib: int) -> str:
+    h = hashlib.sha256()
+    for _ in range(mib):
+        h.update(BLOCK)
+    return h.hexdigest()
+
+
 def test_a_slow_reader_gets_every_byte_within_the_bound(splice_env, cgroup):
+    """1 GiB read at 20 MB/s (~54 s)."""
     sent_at = {}
+    mib = 1024
+    send = sender(mib)
 
     def backend(conn):
-        n = sends_fast(conn)
+        send(conn)
         sent_at["done"] = time.time()
-        return n
 
     k, v, b = splice_env(backend)
-    n = 100 * (1 << 20)
-    rate = 20 << 20
+    n = mib << 20
+    rate = 20_000_000
     start = time.time()
     total, digest = run_client(cgroup, SLOW_READER, v, rate).split()
-    block = bytes(range(256)) * 4096
-    assert int(total) == n and digest == hashlib.sha256(block * 100).hexdigest()
-    assert time.time() - start >= n / rate * 0.8
+    assert int(total) == n and digest == digest_of(mib)
+    assert time.time() - start >= n / rate * 0.9
     # The backend could not run ahead by more than the bound: it finished
     # sending only near the end of the slow read.
     bound = 256 * 1024 + 2 * tcp_max("tcp_wmem") + 2 * tcp_max("tcp_rmem")
@@ -469,6 +480,60 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
         assert k.get("/l7")["splice"]["active"] == 0
     finally:
         if client:
+            client.kill()
+            client.wait()
+        b.close()
+        store.close()
+
+
+STREAM_READER = r"""
+import hashlib, socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+rate = int(sys.argv[2])
+h, total, start = hashlib.sha256(), 0, time.time()
+while True:
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    h.update(chunk)
+    total += len(chunk)
+    if total >= (16 << 20) and total - len(chunk) < (16 << 20):
+        print("started", flush=True)
+    ahead = total / rate - (time.time() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+print(total, h.hexdigest(), flush=True)
+"""
+
+
+def test_a_stream_goes_on_across_a_daemon_restart(kmesh, cgroup, tmp_path):
+    """256 MiB to a reader slower than the backend (so the daemon relays part
+    of it) while the daemon stops and a new one takes the sockets over:
+    every byte arrives once, in order, then the FIN."""
+    from tests.support.fdstore import FdStore
+
+    mib = 256
+    store = FdStore(tmp_path / "notify")
+    b = Backend(sender(mib))
+    client = None
+    try:
+        v = vip()
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]),
+                  env={"NOTIFY_SOCKET": store.path}, extra_args=("-l7-splice-budget=65536",))
+        client = cgroup.popen([sys.executable, "-c", STREAM_READER, v, str(64 << 20)], stdout=subprocess.PIPE)
+        assert client.stdout.readline().strip() == "started"
+        assert k.stop() == 0
+        assert len(store.listen_fds()) == 2
+        time.sleep(0.5)                          # the kernel carries on alone, up to the budget
+        k.listen_fds = store.listen_fds()
+        k.start()
+        assert k.get("/l7")["splice"]["adopted"] == 1
+        out, _ = client.communicate(timeout=120)
+        total, digest = out.split()
+        assert int(total) == mib << 20 and digest == digest_of(mib)
+    finally:
+        if client and client.poll() is None:
             client.kill()
             client.wait()
         b.close()

@@ -230,6 +230,7 @@ class Handoff:
         """Bind now (a port in use fails the daemon's start), serve in a thread."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # accepted sockets inherit it
         sock.bind(self.address)
         sock.listen(4096)
         sock.setblocking(False)
@@ -300,7 +301,6 @@ class Handoff:
                 log.warning("l7 accept failed", extra={"kv": {"error": str(e)}})
                 return
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._loop.create_task(self._serve(conn, peer))
 
     # -- one connection ------------------------------------------------------
@@ -450,8 +450,7 @@ class Handoff:
         loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
         for ip, port in self.balancer.order(cluster)[:1 + retries]:
-            sock = socket.socket()
-            sock.setblocking(False)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 async with asyncio.timeout(timeout):

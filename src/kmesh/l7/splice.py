@@ -302,10 +302,12 @@ class Splicer:
             if not data:
                 # The FIN, unless bytes passed before it are still on their
                 # way to the socket (queued behind its outgoing bytes).
-                if self._passed(key) <= relayed:
-                    break
-                await asyncio.sleep(0.001)
-                continue
+                d = self.dirs.lookup(ctypes.c_uint64(key))
+                if d is not None and d.passed > relayed:
+                    await asyncio.sleep(0.001)
+                    continue
+                await self._drained(dst, key, relayed, d)
+                break
             self._holding += 1
             try:
                 self.stats.passed_bytes += len(data)
@@ -315,22 +317,21 @@ class Splicer:
                 self.relayed.update(ctypes.c_uint64(key), ctypes.c_uint64(relayed))
             finally:
                 self._holding -= 1
-        await self._drained(dst, key, relayed)
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass   # the peer is gone already
 
-    def _passed(self, key: int) -> int:
-        d = self.dirs.lookup(ctypes.c_uint64(key))
-        return d.passed if d is not None else 0
-
-    async def _drained(self, dst: socket.socket, key: int, relayed: int) -> None:
-        """Wait until dst's send side has taken every byte redirected to it."""
-        delay = 0.0005
+    async def _drained(self, dst: socket.socket, key: int, relayed: int, d=None) -> None:
+        """Wait until dst's send side has taken every byte redirected to it
+        (``d``: the direction's entry, if just read). The kernel moves
+        redirected bytes from a work queue, usually within tens of µs."""
+        delay = 0.0001
         while True:
-            d = self.dirs.lookup(ctypes.c_uint64(key))
+            if d is None:
+                d = self.dirs.lookup(ctypes.c_uint64(key))
             if d is None or taken(dst) >= d.redirected + relayed:
                 return
+            d = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, DRAIN_POLL_MAX)
