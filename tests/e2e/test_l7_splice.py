@@ -88,6 +88,13 @@ def splice_env(kmesh, cgroup):
         b.close()
 
 
+def wait_while(cond, timeout: float) -> None:
+    """Poll until cond() is false or timeout seconds pass (the caller asserts)."""
+    end = time.time() + timeout
+    while cond() and time.time() < end:
+        time.sleep(0.05)
+
+
 def run_client(cgroup, script: str, *args, timeout: float = 120) -> str:
     r = cgroup.run([sys.executable, "-c", script, *map(str, args)], timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -187,8 +194,10 @@ HALF_CLOSE = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
 s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
-time.sleep(0.3)                       # spliced by now
-s.sendall(b"z" * 200000)
+if sys.argv[2] == "late":
+    time.sleep(0.3)                   # spliced by now
+    s.sendall(b"z" * 200000)
+# early: FIN before the daemon splices: the kernel refuses the socket
 s.shutdown(socket.SHUT_WR)
 data = b""
 while True:
@@ -204,7 +213,7 @@ def test_half_close_passes_after_the_data(splice_env, cgroup):
     k, v, b = splice_env(half_close_server)
     head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     for _ in range(5):
-        assert run_client(cgroup, HALF_CLOSE, v) == f"got {head + 200000}"
+        assert run_client(cgroup, HALF_CLOSE, v, "late") == f"got {head + 200000}"
     assert k.get("/l7")["splice"]["spliced"] == 5
 
 
@@ -233,6 +242,7 @@ def test_backend_reset_resets_the_client(splice_env, cgroup):
 
 
 def wait_for_reset(conn):
+    """Read the head, answer nothing, report how the connection ended."""
     read_head(conn)
     conn.settimeout(10)
     try:
@@ -254,35 +264,16 @@ s.close()
 def test_client_reset_resets_the_backend(splice_env, cgroup):
     k, v, b = splice_env(wait_for_reset)
     run_client(cgroup, CLIENT_RESETS, v)
-    deadline = time.time() + 10
-    while not b.results and time.time() < deadline:
-        time.sleep(0.05)
+    wait_while(lambda: not b.results, 10)
     assert b.results == ["reset"]
-    deadline = time.time() + 5
-    while k.get("/l7")["splice"]["active"] and time.time() < deadline:
-        time.sleep(0.05)
+    wait_while(lambda: k.get("/l7")["splice"]["active"], 5)
     assert k.get("/l7")["splice"]["active"] == 0
-
-
-EARLY_FIN = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
-s.shutdown(socket.SHUT_WR)            # FIN before the daemon splices: the kernel refuses the socket
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-print(data.decode())
-"""
 
 
 def test_client_done_before_the_splice_is_relayed(splice_env, cgroup):
     k, v, b = splice_env(half_close_server)
     head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert run_client(cgroup, EARLY_FIN, v) == f"got {head}"
+    assert run_client(cgroup, HALF_CLOSE, v, "early") == f"got {head}"
     st = k.get("/l7")["splice"]
     assert st["spliced"] + st["not_spliceable"] == 1, st
 
@@ -399,22 +390,11 @@ def test_a_slow_reader_gets_every_byte_within_the_bound(splice_env, cgroup):
 
 # --- route timeout ------------------------------------------------------------
 
-def silent(conn):
-    read_head(conn)
-    conn.settimeout(10)
-    try:
-        return conn.recv(10) or "eof"
-    except ConnectionResetError:
-        return "reset"
-
-
 def test_route_timeout_answers_504_on_a_spliced_connection(splice_env, cgroup):
-    k, v, b = splice_env(silent, routes=l7_route({"timeout": "0.3s"}))
+    k, v, b = splice_env(wait_for_reset, routes=l7_route({"timeout": "0.3s"}))
     r = cgroup.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", f"http://{v}/x"])
     assert r.stdout.rsplit("\n", 1)[1] == "504", r.stdout + r.stderr
-    deadline = time.time() + 5
-    while not b.results and time.time() < deadline:
-        time.sleep(0.05)
+    wait_while(lambda: not b.results, 5)
     assert b.results == ["reset"]
 
 
@@ -470,13 +450,9 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
         assert sorted(store.removed) == sorted(names)
         assert ask() == "r3"
         assert ask("close") == "eof"               # the new daemon passed the FIN on, and back
-        deadline = time.time() + 5
-        while not b.results and time.time() < deadline:
-            time.sleep(0.05)
+        wait_while(lambda: not b.results, 5)
         assert b.results == ["eof after 3"]
-        deadline = time.time() + 5
-        while k.get("/l7")["splice"]["active"] and time.time() < deadline:
-            time.sleep(0.05)
+        wait_while(lambda: k.get("/l7")["splice"]["active"], 5)
         assert k.get("/l7")["splice"]["active"] == 0
     finally:
         if client:

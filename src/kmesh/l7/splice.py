@@ -57,14 +57,23 @@ def taken(sock: socket.socket) -> int:
     return sent - retrans + struct.unpack_from("=I", info, _TCPI_NOTSENT)[0]
 
 
-async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
     fut = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: fut.done() or fut.set_result(None))
     try:
         await fut
     finally:
-        loop.remove_reader(fd)
+        remove(fd)
+
+
+async def readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _ready(loop, sock, False)
+
+
+async def writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _ready(loop, sock, True)
 
 
 async def recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, flags: int = 0) -> bytes:
@@ -74,16 +83,6 @@ async def recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, fla
             return sock.recv(n, flags)
         except (BlockingIOError, InterruptedError):
             await readable(loop, sock)
-
-
-async def writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
 
 
 async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]) -> None:
