@@ -5,6 +5,8 @@ the route timeout (real kernel; child cgroup; loopback VIPs and backends)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
 import socket
 import struct
 import subprocess
@@ -514,3 +516,33 @@ def test_a_stream_goes_on_across_a_daemon_restart(kmesh, cgroup, tmp_path):
             client.wait()
         b.close()
         store.close()
+
+
+def test_a_crashed_daemon_leaves_no_splice_state_behind(kmesh, cgroup):
+    """SIGKILL ends its spliced connections (their sockets die with it); the
+    next daemon drops their entries."""
+    b = Backend(numbered_responses)
+    client = None
+    try:
+        v = vip()
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]))
+        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        client.stdin.write("get\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "r1"
+        k.stop(signal.SIGKILL)
+        assert len(splice_entries(k)) == 2
+        k.start()
+        assert splice_entries(k) == []
+    finally:
+        if client:
+            client.kill()
+            client.wait()
+        b.close()
+
+
+def splice_entries(k) -> list:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / "km_splice_dir")],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")

@@ -288,6 +288,13 @@ class Handoff:
         if named:
             log.info("spliced L7 connections taken over", extra={"kv": {"adopted": adopted,
                                                                         "closed": len(sides) - adopted}})
+        if self.splicer:
+            # After the adopted pairs' sockets are back in use; those closed
+            # above left km_splice with their last descriptor.
+            stale = self.splicer.prune()
+            if stale:
+                log.info("dropped the splice state of connections that ended with the previous daemon",
+                         extra={"kv": {"connections": stale}})
         return adopted
 
     def _accept(self) -> None:

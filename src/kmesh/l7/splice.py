@@ -198,6 +198,16 @@ class Splicer:
         while self._holding and asyncio.get_running_loop().time() < end:
             await asyncio.sleep(0.005)
 
+    def prune(self) -> int:
+        """Drop entries of pairs no longer in km_splice (their daemon died
+        with them, or never handed them over); how many pairs."""
+        live = {int(k.value) for k in self.sockhash.keys()}
+        stale = [int(k.value) for k in self.dirs.keys() if int(k.value) not in live]
+        for c in stale:
+            self.dirs.delete(ctypes.c_uint64(c))
+            self.relayed.delete(ctypes.c_uint64(c))
+        return len(stale) // 2
+
     def handover(self) -> list[tuple[str, int]]:
         """(name, fd) of every spliced pair, for the fd store, once the event
         loop has stopped; from then on nothing here closes them or drops
