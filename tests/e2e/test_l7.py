@@ -3,6 +3,7 @@ connect4 hands L7 listeners' connections over, sockops publishes their
 original destination; a child cgroup, loopback VIPs and backends)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -136,13 +137,18 @@ def test_without_l7_the_catch_all_route_serves(kmesh, cgroup, backends):
     assert k.get("/ready", raw=True)[0] == 200
 
 
-def test_l7_status_and_metrics(reviews, cgroup):
+def test_l7_status_metrics_and_kmeshctl(reviews, cgroup):
     k, v = reviews
     curl(cgroup, f"http://{v}/")
     st = k.get("/l7")
     assert st["accepted"] >= 1 and st["routed"] >= 1, st
+    assert st["splice"]["spliced"] >= 1, st
     m = metrics(k)
     assert m[("kmesh_l7_requests_routed_total", ())] >= 1
+    assert m[("kmesh_l7_connections_spliced_total", ())] >= 1
+    out = subprocess.run([str(harness.BIN / "kmeshctl"), "--admin", k.admin.removeprefix("http://"), "l7"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "spliced" in out and f"hand-off listener 127.0.0.1:{k.l7_port}" in out, out
 
 
 HTTP_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"

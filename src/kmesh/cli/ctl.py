@@ -206,3 +206,27 @@ def accesslog(obj, state: str):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@main.command()
+@click.pass_obj
+def l7(obj):
+    """The L7 hand-off listener: connections routed, answered, spliced."""
+    got = _get_json(obj["admin"], "/l7")
+    if obj["output"] == "json" or not got.get("enabled"):
+        click.echo(json.dumps(got, indent=2, sort_keys=True) if obj["output"] == "json" else "L7 is off")
+        return
+    sp = got.get("splice") or {}
+    rows = [["accepted", got["accepted"]], ["routed", got["routed"]],
+            ["answered here", ", ".join(f"{k}: {v}" for k, v in got["answered"].items()) or "0"],
+            ["denied (RBAC)", got.get("denied", 0)], ["upstream failures", got["upstream_failures"]],
+            ["bad requests", got["bad_requests"]]]
+    if sp:
+        rows += [["spliced", f"{sp['spliced']} ({sp['active']} open, {sp['adopted']} taken over at start)"],
+                 ["relayed by the daemon", f"{sp['not_spliceable']} connections; {_size(sp['passed_bytes'])} "
+                  "of spliced ones over the budget"],
+                 ["repeats dropped", _size(sp["repeated_bytes"])]]
+    else:
+        rows.append(["spliced", "no (-l7-splice-budget=0: the daemon relays)"])
+    click.echo(f"hand-off listener {got['address']}\n")
+    click.echo(_table(rows, ["", ""]))
