@@ -190,3 +190,21 @@ def test_rbac_denies_by_header_with_403(kmesh, cgroup, backends):
     assert curl(cgroup, f"http://{v}/", "-A", "bot/2.0") == (403, "RBAC: access denied")
     assert curl(cgroup, f"http://{v}/", "-A", "curl/8") == (200, "A")
     assert k.get("/l7")["denied"] == 1
+
+
+def test_endpoint_choice_retries_and_ejects_like_the_kernel(kmesh, cgroup, backends):
+    """Round robin over a dead endpoint and two live ones: retry_policy
+    hides the failures, two in a row eject the dead one (outlier_detection),
+    and it is not tried again while ejected."""
+    a, b = backends("A", "B")
+    v = vip()
+    dead = harness.dead_port()
+    c = cluster("web", lb_ep("127.0.0.1", dead), lb_ep(*a.addr), lb_ep(*b.addr))
+    c["outlier_detection"] = {"consecutive_5xx": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
+    route = {"match": {"prefix": "/web"}, "route": {"cluster": "web", "retry_policy": {
+        "retry_on": "connect-failure", "num_retries": 2}}}
+    k = kmesh(bootstrap([hcm_listener("web", v, 80, [route])], [c]))
+    got = cgroup.curl(f"http://{v}/web/[1-30]", ("-H", "Connection: close"))
+    assert len(got) == 30 and set(got) == {"A", "B"}, got
+    st = k.get("/l7")
+    assert st["connect_failures"] == 2 and st["upstream_failures"] == 0, st

@@ -15,7 +15,6 @@ are routed per request.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import socket
@@ -30,6 +29,7 @@ from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
 from kmesh.l7 import fdstore, splice
+from kmesh.l7.balancer import Balancer
 from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
 
@@ -78,6 +78,7 @@ class Stats:
     routed: int = 0
     answered: dict = field(default_factory=dict)   # status -> count (answered here)
     upstream_failures: int = 0
+    connect_failures: int = 0   # upstream connects that failed (retried or not)
     no_destination: int = 0
     bad_requests: int = 0
     denied: int = 0   # by RBAC
@@ -87,6 +88,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "routed": self.routed, "upstream_failures": self.upstream_failures,
+                "connect_failures": self.connect_failures,
                 "answered": {str(k): v for k, v in sorted(self.answered.items())},
                 "no_destination": self.no_destination, "bad_requests": self.bad_requests, "denied": self.denied}
 
@@ -161,31 +163,6 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
 UPSTREAM_TIMEOUT = b"upstream request timeout"
-
-
-class Balancer:
-    """The endpoint order for a new upstream connection, with the cluster's
-    LB policy: ROUND_ROBIN walks the endpoints by weight from a shared
-    cursor, RANDOM and LEAST_REQUEST draw by weight (this side does not see
-    the kernel's active counts). Retries take the next endpoints."""
-
-    def __init__(self):
-        self._cursors: dict[str, itertools.count] = {}
-
-    def order(self, c: Cluster) -> list[tuple[str, int]]:
-        eps = [(e.ip, e.port) for e in c.endpoints for _ in range(max(1, e.weight))]
-        if not eps:
-            return []
-        if c.lb_policy == records.LbPolicy.ROUND_ROBIN:
-            start = next(self._cursors.setdefault(c.name, itertools.count())) % len(eps)
-        else:
-            start = random.randrange(len(eps))
-        seen, out = set(), []
-        for ep in eps[start:] + eps[:start]:
-            if ep not in seen:
-                seen.add(ep)
-                out.append(ep)
-        return out
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -407,11 +384,19 @@ class Handoff:
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
             return await self._answer(conn, head, fault.abort_status, b"fault filter abort")
         cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
-        upstream = await self._connect(cluster, route.retries) if cluster else None
+        upstream, ep = await self._connect(cluster, route.retries) if cluster else (None, None)
         if upstream is None:
             self.stats.upstream_failures += 1
             return await self._answer(conn, head, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
         self.stats.routed += 1
+        self.balancer.opened(cluster, ep)
+        try:
+            await self._carry(route, head, conn, upstream)
+        finally:
+            self.balancer.closed(cluster, ep)
+
+    async def _carry(self, route, head: bytes, conn: socket.socket, upstream: socket.socket) -> None:
+        """The routed connection until it ends: spliced, else relayed."""
         timeout = route.timeout_ms / 1000 if route.timeout_ms else None
         rewrites = route.rewrite_path is not None or route.rewrite_host is not None
         cookies = self.splicer.splice(conn, upstream) if self.splicer and not rewrites else None
@@ -453,19 +438,25 @@ class Handoff:
             up_writer.close()
             writer.close()
 
-    async def _connect(self, cluster: Cluster, retries: int) -> socket.socket | None:
+    async def _connect(self, cluster: Cluster, retries: int) -> tuple[socket.socket | None, tuple | None]:
+        """A connected upstream socket and its endpoint, trying the LB's
+        choice and then up to ``retries`` others; (None, None) if none took."""
         loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
-        for ip, port in self.balancer.order(cluster)[:1 + retries]:
+        for ep in self.balancer.order(cluster)[:1 + retries]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 async with asyncio.timeout(timeout):
-                    await splice.connect(loop, sock, (ip, port))
-                return sock
+                    await splice.connect(loop, sock, ep)
             except (OSError, asyncio.TimeoutError):
                 sock.close()
-        return None
+                self.stats.connect_failures += 1
+                self.balancer.failed(cluster, ep)
+                continue
+            self.balancer.succeeded(cluster, ep)
+            return sock, ep
+        return None, None
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
