@@ -459,8 +459,10 @@ class Daemon:
             raise StartError(f"L7 hand-off listener {self.opts.l7_address}: {e} "
                              "(another kmesh-daemon? choose another -l7-address, or -l7-address= to turn L7 off)") \
                 from None
-        self.kconfig.set(l7_handoff=records.addr_key(ip, port))
+        # Before connections are handed off: adopting also drops the state of
+        # pairs that are gone, which must not catch a pair being set up.
         self.l7.adopt(fdstore.received())
+        self.kconfig.set(l7_handoff=records.addr_key(ip, port))
 
     def l7_target(self, vip: tuple[str, int]):
         """The routes of the L7 listener a handed-off connection was going to

@@ -237,7 +237,7 @@ class Handoff:
         if not self.splicer or not self.splicer.pairs:
             return 0
         kept = fdstore.store(self.splicer.handover()) // 2
-        log.info("spliced L7 connections kept open for the next daemon" if kept else
+        log.info("spliced L7 connections handed to the service manager's fd store for the next daemon" if kept else
                  "no fd store (NOTIFY_SOCKET / FileDescriptorStoreMax): spliced L7 connections close with the "
                  "daemon", extra={"kv": {"kept": kept, "open": len(self.splicer.pairs)}})
         return kept
@@ -267,8 +267,11 @@ class Handoff:
                                                                         "closed": len(sides) - adopted}})
         if self.splicer:
             # After the adopted pairs' sockets are back in use; those closed
-            # above left km_splice with their last descriptor.
-            stale = self.splicer.prune()
+            # above left km_splice with their last descriptor. In the loop:
+            # a pair being set up there is never seen half-inserted.
+            async def prune():
+                return self.splicer.prune()
+            stale = asyncio.run_coroutine_threadsafe(prune(), self._loop).result(10)
             if stale:
                 log.info("dropped the splice state of connections that ended with the previous daemon",
                          extra={"kv": {"connections": stale}})
