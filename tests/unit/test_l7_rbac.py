@@ -9,12 +9,13 @@ from kmesh.l7 import rbac
 from kmesh.l7.routes import Request
 
 
-def compile_(cfg: dict):
+def compile_(cfg: dict, fail_closed: bool = False):
     msg = json_format.ParseDict(cfg, rbac_pb2.RBAC())
     any_ = any_pb2.Any()
     any_.Pack(msg)
     problems, notes = [], []
-    got = rbac.compile_rbac(any_, "f", lambda p, r: problems.append((p, r)), lambda p, r: notes.append((p, r)))
+    got = rbac.compile_rbac(any_, "f", lambda p, r: problems.append((p, r)), lambda p, r: notes.append((p, r)),
+                            fail_closed=fail_closed)
     return got, problems, notes
 
 
@@ -79,3 +80,10 @@ def test_no_rules_and_log_let_everything_through():
 def test_what_cannot_be_enforced_is_a_problem(cfg, where):
     r, problems, _ = compile_(cfg)
     assert r is None and problems and where in problems[0][0], problems
+
+
+def test_from_a_control_plane_what_cannot_be_enforced_denies_everything():
+    cfg = {"rules": {"action": "DENY", "policies": {"p": policy([{"any": True}], [{"authenticated": {}}])}}}
+    r, problems, notes = compile_(cfg, fail_closed=True)
+    assert problems and r is rbac.DENY_ALL and "denies every request" in notes[-1][1]
+    assert not r.allows(req(), "127.0.0.1", DST)

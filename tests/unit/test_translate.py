@@ -300,3 +300,44 @@ def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as ei:
         translate(d)
     assert len(ei.value.problems) >= 2
+
+
+def _rbac_listener(rules: dict) -> dict:
+    lst = hcm_listener("h", "127.0.0.2", 80, [{"match": {"prefix": "/"}, "route": {"cluster": "c1"}}])
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC", "rules": rules}},
+        {"name": "envoy.filters.http.router",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    return lst
+
+
+MTLS_DENY = {"action": "DENY", "policies": {"p": {"permissions": [{"any": True}],
+                                                  "principals": [{"authenticated": {}}]}}}
+
+
+def test_rbac_makes_a_listener_l7_and_an_unenforceable_one_is_an_error():
+    d = base()
+    d["static_resources"]["listeners"] = [_rbac_listener({"action": "ALLOW", "policies": {}})]
+    (lst,) = translate(d).listeners
+    assert lst.routes is not None and lst.rbac is not None and lst.http_rate_limit is None
+    d["static_resources"]["listeners"] = [_rbac_listener(MTLS_DENY)]
+    with pytest.raises(ConfigError) as e:
+        translate(d)
+    assert "http_filters[0].typed_config.rules.policies[p].principals[0].authenticated" in str(e.value)
+
+
+def test_rbac_from_a_control_plane_that_cannot_be_enforced_denies_everything():
+    from google.protobuf import json_format
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from kmesh.config.translate import translate as translate_resources
+
+    lst = json_format.ParseDict(_rbac_listener(MTLS_DENY), listener_pb2.Listener())
+    c = json_format.ParseDict(base()["static_resources"]["clusters"][0], cluster_pb2.Cluster())
+    m = translate_resources("ads", [("LDS h", lst)], [("CDS c1", c)], endpoints={}, routes={}, lenient=True)
+    (out,) = m.listeners
+    assert out.rbac is not None and out.rbac.policies == ()   # ALLOW with no policy: 403 for all
+    notes = [str(n) for n in m.skipped]   # from a control plane, notes go to /status
+    assert any("denies every request" in n for n in notes), notes

@@ -519,7 +519,8 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
                 ctx.unsupported(fpath, "kmesh applies one RBAC filter per connection manager")
                 continue
             from kmesh.l7 import rbac as l7rbac   # late: only configs with RBAC pay for it
-            rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
+            rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn,
+                                       fail_closed=ctx.lenient)
     return rate_limit, rbac
 
 

@@ -153,9 +153,16 @@ def _policy(sink: rt.Sink, path: str, pol) -> Matcher | None:
     return lambda s: p(s) and q(s)
 
 
-def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report) -> Rbac | None:
+DENY_ALL = Rbac(ALLOW, ())
+
+
+def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report,
+                 fail_closed: bool = False) -> Rbac | None:
     """The filter's config at ``path``: an Rbac, or None when it lets every
-    request through (no rules, or LOG) or has a problem (reported)."""
+    request through (no rules, or LOG). A config with a problem (reported)
+    gives None, or DENY_ALL with ``fail_closed`` (from a control plane, where
+    the rest of the listener is still applied: a policy that cannot be
+    enforced must not turn into no policy)."""
     sink = rt.Sink(problem, note)
     msg = http_rbac_pb2.RBAC()
     typed_config.Unpack(msg)
@@ -164,6 +171,8 @@ def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report) -
         notes={"shadow_rules": "shadow rules only log in Envoy: not applied", "shadow_matcher": NOT_APPLIED,
                "rules_stat_prefix": NOT_APPLIED, "shadow_rules_stat_prefix": NOT_APPLIED,
                "track_per_rule_stats": NOT_APPLIED})
+    if sink.failed:
+        return _failed(sink, path, fail_closed)
     if not msg.HasField("rules"):
         return None
     rules = msg.rules
@@ -178,6 +187,13 @@ def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report) -
         if m is not None:
             pols.append((name, m))
     if sink.failed:
-        return None
+        return _failed(sink, path, fail_closed)
     return Rbac(rules.action, tuple(pols))
+
+
+def _failed(sink: rt.Sink, path: str, fail_closed: bool) -> Rbac | None:
+    if not fail_closed:
+        return None
+    sink.note(path, "this RBAC filter cannot be enforced as written: the listener denies every request (403)")
+    return DENY_ALL
 
