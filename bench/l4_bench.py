@@ -26,7 +26,8 @@ What it does (see bench/README.md for the meaning of every row):
     1. short connections (wrk + `Connection: close`): connections/s,
     2. keep-alive latency p50/p90/p99 and requests/s at 1, 4, 16, 64 connections,
     3. the cost of each of kmesh's cgroup programs (connect4, sock_release, ...)
-       from kernel.bpf_stats_enabled: ns per run, and ns per short connection;
+       from BPF run-time stats (a BPF_ENABLE_STATS fd held for the run): ns per
+       run, and ns per short connection;
 * prints a markdown table, writes bench/results/l4.json and a latency plot
   bench/results/l4-latency.png (--plot-out copies it, e.g. to docs/img/).
 
@@ -436,7 +437,7 @@ class Bench:
         self.nginx: subprocess.Popen | None = None
         self.children: list[subprocess.Popen] = []
         self.modes: dict[str, Mode] = {}
-        self.old_bpf_stats: str | None = None   # set only when we changed it
+        self.stats_fd = -1   # BPF_ENABLE_STATS, held for the run
         self.bpf_stats_before: str | None = None
         self.backend_port = 0
         self.close_lua = self.tmp / "close.lua"
@@ -523,16 +524,13 @@ class Bench:
             self.modes["envoy"] = Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.envoy.port}/")
 
     def enable_bpf_stats(self) -> None:
-        """Turn stats on only if they are off, and later turn off only what we
-        turned on. The sysctl is a reference count shared with BPF_ENABLE_STATS
-        fds: writing back a "1" we read could leave stats on for good if the
-        fd that made it 1 was closed in between."""
+        """Hold a BPF_ENABLE_STATS fd: the kernel counts run time while it is
+        open and stops when it closes, also when this process is killed
+        (writing the sysctl instead left stats on after a killed run)."""
+        from kmesh.bpf import libbpf
+
         self.bpf_stats_before = BPF_STATS.read_text().strip()
-        if self.bpf_stats_before == "0":
-            self.old_bpf_stats = "0"
-            BPF_STATS.write_text("1\n")
-        else:
-            log(f"kernel.bpf_stats_enabled is already {self.bpf_stats_before}: leaving it alone")
+        self.stats_fd = libbpf.enable_stats()
 
     def nginx_accepts(self) -> int:
         _, body = http_get(f"http://127.0.0.1:{self.backend_port}/nginx_status")
@@ -697,8 +695,8 @@ class Bench:
 
         for p in list(self.children):
             attempt("kill load generator", lambda p=p: (p.kill(), p.wait(timeout=5)))
-        if self.old_bpf_stats is not None:
-            attempt("restore bpf_stats_enabled", lambda: BPF_STATS.write_text(self.old_bpf_stats + "\n"))
+        if self.stats_fd >= 0:
+            attempt("stop BPF stats", lambda: os.close(self.stats_fd))
         if self.envoy:
             self.envoy.teardown(attempt)
         for d in self.daemons.values():
