@@ -103,6 +103,9 @@ static __always_inline bool splice_skip_repeat(struct __sk_buff *skb, struct kme
 			dir->repeated += len;
 			return false;
 		}
+		/* An overlap longer than the trim loop reaches (TCP builds no such
+		 * skb here) drops the skb, new bytes included: the connection then
+		 * fails as it would on a broken pipe. */
 		if (!splice_trim_front(skb, seen))
 			return false;
 		dir->repeated += seen;
