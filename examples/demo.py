@@ -37,8 +37,9 @@ def in_cgroup(cg: Path):
     return enter
 
 
-def curl(cg: Path, url: str) -> list[str]:
-    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close", url],
+def curl(cg: Path, url: str, *headers: str) -> list[str]:
+    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
+                        *(a for h in headers for a in ("-H", h)), url],
                        preexec_fn=in_cgroup(cg), capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"curl {url}: {r.stderr.strip()}")
@@ -89,6 +90,9 @@ def main() -> int:
             say(f"    {curl(cg, 'http://127.0.0.1:23333/')[0]}")
         split = collections.Counter(curl(cg, "http://127.100.0.1/[1-100]"))
         say(f"100 connections to the canary VIP 127.100.0.1:80 (80/20): {dict(sorted(split.items()))}")
+        pinned = collections.Counter(curl(cg, "http://127.100.0.1/[1-3]", "x-canary: always"))
+        say(f"with the header x-canary: always: {dict(pinned)} (an L7 route: decided by the daemon's hand-off "
+            "listener, then spliced in the kernel)")
         outside = subprocess.run(["curl", "-sS", "--max-time", "2", "http://127.0.0.1:23333/"],
                                  capture_output=True, text=True)
         say(f"the same curl outside the cgroup is not governed: exit {outside.returncode} (connection refused)")
