@@ -58,6 +58,11 @@ static __always_inline bool splice_admit(struct kmesh_splice_dir *dir, const __u
 		if (dir->mode == KMESH_SPLICE_PASS && relayed != dir->passed)
 			return false;
 	}
+	/* Everything ever handed to the peer fits in the budget, so whatever of
+	 * it still waits does too: no need to look at the peer. This is every
+	 * skb of a request/response connection under the budget. */
+	if (dir->redirected + relayed + len <= dir->budget)
+		return true;
 	return splice_queued(dir, relayed) + len <= dir->budget;
 }
 
