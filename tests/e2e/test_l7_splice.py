@@ -546,3 +546,29 @@ def splice_entries(k) -> list:
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / "km_splice_dir")],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out or "[]")
+
+
+# --- relayed by the daemon ------------------------------------------------------
+
+def echo_head(conn):
+    """Answer with the request line and the Host header as received."""
+    head = read_head(conn).split(b"\r\n\r\n")[0].split(b"\r\n")
+    host = next(line for line in head if line.lower().startswith(b"host:"))
+    body = head[0] + b" | " + host
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return "answered"
+
+
+def test_a_route_that_rewrites_is_relayed_with_the_new_head(splice_env, cgroup):
+    k, v, b = splice_env(echo_head, routes=[{"match": {"prefix": "/old/"}, "route": {
+        "cluster": "b", "prefix_rewrite": "/new/", "host_rewrite_literal": "backend.internal"}}])
+    r = cgroup.run(["curl", "-sS", "--max-time", "5", f"http://{v}/old/x?q=1"])
+    assert r.stdout == "GET /new/x?q=1 HTTP/1.1 | Host: backend.internal", r.stdout + r.stderr
+    st = k.get("/l7")
+    assert st["routed"] == 1 and st["splice"]["spliced"] == 0, st
+
+
+def test_without_splicing_the_daemon_relays_both_ways_intact(splice_env, cgroup):
+    k, v, b = splice_env(echo_sha, args=("-l7-splice-budget=0",))
+    assert run_client(cgroup, BOTH_WAYS, v, 64 << 20) == "True True True"
+    assert k.get("/l7")["splice"] is None

@@ -344,7 +344,7 @@ class Handoff:
         self.stats.answer(status)
         if head:
             conn.recv(len(head))
-        await asyncio.get_running_loop().sock_sendall(conn, response(status, body, extra))
+        await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra))
 
     async def _route(self, conn: socket.socket, peer: tuple) -> None:
         vip = self._destination(peer)
@@ -411,35 +411,32 @@ class Handoff:
     async def _relay(self, route, head: bytes, conn: socket.socket, upstream: socket.socket,
                      timeout: float | None) -> None:
         """The connection through the daemon: a route that rewrites the head
-        (the kernel cannot), or a connection the kernel would not splice."""
-        reader, writer = await asyncio.open_connection(sock=conn, limit=READ_CHUNK)
-        up_reader, up_writer = await asyncio.open_connection(sock=upstream, limit=READ_CHUNK)
+        (the kernel cannot), or a connection the kernel would not splice.
+        Same socket helpers as the splice's own relay; closes upstream."""
+        loop = asyncio.get_running_loop()
+        upload = None
         try:
-            await reader.readexactly(len(head))
-            up_writer.write(rewrite_head(head, route))
-            upload = asyncio.ensure_future(_pump(reader, up_writer))   # a request body goes on meanwhile
+            conn.recv(len(head))   # peeked, so all there
+            await splice.sendall(loop, upstream, rewrite_head(head, route))
+            upload = asyncio.ensure_future(splice.pump(loop, conn, upstream))   # a request body goes on meanwhile
+            upload.add_done_callback(lambda t: t.cancelled() or t.exception())   # its error is seen below
+            # The route's timeout covers the upstream's first byte (after
+            # that, the connection is the application's).
             try:
-                # The route's timeout covers the upstream's first byte (after
-                # that, the connection is the application's).
-                try:
-                    async with asyncio.timeout(timeout):
-                        first = await up_reader.read(READ_CHUNK)
-                except asyncio.TimeoutError:
-                    self.stats.answer(504)
-                    writer.write(response(504, UPSTREAM_TIMEOUT))
-                    await writer.drain()
-                    return
-                if first:
-                    writer.write(first)
-                    await _pump(up_reader, writer)
-                elif writer.can_write_eof():
-                    writer.write_eof()
-                await upload
-            finally:
-                upload.cancel()
+                async with asyncio.timeout(timeout):
+                    first = await splice.recv(loop, upstream, READ_CHUNK)
+            except asyncio.TimeoutError:
+                self.stats.answer(504)
+                await splice.sendall(loop, conn, response(504, UPSTREAM_TIMEOUT))
+                return
+            await splice.pump(loop, upstream, conn, first)
+            await upload
+        except OSError:
+            pass   # a reset on either side ends both (the caller closes the client)
         finally:
-            up_writer.close()
-            writer.close()
+            if upload is not None:
+                upload.cancel()
+            upstream.close()
 
     async def _connect(self, cluster: Cluster, retries: int) -> tuple[socket.socket | None, tuple | None]:
         """A connected upstream socket and its endpoint, trying the LB's
@@ -460,18 +457,3 @@ class Handoff:
             self.balancer.succeeded(cluster, ep)
             return sock, ep
         return None, None
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until EOF, then pass the half-close on."""
-    try:
-        while True:
-            data = await src.read(READ_CHUNK)
-            if not data:
-                break
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (ConnectionError, OSError):
-        dst.close()

@@ -108,6 +108,17 @@ async def sendall(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: by
             await writable(loop, sock)
 
 
+async def pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
+               first: bytes | None = None) -> None:
+    """Copy src to dst until EOF, then pass the half-close on. ``first``:
+    what was already read from src (b"": its EOF)."""
+    data = await recv(loop, src, RELAY_CHUNK) if first is None else first
+    while data:
+        await sendall(loop, dst, data)
+        data = await recv(loop, src, RELAY_CHUNK)
+    dst.shutdown(socket.SHUT_WR)
+
+
 def reset(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER 0), as a proxy passes a reset on."""
     try:
