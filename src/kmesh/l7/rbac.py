@@ -78,8 +78,16 @@ def _list(sink: rt.Sink, path: str, items, one) -> list[Matcher] | None:
     return None if any(m is None for m in got) else got
 
 
-def _common(sink: rt.Sink, path: str, msg, kind: str) -> Matcher | None:
-    """The matchers permissions and principals share."""
+# and/or over a list field, per kind
+_SETS = {"and_rules": ("rules", True), "or_rules": ("rules", False), "and_ids": ("ids", True), "or_ids": ("ids", False)}
+_NOTS = ("not_rule", "not_id")
+_SHARED = ("any", "header", "url_path", *_SETS, *_NOTS)
+
+
+def _shared(sink: rt.Sink, path: str, msg, kind: str, one) -> Matcher | None:
+    """The matchers permissions and principals share: the leaves they have
+    in common and and/or/not over ``one`` (the permission or principal
+    compiler)."""
     value = getattr(msg, kind)
     if kind == "any":
         if not value:
@@ -93,20 +101,18 @@ def _common(sink: rt.Sink, path: str, msg, kind: str) -> Matcher | None:
         rt.check_fields(sink, f"{path}.url_path", value, ("path",), strict=True)
         test = rt.string_matcher(sink, f"{path}.url_path.path", value.path)
         return (lambda s: test(s.view.path)) if test else None
-    return None
+    if kind in _SETS:
+        field, every = _SETS[kind]
+        ms = _list(sink, f"{path}.{kind}.{field}", getattr(value, field), one)
+        return None if ms is None else (_all_of(ms) if every else _any_of(ms))
+    m = one(sink, f"{path}.{kind}", value)   # not_rule / not_id
+    return None if m is None else (lambda s: not m(s))
 
 
 def _permission(sink: rt.Sink, path: str, p) -> Matcher | None:
     kind = p.WhichOneof("rule")
-    if kind in ("any", "header", "url_path"):
-        return _common(sink, path, p, kind)
-    if kind in ("and_rules", "or_rules"):
-        ms = _list(sink, f"{path}.{kind}.rules", p.and_rules.rules if kind == "and_rules" else p.or_rules.rules,
-                   _permission)
-        return None if ms is None else (_all_of(ms) if kind == "and_rules" else _any_of(ms))
-    if kind == "not_rule":
-        m = _permission(sink, f"{path}.not_rule", p.not_rule)
-        return None if m is None else (lambda s: not m(s))
+    if kind in _SHARED:
+        return _shared(sink, path, p, kind, _permission)
     if kind == "destination_ip":
         net = _net(sink, f"{path}.destination_ip", p.destination_ip)
         return None if net is None else (lambda s: s.destination in net)
@@ -123,14 +129,8 @@ def _permission(sink: rt.Sink, path: str, p) -> Matcher | None:
 
 def _principal(sink: rt.Sink, path: str, p) -> Matcher | None:
     kind = p.WhichOneof("identifier")
-    if kind in ("any", "header", "url_path"):
-        return _common(sink, path, p, kind)
-    if kind in ("and_ids", "or_ids"):
-        ms = _list(sink, f"{path}.{kind}.ids", p.and_ids.ids if kind == "and_ids" else p.or_ids.ids, _principal)
-        return None if ms is None else (_all_of(ms) if kind == "and_ids" else _any_of(ms))
-    if kind == "not_id":
-        m = _principal(sink, f"{path}.not_id", p.not_id)
-        return None if m is None else (lambda s: not m(s))
+    if kind in _SHARED:
+        return _shared(sink, path, p, kind, _principal)
     if kind in ("direct_remote_ip", "remote_ip", "source_ip"):
         net = _net(sink, f"{path}.{kind}", getattr(p, kind))
         return None if net is None else (lambda s: s.source in net)
