@@ -20,10 +20,16 @@ PREFIX="${PREFIX:-/usr}"
 DESTDIR="${DESTDIR:-}"
 
 APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iperf3 iproute2 procps shellcheck systemd
-              rpm rpmlint debootstrap systemd-container python3-pip python3-setuptools python3-wheel python3-venv)
+              rpm rpmlint debootstrap systemd-container python3-pip python3-setuptools python3-wheel python3-venv
+              qemu-system-x86 busybox-static cpio zstd)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }
+
+llvm_objdump_bin() {
+    for c in llvm-objdump-19 llvm-objdump; do command -v "$c" >/dev/null 2>&1 && { echo "$c"; return; }; done
+    die "llvm-objdump not found: run ./build.sh setup"
+}
 
 need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root (eBPF, cgroups and installs do): run it with sudo"; }
 
@@ -73,14 +79,7 @@ build_bpf() {
         mv "$BUILD/vmlinux.h.tmp" "$BUILD/vmlinux.h"
     fi
     local arch; arch=$(uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-    mkdir -p "$BUILD/bpf/tests"
-    for src in "$ROOT"/bpf/*.bpf.c "$ROOT"/bpf/tests/*.bpf.c; do
-        local rel=${src#"$ROOT"/bpf/}
-        local obj="$BUILD/bpf/${rel%.c}.o"
-        say "compiling bpf/$rel"
-        "$clang" -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_"$arch" -Wall -Werror \
-            -I"$BUILD" -I"$ROOT/bpf/include" -c "$src" -o "$obj"
-    done
+    sh "$ROOT/bpf/compile.sh" "$ROOT" "$BUILD" "$arch" "$clang" "$(llvm_objdump_bin)"
 }
 
 build_python() {
@@ -159,6 +158,12 @@ do_test() {
     say "running the tests"
     cd "$ROOT"
     "$VENV/bin/python" -m pytest "$@"
+    # The whole run (no pytest selection) also proves the other kernels:
+    # Debian's 5.10, 6.1 and 6.12 under qemu (docs/kernels.md).
+    if [ $# -eq 0 ] && [ "${KMESH_KERNEL_MATRIX:-1}" != 0 ]; then
+        say "kernel matrix: kmesh's tests on other kernels under qemu (KMESH_KERNEL_MATRIX=0 skips it)"
+        "$VENV/bin/python" -m tests.kernels.matrix
+    fi
 }
 
 do_demo() {

@@ -16,6 +16,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "compat.h"
 #include "kmesh_maps.h"
 #include "decision.h"
 #include "endpoint.h"
@@ -58,7 +59,8 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		/* A policy refuses the connection: connect() fails at once
 		 * with ECONNREFUSED, as if the service had refused it. */
 		stat_refused(d == KMESH_RATE_LIMITED, ip, port, cluster_id);
-		bpf_set_retval(-KMESH_ECONNREFUSED);
+		if (kmesh_has_set_retval()) /* else EPERM (compat.h) */
+			bpf_set_retval(-KMESH_ECONNREFUSED);
 		return SOCK_DENY;
 	default:
 		stat_inc(d == KMESH_NO_LISTENER ? KMESH_STAT_NO_LISTENER :

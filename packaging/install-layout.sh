@@ -18,6 +18,7 @@
 #   /usr/lib/kmesh/venv/                           private Python venv (kmesh, xds-protos)
 #   /usr/lib/kmesh/scripts/kmesh-*.sh              the unit's ExecStartPre/ExecStopPost helpers
 #   /usr/lib/kmesh/bpf/*.bpf.o                     CO-RE BPF objects (per architecture)
+#   /usr/lib/kmesh/bpf/legacy/*.bpf.o              the same for kernels before 5.12
 #   /usr/lib/systemd/system/kmesh.service          the unit
 #   /etc/kmesh/kmesh.yaml, /etc/sysconfig/kmesh    config and the unit's environment
 #   /usr/share/doc/kmesh/README.md                 the README (the unit's Documentation=)
@@ -26,9 +27,10 @@ set -eu
 files() {
     dest=$1 prefix=$2 src=$3 build=$4
     lib="$dest$prefix/lib/kmesh"
-    install -d "$lib/bpf" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
+    install -d "$lib/bpf/legacy" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
         "$dest/etc/kmesh" "$dest/etc/sysconfig" "$lib/scripts" "$dest$prefix/share/doc/kmesh"
     install -m 0644 "$build"/bpf/*.bpf.o "$lib/bpf/"
+    install -m 0644 "$build"/bpf/legacy/*.bpf.o "$lib/bpf/legacy/"
     for b in kmesh-daemon kmesh-cmd kmeshctl; do
         # shellcheck disable=SC2016  # the wrapper expands $KMESH_BPF_DIR and $@ itself
         printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/lib/kmesh/bpf} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \

@@ -47,7 +47,7 @@ cluster_slot_endpoint(const struct kmesh_cluster *c, __u32 pos)
 static __always_inline const struct kmesh_endpoint *
 cluster_pick_round_robin(struct kmesh_cluster *c)
 {
-	return cluster_slot_endpoint(c, __sync_fetch_and_add(&c->rr_cursor, 1));
+	return cluster_slot_endpoint(c, kmesh_fetch_add(&c->rr_cursor, 1));
 }
 
 /* RANDOM: a uniform slot is an endpoint drawn in proportion to its weight. */
@@ -66,7 +66,7 @@ static __always_inline const struct kmesh_endpoint *
 cluster_pick_least_request(struct kmesh_cluster *c, __u32 cluster_id, bool skip_ejected)
 {
 	__u32 n = c->endpoint_count;
-	__u32 start = __sync_fetch_and_add(&c->rr_cursor, 1);
+	__u32 start = kmesh_fetch_add(&c->rr_cursor, 1);
 	const struct kmesh_endpoint *best = 0;
 	__u64 best_load = 0, best_weight = 1;
 

@@ -34,6 +34,11 @@ static __always_inline void endpoint_active_add(const struct kmesh_addr *key, __
 	st = delta < 0 ? bpf_map_lookup_elem(&km_ep_active, key) : map_lookup_or_init(&km_ep_active, key, &zero);
 	if (!st)
 		return; /* map full: the endpoint is simply not counted */
+	/* Never below zero (the count is unsigned: it would look busiest). A
+	 * release racing on two CPUs can try that where atomics cannot claim
+	 * the release once (compat.h, legacy flavour). */
+	if (delta < 0 && !KMESH_READ_ONCE(st->active))
+		return;
 	__sync_fetch_and_add(&st->active, delta);
 }
 
@@ -52,7 +57,7 @@ struct kmesh_conn_end {
  * closes). */
 static __always_inline void release_counted(struct kmesh_sock_state *st)
 {
-	__u32 held = __sync_fetch_and_and(&st->flags, ~(KMESH_SOCK_COUNTED | KMESH_SOCK_CLUSTER_COUNTED));
+	__u32 held = kmesh_fetch_and(&st->flags, ~(KMESH_SOCK_COUNTED | KMESH_SOCK_CLUSTER_COUNTED));
 
 	if (held & KMESH_SOCK_COUNTED)
 		endpoint_active_add(&st->ep, -1);
@@ -197,6 +202,22 @@ static __always_inline void endpoint_release(__u64 cookie)
 	bpf_map_delete_elem(&km_sock_ep, &cookie);
 }
 
+/* icsk_user_timeout of the socket (ms): 0 when unset; non-zero return when
+ * it cannot be read. */
+static __always_inline int user_timeout_of(struct bpf_sock_ops *skops, int *ms)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct tcp_sock *tp;
+
+	if (!bsk)
+		return -1;
+	tp = bpf_skc_to_tcp_sock(bsk);
+	if (!tp)
+		return -1;
+	*ms = (int)tp->inet_conn.icsk_user_timeout;
+	return 0;
+}
+
 static __always_inline struct kmesh_sock_state *sock_state(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -217,7 +238,7 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	if (bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) == 0)
-		__sync_fetch_and_or(&st->flags, KMESH_SOCK_WATCHED);
+		kmesh_or(&st->flags, KMESH_SOCK_WATCHED);
 	if (st->flags & KMESH_SOCK_L7) {
 		/* The source address is known from here on; the daemon finds
 		 * the entry by its accepted socket's peer. */
@@ -227,11 +248,14 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 	}
 	if (!st->connect_timeout_ms)
 		return;
-	if (bpf_getsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &current, sizeof(current)) || current)
+	/* The application's own TCP_USER_TIMEOUT, read from the socket:
+	 * bpf_getsockopt() has TCP options other than congestion only from
+	 * 6.0, and a failed read must not be taken for "none set". */
+	if (user_timeout_of(skops, &current) || current)
 		return;
 	current = st->connect_timeout_ms;
 	if (bpf_setsockopt(skops, KMESH_SOL_TCP, KMESH_TCP_USER_TIMEOUT, &current, sizeof(current)) == 0)
-		__sync_fetch_and_or(&st->flags, KMESH_SOCK_USER_TIMEOUT);
+		kmesh_or(&st->flags, KMESH_SOCK_USER_TIMEOUT);
 }
 
 /* sockops TIMEOUT_INIT (the SYN's first retransmission timeout, 1 s by

@@ -7,6 +7,7 @@
 #ifndef __KMESH_POLICY_H__
 #define __KMESH_POLICY_H__
 
+#include "compat.h"
 #include "kmesh_maps.h"
 #include "stats.h"
 
@@ -64,7 +65,7 @@ static __always_inline enum kmesh_admit cluster_admit(__u32 cluster_id, __u32 ma
 
 	if (!st)
 		return KMESH_ADMIT_UNCOUNTED;
-	if (__sync_fetch_and_add(&st->active, 1) < max)
+	if (kmesh_add_fetch(&st->active, 1) <= max)
 		return KMESH_ADMIT_COUNTED;
 	__sync_fetch_and_add(&st->active, -1);
 	return KMESH_ADMIT_REFUSED;
@@ -162,12 +163,12 @@ static __always_inline void outlier_failure(__u32 cluster_id, const struct kmesh
 	o = map_lookup_or_init(&km_outlier, &key, &zero);
 	if (!o)
 		return;
-	if (__sync_fetch_and_add(&o->failures, 1) + 1 < c->policy.outlier_failures)
+	if (kmesh_add_fetch(&o->failures, 1) < c->policy.outlier_failures)
 		return;
 	now = bpf_ktime_get_ns();
 	if (outlier_ejected_at(o, now) || !outlier_room(c, cluster_id, now))
 		return;
-	times = __sync_fetch_and_add(&o->ejections, 1) + 1;
+	times = kmesh_add_fetch(&o->ejections, 1);
 	ms = (__u64)c->policy.outlier_base_ms * times;
 	if (ms > c->policy.outlier_max_ms)
 		ms = c->policy.outlier_max_ms;

@@ -32,6 +32,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
+#include "compat.h"
 #include "sockmap_maps.h"
 
 #define KMESH_AF_INET 2
@@ -152,7 +153,7 @@ static __always_inline bool turn_redirect(struct sk_msg_md *msg)
 		return true;
 	t->turn_bytes += msg->size;
 	if (t->turn_bytes > KMESH_SOCKMAP_TURN_BYTES) {
-		__sync_fetch_and_or(&t->plain, me);
+		kmesh_or(&t->plain, me);
 		return false;
 	}
 	return true;

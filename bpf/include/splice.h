@@ -66,34 +66,40 @@ static __always_inline bool splice_admit(struct kmesh_splice_dir *dir, const __u
 	return splice_queued(dir, relayed) + len <= dir->budget;
 }
 
-extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
-
 /* The TCP sequence number of the skb's first byte (TCP_SKB_CB(skb)->seq:
- * the first bytes of skb->cb, which the sockmap code leaves to TCP). */
+ * the first bytes of skb->cb, which the sockmap code leaves to TCP). An
+ * sk_skb program's context is the kernel's sk_buff, so the field is read at
+ * its CO-RE offset from there (bpf_cast_to_kern_ctx would say the same from
+ * 6.2 on; this way the verdict loads on older kernels too). */
 static __always_inline __u32 splice_skb_seq(struct __sk_buff *skb)
 {
-	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
 	__u32 seq = 0;
 
-	bpf_probe_read_kernel(&seq, sizeof(seq), kskb->cb);
+	bpf_probe_read_kernel(&seq, sizeof(seq), (void *)skb + bpf_core_field_offset(struct sk_buff, cb));
 	return seq;
 }
 
 /* The sk_skb flavour of bpf_skb_adjust_room() pulls bytes off the front of
- * the skb, at most SPLICE_TRIM_STEP at a time. */
+ * the skb, at most SPLICE_TRIM_STEP at a time. Whole steps first, then the
+ * rest: a loop whose only branch is its counter, which every verifier since
+ * 5.10 walks in a few thousand instructions (one that re-tests the bytes
+ * left each round exceeds 6.1's budget). */
 #define SPLICE_TRIM_STEP 4095
 #define SPLICE_TRIM_STEPS 64 /* 255 KiB: more than any skb TCP builds here */
 
 static __always_inline bool splice_trim_front(struct __sk_buff *skb, __u32 bytes)
 {
-	for (int i = 0; i < SPLICE_TRIM_STEPS && bytes; i++) {
-		__u32 step = bytes < SPLICE_TRIM_STEP ? bytes : SPLICE_TRIM_STEP;
+	__u32 steps = bytes / SPLICE_TRIM_STEP, rest = bytes % SPLICE_TRIM_STEP;
 
-		if (bpf_skb_adjust_room(skb, -(__s32)step, BPF_ADJ_ROOM_NET, 0))
+	if (steps > SPLICE_TRIM_STEPS)
+		return false;
+	for (__u32 i = 0; i < SPLICE_TRIM_STEPS; i++) {
+		if (i >= steps)
+			break;
+		if (bpf_skb_adjust_room(skb, -SPLICE_TRIM_STEP, BPF_ADJ_ROOM_NET, 0))
 			return false;
-		bytes -= step;
 	}
-	return bytes == 0;
+	return !rest || !bpf_skb_adjust_room(skb, -(__s32)rest, BPF_ADJ_ROOM_NET, 0);
 }
 
 /* Drop bytes of this skb the verdict has seen already. Returns false when

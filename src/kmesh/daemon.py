@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import sdnotify
 
 from kmesh import __version__, log as kmlog, mounts
-from kmesh.bpf import libbpf, loader, records
+from kmesh.bpf import features as kfeatures, libbpf, loader, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import MeshConfig
@@ -90,6 +90,7 @@ class Daemon:
         self.accesslog = None
         self.sockmap_state = "off"        # on, off, draining (off, connections still enrolled)
         self._next_housekeeping = 0.0
+        self.features: kfeatures.Features | None = None
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -119,8 +120,15 @@ class Daemon:
             mounts.ensure_cgroup2(self.opts.cgroup2_path)
         except OSError as e:
             raise StartError(f"{e}; kmesh needs root (CAP_SYS_ADMIN) to mount bpffs and cgroup2") from None
-        dp = loader.Dataplane(self.opts.bpf_fs_path, self.opts.cgroup2_path, sockmap=self.opts.enable_sockmap)
         try:
+            self.features = kfeatures.without(kfeatures.decide(kfeatures.probe()),
+                                              kfeatures.parse_disabled(self.opts.bpf_disable_features))
+            for f in self.features.off():
+                log.info("kernel feature off", extra={"kv": {
+                    "feature": f.name, "kernel": self.features.release, "since": f.since, "needs": f.needs,
+                    "instead": f.off_effect}})
+            dp = loader.Dataplane(self.opts.bpf_fs_path, self.opts.cgroup2_path, sockmap=self.opts.enable_sockmap,
+                                  features=self.features)
             dp.load()
         except (loader.LoaderError, OSError) as e:
             raise StartError(str(e)) from None
@@ -449,7 +457,8 @@ class Daemon:
 
         ip, port = split_address(self.opts.l7_address)
         splicer = None
-        if self.opts.l7_splice_budget:
+        # Without the splice verdict (an older kernel) the daemon relays.
+        if self.opts.l7_splice_budget and self.features.on("l7_splice"):
             splicer = Splicer(dp.maps["km_splice"], dp.maps["km_splice_dir"], dp.maps["km_splice_relayed"],
                               self.opts.l7_splice_budget)
         self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target, splicer)

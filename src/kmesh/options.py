@@ -25,6 +25,7 @@ class Options:
     access_log_file: str = ""       # "" : stdout (journald under systemd)
     access_log_rate: int = 1000     # lines per second at most
     bpf_stats: bool = False         # count program runs and run time (kernel-wide; ~20-40 ns per run)
+    bpf_disable_features: str = ""  # kernel features to do without, "a,b" (kmesh.bpf.features.DISABLEABLE)
     l7_address: str = DEFAULT_L7_ADDRESS   # hand-off listener for routes that need HTTP; "" turns L7 off
     l7_splice_budget: int = 256 * 1024     # bytes per direction ahead of a slow peer; 0: relay in the daemon
     # ADS mode

@@ -142,13 +142,17 @@ def test_l7_status_metrics_and_kmeshctl(reviews, cgroup):
     curl(cgroup, f"http://{v}/")
     st = k.get("/l7")
     assert st["accepted"] >= 1 and st["routed"] >= 1, st
-    assert st["splice"]["spliced"] >= 1, st
     m = metrics(k)
     assert m[("kmesh_l7_requests_routed_total", ())] >= 1
-    assert m[("kmesh_l7_connections_spliced_total", ())] >= 1
     out = subprocess.run([str(harness.BIN / "kmeshctl"), "--admin", k.admin.removeprefix("http://"), "l7"],
                          capture_output=True, text=True, check=True).stdout
-    assert "spliced" in out and f"hand-off listener 127.0.0.1:{k.l7_port}" in out, out
+    assert f"hand-off listener 127.0.0.1:{k.l7_port}" in out, out
+    if k.kernel_feature("l7_splice"):
+        assert st["splice"]["spliced"] >= 1, st
+        assert m[("kmesh_l7_connections_spliced_total", ())] >= 1
+        assert "spliced" in out, out
+    else:   # a kernel without the splice verdict: relayed by the daemon
+        assert st["splice"] is None, st
 
 
 HTTP_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"

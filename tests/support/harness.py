@@ -6,6 +6,7 @@ teardown, also when the test fails.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,13 @@ BPFFS = Path("/sys/fs/bpf")
 RUN_ID = uuid.uuid4().hex[:8]
 CLIENT = ROOT / "tests" / "support" / "client.py"
 BACKEND = ROOT / "examples" / "backend.py"
+# Flags every test daemon gets, e.g. "-bpf-disable-features=atomic_fetch" to
+# run a suite the way an older kernel runs it (tests/kernels/).
+DAEMON_ARGS = tuple(os.environ.get("KMESH_TEST_DAEMON_ARGS", "").split())
+# How much slower than this host the tests run (the kernel matrix's VMs run
+# under TCG): scales the harness's waits for the daemon, never what a test
+# asserts about kmesh's own timing.
+SLOW = float(os.environ.get("KMESH_TEST_SLOW", "1"))
 # What a daemon attaches to its cgroup (sorted), without same-host acceleration.
 PROGRAMS = sorted(CGROUP_PROGRAMS)
 
@@ -123,6 +131,33 @@ class Cgroup:
         raise RuntimeError(f"could not remove cgroup {self.path}")
 
 
+@contextlib.contextmanager
+def blackhole():
+    """An address inside a netns made for it that silently drops every packet:
+    the host sends to a neighbour entry with a MAC nobody has."""
+    tag = unique("kbh")[-8:]
+    ns, host_if, ns_if = f"kmt{tag}", f"kh{tag}", f"kn{tag}"
+    octet = int(tag[-2:], 16) % 250 + 1
+    host_ip, ns_ip = f"10.199.{octet}.1", f"10.199.{octet}.2"
+
+    def ip(*args, netns=None):
+        cmd = ["ip", *(("-n", netns) if netns else ()), *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+        ip("addr", "add", f"{host_ip}/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("addr", "add", f"{ns_ip}/30", "dev", ns_if, netns=ns)
+        ip("link", "set", ns_if, "up", netns=ns)
+        ip("neigh", "replace", ns_ip, "lladdr", "02:00:00:00:00:01", "dev", host_if, "nud", "permanent")
+        yield ns_ip
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 class LoadClient:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
@@ -187,7 +222,7 @@ class Kmesh:
         return [str(BIN / "kmesh-daemon"), *mode, f"-config-file={self.config_path}",
                 f"-bpf-fs-path={self.bpf_fs_path}", f"-cgroup2-path={self.cgroup.path}",
                 f"-admin-address=127.0.0.1:{self.admin_port}", f"-l7-address=127.0.0.1:{self.l7_port}",
-                *self.extra_args, *extra]
+                *DAEMON_ARGS, *self.extra_args, *extra]
 
     def write_config(self, cfg: dict | str) -> None:
         text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg)
@@ -212,6 +247,7 @@ class Kmesh:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def wait_ready(self, timeout: float = 30) -> None:
+        timeout *= SLOW
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -254,7 +290,7 @@ class Kmesh:
         """SIGHUP and wait until the daemon reports the outcome."""
         before = (self.get("/status").get("last_update") or {}).get("time")
         self.proc.send_signal(signal.SIGHUP)
-        end = time.monotonic() + timeout
+        end = time.monotonic() + timeout * SLOW
         while time.monotonic() < end:
             last = self.get("/status").get("last_update") or {}
             if last.get("time") != before:
@@ -267,15 +303,25 @@ class Kmesh:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(timeout * SLOW)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
 
+    def kernel_feature(self, name: str) -> bool:
+        """Whether the daemon runs with kernel feature ``name`` (/status)."""
+        return self.get("/status")["kernel"]["features"][name]["on"]
+
+    def refused_errno(self) -> str:
+        """How a connect a policy refuses fails on this kernel."""
+        return "ECONNREFUSED" if self.kernel_feature("econnrefused") else "EPERM"
+
     def attached_programs(self) -> list[str]:
-        out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(self.cgroup.path)],
-                             capture_output=True, text=True).stdout.strip()
-        return [p.get("name", "") for p in json.loads(out or "[]")]
+        from kmesh.bpf import libbpf, loader
+
+        # The kernel keeps 15 characters of a program's name.
+        full = {n[:15]: n for n in (*loader.CORE_PROGRAMS, *loader.SOCKMAP_PROGRAMS)}
+        return [full.get(n, n) for n in libbpf.cgroup_programs(str(self.cgroup.path))]
 
     def pinned_layout(self) -> int:
         """The layout version in the pinned km_meta."""

@@ -87,6 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "skipped": counts["skipped"],
                 "xds_connection": d.ads.connection["state"] if d.ads else None,
                 "sockmap": d.sockmap_state,
+                "kernel": d.features.as_dict() if d.features else None,
                 "last_update": d.last_update.as_dict() if d.last_update else None,
             })
         elif path == "/bpf/kmesh/maps":

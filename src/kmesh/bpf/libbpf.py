@@ -64,8 +64,16 @@ bpf_map__max_entries = _fn("bpf_map__max_entries", _c.c_uint32, _vp)
 bpf_map__set_pin_path = _fn("bpf_map__set_pin_path", _c.c_int, _vp, _c.c_char_p)
 bpf_program__name = _fn("bpf_program__name", _c.c_char_p, _vp)
 bpf_program__fd = _fn("bpf_program__fd", _c.c_int, _vp)
+bpf_program__set_autoload = _fn("bpf_program__set_autoload", _c.c_int, _vp, _c.c_bool)
 bpf_program__expected_attach_type = _fn("bpf_program__expected_attach_type", _c.c_int, _vp)
+# Kernel BTF (btf.h), for the feature probe.
+btf__load_vmlinux_btf = _fn("btf__load_vmlinux_btf", _vp)
+btf__free = _fn("btf__free", None, _vp)
+btf__find_by_name_kind = _fn("btf__find_by_name_kind", _c.c_int32, _vp, _c.c_char_p, _c.c_uint32)
+btf__type_by_id = _fn("btf__type_by_id", _vp, _vp, _c.c_uint32)
+btf__name_by_offset = _fn("btf__name_by_offset", _c.c_char_p, _vp, _c.c_uint32)
 # Low-level bpf(2) wrappers (bpf.h).
+bpf_prog_load = _fn("bpf_prog_load", _c.c_int, _c.c_int, _c.c_char_p, _c.c_char_p, _vp, _c.c_size_t, _vp)
 bpf_obj_pin = _fn("bpf_obj_pin", _c.c_int, _c.c_int, _c.c_char_p)
 bpf_obj_get = _fn("bpf_obj_get", _c.c_int, _c.c_char_p)
 bpf_obj_get_info_by_fd = _fn("bpf_obj_get_info_by_fd", _c.c_int, _c.c_int, _vp, _c.POINTER(_c.c_uint32))
@@ -74,6 +82,9 @@ bpf_link_update = _fn("bpf_link_update", _c.c_int, _c.c_int, _c.c_int, _vp)
 bpf_link_detach = _fn("bpf_link_detach", _c.c_int, _c.c_int)
 bpf_prog_attach = _fn("bpf_prog_attach", _c.c_int, _c.c_int, _c.c_int, _c.c_int, _c.c_uint)
 bpf_prog_detach2 = _fn("bpf_prog_detach2", _c.c_int, _c.c_int, _c.c_int, _c.c_int)
+bpf_prog_query = _fn("bpf_prog_query", _c.c_int, _c.c_int, _c.c_int, _c.c_uint32, _c.POINTER(_c.c_uint32),
+                     _c.POINTER(_c.c_uint32), _c.POINTER(_c.c_uint32))
+bpf_prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", _c.c_int, _c.c_uint32)
 bpf_map_update_elem = _fn("bpf_map_update_elem", _c.c_int, _c.c_int, _vp, _vp, _c.c_uint64)
 bpf_map_lookup_elem = _fn("bpf_map_lookup_elem", _c.c_int, _c.c_int, _vp, _vp)
 libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", _c.c_int)
@@ -338,12 +349,26 @@ class RingBuffer:
             self._rb = None
 
 
-class BpfObject:
-    """An opened (and later loaded) BPF ELF object."""
+class _OpenOpts(_c.Structure):
+    """The head of struct bpf_object_open_opts (libbpf.h) up to kconfig."""
 
-    def __init__(self, path: str):
+    _fields_ = [("sz", _c.c_size_t), ("object_name", _c.c_char_p), ("relaxed_maps", _c.c_bool),
+                ("pin_root_path", _c.c_char_p), ("_stub", _c.c_uint32), ("kconfig", _c.c_char_p)]
+
+
+class BpfObject:
+    """An opened (and later loaded) BPF ELF object.
+
+    ``kconfig``: "CONFIG_X=y" lines libbpf uses instead of the system's kernel
+    config file (an empty string: none, so weak __kconfig externs are 0)."""
+
+    def __init__(self, path: str, kconfig: str | None = None):
         self.path = path
-        self._obj = bpf_object__open_file(path.encode(), None)
+        opts = None
+        if kconfig is not None:
+            self._kconfig = kconfig.encode()   # libbpf copies it at open
+            opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), kconfig=self._kconfig)
+        self._obj = bpf_object__open_file(path.encode(), _c.byref(opts) if opts is not None else None)
         if not self._obj:
             err = _c.get_errno() or errno.EINVAL
             raise BpfError(err, f"open BPF object {path}: {os.strerror(err)}")
@@ -362,6 +387,10 @@ class BpfObject:
 
     def programs(self) -> dict[str, int]:
         return dict(self._iter(bpf_object__next_program, bpf_program__name))
+
+    def skip_program(self, name: str) -> None:
+        """Do not load ``name`` (before load): its kernel lacks what it needs."""
+        _check(bpf_program__set_autoload(self.programs()[name], False), f"autoload off {name}")
 
     def load(self) -> None:
         rc = bpf_object__load(self._obj)
@@ -431,6 +460,34 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach")
+
+
+# The cgroup attach types of kmesh's programs (uapi bpf.h).
+CGROUP_ATTACH_TYPES = {"cgroup_sock_ops": 3, "cgroup_inet4_connect": 10, "cgroup_inet_sock_release": 34}
+
+
+def cgroup_programs(path: str) -> list[str]:
+    """Names of the programs attached to the cgroup at ``path`` itself, for
+    each of kmesh's attach types. BPF_PROG_QUERY with the fields every kernel
+    knows (bpftool 7.1 also asks for per-program flags, which kernels before
+    6.0 refuse, and then shows nothing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    names = []
+    try:
+        for attach_type in CGROUP_ATTACH_TYPES.values():
+            ids, cnt, flags = (_c.c_uint32 * 64)(), _c.c_uint32(64), _c.c_uint32()
+            _check(bpf_prog_query(fd, attach_type, 0, _c.byref(flags), ids, _c.byref(cnt)), "bpf_prog_query")
+            for prog_id in ids[:cnt.value]:
+                prog_fd = bpf_prog_get_fd_by_id(prog_id)
+                if prog_fd < 0:
+                    continue   # detached meanwhile
+                try:
+                    names.append(prog_info(prog_fd).name.decode())
+                finally:
+                    os.close(prog_fd)
+    finally:
+        os.close(fd)
+    return names
 
 
 def enable_stats() -> int:

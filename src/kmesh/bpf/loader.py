@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmesh.bpf import libbpf, records
+from kmesh.bpf import features as kfeatures, libbpf, records
 
 log = logging.getLogger("kmesh.loader")
 
@@ -69,6 +69,9 @@ SOCKMAP_MAP_TYPES = {
 META_MAP = "km_meta"
 SOCK_HASH = "km_sock_hash"
 SPLICE_HASH = "km_splice"
+# The objects' __kconfig externs (bpf/include/endpoint.h), each as 0: what
+# they read where the kernel's config cannot be found.
+NO_KCONFIG = "CONFIG_HZ=0\n"
 # Programs of the core object in attach order (the splice verdict first: a
 # hand-off must never find its map without it), of the sockmap object, and
 # what each attaches to: the governed cgroup, or a map of its object.
@@ -144,13 +147,23 @@ class AttachResult:
 class Dataplane:
     """The loaded object with its pinned maps and cgroup links."""
 
-    def __init__(self, bpf_fs_path: str, cgroup_path: str, object_dir: str | None = None, sockmap: bool = False):
+    def __init__(self, bpf_fs_path: str, cgroup_path: str, object_dir: str | None = None, sockmap: bool = False,
+                 features: kfeatures.Features | None = None):
+        # What the kernel offers decides which objects and programs load
+        # (bpf/include/compat.h); probed here unless the caller did.
+        self.features = features or kfeatures.decide(kfeatures.probe())
+        if self.features.missing:
+            raise LoaderError(f"kernel {self.features.release} cannot run kmesh: it lacks "
+                              f"{', '.join(self.features.missing)}; kmesh needs Linux 5.10 or newer with BTF "
+                              "(CONFIG_DEBUG_INFO_BTF)")
         self.pin_root = Path(bpf_fs_path) / PIN_DIR
         self.map_dir = self.pin_root / "map"
         self.link_dir = self.pin_root / "link"
         self.staging_dir = self.pin_root / "staging"
         self.cgroup_path = cgroup_path
         self.object_dir = Path(object_dir or default_object_dir())
+        if self.features.flavour == "legacy":
+            self.object_dir = self.object_dir / "legacy"
         self.object_path = str(self.object_dir / OBJECT_NAME)
         self.sockmap = sockmap
         self._objs: list[libbpf.BpfObject] = []
@@ -159,6 +172,7 @@ class Dataplane:
         self.prog_fds: dict[str, int] = {}
         self.map_fds: dict[str, int] = {}
         self._attach_types: dict[str, int] = {}
+        self._map_attached: set[str] = set()    # attached with bpf_prog_attach (no link to pin)
         self.took_over = False
         self.pinned_layout: int | None = None   # of the maps found pinned; None: none were
         self.migrating = False                   # pins of another layout: new maps in staging/
@@ -207,7 +221,13 @@ class Dataplane:
         if not os.path.exists(path):
             raise LoaderError(f"BPF object {path} not found: run ./build.sh -b "
                               "(or set KMESH_BPF_DIR to the directory holding it)")
-        obj = libbpf.BpfObject(path)
+        # Without the kernel's config, every __kconfig extern as 0 (libbpf
+        # reads the system's file if any is left unset, and fails without
+        # one): the programs then do without (features.py).
+        kconfig = None if self.features.on("connect_timeout_subsecond") else NO_KCONFIG
+        obj = libbpf.BpfObject(path, kconfig=kconfig)
+        if "kmesh_splice" in obj.programs() and not self.features.on("l7_splice"):
+            obj.skip_program("kmesh_splice")
         # libbpf's own maps (".kconfig", ".rodata": named "<obj>.<section>")
         # belong to this load only: never pinned or shared.
         handles = {name: h for name, h in obj.maps().items() if "." not in name}
@@ -239,6 +259,8 @@ class Dataplane:
             cls = libbpf.PerCpuMap if name in PERCPU_MAPS else libbpf.Map
             self.maps[name] = cls(name, libbpf.bpf_map__fd(handles[name]), ktype, vtype)
         for name, h in obj.programs().items():
+            if libbpf.bpf_program__fd(h) < 0:
+                continue   # not loaded (autoload off)
             self.prog_fds[name] = libbpf.bpf_program__fd(h)
             self._attach_types[name] = libbpf.bpf_program__expected_attach_type(h)
 
@@ -250,12 +272,16 @@ class Dataplane:
             cg_id = os.fstat(cg_fd).st_ino
             out = []
             for name in programs:
+                if name not in self.prog_fds:
+                    continue   # not loaded on this kernel
                 target = PROGRAM_TARGETS.get(name)
                 if target is None:
                     out.append(self._attach_one(name, cg_fd, ("cgroup", cg_id)))
-                else:
+                elif self.features.on("sockmap_link"):
                     fd = self.maps[target].fd
                     out.append(self._attach_one(name, fd, ("map", libbpf.map_id(fd))))
+                else:
+                    out.append(self._attach_to_map(name, self.maps[target].fd))
             return out
         finally:
             os.close(cg_fd)
@@ -285,6 +311,18 @@ class Dataplane:
         finally:
             os.close(link_fd)
         log.info("program attached", extra={"kv": {"program": name, target[0]: target[1]}})
+        return AttachResult(name, "attached")
+
+    def _attach_to_map(self, name: str, map_fd: int) -> AttachResult:
+        """Before 6.10 (no sockmap bpf_link): attach to the pinned map itself.
+        The map holds the program; attaching again replaces it, which is how
+        a restarted daemon takes over."""
+        pin = self.link_dir / name
+        if pin.exists():   # a link from a newer kernel's daemon: cannot be (kernels don't shrink)
+            detach_pinned_link(pin)
+        libbpf.prog_attach(self.prog_fds[name], map_fd, self._attach_types[name])
+        self._map_attached.add(name)
+        log.info("program attached to its map", extra={"kv": {"program": name, "map": PROGRAM_TARGETS[name]}})
         return AttachResult(name, "attached")
 
     def load_sockmap(self) -> list[AttachResult]:
@@ -318,7 +356,8 @@ class Dataplane:
         return out
 
     def attached(self) -> dict[str, bool]:
-        return {name: (self.link_dir / name).exists() for name in CORE_PROGRAMS + SOCKMAP_PROGRAMS}
+        return {name: (self.link_dir / name).exists() or name in self._map_attached
+                for name in CORE_PROGRAMS + SOCKMAP_PROGRAMS}
 
     # -- teardown ---------------------------------------------------------
     def close(self) -> None:

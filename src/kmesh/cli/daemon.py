@@ -12,6 +12,16 @@ from kmesh.config.errors import ConfigError
 _BOOL = dict(type=click.BOOL, is_flag=False, flag_value=True)
 
 
+def _features_spec(spec: str) -> str:
+    from kmesh.bpf.features import parse_disabled
+
+    try:
+        parse_disabled(spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return spec
+
+
 def _opt(name: str, **kw):
     return click.option(f"-{name}", f"--{name}", name.replace("-", "_"), show_default=True, **kw)
 
@@ -41,6 +51,9 @@ def _opt(name: str, **kw):
       "the daemon instead")
 @_opt("bpf-stats", default=False, help="count every BPF program's runs and run time while the daemon runs "
       "(kmesh_bpf_program_runs_total; kernel-wide, ~20-40 ns per program run)", **_BOOL)
+@_opt("bpf-disable-features", default="", callback=lambda _c, _p, v: _features_spec(v),
+      help="kernel features to do without even where the kernel has them, comma-separated "
+      "(atomic_fetch, l7_splice, sockmap_link, connect_timeout_subsecond): runs the fallbacks of older kernels")
 @click.option("-enable-sockmap", "--enable-sockmap", "-enable-mda", "--enable-mda", "enable_sockmap", default=False,
               show_default=True, help="accelerate same-host TCP connections with sockops + sk_msg "
               "(Kmesh's mda); false turns it off, also when an earlier run left it on", **_BOOL)
@@ -101,6 +114,22 @@ def cleanup(opts: options.Options, force: bool, unmount: bool):
 
         for path in unmount_recorded():
             click.echo(f"unmounted {path} (mounted by kmesh)")
+
+
+@main.command("kernel-features")
+@click.option("--probe", "raw", is_flag=True, help="print the raw probe results (as recorded in the kernel matrix)")
+@click.pass_obj
+def kernel_features(opts: options.Options, raw: bool):
+    """What this kernel's BPF offers and which kmesh features are on (JSON)."""
+    import json
+
+    from kmesh.bpf import features
+
+    p = features.probe()
+    f = features.without(features.decide(p), features.parse_disabled(opts.bpf_disable_features))
+    out = p.as_dict() if raw else {**f.as_dict(), "missing": list(f.missing)}
+    click.echo(json.dumps(out, indent=2, sort_keys=True))
+    sys.exit(1 if f.missing else 0)
 
 
 if __name__ == "__main__":
