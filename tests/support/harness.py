@@ -85,9 +85,11 @@ def _kill(pid: int) -> None:
 class Cgroup:
     """A child cgroup v2; only test clients are put in it."""
 
-    def __init__(self):
-        self.path = CGROUP2_ROOT / unique("kmesh-test")
-        assert self.path.parent == CGROUP2_ROOT and self.path != CGROUP2_ROOT
+    def __init__(self, parent: Path | None = None):
+        """A new cgroup below the test root, or below ``parent`` (itself a
+        test cgroup: never the root)."""
+        self.path = (parent or CGROUP2_ROOT) / unique("kmesh-test")
+        assert self.path.is_relative_to(CGROUP2_ROOT) and self.path.parent.is_relative_to(CGROUP2_ROOT)
         self.path.mkdir()
 
     def _wrap(self, argv: list[str]) -> list[str]:
