@@ -185,7 +185,8 @@ m -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 m -t devpts -o mode=0620,ptmxmode=0666 devpts $R/dev/pts
 m -t tmpfs -o mode=1777 tmpfs $R/dev/shm
-m -t tmpfs -o mode=1777 tmpfs $R/tmp
+# /tmp stays the overlay's: a checkout under the host's /tmp (a CI clone) must
+# be visible; writes there land in RAM like every other.
 m -t tmpfs -o mode=0755 tmpfs $R/run
 m -t bpf bpf $R/sys/fs/bpf
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
