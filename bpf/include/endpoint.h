@@ -5,6 +5,7 @@
 #define __KMESH_ENDPOINT_H__
 
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "kmesh_maps.h"
 #include "policy.h"
@@ -218,6 +219,23 @@ static __always_inline int user_timeout_of(struct bpf_sock_ops *skops, int *ms)
 	return 0;
 }
 
+/* The inode of the socket's network namespace (0 if unknown). Read through
+ * BTF: bpf_get_netns_cookie() only serves sockops from 5.15. */
+static __always_inline __u32 netns_of(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct tcp_sock *tp;
+	struct net *net;
+
+	if (!bsk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(bsk);
+	if (!tp)
+		return 0;
+	net = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.__sk_common.skc_net.net);
+	return net ? BPF_CORE_READ(net, ns.inum) : 0;
+}
+
 static __always_inline struct kmesh_sock_state *sock_state(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -242,7 +260,10 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 	if (st->flags & KMESH_SOCK_L7) {
 		/* The source address is known from here on; the daemon finds
 		 * the entry by its accepted socket's peer. */
-		struct kmesh_addr src = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
+		struct kmesh_handoff_key src = {
+			.netns = netns_of(skops),
+			.addr = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) },
+		};
 
 		bpf_map_update_elem(&km_orig_dst, &src, &st->vip, BPF_ANY);
 	}

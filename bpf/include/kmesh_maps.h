@@ -82,13 +82,14 @@ struct {
 } km_stats_endpoint SEC(".maps");
 
 /* A handed-off connection's original destination (the VIP the application
- * connected to), by the client socket's own address as the daemon sees it
- * (the peer of the socket it accepts). LRU: entries the daemon never
+ * connected to), by the client socket's own address and network namespace
+ * as the daemon sees them (the peer of the socket it accepts on its
+ * hand-off listener in that namespace). LRU: entries the daemon never
  * reads (it was down) make room by themselves. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, KMESH_MAX_HANDOFFS);
-	__type(key, struct kmesh_addr);
+	__type(key, struct kmesh_handoff_key);
 	__type(value, struct kmesh_addr);
 } km_orig_dst SEC(".maps");
 

@@ -65,7 +65,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 5,
+	KMESH_LAYOUT_VERSION = 6,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -86,6 +86,14 @@ struct kmesh_addr {
 	__u32 ip;   /* network byte order */
 	__u16 port; /* network byte order */
 	__u16 pad;
+};
+
+/* Key of km_orig_dst: a client socket's own address within its network
+ * namespace, named by the namespace's inode (/proc/PID/ns/net): two pods
+ * can both connect from 127.0.0.1:40000. */
+struct kmesh_handoff_key {
+	__u32 netns;
+	struct kmesh_addr addr;
 };
 
 struct kmesh_weighted_cluster {

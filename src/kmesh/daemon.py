@@ -231,6 +231,26 @@ class Daemon:
         self.sockmap.set_redirect(True)
         self.sockmap_state = "on"
 
+    def workloads(self) -> dict:
+        return {"namespaces": self.l7.namespaces() if self.l7 else []}
+
+    def enroll(self, on: bool, netns: str | None = None, pid: str | None = None) -> dict:
+        """Enroll (or unenroll) a workload's network namespace: the L7
+        hand-off listener is opened (closed) inside it."""
+        from kmesh.l7 import netns as kns
+
+        if pid is not None and not pid.isdigit():
+            raise ValueError(f"pid {pid!r} is not a process id")
+        path = kns.path_of(netns, int(pid) if pid is not None else None)
+        if self.l7 is None:
+            raise ValueError("L7 is off (-l7-address is empty): there is nothing to open in a namespace")
+        if on:
+            got = self.l7.add_netns(path)
+        else:
+            got = {"netns": path, "removed": self.l7.remove_netns(path)}
+        log.info("workload enrolled" if on else "workload unenrolled", extra={"kv": got})
+        return {**got, **self.workloads()}
+
     def set_sockmap(self, on: bool) -> dict:
         """Turn same-host acceleration on or off at runtime (admin API)."""
         with self._lock:

@@ -4,6 +4,7 @@ on loopback need nothing more."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +38,15 @@ HELP = {
               "spliced in the kernel",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
+    "GET /workloads": "workloads enrolled by network namespace (the L7 hand-off listens inside each)",
+    "POST /workloads/enroll?netns=PATH|pid=N, /workloads/unenroll?...": "enroll or unenroll the network "
+                                                                       "namespace at PATH, or of process N",
 }
+
+
+def _query(path: str) -> dict[str, str]:
+    return {k: urllib.parse.unquote(v) for k, v in
+            (p.split("=", 1) for p in (path.split("?", 1) + [""])[1].split("&") if "=" in p)}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -101,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
                        else {"enabled": False})
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())
+        elif path == "/workloads":
+            self._send(200, d.workloads())
         elif path == "/accesslog":
             self._send(200, d.accesslog.status() if d.accesslog else {"enabled": False})
         elif path == "/metrics":
@@ -120,9 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/logging":
-            query = dict(p.split("=", 1) for p in (self.path.split("?", 1) + [""])[1].split("&") if "=" in p)
             try:
-                self._send(200, {"level": self.daemon.set_log_level(query.get("level", ""))})
+                self._send(200, {"level": self.daemon.set_log_level(_query(self.path).get("level", ""))})
             except ValueError as e:
                 self._send(400, {"error": str(e)})
             return
@@ -132,6 +142,16 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.daemon.accesslog.set(path.endswith("/on"))
             self._send(200, self.daemon.accesslog.status())
+            return
+        if path in ("/workloads/enroll", "/workloads/unenroll"):
+            query = _query(self.path)
+            try:
+                self._send(200, self.daemon.enroll(path.endswith("/enroll"), netns=query.get("netns"),
+                                                   pid=query.get("pid")))
+            except ValueError as e:
+                self._send(400, {"error": str(e)})
+            except OSError as e:
+                self._send(409, {"error": str(e)})
             return
         if path in ("/sockmap/on", "/sockmap/off"):
             try:

@@ -54,7 +54,7 @@ MAP_TYPES = {
     "km_rate_limit": (records.KmeshAddr, records.KmeshBucket),
     "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
     "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
-    "km_orig_dst": (records.KmeshAddr, records.KmeshAddr),
+    "km_orig_dst": (records.KmeshHandoffKey, records.KmeshAddr),
     "km_splice": (ctypes.c_uint64, ctypes.c_uint64),
     "km_splice_dir": (ctypes.c_uint64, records.KmeshSpliceDir),
     "km_splice_relayed": (ctypes.c_uint64, ctypes.c_uint64),

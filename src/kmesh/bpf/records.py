@@ -61,7 +61,7 @@ LIMITS = {
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 5
+KMESH_LAYOUT_VERSION = 6
 
 
 class LbPolicy(enum.IntEnum):
@@ -74,6 +74,12 @@ class LbPolicy(enum.IntEnum):
 
 class KmeshAddr(ctypes.Structure):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class KmeshHandoffKey(ctypes.Structure):
+    """struct kmesh_handoff_key: km_orig_dst's key."""
+
+    _fields_ = [("netns", ctypes.c_uint32), ("addr", KmeshAddr)]
 
 
 class KmeshWeightedCluster(ctypes.Structure):
@@ -235,6 +241,7 @@ ClusterId = ctypes.c_uint32
 # Name in C -> ctypes class, for the BTF cross-check.
 STRUCTS = {
     "kmesh_addr": KmeshAddr,
+    "kmesh_handoff_key": KmeshHandoffKey,
     "kmesh_weighted_cluster": KmeshWeightedCluster,
     "kmesh_listener": KmeshListener,
     "kmesh_endpoint": KmeshEndpoint,
@@ -288,6 +295,10 @@ def ip_of(field: int) -> str:
 
 def port_of(field: int) -> int:
     return struct.unpack("!H", struct.pack("=H", field))[0]
+
+
+def handoff_key(netns: int, ip: str, port: int) -> KmeshHandoffKey:
+    return KmeshHandoffKey(netns, addr_key(ip, port))
 
 
 def addr_key(ip: str, port: int) -> KmeshAddr:

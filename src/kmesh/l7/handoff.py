@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import threading
@@ -28,7 +29,7 @@ import httptools
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
-from kmesh.l7 import fdstore, splice
+from kmesh.l7 import fdstore, netns, splice
 from kmesh.l7.balancer import Balancer
 from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
@@ -187,7 +188,7 @@ class Handoff:
     def __init__(self, address: tuple[str, int], orig_dst, targets: Callable[[tuple[str, int]], Target | None],
                  splicer: Splicer | None = None, head_limit: int = HEAD_LIMIT):
         self.address = address
-        self.orig_dst = orig_dst   # km_orig_dst: client address -> VIP
+        self.orig_dst = orig_dst   # km_orig_dst: (netns, client address) -> VIP
         self.targets = targets
         self.splicer = splicer
         self.head_limit = head_limit
@@ -195,24 +196,88 @@ class Handoff:
         self.balancer = Balancer()
         self._loop = _new_loop()
         self._listener: socket.socket | None = None
+        self._host_netns = netns.own_inode()
+        # Workloads' namespaces (by inode): the listener opened there.
+        self._netns: dict[int, tuple[netns.Netns, socket.socket]] = {}
         self._thread: threading.Thread | None = None
 
     def status(self) -> dict:
         out = self.stats.as_dict()
         out["splice"] = asdict(self.splicer.stats) if self.splicer else None
+        out["namespaces"] = self.namespaces()
         return out
+
+    def namespaces(self) -> list[dict]:
+        """The workload namespaces with a listener of their own."""
+        return [{"netns": ns.path, "inode": inode} for inode, (ns, _) in sorted(self._netns.items())]
+
+    # -- workloads in namespaces of their own --------------------------------
+    def add_netns(self, path: str) -> dict:
+        """Open the hand-off listener inside the network namespace at
+        ``path`` too (idempotent). Raises OSError naming what failed."""
+        ns = netns.Netns(path)
+        if ns.inode == self._host_netns or ns.inode in self._netns:
+            ns.close()
+            return {"netns": path, "inode": ns.inode, "added": False}
+        try:
+            sock = self._listen(ns.socket())
+        except OSError as e:
+            ns.close()
+            raise OSError(e.errno, f"hand-off listener {self.address[0]}:{self.address[1]} in {path}: "
+                                   f"{e.strerror}") from None
+
+        def add():
+            self._netns[ns.inode] = (ns, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, ns)
+        self._in_loop(add)
+        return {"netns": path, "inode": ns.inode, "added": True}
+
+    def remove_netns(self, path: str) -> bool:
+        """Close the listener in that namespace (its connections go on).
+        Known by inode: also after the path itself is gone."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            inode = next((i for i, (ns, _) in self._netns.items() if ns.path == path), None)
+
+        def remove():
+            got = self._netns.pop(inode, None)
+            if got is None:
+                return False
+            ns, sock = got
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+            ns.close()
+            return True
+        return self._in_loop(remove)
+
+    def _in_loop(self, fn):
+        """Run ``fn`` in the loop's thread (where the listeners are served)."""
+        if self._thread is None:
+            return fn()
+
+        async def call():
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(10)
+
+    def _listen(self, sock: socket.socket) -> socket.socket:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # accepted sockets inherit it
+        try:
+            sock.bind(self.address)
+            sock.listen(4096)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
     # -- life cycle -----------------------------------------------------------
     def start(self) -> None:
         """Bind now (a port in use fails the daemon's start), serve in a thread."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # accepted sockets inherit it
-        sock.bind(self.address)
-        sock.listen(4096)
-        sock.setblocking(False)
+        sock = self._listen(socket.socket())
         self._listener = sock
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._loop.add_reader(sock.fileno(), self._accept, sock, None)
         self._thread = threading.Thread(target=self._loop.run_forever, name="l7-handoff", daemon=True)
         self._thread.start()
 
@@ -226,6 +291,11 @@ class Handoff:
         async def close():
             self._loop.remove_reader(self._listener.fileno())
             self._listener.close()
+            for ns, sock in self._netns.values():
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+                ns.close()
+            self._netns.clear()
             if self.splicer:
                 await self.splicer.quiesce()
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
@@ -277,34 +347,36 @@ class Handoff:
                          extra={"kv": {"connections": stale}})
         return adopted
 
-    def _accept(self) -> None:
-        """Accept every pending connection (the listener is readable)."""
+    def _accept(self, listener: socket.socket, ns: netns.Netns | None) -> None:
+        """Accept every pending connection (``listener``, the one in namespace
+        ``ns`` or the daemon's own, is readable)."""
         for _ in range(256):   # then let the loop run the connections already accepted
             try:
-                conn, peer = self._listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:   # EMFILE & co.: the listener stays; the client is refused by its backlog
                 log.warning("l7 accept failed", extra={"kv": {"error": str(e)}})
                 return
             conn.setblocking(False)
-            self._loop.create_task(self._serve(conn, peer))
+            self._loop.create_task(self._serve(conn, peer, ns))
 
     # -- one connection ------------------------------------------------------
-    def _destination(self, peer: tuple) -> tuple[str, int] | None:
+    def _destination(self, peer: tuple, ns: netns.Netns | None) -> tuple[str, int] | None:
         """The VIP the client connected to. The entry is left in place (one
         syscall less per connection): the next connection from the same
         client address overwrites it before it could be accepted here, and
         the LRU map makes room by itself."""
-        vip = self.orig_dst.lookup(records.addr_key(peer[0], peer[1]))
+        inode = ns.inode if ns else self._host_netns
+        vip = self.orig_dst.lookup(records.handoff_key(inode, peer[0], peer[1]))
         if vip is None:
             return None
         return records.ip_of(vip.ip), records.port_of(vip.port)
 
-    async def _serve(self, conn: socket.socket, peer: tuple) -> None:
+    async def _serve(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
         self.stats.accepted += 1
         try:
-            await self._route(conn, peer)
+            await self._route(conn, peer, ns)
         except (OSError, asyncio.TimeoutError):
             pass
         except Exception:   # noqa: BLE001 - one connection must not take the listener down
@@ -346,8 +418,8 @@ class Handoff:
             conn.recv(len(head))
         await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra))
 
-    async def _route(self, conn: socket.socket, peer: tuple) -> None:
-        vip = self._destination(peer)
+    async def _route(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
+        vip = self._destination(peer, ns)
         target = self.targets(vip) if vip else None
         if target is None:
             self.stats.no_destination += 1
@@ -378,16 +450,17 @@ class Handoff:
             return await self._answer(conn, head, decision.status, decision.body)
         if isinstance(decision, rt.Redirect):
             return await self._answer(conn, head, decision.status, extra=(("location", decision.location),))
-        await self._forward(target, decision, head, conn)
+        await self._forward(target, decision, head, conn, ns)
 
-    async def _forward(self, target: Target, route, head: bytes, conn: socket.socket) -> None:
+    async def _forward(self, target: Target, route, head: bytes, conn: socket.socket,
+                       ns: netns.Netns | None) -> None:
         fault = route.fault
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
             return await self._answer(conn, head, fault.abort_status, b"fault filter abort")
         cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
-        upstream, ep = await self._connect(cluster, route.retries) if cluster else (None, None)
+        upstream, ep = await self._connect(cluster, route.retries, ns) if cluster else (None, None)
         if upstream is None:
             self.stats.upstream_failures += 1
             return await self._answer(conn, head, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
@@ -438,13 +511,16 @@ class Handoff:
                 upload.cancel()
             upstream.close()
 
-    async def _connect(self, cluster: Cluster, retries: int) -> tuple[socket.socket | None, tuple | None]:
+    async def _connect(self, cluster: Cluster, retries: int,
+                       ns: netns.Netns | None) -> tuple[socket.socket | None, tuple | None]:
         """A connected upstream socket and its endpoint, trying the LB's
-        choice and then up to ``retries`` others; (None, None) if none took."""
+        choice and then up to ``retries`` others; (None, None) if none took.
+        From the client's namespace: the backend sees the workload's address."""
         loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
         for ep in self.balancer.order(cluster)[:1 + retries]:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = ns.socket() if ns else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 async with asyncio.timeout(timeout):
