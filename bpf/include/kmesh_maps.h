@@ -93,6 +93,16 @@ struct {
 	__type(value, struct kmesh_addr);
 } km_orig_dst SEC(".maps");
 
+/* Workloads enrolled by network namespace, by the namespace's inode: the
+ * daemon's own record, pinned so that the next daemon opens their hand-off
+ * listeners again. No program reads it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KMESH_MAX_WORKLOADS);
+	__type(key, __u32);
+	__type(value, struct kmesh_workload);
+} km_workloads SEC(".maps");
+
 /* L7 splicing (include/splice.h): the daemon-side sockets of spliced
  * connections by socket cookie, the verdict's state per socket, and what
  * the daemon relayed of the bytes the verdict left to it (written only by

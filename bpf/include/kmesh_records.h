@@ -30,6 +30,10 @@ enum kmesh_limits {
 	/* Connections handed to the L7 listener whose original destination the
 	 * daemon has not read yet. */
 	KMESH_MAX_HANDOFFS = 65536,
+	/* Workloads enrolled by network namespace, and the longest path one
+	 * can be enrolled by. */
+	KMESH_MAX_WORKLOADS = 4096,
+	KMESH_WORKLOAD_PATH_MAX = 128,
 	/* Clusters with policies that keep state, endpoints with outlier state. */
 	KMESH_MAX_POLICY_CLUSTERS = 16384,
 	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
@@ -65,7 +69,12 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 6,
+	KMESH_LAYOUT_VERSION = 7,
+};
+
+/* Value of km_workloads: the path a network namespace was enrolled by. */
+struct kmesh_workload {
+	char path[KMESH_WORKLOAD_PATH_MAX]; /* NUL-terminated */
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */

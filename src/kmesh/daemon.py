@@ -91,6 +91,7 @@ class Daemon:
         self.sockmap_state = "off"        # on, off, draining (off, connections still enrolled)
         self._next_housekeeping = 0.0
         self.features: kfeatures.Features | None = None
+        self._workloads = None            # kmesh.dataplane.workloads.WorkloadStore, once loaded
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -236,7 +237,9 @@ class Daemon:
 
     def enroll(self, on: bool, netns: str | None = None, pid: str | None = None) -> dict:
         """Enroll (or unenroll) a workload's network namespace: the L7
-        hand-off listener is opened (closed) inside it."""
+        hand-off listener is opened (closed) inside it, and it is recorded
+        in km_workloads for the next daemon."""
+        from kmesh.dataplane import workloads as wl
         from kmesh.l7 import netns as kns
 
         if pid is not None and not pid.isdigit():
@@ -244,12 +247,75 @@ class Daemon:
         path = kns.path_of(netns, int(pid) if pid is not None else None)
         if self.l7 is None:
             raise ValueError("L7 is off (-l7-address is empty): there is nothing to open in a namespace")
-        if on:
-            got = self.l7.add_netns(path)
-        else:
-            got = {"netns": path, "removed": self.l7.remove_netns(path)}
+        with self._lock:
+            if on:
+                wl.check_path(path)
+                got = self.l7.add_netns(path)
+                self._workloads.add(got["inode"], path)
+            else:
+                inode = self._enrolled_inode(path)
+                got = {"netns": path, "removed": inode is not None and self.l7.remove_netns(inode)}
+                if inode is not None:
+                    self._workloads.remove(inode)
         log.info("workload enrolled" if on else "workload unenrolled", extra={"kv": got})
         return {**got, **self.workloads()}
+
+    def _enrolled_inode(self, path: str) -> int | None:
+        """The enrolled namespace ``path`` names: the one there now, else the
+        one enrolled by that path (gone since)."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            inode = None
+        enrolled = {w["inode"]: w["netns"] for w in self.l7.namespaces()}
+        if inode in enrolled:
+            return inode
+        return next((i for i, p in enrolled.items() if p == path), None)
+
+    def _restore_workloads(self, dp: loader.Dataplane) -> None:
+        """Open the hand-off listeners of the workloads an earlier daemon
+        enrolled (an upgrade carries them over from the old layout's map);
+        drop those whose namespace is gone."""
+        from kmesh.dataplane import workloads as wl
+        from kmesh.l7 import netns as kns
+
+        self._workloads = wl.WorkloadStore(dp.maps["km_workloads"])
+        if self.l7 is None:
+            return
+        enrolled = {**(wl.carried_over(dp.map_dir) if dp.migrating else {}), **self._workloads.all()}
+        kept = 0
+        for inode, path in enrolled.items():
+            try:
+                ns = kns.Netns(path)
+                same = ns.inode == inode
+                ns.close()
+                if same:
+                    self.l7.add_netns(path)
+                    self._workloads.add(inode, path)
+                    kept += 1
+                    continue
+            except OSError:
+                pass
+            self._workloads.remove(inode)
+            log.info("an enrolled workload's network namespace is gone; unenrolled",
+                     extra={"kv": {"netns": path, "inode": inode}})
+        if enrolled:
+            log.info("enrolled workloads restored", extra={"kv": {"namespaces": kept}})
+
+    def _prune_workloads(self) -> None:
+        """Unenroll namespaces whose path is gone or names another namespace
+        now (the pod was deleted): the listener would keep it alive."""
+        if self.l7 is None:
+            return
+        for w in self.l7.namespaces():
+            try:
+                alive = os.stat(w["netns"]).st_ino == w["inode"]
+            except OSError:
+                alive = False
+            if not alive:
+                self.l7.remove_netns(w["inode"])
+                self._workloads.remove(w["inode"])
+                log.info("an enrolled workload's network namespace is gone; unenrolled", extra={"kv": w})
 
     def set_sockmap(self, on: bool) -> dict:
         """Turn same-host acceleration on or off at runtime (admin API)."""
@@ -281,13 +347,14 @@ class Daemon:
         self._next_housekeeping = now + 5.0
         try:
             with self._lock:
+                self._prune_workloads()
                 if self.sockmap and self.sockmap.sync_local_addresses():
                     log.info("local addresses for same-host acceleration updated")
                 if self.sockmap_state == "draining" and \
                         sockmap_mod.turn_off_pinned(self._dataplane.pin_root) != "draining":
                     self.sockmap_state = "off"
         except OSError as e:
-            log.warning("sockmap housekeeping failed", extra={"kv": {"error": str(e)}})
+            log.warning("housekeeping failed", extra={"kv": {"error": str(e)}})
 
     def healthy(self) -> bool:
         """What the watchdog vouches for: the threads that serve are alive."""
@@ -491,6 +558,7 @@ class Daemon:
         # Before connections are handed off: adopting also drops the state of
         # pairs that are gone, which must not catch a pair being set up.
         self.l7.adopt(fdstore.received())
+        self._restore_workloads(dp)
         self.kconfig.set(l7_handoff=records.addr_key(ip, port))
 
     def l7_target(self, vip: tuple[str, int]):

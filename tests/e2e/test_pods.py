@@ -6,12 +6,15 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.e2e.test_l7 import DEFAULT, JASON
+from tests.e2e.test_observability import KMESHCTL
 from tests.support import pods
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
 
@@ -122,3 +125,51 @@ while True:
     data += chunk
 print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
 """
+
+
+def _reviews(kmesh, topo):
+    v1, v2 = topo.pod("v1").backend("v1", 8080), topo.pod("v2").backend("v2", 8080)
+    return kmesh(bootstrap([hcm_listener("reviews", VIP, 80, [JASON, DEFAULT])],
+                           [cluster("reviews-v1", lb_ep(*v1)), cluster("reviews-v2", lb_ep(*v2))]))
+
+
+def test_enrollment_survives_sigkill_and_restart(kmesh, cgroup, topo):
+    k = _reviews(kmesh, topo)
+    client = topo.pod("client", parent=cgroup)
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", "enroll", "--netns",
+                        f"/run/netns/{client.netns}"], capture_output=True, text=True)
+    assert r.returncode == 0 and "enrolled" in r.stdout, r.stdout + r.stderr
+    k.stop(signal.SIGKILL)
+    k.start()
+    assert "enrolled workloads restored" in k.log()
+    assert [w["netns"] for w in k.get("/workloads")["namespaces"]] == [f"/run/netns/{client.netns}"]
+    assert curl(client, f"http://{VIP}/", "-H", "end-user: jason") == (200, "v2")
+    k.stop(signal.SIGTERM)
+    k.start()
+    assert curl(client, f"http://{VIP}/") == (200, "v1")
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", "-o", "json", "list"],
+                       capture_output=True, text=True, check=True)
+    assert len(json.loads(r.stdout)["namespaces"]) == 1
+
+
+def test_a_deleted_pod_leaves_nothing_behind(kmesh, cgroup, topo):
+    k = _reviews(kmesh, topo)
+    client = topo.pod("client", parent=cgroup)
+    _, body = k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")
+    inode = body["inode"]
+    assert curl(client, f"http://{VIP}/") == (200, "v1")
+    assert inode in {ns for ns, _ in orig_dst_keys(k)}
+    topo.delete(client)
+    deadline = time.monotonic() + 15   # the daemon looks every 5 s
+    while k.get("/workloads")["namespaces"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert k.get("/workloads")["namespaces"] == []
+    assert inode not in {ns for ns, _ in orig_dst_keys(k)}
+    assert workload_entries(k) == 0
+    assert "network namespace is gone" in k.log()
+
+
+def workload_entries(k) -> int:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / "km_workloads")],
+                         capture_output=True, text=True, check=True).stdout
+    return len(json.loads(out))

@@ -121,6 +121,14 @@ class Topology:
         _ip("link", "set", "lo", "up", netns=netns)
         return pod
 
+    def delete(self, pod: Pod) -> None:
+        """What deleting a pod does: its processes end, its namespace goes."""
+        pod.stop()
+        pod.cgroup.remove()
+        self._cgroups.remove(pod.cgroup)
+        subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True, check=True)
+        self.pods.remove(pod)
+
     def close(self) -> None:
         for pod in self.pods:
             pod.stop()

@@ -69,6 +69,7 @@ LAYOUT_FINGERPRINTS = {
     4: "1731c9925fc2e21c",   # + failed/bytes counters, conn events, access log bucket; policies; L7 hand-off
     5: "30ae2b47554405e5",   # + L7 splice (km_splice, km_splice_dir, km_splice_relayed)
     6: "015f90b8b8b67e73",   # km_orig_dst keyed by network namespace too (kmesh_handoff_key)
+    7: "bb90bbe5966ef164",   # + km_workloads (workloads enrolled by network namespace)
 }
 
 

@@ -446,11 +446,21 @@ def link_info(link_fd: int) -> _LinkInfo:
     return info
 
 
-def map_id(map_fd: int) -> int:
+def _map_info(map_fd: int) -> _MapInfo:
     info = _MapInfo()
     size = _c.c_uint32(_c.sizeof(info))
     _check(bpf_obj_get_info_by_fd(map_fd, _c.byref(info), _c.byref(size)), "bpf_map info")
-    return info.id
+    return info
+
+
+def map_id(map_fd: int) -> int:
+    return _map_info(map_fd).id
+
+
+def map_sizes(map_fd: int) -> tuple[int, int]:
+    """(key size, value size) of the map."""
+    info = _map_info(map_fd)
+    return info.key_size, info.value_size
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:

@@ -33,6 +33,8 @@ KMESH_SOCKMAP_TURN_BYTES = 131072
 KMESH_SOCKMAP_SMALL_MSG = 16384
 KMESH_MAX_POLICY_CLUSTERS = 16384
 KMESH_MAX_HANDOFFS = 65536
+KMESH_MAX_WORKLOADS = 4096
+KMESH_WORKLOAD_PATH_MAX = 128
 LISTENER_L7 = 1   # enum kmesh_listener_flag
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 KMESH_MAX_SPLICED_SOCKETS = 65536
@@ -55,13 +57,15 @@ LIMITS = {
     "KMESH_SOCKMAP_SMALL_MSG": KMESH_SOCKMAP_SMALL_MSG,
     "KMESH_MAX_POLICY_CLUSTERS": KMESH_MAX_POLICY_CLUSTERS,
     "KMESH_MAX_HANDOFFS": KMESH_MAX_HANDOFFS,
+    "KMESH_MAX_WORKLOADS": KMESH_MAX_WORKLOADS,
+    "KMESH_WORKLOAD_PATH_MAX": KMESH_WORKLOAD_PATH_MAX,
     "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
     "KMESH_MAX_SPLICED_SOCKETS": KMESH_MAX_SPLICED_SOCKETS,
 }
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 6
+KMESH_LAYOUT_VERSION = 7
 
 
 class LbPolicy(enum.IntEnum):
@@ -80,6 +84,12 @@ class KmeshHandoffKey(ctypes.Structure):
     """struct kmesh_handoff_key: km_orig_dst's key."""
 
     _fields_ = [("netns", ctypes.c_uint32), ("addr", KmeshAddr)]
+
+
+class KmeshWorkload(ctypes.Structure):
+    """struct kmesh_workload: km_workloads' value."""
+
+    _fields_ = [("path", ctypes.c_char * KMESH_WORKLOAD_PATH_MAX)]
 
 
 class KmeshWeightedCluster(ctypes.Structure):
@@ -242,6 +252,7 @@ ClusterId = ctypes.c_uint32
 STRUCTS = {
     "kmesh_addr": KmeshAddr,
     "kmesh_handoff_key": KmeshHandoffKey,
+    "kmesh_workload": KmeshWorkload,
     "kmesh_weighted_cluster": KmeshWeightedCluster,
     "kmesh_listener": KmeshListener,
     "kmesh_endpoint": KmeshEndpoint,

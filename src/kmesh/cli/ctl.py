@@ -5,6 +5,8 @@
     kmeshctl stats [--once]          busiest clusters and endpoints, refreshing (top-like)
     kmeshctl log --level LEVEL       change the daemon's log level at runtime
     kmeshctl accesslog on|off|status switch the per-connection access log
+    kmeshctl enroll|unenroll --netns PATH|--pid N, kmeshctl list
+                                     workloads in network namespaces of their own
 
 It talks to the admin API only (``--admin``, default $KMESH_ADMIN or
 127.0.0.1:15200), so it needs no privileges.
@@ -15,6 +17,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import click
@@ -204,10 +207,6 @@ def accesslog(obj, state: str):
                    f"{got.get('written', 0)} lines written, {got.get('rate_dropped', 0)} dropped by the rate limit")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 @main.command()
 @click.pass_obj
 def l7(obj):
@@ -230,3 +229,58 @@ def l7(obj):
         rows.append(["spliced", "no (-l7-splice-budget=0: the daemon relays)"])
     click.echo(f"hand-off listener {got['address']}\n")
     click.echo(_table(rows, ["", ""]))
+
+
+def _workload_query(netns: str | None, pid: int | None) -> str:
+    if (netns is None) == (pid is None):
+        raise click.UsageError("name the workload by --netns PATH or --pid N")
+    return f"netns={urllib.parse.quote(netns, safe='/')}" if netns else f"pid={pid}"
+
+
+def _workloads_out(obj, got: dict, said: str | None = None) -> None:
+    if obj["output"] == "json":
+        click.echo(json.dumps(got, indent=2, sort_keys=True))
+        return
+    if said:
+        click.echo(said)
+    rows = [[w["netns"], w["inode"]] for w in got.get("namespaces", [])]
+    click.echo(_table(rows, ["NETWORK NAMESPACE", "INODE"]) if rows else "no workloads enrolled by namespace")
+
+
+def _workload_options(f):
+    f = click.option("--pid", type=int, help="a process in the workload's network namespace")(f)
+    return click.option("--netns", help="the workload's network namespace (/run/netns/NAME, a CNI's bind mount)")(f)
+
+
+def _enrollment(obj, action: str, netns: str | None, pid: int | None) -> None:
+    got = json.loads(_request(obj["admin"], f"/workloads/{action}?{_workload_query(netns, pid)}", method="POST"))
+    unchanged = " (already)" if action == "enroll" else " (was not enrolled)"
+    done = got.get("added" if action == "enroll" else "removed")
+    _workloads_out(obj, got, f"{action}ed {got['netns']}" + ("" if done else unchanged))
+
+
+@main.command()
+@_workload_options
+@click.pass_obj
+def enroll(obj, netns: str | None, pid: int | None):
+    """Enroll a workload's network namespace: L7 routing for its clients."""
+    _enrollment(obj, "enroll", netns, pid)
+
+
+@main.command()
+@_workload_options
+@click.pass_obj
+def unenroll(obj, netns: str | None, pid: int | None):
+    """Unenroll a workload's network namespace (its open connections go on)."""
+    _enrollment(obj, "unenroll", netns, pid)
+
+
+@main.command(name="list")
+@click.pass_obj
+def list_(obj):
+    """The workloads enrolled by network namespace."""
+    _workloads_out(obj, _get_json(obj["admin"], "/workloads"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

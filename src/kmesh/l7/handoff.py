@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import socket
 import threading
@@ -232,14 +231,8 @@ class Handoff:
         self._in_loop(add)
         return {"netns": path, "inode": ns.inode, "added": True}
 
-    def remove_netns(self, path: str) -> bool:
-        """Close the listener in that namespace (its connections go on).
-        Known by inode: also after the path itself is gone."""
-        try:
-            inode = os.stat(path).st_ino
-        except OSError:
-            inode = next((i for i, (ns, _) in self._netns.items() if ns.path == path), None)
-
+    def remove_netns(self, inode: int) -> bool:
+        """Close the listener in the namespace ``inode`` (its connections go on)."""
         def remove():
             got = self._netns.pop(inode, None)
             if got is None:
@@ -249,7 +242,11 @@ class Handoff:
             sock.close()
             ns.close()
             return True
-        return self._in_loop(remove)
+        removed = self._in_loop(remove)
+        # What its clients' connects published and nobody will read now.
+        for key in [k for k in self.orig_dst.keys() if k.netns == inode]:
+            self.orig_dst.delete(key)
+        return removed
 
     def _in_loop(self, fn):
         """Run ``fn`` in the loop's thread (where the listeners are served)."""
