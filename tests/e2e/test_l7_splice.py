@@ -13,11 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from tests.e2e.test_l4 import vip
-from tests.support import harness
+from tests.support import harness, pods
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
 
 
@@ -31,9 +32,10 @@ class Backend:
     """A loopback TCP backend whose behaviour per connection is a function
     of the accepted socket (run in its own thread)."""
 
-    def __init__(self, handler):
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
+    def __init__(self, handler, site: "Site | None" = None):
+        self.lsock = site.backend_ns.socket() if site and site.backend_ns else socket.socket()
+        self.ip = site.backend_ip if site else "127.0.0.1"
+        self.lsock.bind((self.ip, 0))
         self.lsock.listen(64)
         self.port = self.lsock.getsockname()[1]
         self.handler = handler
@@ -72,17 +74,55 @@ def read_head(conn: socket.socket) -> bytes:
     return data
 
 
+@dataclass
+class Site:
+    """Where a test's client and backend run: on the host (the governed
+    cgroup, loopback) or in pods (tests/support/pods.py: the client in an
+    enrolled pod under the governed cgroup, the backend in another pod)."""
+
+    client: object                 # harness.Cgroup or pods.Pod (run, popen)
+    backend_ip: str = "127.0.0.1"
+    backend_ns: object = None      # kmesh.l7.netns.Netns of the backend's pod
+    client_netns: str | None = None
+
+    def enroll(self, k) -> None:
+        if self.client_netns:
+            status, body = k.post(f"/workloads/enroll?netns={self.client_netns}")
+            assert status == 200, body
+
+
 @pytest.fixture
-def splice_env(kmesh, cgroup):
+def site(request, cgroup):
+    """The host (default), or pods for a test parametrized with "pod"."""
+    if getattr(request, "param", "host") == "host":
+        yield Site(cgroup)
+        return
+    from kmesh.l7 import netns
+
+    with pods.Topology() as topo:
+        server, client = topo.pod("server"), topo.pod("client", parent=cgroup)
+        ns = netns.Netns(f"/run/netns/{server.netns}")
+        try:
+            yield Site(client, server.ip, ns, f"/run/netns/{client.netns}")
+        finally:
+            ns.close()
+
+
+ON_HOST_AND_IN_PODS = pytest.mark.parametrize("site", ["host", "pod"], indirect=True)
+
+
+@pytest.fixture
+def splice_env(kmesh, site):
     """start(handler, routes=None, args=()) -> (kmesh, vip, backend)."""
     made = []
 
     def start(handler, routes=None, args=()):
-        b = Backend(handler)
+        b = Backend(handler, site)
         made.append(b)
         v = vip()
         k = kmesh(bootstrap([hcm_listener("s", v, 80, routes or l7_route())],
-                            [cluster("b", lb_ep("127.0.0.1", b.port))]), extra_args=args)
+                            [cluster("b", lb_ep(b.ip, b.port))]), extra_args=args)
+        site.enroll(k)
         return k, v, b
 
     yield start
@@ -166,13 +206,14 @@ print(digest.decode() == sent.hexdigest(), total == n, h.hexdigest() == expect.h
 """
 
 
-@pytest.mark.parametrize("budget", [64 * 1024, 4 << 20])
-def test_one_gib_each_way_is_intact_and_spliced(splice_env, cgroup, budget):
+@pytest.mark.parametrize("budget, site", [(64 * 1024, "host"), (4 << 20, "host"), (4 << 20, "pod")],
+                         indirect=["site"])
+def test_one_gib_each_way_is_intact_and_spliced(splice_env, site, budget):
     """Full-duplex bulk: both directions keep switching between the kernel
     and the daemon (the budget is small next to what a bulk sender puts in
     flight); every byte arrives once and in order."""
     k, v, b = splice_env(echo_sha, args=(f"-l7-splice-budget={budget}",))
-    assert run_client(cgroup, BOTH_WAYS, v, 1 << 30, timeout=300) == "True True True"
+    assert run_client(site.client, BOTH_WAYS, v, 1 << 30, timeout=300) == "True True True"
     st = k.get("/l7")["splice"]
     assert st["spliced"] == 1 and st["not_spliceable"] == 0, st
 
@@ -211,11 +252,12 @@ print(data.decode())
 """
 
 
-def test_half_close_passes_after_the_data(splice_env, cgroup):
+@ON_HOST_AND_IN_PODS
+def test_half_close_passes_after_the_data(splice_env, site):
     k, v, b = splice_env(half_close_server)
     head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     for _ in range(5):
-        assert run_client(cgroup, HALF_CLOSE, v, "late") == f"got {head + 200000}"
+        assert run_client(site.client, HALF_CLOSE, v, "late") == f"got {head + 200000}"
     assert k.get("/l7")["splice"]["spliced"] == 5
 
 
@@ -238,9 +280,10 @@ except ConnectionResetError:
 """
 
 
-def test_backend_reset_resets_the_client(splice_env, cgroup):
+@ON_HOST_AND_IN_PODS
+def test_backend_reset_resets_the_client(splice_env, site):
     k, v, b = splice_env(reset_server)
-    assert run_client(cgroup, RESET_SEEN, v) == "reset"
+    assert run_client(site.client, RESET_SEEN, v) == "reset"
 
 
 def wait_for_reset(conn):
@@ -263,9 +306,10 @@ s.close()
 """
 
 
-def test_client_reset_resets_the_backend(splice_env, cgroup):
+@ON_HOST_AND_IN_PODS
+def test_client_reset_resets_the_backend(splice_env, site):
     k, v, b = splice_env(wait_for_reset)
-    run_client(cgroup, CLIENT_RESETS, v)
+    run_client(site.client, CLIENT_RESETS, v)
     wait_while(lambda: not b.results, 10)
     assert b.results == ["reset"]
     wait_while(lambda: k.get("/l7")["splice"]["active"], 5)
@@ -418,20 +462,22 @@ def numbered_responses(conn):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-def test_spliced_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
+@ON_HOST_AND_IN_PODS
+def test_spliced_connections_survive_a_daemon_restart(kmesh, site, tmp_path):
     """The stopping daemon hands the spliced sockets to the service
     manager's fd store; meanwhile the kernel keeps carrying the bytes; the
     next daemon takes them back and carries the end of the connection."""
     from tests.support.fdstore import FdStore
 
     store = FdStore(tmp_path / "notify")
-    b = Backend(numbered_responses)
+    b = Backend(numbered_responses, site)
     client = None
     try:
         v = vip()
-        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]),
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep(b.ip, b.port))]),
                   env={"NOTIFY_SOCKET": store.path})
-        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+        site.enroll(k)
+        client = site.client.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
         def ask(line: str = "get") -> str:
