@@ -41,15 +41,17 @@ class Backend:
         self.handler = handler
         self.results: list = []
         self.conns: list[socket.socket] = []
+        self.peers: list[tuple[str, int]] = []
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
         while True:
             try:
-                conn, _ = self.lsock.accept()
+                conn, peer = self.lsock.accept()
             except OSError:
                 return
             self.conns.append(conn)
+            self.peers.append(peer)
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn):
@@ -84,6 +86,7 @@ class Site:
     backend_ip: str = "127.0.0.1"
     backend_ns: object = None      # kmesh.l7.netns.Netns of the backend's pod
     client_netns: str | None = None
+    client_ip: str = "127.0.0.1"   # where the backend sees the connection come from
 
     def enroll(self, k) -> None:
         if self.client_netns:
@@ -103,7 +106,7 @@ def site(request, cgroup):
         server, client = topo.pod("server"), topo.pod("client", parent=cgroup)
         ns = netns.Netns(f"/run/netns/{server.netns}")
         try:
-            yield Site(client, server.ip, ns, f"/run/netns/{client.netns}")
+            yield Site(client, server.ip, ns, f"/run/netns/{client.netns}", client.ip)
         finally:
             ns.close()
 
@@ -216,6 +219,7 @@ def test_one_gib_each_way_is_intact_and_spliced(splice_env, site, budget):
     assert run_client(site.client, BOTH_WAYS, v, 1 << 30, timeout=300) == "True True True"
     st = k.get("/l7")["splice"]
     assert st["spliced"] == 1 and st["not_spliceable"] == 0, st
+    assert b.peers[0][0] == site.client_ip   # the upstream leaves from the client's namespace
 
 
 # --- end of stream ------------------------------------------------------------
