@@ -39,7 +39,7 @@ KERNELS = ("5.10", "6.1", "6.12")
 # drives the LB through a SEC("syscall") program, a 5.14 test vehicle.)
 SUITE = ("tests/e2e/test_kernel_core.py",)
 # Where the kernel splices L7 connections, the splice's hand-over too.
-SPLICE_SUITE = ("tests/e2e/test_l7_splice.py::test_spliced_connections_survive_a_daemon_restart",)
+SPLICE_SUITE = ("tests/e2e/test_l7_splice.py::test_spliced_connections_survive_a_daemon_restart[host]",)
 # This kernel runs as a host without /boot/config-* or /proc/config.gz does
 # (the connect timeout's fallback).
 WITHOUT_KERNEL_CONFIG = "5.10"
