@@ -277,7 +277,6 @@ class Daemon:
         enrolled (an upgrade carries them over from the old layout's map);
         drop those whose namespace is gone."""
         from kmesh.dataplane import workloads as wl
-        from kmesh.l7 import netns as kns
 
         self._workloads = wl.WorkloadStore(dp.maps["km_workloads"])
         if self.l7 is None:
@@ -285,20 +284,15 @@ class Daemon:
         enrolled = {**(wl.carried_over(dp.map_dir) if dp.migrating else {}), **self._workloads.all()}
         kept = 0
         for inode, path in enrolled.items():
-            try:
-                ns = kns.Netns(path)
-                same = ns.inode == inode
-                ns.close()
-                if same:
+            if _names_netns(path, inode):
+                try:
                     self.l7.add_netns(path)
                     self._workloads.add(inode, path)
                     kept += 1
                     continue
-            except OSError:
-                pass
-            self._workloads.remove(inode)
-            log.info("an enrolled workload's network namespace is gone; unenrolled",
-                     extra={"kv": {"netns": path, "inode": inode}})
+                except OSError:
+                    pass
+            self._unenroll_gone({"netns": path, "inode": inode})
         if enrolled:
             log.info("enrolled workloads restored", extra={"kv": {"namespaces": kept}})
 
@@ -308,14 +302,13 @@ class Daemon:
         if self.l7 is None:
             return
         for w in self.l7.namespaces():
-            try:
-                alive = os.stat(w["netns"]).st_ino == w["inode"]
-            except OSError:
-                alive = False
-            if not alive:
+            if not _names_netns(w["netns"], w["inode"]):
                 self.l7.remove_netns(w["inode"])
-                self._workloads.remove(w["inode"])
-                log.info("an enrolled workload's network namespace is gone; unenrolled", extra={"kv": w})
+                self._unenroll_gone(w)
+
+    def _unenroll_gone(self, w: dict) -> None:
+        self._workloads.remove(w["inode"])
+        log.info("an enrolled workload's network namespace is gone; unenrolled", extra={"kv": w})
 
     def set_sockmap(self, on: bool) -> dict:
         """Turn same-host acceleration on or off at runtime (admin API)."""
@@ -621,3 +614,12 @@ class Daemon:
     def dump_maps(self) -> dict:
         with self._lock:
             return self._maps.dump(self.cluster_names()) if self._maps else {}
+
+
+def _names_netns(path: str, inode: int) -> bool:
+    """Whether ``path`` still names the namespace ``inode`` (not gone, not
+    another one made at the same path since)."""
+    try:
+        return os.stat(path).st_ino == inode
+    except OSError:
+        return False

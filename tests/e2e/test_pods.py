@@ -13,19 +13,12 @@ import time
 
 import pytest
 
-from tests.e2e.test_l7 import DEFAULT, JASON
+from tests.e2e.test_l7 import DEFAULT, JASON, curl
 from tests.e2e.test_observability import KMESHCTL
 from tests.support import pods
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
 
 VIP, VIP2 = "10.96.0.10", "10.96.0.11"   # ClusterIPs: no route to them anywhere in the topology
-
-
-def curl(pod: pods.Pod, url: str, *args: str) -> tuple[int, str]:
-    """(HTTP status, body) of one request from ``pod``; status 0: no response."""
-    r = pod.run(["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", *args, url])
-    body, _, code = r.stdout.rpartition("\n")
-    return int(code or 0), body.strip()
 
 
 @pytest.fixture

@@ -82,20 +82,11 @@ def _kill(pid: int) -> None:
         pass
 
 
-class Cgroup:
-    """A child cgroup v2; only test clients are put in it."""
-
-    def __init__(self, parent: Path | None = None):
-        """A new cgroup below the test root, or below ``parent`` (itself a
-        test cgroup: never the root)."""
-        self.path = (parent or CGROUP2_ROOT) / unique("kmesh-test")
-        assert self.path.is_relative_to(CGROUP2_ROOT) and self.path.parent.is_relative_to(CGROUP2_ROOT)
-        self.path.mkdir()
+class Runner:
+    """Runs test clients where a subclass's ``_wrap`` puts them."""
 
     def _wrap(self, argv: list[str]) -> list[str]:
-        """Join the cgroup, then exec: a shell does it, not a preexec_fn, because
-        Python code between fork and exec is unsafe next to gRPC's threads."""
-        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
+        raise NotImplementedError
 
     def run(self, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(self._wrap(argv), capture_output=True, text=True, timeout=timeout, **kw)
@@ -110,12 +101,28 @@ class Cgroup:
         return r.stdout.split()
 
     def load(self, host: str, port: int, seconds: float = 300) -> "LoadClient":
-        """Connections in a loop from inside the cgroup until report()."""
+        """Connections in a loop until report()."""
         return LoadClient(self.popen([sys.executable, str(CLIENT), "loop", host, str(port), str(seconds)],
                                      stdout=subprocess.PIPE))
 
     def client(self, *args) -> subprocess.CompletedProcess:
         return self.run([sys.executable, str(CLIENT), *map(str, args)])
+
+
+class Cgroup(Runner):
+    """A child cgroup v2; only test clients are put in it."""
+
+    def __init__(self, parent: Path | None = None):
+        """A new cgroup below the test root, or below ``parent`` (itself a
+        test cgroup: never the root)."""
+        self.path = (parent or CGROUP2_ROOT) / unique("kmesh-test")
+        assert self.path.is_relative_to(CGROUP2_ROOT) and self.path.parent.is_relative_to(CGROUP2_ROOT)
+        self.path.mkdir()
+
+    def _wrap(self, argv: list[str]) -> list[str]:
+        """Join the cgroup, then exec: a shell does it, not a preexec_fn, because
+        Python code between fork and exec is unsafe next to gRPC's threads."""
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
 
     def remove(self) -> None:
         for _ in range(50):

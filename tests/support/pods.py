@@ -31,7 +31,7 @@ def _ip(*args: str, netns: str | None = None) -> None:
 
 
 @dataclass
-class Pod:
+class Pod(harness.Runner):
     name: str
     netns: str
     ip: str
@@ -39,24 +39,14 @@ class Pod:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def _wrap(self, argv: list[str]) -> list[str]:
-        # Join the cgroup first: `ip netns exec` remounts /sys, which hides
+        # Into the cgroup first: `ip netns exec` remounts /sys, which hides
         # the cgroup2 mount from what it runs.
-        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec ip netns exec "$ns" "$@"',
-                str(self.cgroup.path), self.netns, *argv]
-
-    def run(self, argv: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self._wrap(argv), capture_output=True, text=True, timeout=timeout, **kw)
+        return self.cgroup._wrap(["ip", "netns", "exec", self.netns, *argv])
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        p = subprocess.Popen(self._wrap(argv), text=True, **kw)
+        p = super().popen(argv, **kw)
         self.procs.append(p)
         return p
-
-    def curl(self, url: str, *extra: str) -> list[str]:
-        """One curl, a new connection per URL (URL globbing): the bodies."""
-        r = self.run(["curl", "-sS", "--max-time", "10", "-H", "Connection: close", *extra, url])
-        assert r.returncode == 0, f"curl {url} from pod {self.name} failed ({r.returncode}): {r.stderr}"
-        return r.stdout.split()
 
     def connect(self, host: str, port: int) -> str:
         """One connect: "ok" or the errno's name."""

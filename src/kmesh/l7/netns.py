@@ -44,17 +44,15 @@ class Netns:
         except OSError as e:
             raise OSError(e.errno, f"network namespace {path}: {e.strerror}") from None
         self.path, self.inode = path, os.fstat(self.fd).st_ino
-        try:
-            self.socket(socket.AF_INET, socket.SOCK_STREAM).close()   # a namespace, not any file
-        except OSError as e:
-            os.close(self.fd)
-            raise OSError(e.errno, f"{path} is not a network namespace ({e.strerror})") from None
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket in this namespace."""
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _setns(self.fd)
+            try:
+                _setns(self.fd)
+            except OSError as e:
+                raise OSError(e.errno, f"{self.path} is not a network namespace ({e.strerror})") from None
             try:
                 return socket.socket(family, kind)
             finally:
