@@ -11,11 +11,11 @@
  *   usual case: a socket's release and close run on the CPU that closes it)
  *   and err only the safe way under a race (docs/kernels.md).
  *
- * - Helpers and kfuncs a kernel lacks are fine in code the verifier can
- *   prove dead: bpf_core_*_exists() is resolved by libbpf from the running
- *   kernel's BTF before loading, so the branch that calls a missing helper
- *   is a constant false. A program that needs a kfunc outright (the splice
- *   verdict) is simply not loaded there (autoload off).
+ * - Helpers a kernel lacks are fine in code the verifier can prove dead:
+ *   bpf_core_*_exists() is resolved by libbpf from the running kernel's BTF
+ *   before loading, so the branch that calls a missing helper is a constant
+ *   false. A program the kernel cannot take at all (the splice verdict,
+ *   where a probe load of what it does fails) is not loaded (autoload off).
  */
 #ifndef __KMESH_COMPAT_H__
 #define __KMESH_COMPAT_H__
