@@ -89,8 +89,9 @@ TARGETS = {"conn_rate_ratio_min": 0.95, "latency_ratio_max": 1.03,
            "rate_ratio_min": 0.95, "connect4_ns_max": 500.0,
            "obs_rate_ratio_min": 0.97, "obs_latency_ratio_max": 1.03}
 
-MODES = ("direct", "kmesh", "kmesh-obs-on", "kmesh-obs-off", "kmesh-policies", "envoy")
+MODES = ("direct", "kmesh", "kmesh-obs-on", "kmesh-obs-off", "kmesh-policies", "kmesh-unenrolled", "envoy")
 MODE_LABELS = {"direct": "direct", "kmesh": "kmesh", "kmesh-obs-on": "kmesh obs on", "kmesh-obs-off": "kmesh obs off",
+               "kmesh-unenrolled": "kmesh, not enrolled",
                "kmesh-policies": "kmesh + policies", "envoy": "Envoy"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -239,9 +240,9 @@ def wrk_cmd(test: str, duration: float, close_lua: Path) -> list[str]:
     return ["wrk", f"-t{1 if conns == 1 else 2}", f"-c{conns}", d, "--latency"]
 
 
-def nginx_conf(tmp: Path, port: int) -> str:
-    """A self-contained nginx answering "ok" on 127.0.0.1:port, everything
-    it writes under ``tmp``."""
+def nginx_conf(tmp: Path, port: int, port2: int) -> str:
+    """A self-contained nginx answering "ok" on 127.0.0.1:port and :port2,
+    everything it writes under ``tmp``."""
     return f"""daemon off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -259,6 +260,7 @@ http {{
     keepalive_timeout 120s;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port2} backlog=4096;
         location = /nginx_status {{ stub_status; }}
         location / {{ return 200 "ok\\n"; }}
     }}
@@ -266,11 +268,16 @@ http {{
 """
 
 
-def proxy_config(ip: str, port: int, backend_port: int, policies: bool = False) -> dict:
+def proxy_config(ip: str, port: int, backend_port: int, policies: bool = False, unenrolled_port: int = 0) -> dict:
     """Envoy v3 bootstrap: a tcp_proxy listener on ip:port to the nginx backend
     (kmesh reads the same shape). ``policies``: every traffic policy kmesh
-    enforces, set so that none is triggered (docs/policies.md)."""
+    enforces, set so that none is triggered (docs/policies.md).
+    ``unenrolled_port``: a second listener, on nginx's second port, for the
+    workload that is not enrolled: its connects hit the listener, are found
+    not governed, and go on to nginx as the application asked."""
     lst, cl = tcp_listener("bench", ip, port, "bench"), cluster("bench", lb_ep("127.0.0.1", backend_port))
+    if unenrolled_port:
+        return bootstrap([lst, tcp_listener("unenrolled", "127.0.0.1", unenrolled_port, "bench")], [cl])
     if policies:
         lst = rate_limited(lst, max_tokens=1_000_000_000, tokens_per_fill=1_000_000_000, fill_interval="0.05s")
         cl["circuit_breakers"] = {"thresholds": [{"max_connections": 1_000_000}]}
@@ -412,8 +419,9 @@ class Envoy:
 
 
 class Mode(NamedTuple):
-    daemon: Daemon   # wrk runs in its cgroup; its programs' counters are read
+    daemon: Daemon   # its programs' counters are read; wrk runs in its cgroup ...
     url: str
+    cgroup: Path | None = None   # ... or in this one
 
 
 # -- the bench --------------------------------------------------------------
@@ -440,6 +448,8 @@ class Bench:
         self.stats_fd = -1   # BPF_ENABLE_STATS, held for the run
         self.bpf_stats_before: str | None = None
         self.backend_port = 0
+        self.unenrolled_port = 0   # nginx's second port, a listener of the kmesh daemon
+        self.unenrolled_cgroup = self.daemons["kmesh"].cgroup / "unenrolled"   # bypassed, under kmesh's
         self.close_lua = self.tmp / "close.lua"
 
     # -- setup ----------------------------------------------------------
@@ -480,16 +490,19 @@ class Bench:
                 try:
                     if base == BPFFS:
                         daemon_cleanup(p)
+                    else:
+                        for child in (c for c in p.iterdir() if c.is_dir()):   # the not-enrolled cgroup
+                            child.rmdir()
                     p.rmdir()
                     log(f"removed stale {p}")
                 except (OSError, BenchError) as e:
                     log(f"warning: stale {p} not removed: {e}")
 
     def start_nginx(self) -> None:
-        self.backend_port = free_port()
+        self.backend_port, self.unenrolled_port = free_port(), free_port()
         t = self.tmp
         conf = t / "nginx.conf"
-        conf.write_text(nginx_conf(t, self.backend_port))
+        conf.write_text(nginx_conf(t, self.backend_port, self.unenrolled_port))
         self.nginx = spawn(["nginx", "-p", str(t), "-c", str(conf), "-e", str(t / "nginx-error.log")],
                            t / "nginx.out")
         wait_ready(self.nginx, "nginx", f"http://127.0.0.1:{self.backend_port}/", 10,
@@ -512,16 +525,49 @@ class Bench:
         self.start_nginx()
         for mode, d in self.daemons.items():
             config = self.tmp / f"{mode}.json"
-            config.write_text(json.dumps(proxy_config(VIP_IP, VIP_PORT, self.backend_port,
-                                                      policies=mode == "kmesh-policies"), indent=2))
+            config.write_text(json.dumps(proxy_config(
+                VIP_IP, VIP_PORT, self.backend_port, policies=mode == "kmesh-policies",
+                unenrolled_port=self.unenrolled_port if mode == "kmesh" else 0), indent=2))
             d.start(config)
+        self.start_unenrolled()
         self.start_envoy()
         vip = f"http://{VIP_IP}:{VIP_PORT}/"
         self.modes = {"direct": Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.backend_port}/"),
                       "kmesh": Mode(self.daemons["kmesh"], vip),
-                      **{m: Mode(d, vip) for m, d in self.daemons.items() if m != "kmesh"}}
+                      **{m: Mode(d, vip) for m, d in self.daemons.items() if m != "kmesh"},
+                      "kmesh-unenrolled": Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.unenrolled_port}/",
+                                               self.unenrolled_cgroup)}
         if self.envoy:
             self.modes["envoy"] = Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.envoy.port}/")
+
+    def start_unenrolled(self) -> None:
+        """A cgroup under the kmesh daemon's, bypassed: the workload that is
+        not enrolled (with -workloads=enrolled, one nobody enrolled takes the
+        same path through connect4: the check finds no entry)."""
+        self.unenrolled_cgroup.mkdir()
+        d = self.daemons["kmesh"]
+        req = urllib.request.Request(f"http://{d.admin}/workloads/bypass?cgroup={self.unenrolled_cgroup}",
+                                     data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            if r.status != 200:
+                raise BenchError(f"{d.name}: bypass of {self.unenrolled_cgroup} answered {r.status}")
+        log(f"{self.unenrolled_cgroup} bypassed: its connects to 127.0.0.1:{self.unenrolled_port} (a listener) "
+            "are left alone")
+
+    def check_unenrolled(self) -> None:
+        """The bypassed workload's connect to the listener reaches nginx on
+        the port it asked for, and connect4 counted it as not governed."""
+        before = self._ungoverned()
+        out = self.run_in_cgroup(["curl", "-s", "-o", "/dev/null", "-w", "%{remote_port} %{http_code}",
+                                  f"http://127.0.0.1:{self.unenrolled_port}/"], self.unenrolled_cgroup, timeout=10)
+        if out.split() != [str(self.unenrolled_port), "200"] or self._ungoverned() != before + 1:
+            raise BenchError(f"not-enrolled check failed in {self.unenrolled_cgroup}: {out}")
+        log("not-enrolled check ok: left alone, counted as ungoverned")
+
+    def _ungoverned(self) -> float:
+        _, body = http_get(f"http://{self.daemons['kmesh'].admin}/metrics")
+        m = re.search(rb'kmesh_connects_total\{decision="ungoverned"\} ([0-9.e+]+)', body)
+        return float(m.group(1)) if m else 0.0
 
     def enable_bpf_stats(self) -> None:
         """Hold a BPF_ENABLE_STATS fd: the kernel counts run time while it is
@@ -604,7 +650,7 @@ class Bench:
         cmd = wrk_cmd(test, duration, self.close_lua) + [m.url]
         acc0 = self.nginx_accepts()
         bpf0 = prog_stats(m.daemon.prog_ids)
-        out = self.run_in_cgroup(cmd, m.daemon.cgroup, timeout=duration + 30)
+        out = self.run_in_cgroup(cmd, m.cgroup or m.daemon.cgroup, timeout=duration + 30)
         bpf1 = prog_stats(m.daemon.prog_ids)
         acc1 = self.nginx_accepts()
         res = parse_wrk(out)
@@ -628,6 +674,7 @@ class Bench:
         for d in self.daemons.values():
             self.check_redirect(d)
         self.check_vip_outside()
+        self.check_unenrolled()
         self.check_observability()
         self.enable_bpf_stats()
 
@@ -699,6 +746,8 @@ class Bench:
             attempt("stop BPF stats", lambda: os.close(self.stats_fd))
         if self.envoy:
             self.envoy.teardown(attempt)
+        if self.unenrolled_cgroup.exists():
+            attempt(f"rmdir {self.unenrolled_cgroup}", lambda: remove_cgroup(self.unenrolled_cgroup))
         for d in self.daemons.values():
             d.teardown(attempt)
         attempt("stop nginx", lambda: stop_process(self.nginx, "nginx", timeout=10))
@@ -771,6 +820,7 @@ class Table:
         self.kmesh_vs_direct()
         self.observability_cost()
         self.policy_cost()
+        self.unenrolled_cost()
         self.envoy_vs_direct()
 
     def kmesh_vs_direct(self) -> None:
@@ -814,6 +864,19 @@ class Table:
                  f"BPF ns per short connection ({' + '.join(self.programs())}; no target)", "ns",
                  {m: self.per_request(m, lambda r: sum(st["ns"] for st in r["bpf"].values())) for m in pair}, *pair,
                  better="lower")
+
+    def unenrolled_cost(self) -> None:
+        """What the enrollment check costs a workload that is not enrolled:
+        its connect hits a listener, is checked, and is left alone."""
+        pair = ("kmesh-unenrolled", "direct")
+        if pair[0] not in self.modes:
+            return
+        self.block = ("enrollment check, workload not enrolled (connects to a listener, checked, left alone): "
+                      "ratio kmesh, not enrolled / direct, spread of direct; target <= 3% cost")
+        self.cost_rows(pair)
+        c4 = {m: self.ns_per_run(m, "connect4") for m in pair}
+        self.add("unenrolled/direct:connect4_ns_per_run", "connect4 ns/run (direct: listener miss; not enrolled: "
+                 "listener hit, netns and cgroup lookups)", "ns", c4, *pair, better="lower")
 
     def envoy_vs_direct(self) -> None:
         if "envoy" not in self.modes:

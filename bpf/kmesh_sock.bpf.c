@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * kmesh L4 data path, attached to the governed cgroup:
- *   cgroup/connect4      rewrites a TCP connect to a service VIP into a
- *                        connect to the endpoint its cluster chooses;
+ *   cgroup/connect4      rewrites a TCP connect of an enrolled workload
+ *                        to a service VIP into a connect to the endpoint
+ *                        its cluster chooses;
  *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count
  *                        (and ends the tracking of a socket that never
  *                        sent a SYN);
@@ -20,6 +21,7 @@
 #include "kmesh_maps.h"
 #include "decision.h"
 #include "endpoint.h"
+#include "workload.h"
 #include "splice.h"
 
 #define SOCK_ALLOW 1   /* cgroup sock_addr verdict: let the syscall go on */
@@ -37,14 +39,28 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	struct kmesh_cluster *c = 0;
 	__u32 cluster_id = 0, taken = 0, ip = ctx->user_ip4;
 	__u16 port = (__u16)ctx->user_port;
+	struct kmesh_listener *l;
+	struct kmesh_addr lkey;
 	enum kmesh_decision d;
+	int l7_here;
 
 	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
 	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
+	/* A connect to anything but a VIP costs one lookup (two with the
+	 * wildcard); only a VIP's asks whose workload connects. */
+	l = listener_lookup(ip, port, &lkey);
+	if (!l) {
+		stat_inc(KMESH_STAT_NO_LISTENER);
+		return SOCK_ALLOW;
+	}
+	if (!workload_governed(ctx->sk, &l7_here)) {
+		stat_inc(KMESH_STAT_UNGOVERNED);
+		return SOCK_ALLOW;
+	}
 	/* Anything short of a redirect leaves the connect as the app asked:
 	 * without an endpoint it fails as it would without kmesh. */
-	d = kmesh_decide(ip, port, &c, &ep, &cluster_id, &taken, &to);
+	d = kmesh_decide_at(l, &lkey, l7_here, &c, &ep, &cluster_id, &taken, &to);
 	switch (d) {
 	case KMESH_REDIRECT:
 		break;
@@ -63,8 +79,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 			bpf_set_retval(-KMESH_ECONNREFUSED);
 		return SOCK_DENY;
 	default:
-		stat_inc(d == KMESH_NO_LISTENER ? KMESH_STAT_NO_LISTENER :
-			 d == KMESH_NO_CLUSTER ? KMESH_STAT_NO_CLUSTER : KMESH_STAT_NO_ENDPOINT);
+		stat_inc(d == KMESH_NO_CLUSTER ? KMESH_STAT_NO_CLUSTER : KMESH_STAT_NO_ENDPOINT);
 		return SOCK_ALLOW;
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);

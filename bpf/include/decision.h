@@ -28,29 +28,31 @@ enum kmesh_decision {
 	KMESH_HANDOFF = 7,      /* an L7 listener: the daemon's hand-off listener takes it */
 };
 
-/* ``*taken``: KMESH_DECIDE_* of a redirect; ``*handoff``: where an L7
- * listener's connection goes (KMESH_HANDOFF). Policies are checked in
- * Envoy's order: the listener's rate limit, then the cluster's circuit
- * breaker, then the endpoint choice (which skips ejected endpoints). */
+/* The decision for a connect that found listener ``l`` (under ``*lkey``).
+ * ``*taken``: KMESH_DECIDE_* of a redirect; ``*handoff``: where an L7
+ * listener's connection goes (KMESH_HANDOFF), when ``l7_here`` (a hand-off
+ * listener serves the client's namespace). Policies are checked in Envoy's
+ * order: the listener's rate limit, then the cluster's circuit breaker,
+ * then the endpoint choice (which skips ejected endpoints). */
 static __always_inline enum kmesh_decision
-kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
-	     __u32 *cluster_id, __u32 *taken, const struct kmesh_addr **handoff)
+kmesh_decide_at(struct kmesh_listener *l, const struct kmesh_addr *lkey, int l7_here,
+		struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
+		__u32 *cluster_id, __u32 *taken, const struct kmesh_addr **handoff)
 {
-	struct kmesh_addr lkey;
-	struct kmesh_listener *l;
 	struct kmesh_cluster *c;
 	__u32 max;
 
 	*taken = 0;
-	l = listener_lookup(ip, port, &lkey);
-	if (!l)
-		return KMESH_NO_LISTENER;
-	if (l->rate_limit.max_tokens && !rate_limit_admit(&lkey, &l->rate_limit))
+	if (l->rate_limit.max_tokens && !rate_limit_admit(lkey, &l->rate_limit))
 		return KMESH_RATE_LIMITED;
-	/* Without a hand-off listener (the daemon runs without L7), the
-	 * listener's catch-all clusters take the connection, as at L4. */
-	if ((l->flags & KMESH_LISTENER_L7) && (*handoff = handoff_address()))
-		return KMESH_HANDOFF;
+	/* Without a hand-off listener (the daemon runs without L7, or not in
+	 * the client's namespace), the listener's catch-all clusters take the
+	 * connection, as at L4. */
+	if ((l->flags & KMESH_LISTENER_L7) && (*handoff = handoff_address())) {
+		if (l7_here)
+			return KMESH_HANDOFF;
+		stat_inc(KMESH_STAT_L7_NO_NETNS);
+	}
 	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;
 	c = bpf_map_lookup_elem(&km_cluster, cluster_id);
@@ -77,6 +79,21 @@ kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct 
 		return KMESH_NO_ENDPOINT;
 	}
 	return KMESH_REDIRECT;
+}
+
+/* The whole decision for a connect to ip:port from a governed workload in
+ * the daemon's namespace (the BPF_PROG_TEST_RUN harness). */
+static __always_inline enum kmesh_decision
+kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
+	     __u32 *cluster_id, __u32 *taken, const struct kmesh_addr **handoff)
+{
+	struct kmesh_addr lkey;
+	struct kmesh_listener *l = listener_lookup(ip, port, &lkey);
+
+	*taken = 0;
+	if (!l)
+		return KMESH_NO_LISTENER;
+	return kmesh_decide_at(l, &lkey, 1, cluster, ep, cluster_id, taken, handoff);
 }
 
 #endif /* __KMESH_DECISION_H__ */

@@ -10,6 +10,7 @@
 #include "kmesh_maps.h"
 #include "policy.h"
 #include "stats.h"
+#include "workload.h"
 
 #define KMESH_SOL_TCP 6           /* IPPROTO_TCP, as a setsockopt level */
 #define KMESH_TCP_USER_TIMEOUT 18 /* uapi linux/tcp.h */
@@ -219,23 +220,6 @@ static __always_inline int user_timeout_of(struct bpf_sock_ops *skops, int *ms)
 	return 0;
 }
 
-/* The inode of the socket's network namespace (0 if unknown). Read through
- * BTF: bpf_get_netns_cookie() only serves sockops from 5.15. */
-static __always_inline __u32 netns_of(struct bpf_sock_ops *skops)
-{
-	struct bpf_sock *bsk = skops->sk;
-	struct tcp_sock *tp;
-	struct net *net;
-
-	if (!bsk)
-		return 0;
-	tp = bpf_skc_to_tcp_sock(bsk);
-	if (!tp)
-		return 0;
-	net = BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.__sk_common.skc_net.net);
-	return net ? BPF_CORE_READ(net, ns.inum) : 0;
-}
-
 static __always_inline struct kmesh_sock_state *sock_state(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
@@ -261,7 +245,7 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 		/* The source address is known from here on; the daemon finds
 		 * the entry by its accepted socket's peer. */
 		struct kmesh_handoff_key src = {
-			.netns = netns_of(skops),
+			.netns = sock_netns(skops->sk),
 			.addr = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) },
 		};
 

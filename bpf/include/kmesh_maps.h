@@ -93,13 +93,14 @@ struct {
 	__type(value, struct kmesh_addr);
 } km_orig_dst SEC(".maps");
 
-/* Workloads enrolled by network namespace, by the namespace's inode: the
- * daemon's own record, pinned so that the next daemon opens their hand-off
- * listeners again. No program reads it. */
+/* Enrolled and bypassed workloads, by cgroup and by network namespace
+ * (include/workload.h): connect4 governs a connection only when its
+ * workload is enrolled. Written by the daemon (and by kmeshctl while the
+ * daemon is down); pinned, so enrollment outlives a restart. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KMESH_MAX_WORKLOADS);
-	__type(key, __u32);
+	__type(key, struct kmesh_workload_key);
 	__type(value, struct kmesh_workload);
 } km_workloads SEC(".maps");
 

@@ -34,6 +34,9 @@ enum kmesh_limits {
 	 * can be enrolled by. */
 	KMESH_MAX_WORKLOADS = 4096,
 	KMESH_WORKLOAD_PATH_MAX = 128,
+	/* cgroup levels searched for an enrollment, root included: systemd
+	 * services sit at 2, Kubernetes containers at 4 or 5. */
+	KMESH_MAX_CGROUP_DEPTH = 16,
 	/* Clusters with policies that keep state, endpoints with outlier state. */
 	KMESH_MAX_POLICY_CLUSTERS = 16384,
 	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
@@ -69,12 +72,41 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 7,
+	KMESH_LAYOUT_VERSION = 8,
 };
 
-/* Value of km_workloads: the path a network namespace was enrolled by. */
+/* Key of km_workloads: a workload, named by its cgroup (the cgroup id, which
+ * is the inode of its cgroup2 directory) or by its network namespace (the
+ * namespace's inode). */
+struct kmesh_workload_key {
+	__u32 kind; /* enum kmesh_workload_kind */
+	__u32 pad;
+	__u64 id;
+};
+
+enum kmesh_workload_kind {
+	KMESH_WORKLOAD_CGROUP = 1,
+	KMESH_WORKLOAD_NETNS = 2,
+};
+
+/* Value of km_workloads: what was said of the workload, and the path it was
+ * named by (for the daemon: to open a namespace's hand-off listener again,
+ * to notice that a cgroup or namespace is gone). */
 struct kmesh_workload {
+	__u32 mode;  /* enum kmesh_workload_mode */
+	__u32 flags; /* enum kmesh_workload_flag */
 	char path[KMESH_WORKLOAD_PATH_MAX]; /* NUL-terminated */
+};
+
+enum kmesh_workload_mode {
+	KMESH_WORKLOAD_ENROLLED = 1, /* governed */
+	KMESH_WORKLOAD_BYPASS = 2,   /* never governed, even inside an enrolled one */
+};
+
+enum kmesh_workload_flag {
+	/* Enrolled by the daemon's -workloads=all (its -cgroup2-path), not by
+	 * a user: a daemon started with -workloads=enrolled removes it. */
+	KMESH_WORKLOAD_SCOPE = 1,
 };
 
 /* Value of km_meta (one entry): what the pinned maps hold. */
@@ -300,6 +332,13 @@ struct kmesh_config {
 	/* Where connections to an L7 listener go (0.0.0.0:0: nowhere; they are
 	 * then left alone). */
 	struct kmesh_addr l7_handoff;
+	/* The daemon's own network namespace (inode), where l7_handoff
+	 * listens for clients that are not in an enrolled namespace. */
+	__u32 daemon_netns;
+	__u32 pad;
+	/* The daemon's own cgroup: its sockets (upstream L7 connections, which
+	 * may be opened inside an enrolled namespace) are never governed. */
+	__u64 daemon_cgroup;
 };
 
 /* Key of km_stats_endpoint: one endpoint of one cluster. */
@@ -330,7 +369,12 @@ enum kmesh_stat {
 	KMESH_STAT_EVENTS_DROPPED = 4, /* access log records the ring buffer had no room for */
 	KMESH_STAT_EVENTS_RATE_LIMITED = 5, /* access log records over its rate limit */
 	KMESH_STAT_L7_HANDOFFS = 6, /* connects to an L7 listener sent to the daemon's hand-off listener */
-	KMESH_STAT_MAX = 7,
+	KMESH_STAT_UNGOVERNED = 7, /* connects to a VIP by a workload not enrolled (or bypassed): left alone */
+	/* connects to an L7 listener from a namespace without a hand-off
+	 * listener (its cgroup is enrolled, its namespace is not): routed at
+	 * L4, by the listener's catch-all clusters */
+	KMESH_STAT_L7_NO_NETNS = 8,
+	KMESH_STAT_MAX = 9,
 };
 
 /* Value of km_splice_dir, by the socket cookie of one daemon-side socket of

@@ -145,6 +145,7 @@ class Daemon:
                                    self.cluster_names, self.opts.access_log_file, self.opts.access_log_rate,
                                    self.opts.track_connections)
         self.accesslog.set(self.opts.access_log)
+        self._start_workloads(dp)
         self._start_l7(dp)
         if dp.sockmap:
             self._sockmap_on()
@@ -232,83 +233,124 @@ class Daemon:
         self.sockmap.set_redirect(True)
         self.sockmap_state = "on"
 
+    # -- workloads ------------------------------------------------------------
     def workloads(self) -> dict:
-        return {"namespaces": self.l7.namespaces() if self.l7 else []}
+        """What is enrolled and bypassed, and the namespaces the L7 hand-off
+        listens in."""
+        return {"workloads": [w.as_dict() for w in self._workloads.all()] if self._workloads else [],
+                "default": self.opts.workloads, "scope": self.opts.cgroup2_path,
+                "namespaces": self.l7.namespaces() if self.l7 else []}
 
-    def enroll(self, on: bool, netns: str | None = None, pid: str | None = None) -> dict:
-        """Enroll (or unenroll) a workload's network namespace: the L7
-        hand-off listener is opened (closed) inside it, and it is recorded
-        in km_workloads for the next daemon."""
+    def enroll(self, action: str, selector: dict[str, str]) -> dict:
+        """Enroll, bypass or unenroll the workload one selector names
+        (workloads.name()). ValueError: a bad name; OSError: its namespace's
+        hand-off listener could not be opened."""
         from kmesh.dataplane import workloads as wl
-        from kmesh.l7 import netns as kns
 
-        if pid is not None and not pid.isdigit():
-            raise ValueError(f"pid {pid!r} is not a process id")
-        path = kns.path_of(netns, int(pid) if pid is not None else None)
-        if self.l7 is None:
-            raise ValueError("L7 is off (-l7-address is empty): there is nothing to open in a namespace")
+        if action not in ("enroll", "bypass", "unenroll"):
+            raise ValueError(f"no such action {action!r}: enroll, bypass or unenroll")
+        kind, path = wl.name(selector)
+        wl.check_path(path)
         with self._lock:
-            if on:
-                wl.check_path(path)
-                got = self.l7.add_netns(path)
-                self._workloads.add(got["inode"], path)
+            if action == "unenroll":
+                w = self._named(kind, path)
+                if w is not None:
+                    self._forget(w)
+                got = {"workload": (w.as_dict() if w else {"kind": kind.name.lower(), "path": path}),
+                       "changed": w is not None}
             else:
-                inode = self._enrolled_inode(path)
-                got = {"netns": path, "removed": inode is not None and self.l7.remove_netns(inode)}
-                if inode is not None:
-                    self._workloads.remove(inode)
-        log.info("workload enrolled" if on else "workload unenrolled", extra={"kv": got})
+                w = wl.Workload(kind, wl.identify(kind, path), path,
+                                wl.Mode.ENROLLED if action == "enroll" else wl.Mode.BYPASS)
+                before = self._workloads.get(kind, w.id)
+                # A namespace's listener opens before connects are sent to it.
+                if kind == wl.Kind.NETNS and w.mode == wl.Mode.ENROLLED and self.l7:
+                    self.l7.add_netns(path)
+                self._workloads.put(w)
+                if kind == wl.Kind.NETNS and w.mode == wl.Mode.BYPASS and self.l7:
+                    self.l7.remove_netns(w.id)
+                got = {"workload": w.as_dict(), "changed": before is None or before.mode != w.mode}
+        log.info(f"workload {action}ed", extra={"kv": got["workload"]})
         return {**got, **self.workloads()}
 
-    def _enrolled_inode(self, path: str) -> int | None:
-        """The enrolled namespace ``path`` names: the one there now, else the
-        one enrolled by that path (gone since)."""
+    def _named(self, kind, path: str):
+        """The recorded workload ``path`` names: the one there now, else the
+        one recorded under that path (gone since)."""
         try:
-            inode = os.stat(path).st_ino
+            ident = os.stat(path).st_ino
         except OSError:
-            inode = None
-        enrolled = {w["inode"]: w["netns"] for w in self.l7.namespaces()}
-        if inode in enrolled:
-            return inode
-        return next((i for i, p in enrolled.items() if p == path), None)
+            ident = None
+        ws = [w for w in self._workloads.all() if w.kind == kind]
+        return next((w for w in ws if w.id == ident), None) or next((w for w in ws if w.path == path), None)
 
-    def _restore_workloads(self, dp: loader.Dataplane) -> None:
-        """Open the hand-off listeners of the workloads an earlier daemon
-        enrolled (an upgrade carries them over from the old layout's map);
-        drop those whose namespace is gone."""
+    def _forget(self, w) -> None:
+        from kmesh.dataplane import workloads as wl
+
+        self._workloads.remove(w)
+        if w.kind == wl.Kind.NETNS and self.l7:
+            self.l7.remove_netns(w.id)
+
+    def _start_workloads(self, dp: loader.Dataplane) -> None:
+        """km_workloads: carried over by an upgrade, the scope enrolled (or
+        not) as -workloads says, and the daemon's own namespace and cgroup in
+        km_config (its sockets are never governed)."""
         from kmesh.dataplane import workloads as wl
 
         self._workloads = wl.WorkloadStore(dp.maps["km_workloads"])
-        if self.l7 is None:
-            return
-        enrolled = {**(wl.carried_over(dp.map_dir) if dp.migrating else {}), **self._workloads.all()}
-        kept = 0
-        for inode, path in enrolled.items():
-            if _names_netns(path, inode):
-                try:
-                    self.l7.add_netns(path)
-                    self._workloads.add(inode, path)
-                    kept += 1
-                    continue
-                except OSError:
-                    pass
-            self._unenroll_gone({"netns": path, "inode": inode})
-        if enrolled:
-            log.info("enrolled workloads restored", extra={"kv": {"namespaces": kept}})
+        if dp.migrating:
+            for w in wl.carried_over(dp.map_dir):
+                self._workloads.put(w)
+        scope = None
+        if self.opts.workloads == "all":
+            try:
+                ident = wl.identify(wl.Kind.CGROUP, self.opts.cgroup2_path)
+            except ValueError as e:
+                raise StartError(f"-workloads=all: {e}") from None
+            scope = self._workloads.get(wl.Kind.CGROUP, ident)
+            if scope is None or scope.scope:   # one a user enrolled stays theirs
+                scope = wl.Workload(wl.Kind.CGROUP, ident, self.opts.cgroup2_path, scope=True)
+            self._workloads.put(scope)   # first: a restart never leaves the scope ungoverned
+        for w in self._workloads.all():
+            if w.scope and w != scope:
+                self._workloads.remove(w)
+        own_cgroup = 0
+        try:
+            own_cgroup = os.stat(wl.cgroup_path_of_pid(os.getpid(), wl.cgroup2_root())).st_ino
+        except (OSError, ValueError) as e:
+            log.warning("the daemon's own cgroup is unknown: its L7 upstream connections could be governed "
+                        "inside enrolled namespaces", extra={"kv": {"error": str(e)}})
+        self.kconfig.set(daemon_netns=wl.own_netns_inode(), daemon_cgroup=own_cgroup)
+        self._prune_workloads()
+
+    def _open_workload_listeners(self) -> None:
+        """Open the hand-off listener in each enrolled namespace (before
+        L7 connects are handed off again)."""
+        from kmesh.dataplane import workloads as wl
+
+        opened = 0
+        for w in self._workloads.all():
+            if w.kind != wl.Kind.NETNS or w.mode != wl.Mode.ENROLLED:
+                continue
+            try:
+                self.l7.add_netns(w.path)
+                opened += 1
+            except OSError as e:
+                log.warning("could not open the hand-off listener in an enrolled namespace; unenrolled",
+                            extra={"kv": {**w.as_dict(), "error": str(e)}})
+                self._workloads.remove(w)
+        if opened:
+            log.info("hand-off listeners opened in enrolled namespaces", extra={"kv": {"namespaces": opened}})
 
     def _prune_workloads(self) -> None:
-        """Unenroll namespaces whose path is gone or names another namespace
-        now (the pod was deleted): the listener would keep it alive."""
-        if self.l7 is None:
-            return
-        for w in self.l7.namespaces():
-            if not _names_netns(w["netns"], w["inode"]):
-                self.l7.remove_netns(w["inode"])
-                self._unenroll_gone(w)
+        """Forget workloads whose cgroup or namespace is gone (a pod was
+        deleted): a namespace's listener would keep it alive."""
+        from kmesh.dataplane import workloads as wl
 
-    def _unenroll_gone(self, w: dict) -> None:
-        self._workloads.remove(w["inode"])
-        log.info("an enrolled workload's network namespace is gone; unenrolled", extra={"kv": w})
+        if self._workloads is None:
+            return
+        for w in self._workloads.all():
+            if not wl.still_there(w):
+                self._forget(w)
+                log.info("an enrolled workload is gone; forgotten", extra={"kv": w.as_dict()})
 
     def set_sockmap(self, on: bool) -> dict:
         """Turn same-host acceleration on or off at runtime (admin API)."""
@@ -551,7 +593,7 @@ class Daemon:
         # Before connections are handed off: adopting also drops the state of
         # pairs that are gone, which must not catch a pair being set up.
         self.l7.adopt(fdstore.received())
-        self._restore_workloads(dp)
+        self._open_workload_listeners()
         self.kconfig.set(l7_handoff=records.addr_key(ip, port))
 
     def l7_target(self, vip: tuple[str, int]):
@@ -614,12 +656,3 @@ class Daemon:
     def dump_maps(self) -> dict:
         with self._lock:
             return self._maps.dump(self.cluster_names()) if self._maps else {}
-
-
-def _names_netns(path: str, inode: int) -> bool:
-    """Whether ``path`` still names the namespace ``inode`` (not gone, not
-    another one made at the same path since)."""
-    try:
-        return os.stat(path).st_ino == inode
-    except OSError:
-        return False

@@ -23,7 +23,8 @@ from kmesh.bpf import records
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_listener",
               records.Stat.NO_CLUSTER: "no_cluster", records.Stat.NO_ENDPOINT: "no_endpoint",
-              records.Stat.L7_HANDOFFS: "l7_handoff"}
+              records.Stat.L7_HANDOFFS: "l7_handoff", records.Stat.UNGOVERNED: "ungoverned",
+              records.Stat.L7_NO_NETNS: "l7_no_netns"}
 
 
 class DaemonCollector:

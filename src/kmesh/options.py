@@ -17,6 +17,7 @@ class Options:
     config_file: str = DEFAULT_CONFIG_FILE
     bpf_fs_path: str = DEFAULT_BPF_FS_PATH
     cgroup2_path: str = DEFAULT_CGROUP2_PATH
+    workloads: str = "all"         # all: -cgroup2-path's processes are enrolled; enrolled: only those enrolled
     admin_address: str = DEFAULT_ADMIN_ADDRESS
     log_level: str = "info"
     enable_sockmap: bool = False   # same-host acceleration (sockops + sk_msg)

@@ -16,6 +16,7 @@ import pytest
 from tests.e2e.test_l7 import DEFAULT, JASON, curl
 from tests.e2e.test_observability import KMESHCTL
 from tests.support import pods
+from tests.support.harness import free_port
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
 
 VIP, VIP2 = "10.96.0.10", "10.96.0.11"   # ClusterIPs: no route to them anywhere in the topology
@@ -48,6 +49,108 @@ def test_only_pods_under_the_governed_cgroup_are_redirected(kmesh, cgroup, topo)
     assert other.connect(*a) == "ok"   # the pod network itself works
 
 
+def test_only_enrolled_workloads_are_governed_and_a_bypass_wins(kmesh, cgroup, topo):
+    """-workloads=enrolled: pods enrolled by cgroup (a parent one, as a
+    namespace label would), by network namespace and by PID are governed; a
+    pod bypassed by cgroup or by namespace inside the enrolled cgroup is not,
+    nor is one nobody enrolled."""
+    a = topo.pod("web").backend("A", 8080)
+    team = topo.group(parent=cgroup)
+    member, by_cgroup, by_netns = (topo.pod(n, parent=team) for n in ("member", "bypass-cg", "bypass-ns"))
+    own_netns, by_pid, other = (topo.pod(n, parent=cgroup) for n in ("own-netns", "by-pid", "other"))
+    k = kmesh(bootstrap([tcp_listener("rr", VIP, 80, "rr")], [cluster("rr", lb_ep(*a))]),
+              extra_args=("-workloads=enrolled",))
+    assert member.connect(VIP, 80) == "ENETUNREACH"   # nothing enrolled yet
+    sleeper = by_pid.popen(["sleep", "600"])
+    in_pod = os.stat(f"/run/netns/{by_pid.netns}").st_ino
+    deadline = time.monotonic() + 10   # until `ip netns exec` has moved it in
+    while os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino != in_pod and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for action, query in (("enroll", f"cgroup={team.path}"), ("bypass", f"cgroup={by_cgroup.cgroup.path}"),
+                          ("bypass", f"netns=/run/netns/{by_netns.netns}"),
+                          ("enroll", f"netns=/run/netns/{own_netns.netns}"), ("enroll", f"pid={sleeper.pid}")):
+        status, body = k.post(f"/workloads/{action}?{query}")
+        assert status == 200 and body["changed"], body
+    assert body["workload"]["kind"] == "netns"   # a PID in a namespace of its own names the namespace
+    got = {p.name: p.connect(VIP, 80) for p in (member, by_cgroup, by_netns, own_netns, by_pid, other)}
+    assert got == {"member": "ok", "bypass-cg": "ENETUNREACH", "bypass-ns": "ENETUNREACH", "own-netns": "ok",
+                   "by-pid": "ok", "other": "ENETUNREACH"}
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", "list"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("governed: enrolled workloads, less the bypassed ones"), r.stdout
+    assert r.stdout.count("\nbypass ") == 2 and r.stdout.count("\nenrolled ") == 3, r.stdout
+    m = k.get("/metrics", raw=True)[1].decode()
+    assert 'kmesh_connects_total{decision="ungoverned"} 4.0' in m, m   # 1 before enrolling, 3 after
+
+    # A connection made while enrolled goes on after its workload is unenrolled.
+    held = member.popen([sys.executable, "-c", HELD, VIP], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert held.stdout.readline().strip() == "connected"
+    status, body = k.post(f"/workloads/unenroll?cgroup={team.path}")
+    assert status == 200 and body["changed"], body
+    assert member.connect(VIP, 80) == "ENETUNREACH"   # new ones are not governed
+    held.stdin.write("go\n")
+    held.stdin.flush()
+    assert held.stdout.readline().strip() == "A"
+
+
+HELD = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
+"""
+
+
+def test_a_bypass_inside_the_governed_cgroup(kmesh, cgroup, topo):
+    """-workloads=all (the default): everything under -cgroup2-path is
+    enrolled; a bypassed pod is not governed until the bypass is lifted."""
+    a = topo.pod("web").backend("A", 8080)
+    pod = topo.pod("pod", parent=cgroup)
+    k = kmesh(bootstrap([tcp_listener("rr", VIP, 80, "rr")], [cluster("rr", lb_ep(*a))]))
+    assert pod.connect(VIP, 80) == "ok"
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", "bypass", "--cgroup",
+                        str(pod.cgroup.path)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"bypassed cgroup {pod.cgroup.path}"), r.stdout + r.stderr
+    assert pod.connect(VIP, 80) == "ENETUNREACH"
+    assert k.post(f"/workloads/unenroll?cgroup={pod.cgroup.path}")[0] == 200
+    assert pod.connect(VIP, 80) == "ok"
+    # A restart with -workloads=enrolled drops the scope's enrollment.
+    k.stop(signal.SIGTERM)
+    k.extra_args = ("-workloads=enrolled",)
+    k.start()
+    assert pod.connect(VIP, 80) == "ENETUNREACH"
+    assert k.get("/workloads")["workloads"] == []
+
+
+def test_a_workload_enrolled_while_the_daemon_is_down_is_picked_up(kmesh, cgroup, topo):
+    """kmeshctl writes the pinned map when no daemon answers: the kernel
+    governs the workload at once, and the next daemon opens its namespace's
+    hand-off listener."""
+    v1, v2 = topo.pod("v1").backend("v1", 8080), topo.pod("v2").backend("v2", 8080)
+    client = topo.pod("client", parent=cgroup)
+    k = kmesh(bootstrap([hcm_listener("reviews", VIP, 80, [JASON, DEFAULT]), tcp_listener("l4", VIP, 81, "reviews-v1")],
+                        [cluster("reviews-v1", lb_ep(*v1)), cluster("reviews-v2", lb_ep(*v2))]),
+              extra_args=("-workloads=enrolled",))
+    ctl = [str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}"]
+    enroll = ["enroll", "--netns", f"/run/netns/{client.netns}", "--bpf-fs-path", str(k.bpf_fs_path)]
+    # With a daemon holding the pins, a wrong admin address is only that.
+    r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{free_port()}", *enroll], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "cannot reach" in r.stderr, r.stdout + r.stderr
+    k.stop(signal.SIGKILL)
+    r = subprocess.run([*ctl, *enroll], capture_output=True, text=True)
+    assert r.returncode == 0 and "no daemon: written to the pinned map" in r.stdout, r.stdout + r.stderr
+    assert client.connect(VIP, 81) == "ok"   # governed by the kernel, no daemon running
+    k.start()
+    assert "hand-off listeners opened in enrolled namespaces" in k.log()
+    assert curl(client, f"http://{VIP}/", "-H", "end-user: jason") == (200, "v2")
+
+
 def test_l7_routes_requests_from_an_enrolled_pod(kmesh, cgroup, topo):
     """The hand-off listener opens inside the pod's namespace; the upstream
     connection leaves from the pod's own address."""
@@ -56,15 +159,17 @@ def test_l7_routes_requests_from_an_enrolled_pod(kmesh, cgroup, topo):
     k = kmesh(bootstrap([hcm_listener("reviews", VIP, 80, [JASON, DEFAULT])],
                         [cluster("reviews-v1", lb_ep(*v1)), cluster("reviews-v2", lb_ep(*v2))]))
     status, body = k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")
-    assert status == 200 and body["added"], body
+    assert status == 200 and body["changed"], body
     assert [curl(client, f"http://{VIP}/", "-H", "end-user: jason") for _ in range(3)] == [(200, "v2")] * 3
     assert [curl(client, f"http://{VIP}/") for _ in range(3)] == [(200, "v1")] * 3
     assert k.get("/workloads")["namespaces"] == [{"netns": f"/run/netns/{client.netns}",
-                                                  "inode": body["inode"]}]
-    # unenrolled: its connections to the L7 listener have nowhere to go
+                                                  "inode": body["workload"]["id"]}]
+    # Unenrolled, its namespace has no hand-off listener; its cgroup is still
+    # governed: the listener's catch-all route takes it at L4 (headers unread).
     status, body = k.post(f"/workloads/unenroll?netns=/run/netns/{client.netns}")
-    assert status == 200 and body["removed"] and body["namespaces"] == [], body
-    assert curl(client, f"http://{VIP}/")[0] == 0
+    assert status == 200 and body["changed"] and body["namespaces"] == [], body
+    assert curl(client, f"http://{VIP}/", "-H", "end-user: jason") == (200, "v1")
+    assert 'kmesh_connects_total{decision="l7_no_netns"} 1.0' in k.get("/metrics", raw=True)[1].decode()
 
 
 def test_two_pods_on_the_same_source_port_are_each_routed_by_their_own_destination(kmesh, cgroup, topo):
@@ -134,7 +239,7 @@ def test_enrollment_survives_sigkill_and_restart(kmesh, cgroup, topo):
     assert r.returncode == 0 and "enrolled" in r.stdout, r.stdout + r.stderr
     k.stop(signal.SIGKILL)
     k.start()
-    assert "enrolled workloads restored" in k.log()
+    assert "hand-off listeners opened in enrolled namespaces" in k.log()
     assert [w["netns"] for w in k.get("/workloads")["namespaces"]] == [f"/run/netns/{client.netns}"]
     assert curl(client, f"http://{VIP}/", "-H", "end-user: jason") == (200, "v2")
     k.stop(signal.SIGTERM)
@@ -142,14 +247,17 @@ def test_enrollment_survives_sigkill_and_restart(kmesh, cgroup, topo):
     assert curl(client, f"http://{VIP}/") == (200, "v1")
     r = subprocess.run([str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}", "-o", "json", "list"],
                        capture_output=True, text=True, check=True)
-    assert len(json.loads(r.stdout)["namespaces"]) == 1
+    got = json.loads(r.stdout)
+    assert len(got["namespaces"]) == 1
+    assert [(w["kind"], w["mode"], w["path"]) for w in got["workloads"]] == [
+        ("cgroup", "enrolled", str(cgroup.path)), ("netns", "enrolled", f"/run/netns/{client.netns}")]
 
 
 def test_a_deleted_pod_leaves_nothing_behind(kmesh, cgroup, topo):
     k = _reviews(kmesh, topo)
     client = topo.pod("client", parent=cgroup)
     _, body = k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")
-    inode = body["inode"]
+    inode = body["workload"]["id"]
     assert curl(client, f"http://{VIP}/") == (200, "v1")
     assert inode in {ns for ns, _ in orig_dst_keys(k)}
     topo.delete(client)
@@ -158,8 +266,8 @@ def test_a_deleted_pod_leaves_nothing_behind(kmesh, cgroup, topo):
         time.sleep(0.2)
     assert k.get("/workloads")["namespaces"] == []
     assert inode not in {ns for ns, _ in orig_dst_keys(k)}
-    assert workload_entries(k) == 0
-    assert "network namespace is gone" in k.log()
+    assert workload_entries(k) == 1   # the governed cgroup's (-workloads=all)
+    assert "an enrolled workload is gone" in k.log()
 
 
 def workload_entries(k) -> int:

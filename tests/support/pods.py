@@ -94,13 +94,19 @@ class Topology:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def group(self, parent: harness.Cgroup | None = None) -> harness.Cgroup:
+        """A cgroup to put pods under (a namespace's, a slice), removed
+        after them."""
+        cg = harness.Cgroup(parent=parent.path if parent else None)
+        self._cgroups.append(cg)
+        return cg
+
     def pod(self, name: str, parent: harness.Cgroup | None = None) -> Pod:
         """A new pod; its cgroup is a child of ``parent`` (e.g. the cgroup a
         daemon governs) or of the test cgroup root."""
         i = len(self.pods) + 2
         netns, ip = f"kmp{self.tag}{i}", f"{SUBNET}.{i}"
-        cg = harness.Cgroup(parent=parent.path if parent else None)
-        self._cgroups.append(cg)
+        cg = self.group(parent)
         _ip("netns", "add", netns)
         pod = Pod(name, netns, ip, cg)
         self.pods.append(pod)

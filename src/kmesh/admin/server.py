@@ -38,9 +38,11 @@ HELP = {
               "spliced in the kernel",
     "GET /sockmap": "same-host acceleration: state (on, off, draining) and sockets enrolled",
     "POST /sockmap/on, /sockmap/off": "turn same-host acceleration on or off at runtime",
-    "GET /workloads": "workloads enrolled by network namespace (the L7 hand-off listens inside each)",
-    "POST /workloads/enroll?netns=PATH|pid=N, /workloads/unenroll?...": "enroll or unenroll the network "
-                                                                       "namespace at PATH, or of process N",
+    "GET /workloads": "workloads enrolled and bypassed (by cgroup or network namespace), and the namespaces the L7 "
+                      "hand-off listens in",
+    "POST /workloads/enroll|bypass|unenroll?cgroup=PATH|unit=NAME|pid=N|netns=PATH":
+        "enroll a workload (governed), bypass it (never governed, even inside an enrolled one) or forget it; "
+        "pid names the process's namespace when it has one of its own, else its cgroup",
 }
 
 
@@ -143,11 +145,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.daemon.accesslog.set(path.endswith("/on"))
             self._send(200, self.daemon.accesslog.status())
             return
-        if path in ("/workloads/enroll", "/workloads/unenroll"):
+        if path in ("/workloads/enroll", "/workloads/bypass", "/workloads/unenroll"):
             query = _query(self.path)
             try:
-                self._send(200, self.daemon.enroll(path.endswith("/enroll"), netns=query.get("netns"),
-                                                   pid=query.get("pid")))
+                self._send(200, self.daemon.enroll(path.rsplit("/", 1)[1], query))
             except ValueError as e:
                 self._send(400, {"error": str(e)})
             except OSError as e:

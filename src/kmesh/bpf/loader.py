@@ -55,7 +55,7 @@ MAP_TYPES = {
     "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
     "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
     "km_orig_dst": (records.KmeshHandoffKey, records.KmeshAddr),
-    "km_workloads": (ctypes.c_uint32, records.KmeshWorkload),
+    "km_workloads": (records.KmeshWorkloadKey, records.KmeshWorkload),
     "km_splice": (ctypes.c_uint64, ctypes.c_uint64),
     "km_splice_dir": (ctypes.c_uint64, records.KmeshSpliceDir),
     "km_splice_relayed": (ctypes.c_uint64, ctypes.c_uint64),

@@ -35,6 +35,7 @@ KMESH_MAX_POLICY_CLUSTERS = 16384
 KMESH_MAX_HANDOFFS = 65536
 KMESH_MAX_WORKLOADS = 4096
 KMESH_WORKLOAD_PATH_MAX = 128
+KMESH_MAX_CGROUP_DEPTH = 16
 LISTENER_L7 = 1   # enum kmesh_listener_flag
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 KMESH_MAX_SPLICED_SOCKETS = 65536
@@ -59,13 +60,14 @@ LIMITS = {
     "KMESH_MAX_HANDOFFS": KMESH_MAX_HANDOFFS,
     "KMESH_MAX_WORKLOADS": KMESH_MAX_WORKLOADS,
     "KMESH_WORKLOAD_PATH_MAX": KMESH_WORKLOAD_PATH_MAX,
+    "KMESH_MAX_CGROUP_DEPTH": KMESH_MAX_CGROUP_DEPTH,
     "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
     "KMESH_MAX_SPLICED_SOCKETS": KMESH_MAX_SPLICED_SOCKETS,
 }
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 7
+KMESH_LAYOUT_VERSION = 8
 
 
 class LbPolicy(enum.IntEnum):
@@ -86,10 +88,34 @@ class KmeshHandoffKey(ctypes.Structure):
     _fields_ = [("netns", ctypes.c_uint32), ("addr", KmeshAddr)]
 
 
+class WorkloadKind(enum.IntEnum):
+    """enum kmesh_workload_kind."""
+
+    CGROUP = 1
+    NETNS = 2
+
+
+class WorkloadMode(enum.IntEnum):
+    """enum kmesh_workload_mode."""
+
+    ENROLLED = 1
+    BYPASS = 2
+
+
+WORKLOAD_SCOPE = 1   # enum kmesh_workload_flag
+
+
+class KmeshWorkloadKey(ctypes.Structure):
+    """struct kmesh_workload_key: km_workloads' key."""
+
+    _fields_ = [("kind", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("id", ctypes.c_uint64)]
+
+
 class KmeshWorkload(ctypes.Structure):
     """struct kmesh_workload: km_workloads' value."""
 
-    _fields_ = [("path", ctypes.c_char * KMESH_WORKLOAD_PATH_MAX)]
+    _fields_ = [("mode", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("path", ctypes.c_char * KMESH_WORKLOAD_PATH_MAX)]
 
 
 class KmeshWeightedCluster(ctypes.Structure):
@@ -168,7 +194,8 @@ class KmeshSockTurn(ctypes.Structure):
 
 class KmeshConfig(ctypes.Structure):
     _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32),
-                ("access_log_limit", KmeshRateLimit), ("l7_handoff", KmeshAddr)]
+                ("access_log_limit", KmeshRateLimit), ("l7_handoff", KmeshAddr),
+                ("daemon_netns", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("daemon_cgroup", ctypes.c_uint64)]
 
 
 class KmeshSockState(ctypes.Structure):
@@ -224,9 +251,11 @@ class Stat(enum.IntEnum):
     EVENTS_DROPPED = 4
     EVENTS_RATE_LIMITED = 5
     L7_HANDOFFS = 6
+    UNGOVERNED = 7
+    L7_NO_NETNS = 8
 
 
-KMESH_STAT_MAX = 7
+KMESH_STAT_MAX = 9
 
 
 class KmeshSpliceDir(ctypes.Structure):
@@ -252,6 +281,7 @@ ClusterId = ctypes.c_uint32
 STRUCTS = {
     "kmesh_addr": KmeshAddr,
     "kmesh_handoff_key": KmeshHandoffKey,
+    "kmesh_workload_key": KmeshWorkloadKey,
     "kmesh_workload": KmeshWorkload,
     "kmesh_weighted_cluster": KmeshWeightedCluster,
     "kmesh_listener": KmeshListener,
@@ -283,6 +313,9 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
          "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2, "KMESH_SOCK_CLUSTER_COUNTED": 4,
                              "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16, "KMESH_SOCK_L7": 32},
          "kmesh_listener_flag": {"KMESH_LISTENER_L7": LISTENER_L7},
+         "kmesh_workload_kind": {f"KMESH_WORKLOAD_{k.name}": int(k) for k in WorkloadKind},
+         "kmesh_workload_mode": {f"KMESH_WORKLOAD_{m.name}": int(m) for m in WorkloadMode},
+         "kmesh_workload_flag": {"KMESH_WORKLOAD_SCOPE": WORKLOAD_SCOPE},
          "kmesh_splice_mode": {f"KMESH_SPLICE_{m.name}": int(m) for m in SpliceMode},
          "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}

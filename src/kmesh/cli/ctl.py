@@ -5,11 +5,13 @@
     kmeshctl stats [--once]          busiest clusters and endpoints, refreshing (top-like)
     kmeshctl log --level LEVEL       change the daemon's log level at runtime
     kmeshctl accesslog on|off|status switch the per-connection access log
-    kmeshctl enroll|unenroll --netns PATH|--pid N, kmeshctl list
-                                     workloads in network namespaces of their own
+    kmeshctl enroll|bypass|unenroll --cgroup PATH|--unit NAME|--pid N|--netns PATH
+    kmeshctl list                    which workloads kmesh governs (docs/workloads.md)
 
-It talks to the admin API only (``--admin``, default $KMESH_ADMIN or
-127.0.0.1:15200), so it needs no privileges.
+It talks to the admin API (``--admin``, default $KMESH_ADMIN or
+127.0.0.1:15200), so reading needs no privileges. One exception: while no
+daemon runs, enroll/bypass/unenroll write the pinned km_workloads map
+directly (root only); the next daemon takes it from there.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class AdminError(click.ClickException):
     exit_code = 2
 
 
+class Unreachable(AdminError):
+    """Nothing answers at the admin address."""
+
+
 def _request(admin: str, path: str, method: str = "GET") -> bytes:
     url = f"http://{admin}{path}"
     req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
@@ -46,7 +52,7 @@ def _request(admin: str, path: str, method: str = "GET") -> bytes:
         raise AdminError(f"{method} {url}: {e.code} {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise AdminError(f"cannot reach kmesh-daemon's admin API at {admin} ({reason}); is it running? "
+        raise Unreachable(f"cannot reach kmesh-daemon's admin API at {admin} ({reason}); is it running? "
                          "(systemctl status kmesh; or pass --admin HOST:PORT)") from None
 
 
@@ -231,10 +237,14 @@ def l7(obj):
     click.echo(_table(rows, ["", ""]))
 
 
-def _workload_query(netns: str | None, pid: int | None) -> str:
-    if (netns is None) == (pid is None):
-        raise click.UsageError("name the workload by --netns PATH or --pid N")
-    return f"netns={urllib.parse.quote(netns, safe='/')}" if netns else f"pid={pid}"
+_SELECTORS = ("cgroup", "unit", "pid", "netns")
+
+
+def _workload_selector(kw: dict) -> dict[str, str]:
+    given = {k: str(v) for k, v in kw.items() if k in _SELECTORS and v is not None}
+    if len(given) != 1:
+        raise click.UsageError("name the workload by one of --cgroup PATH, --unit NAME, --pid N or --netns PATH")
+    return given
 
 
 def _workloads_out(obj, got: dict, said: str | None = None) -> None:
@@ -243,42 +253,97 @@ def _workloads_out(obj, got: dict, said: str | None = None) -> None:
         return
     if said:
         click.echo(said)
-    rows = [[w["netns"], w["inode"]] for w in got.get("namespaces", [])]
-    click.echo(_table(rows, ["NETWORK NAMESPACE", "INODE"]) if rows else "no workloads enrolled by namespace")
+    if "default" in got:
+        click.echo(f"governed: {'every process under ' + got['scope'] if got['default'] == 'all' else 'enrolled'}"
+                   " workloads, less the bypassed ones")
+    l7 = {n["inode"] for n in got.get("namespaces", [])}
+    rows = [[w["mode"] + (" (-workloads=all)" if w.get("scope") else ""), w["kind"], w["path"], w["id"],
+             ("yes" if w["id"] in l7 else "no") if w["kind"] == "netns" and w["mode"] == "enrolled" else "-"]
+            for w in got.get("workloads", [])]
+    click.echo(_table(rows, ["MODE", "BY", "PATH", "ID", "L7 LISTENER"]) if rows else "no workloads enrolled")
 
 
 def _workload_options(f):
-    f = click.option("--pid", type=int, help="a process in the workload's network namespace")(f)
-    return click.option("--netns", help="the workload's network namespace (/run/netns/NAME, a CNI's bind mount)")(f)
+    f = click.option("--bpf-fs-path", default="/sys/fs/bpf", show_default=True,
+                     help="where kmesh's pins are: written directly while no daemon runs")(f)
+    f = click.option("--netns", help="a network namespace: /run/netns/NAME, a CNI's bind mount, /proc/PID/ns/net")(f)
+    f = click.option("--pid", type=int, help="a process: its network namespace if it has one of its own "
+                     "(a pod, a container), else its cgroup")(f)
+    f = click.option("--unit", help="a systemd unit (running): its cgroup")(f)
+    return click.option("--cgroup", help="a cgroup2 directory, absolute or under the cgroup2 mount")(f)
 
 
-def _enrollment(obj, action: str, netns: str | None, pid: int | None) -> None:
-    got = json.loads(_request(obj["admin"], f"/workloads/{action}?{_workload_query(netns, pid)}", method="POST"))
-    unchanged = " (already)" if action == "enroll" else " (was not enrolled)"
-    done = got.get("added" if action == "enroll" else "removed")
-    _workloads_out(obj, got, f"{action}ed {got['netns']}" + ("" if done else unchanged))
+def _enrollment(obj, action: str, kw: dict) -> None:
+    selector = _workload_selector(kw)
+    query = "&".join(f"{k}={urllib.parse.quote(v, safe='/')}" for k, v in selector.items())
+    try:
+        got = json.loads(_request(obj["admin"], f"/workloads/{action}?{query}", method="POST"))
+        how = ""
+    except Unreachable as e:
+        got, how = _enroll_offline(action, selector, kw["bpf_fs_path"], e), " (no daemon: written to the pinned map)"
+    w = got["workload"]
+    said = f"{action}ed {w['kind']} {w['path']}{'' if got['changed'] else ' (no change)'}{how}"
+    _workloads_out(obj, got, said)
+
+
+def _enroll_offline(action: str, selector: dict, bpf_fs_path: str, unreachable: Unreachable) -> dict:
+    """What the daemon would do, on the pinned map (the kernel governs by it
+    at once; the next daemon opens the namespaces' listeners)."""
+    from kmesh.bpf import loader
+    from kmesh.dataplane import workloads as wl
+
+    try:
+        kind, path = wl.name(selector)
+        with wl.pinned_store(bpf_fs_path) as store:
+            if action == "unenroll":
+                w = next((x for x in store.all() if x.kind == kind and x.path == path), None)
+                if w is not None:
+                    store.remove(w)
+                return {"workload": w.as_dict() if w else {"kind": kind.name.lower(), "path": path},
+                        "changed": w is not None, "workloads": [x.as_dict() for x in store.all()]}
+            w = wl.Workload(kind, wl.identify(kind, path), path,
+                            wl.Mode.ENROLLED if action == "enroll" else wl.Mode.BYPASS)
+            before = store.get(kind, w.id)
+            store.put(w)
+            return {"workload": w.as_dict(), "changed": before is None or before.mode != w.mode,
+                    "workloads": [x.as_dict() for x in store.all()]}
+    except loader.LoaderError:
+        raise unreachable from None   # a daemon holds the pins: it is the admin address that is wrong
+    except PermissionError as e:
+        raise AdminError(f"{unreachable.message}; writing the pinned map instead needs root ({e})") from None
+    except (ValueError, OSError) as e:
+        raise AdminError(f"{unreachable.message}; and the pinned map: {e}") from None
 
 
 @main.command()
 @_workload_options
 @click.pass_obj
-def enroll(obj, netns: str | None, pid: int | None):
-    """Enroll a workload's network namespace: L7 routing for its clients."""
-    _enrollment(obj, "enroll", netns, pid)
+def enroll(obj, **kw):
+    """Enroll a workload: its connections to services are governed (and, by
+    network namespace, routed at L7 too)."""
+    _enrollment(obj, "enroll", kw)
 
 
 @main.command()
 @_workload_options
 @click.pass_obj
-def unenroll(obj, netns: str | None, pid: int | None):
-    """Unenroll a workload's network namespace (its open connections go on)."""
-    _enrollment(obj, "unenroll", netns, pid)
+def bypass(obj, **kw):
+    """Bypass a workload: never governed, even inside an enrolled one."""
+    _enrollment(obj, "bypass", kw)
+
+
+@main.command()
+@_workload_options
+@click.pass_obj
+def unenroll(obj, **kw):
+    """Forget what was said of a workload (its open connections go on)."""
+    _enrollment(obj, "unenroll", kw)
 
 
 @main.command(name="list")
 @click.pass_obj
 def list_(obj):
-    """The workloads enrolled by network namespace."""
+    """Which workloads are enrolled and bypassed."""
     _workloads_out(obj, _get_json(obj["admin"], "/workloads"))
 
 

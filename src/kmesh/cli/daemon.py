@@ -32,7 +32,10 @@ def _opt(name: str, **kw):
 @_opt("config-file", default=options.DEFAULT_CONFIG_FILE, help="Envoy v3 Bootstrap, YAML or JSON")
 @_opt("bpf-fs-path", default=options.DEFAULT_BPF_FS_PATH, help="bpffs mount; pins go to <path>/bpf_kmesh/")
 @_opt("cgroup2-path", default=options.DEFAULT_CGROUP2_PATH,
-      help="cgroup whose processes kmesh governs (mounted as cgroup2 when it is not)")
+      help="cgroup where kmesh's programs attach: the workloads it can govern (mounted as cgroup2 when it is not)")
+@_opt("workloads", default="all", type=click.Choice(["all", "enrolled"]),
+      help="all: every process under -cgroup2-path is governed (unless bypassed); enrolled: only the workloads "
+      "enrolled by cgroup, unit, PID or network namespace (kmeshctl enroll)")
 @_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT")
 @_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
 @_opt("track-connections", default=True, help="remember each redirected socket so that closes are counted "
