@@ -55,3 +55,16 @@ def rate_limited(listener: dict, max_tokens: int, tokens_per_fill: int = 1, fill
     for chain in listener["filter_chains"]:
         chain["filters"].insert(0, rl)
     return listener
+
+
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+
+
+def http_listener(name: str, ip: str, port: int, virtual_hosts: list[dict]) -> dict:
+    """An HCM listener with these virtual hosts and the router filter (what
+    Envoy itself needs to serve the same config)."""
+    return {"name": name, "address": sock(ip, port), "filter_chains": [{"filters": [{
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {"@type": HCM, "stat_prefix": name, "http_filters": [ROUTER],
+                         "route_config": {"name": name, "virtual_hosts": virtual_hosts}}}]}]}

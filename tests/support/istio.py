@@ -134,6 +134,13 @@ def route_config(name: str, vhosts: list[dict]):
         action.update({"timeout": "0s", "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable",
                                                           "num_retries": 2}, "max_grpc_timeout": "0s"})
         routes = []
+        if v.get("jason_abort"):   # Istio's fault injection for one user: an abort on its own route
+            routes.append({"name": "jason-fault", "match": {"prefix": "/", "headers": [
+                {"name": "end-user", "string_match": {"exact": "jason"}}]}, "route": dict(action),
+                "typed_per_filter_config": {"envoy.filters.http.fault": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                    "abort": {"http_status": v["jason_abort"],
+                              "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}})
         if v.get("jason"):
             routes.append({"name": "jason", "match": {"prefix": "/", "headers": [
                 {"name": "end-user", "string_match": {"exact": "jason"}}]}, "route": {"cluster": v["jason"]}})

@@ -757,8 +757,9 @@ def test_inert_fields_are_silent():
     (rc(vhost(route({"prefix": "/", "headers": [{"name": "end-user", "exact_match": "jason"}]}), route())), True),
     (rc(vhost(route({"prefix": "/api"}))), True),
     (rc(vhost(route({"path": "/"}))), True),
-    (rc(vhost(route(), domains=["foo.com"])), True),
-    (rc(vhost(route(), domains=["*"]), vhost(route(), name="b", domains=["b.com"])), True),
+    # at L4 the virtual host is chosen by address: its domains do not count
+    (rc(vhost(route(), domains=["foo.com"])), False),
+    (rc(vhost(route(), domains=["*"]), vhost(route({"prefix": "/b"}), name="b", domains=["b.com"])), False),
     (rc(vhost()), True),
     (rc(vhost(route(action={"cluster": "c", "timeout": "5s"}))), True),
     (rc(vhost(route(action={"cluster": "c", "prefix_rewrite": "/x"}))), True),
@@ -770,3 +771,8 @@ def test_inert_fields_are_silent():
 ])
 def test_needs_l7(cfg, expected):
     assert needs_l7(cfg) is expected
+
+
+def test_needs_l7_is_per_virtual_host():
+    cfg = rc(vhost(route(), domains=["*"]), vhost(route({"prefix": "/b"}), name="b", domains=["b.com"]))
+    assert (needs_l7(cfg, 0), needs_l7(cfg, 1)) == (False, True)

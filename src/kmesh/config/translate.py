@@ -562,22 +562,38 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
         return None
     from kmesh.l7 import routes as l7   # late: only configs with HTTP routes pay for it
 
-    # Per request: an explicit listener address when anything in the routes
-    # needs the request; a VIP among a wildcard listener's virtual hosts when
-    # its own virtual host does (then Host picks among all, as in Envoy).
+    # Each (VIP, port) is decided by the virtual host it addresses: the one
+    # whose domains name the VIP (a wildcard listener: each such VIP; an
+    # explicit address: its own), else the '*' one. It needs the request
+    # when that virtual host's result can depend on it (its routes, faults,
+    # HTTP filters), whatever the listener's shape (docs/l7.md, "L4 or L7").
+    # Routed per request, Host then picks among all the virtual hosts, as in
+    # Envoy.
     http_rl, rbac = _http_filters(ctx, path, hcm)
     http_filters = HttpFilters(http_rl, rbac) if http_rl is not None or rbac is not None else None
-    rc_l7 = http_filters is not None or l7.needs_l7(rc)
-    wildcard = any(ip == WILDCARD for ip, _, _ in keys)
-    rc_level = rc_l7 and wildcard and (http_filters is not None or l7.route_config_needs_l7(rc))
-    vhost_l7 = [rc_l7 and wildcard and (rc_level or l7.vhost_needs_l7(v)) for v in vhosts]
-    wanted = any(vhost_l7) or (rc_l7 and any(ip != WILDCARD for ip, _, _ in keys))
-    table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) if wanted else None
-    if len(vhosts) > 1 and table is None:
-        ctx.warn(f"{rc_path}.virtual_hosts", "a virtual host is chosen by the destination IP among its domains, "
-                 "else the '*' one; choosing by Host needs L7 routing (not yet supported)")
     star = next((i for i, v in enumerate(vhosts) if "*" in v.domains), None)
     fallback = star if star is not None else (None if ctx.lenient else 0)
+    # (ip, port, prio, virtual host index, field path of the choice)
+    chosen: list[tuple[str, int, int, int, str]] = []
+    for ip, port, prio in keys:
+        if ip == WILDCARD:
+            for i, v in enumerate(vhosts):
+                for vip in _domain_ips(v.domains, port):
+                    chosen.append((vip, port, _P_DOMAIN + prio % 10, i, f"{rc_path}.virtual_hosts[{i}].domains"))
+            # The wildcard itself: every connection to the port that named no
+            # VIP comes to the catch-all.
+            if fallback is not None:
+                chosen.append((ip, port, prio, fallback, f"{rc_path}.virtual_hosts[{fallback}]"))
+        else:
+            i = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
+            if i is not None:
+                chosen.append((ip, port, prio, i, f"{rc_path}.virtual_hosts[{i}]"))
+    needs = [http_filters is not None or l7.needs_l7(rc, i) for i in range(len(vhosts))]
+    table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) \
+        if any(needs[i] for *_, i, _ in chosen) else None
+    if len(vhosts) > 1 and table is None:
+        ctx.warn(f"{rc_path}.virtual_hosts", "routed at L4: a connection takes the virtual host whose domains name "
+                 "its destination IP, else the '*' one, whatever its Host header (docs/l7.md, \"L4 or L7\")")
     refs_cache: dict[int, list[_Ref] | None] = {}
 
     def refs_of(i: int) -> list[_Ref] | None:
@@ -586,31 +602,16 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
         return refs_cache[i]
 
     entries = []
-    for ip, port, prio in keys:
-        if ip == WILDCARD:
-            for i, v in enumerate(vhosts):
-                for vip in _domain_ips(v.domains, port):
-                    refs = refs_of(i)
-                    routes = table if vhost_l7[i] else None
-                    if refs or routes:
-                        entries.append(_Entry(vip, port, tuple(refs or ()), _P_DOMAIN + prio % 10,
-                                              f"{rc_path}.virtual_hosts[{i}].domains", listener, routes=routes,
-                                              http_filters=http_filters))
-            # The wildcard itself only with a governed catch-all: every
-            # connection to the port would come to it.
-            if fallback is None or not refs_of(fallback):
-                continue
-            chosen = fallback
-        else:
-            chosen = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
-        if chosen is None:
+    for ip, port, prio, i, where in chosen:
+        refs = refs_of(i)
+        routes = table if needs[i] else None
+        # A wildcard catch-all only with a governed route: every
+        # connection to the port would come to it.
+        if ip == WILDCARD and not refs:
             continue
-        refs = refs_of(chosen)
-        # an explicit address: Host picks among all the virtual hosts
-        routes = table if ip != WILDCARD else (table if vhost_l7[chosen] else None)
         if refs or routes:
-            entries.append(_Entry(ip, port, tuple(refs or ()), prio, f"{rc_path}.virtual_hosts[{chosen}]", listener,
-                                  routes=routes, http_filters=http_filters))
+            entries.append(_Entry(ip, port, tuple(refs or ()), prio, where, listener, routes=routes,
+                                  http_filters=http_filters))
     if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
         return None
     return entries

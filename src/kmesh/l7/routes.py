@@ -1211,17 +1211,17 @@ def _plain_forward(route) -> bool:
             and not (ra.prefix_rewrite or ra.HasField("regex_rewrite") or ra.host_rewrite_literal))
 
 
-def needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
-    """Whether requests under ``rc`` need a per-request decision: False only
-    for one virtual host that takes every host ('*') and whose first route
-    forwards everything (prefix '/' or '') with no fault, no rewrite and no
-    explicit non-zero timeout. An unset timeout (Envoy's 15 s default) does
-    not count: it is what every plain config has, and a connection-level path
-    cannot enforce it anyway."""
-    if len(rc.virtual_hosts) != 1 or route_config_needs_l7(rc):
-        return True
-    vh = rc.virtual_hosts[0]
-    return "*" not in vh.domains or vhost_needs_l7(vh)
+def needs_l7(rc: route_pb2.RouteConfiguration, vhost: int = 0) -> bool:
+    """Whether connections that address virtual host ``vhost`` of ``rc``
+    (its domains name their VIP, or it is the '*' one) need a per-request
+    decision: False only when its first route forwards everything (prefix '/'
+    or '') with no fault, no rewrite and no explicit non-zero timeout, and
+    nothing in the route configuration applies per request. Its domains do
+    not count: at L4 the virtual host is chosen by address (docs/l7.md, "L4
+    or L7"). An unset timeout (Envoy's 15 s default) does not count either:
+    it is what every plain config has, and a connection-level path cannot
+    enforce it anyway."""
+    return route_config_needs_l7(rc) or vhost_needs_l7(rc.virtual_hosts[vhost])
 
 
 def route_config_needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
@@ -1231,10 +1231,8 @@ def route_config_needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
 
 
 def vhost_needs_l7(vh) -> bool:
-    """Whether connections that reach this virtual host by its address (a VIP
-    among its domains) need a per-request decision: the same test as
-    needs_l7 for one virtual host, whatever its domains (see also
-    route_config_needs_l7)."""
+    """Whether this virtual host's own settings and routes need a per-request
+    decision (needs_l7 adds the route configuration's)."""
     if vh.require_tls or vh.HasField("matcher") or _has_fault(vh.typed_per_filter_config) or not vh.routes:
         return True
     return not _plain_forward(vh.routes[0])
