@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from tests.e2e.test_l7 import DEFAULT, JASON, curl
+from tests.e2e.test_l7 import DEFAULT, FAULT, JASON, RBAC, curl
 from tests.e2e.test_observability import KMESHCTL
 from tests.support import pods
 from tests.support.harness import free_port
-from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
+from tests.support.envoy import ROUTER, bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
 
 VIP, VIP2 = "10.96.0.10", "10.96.0.11"   # ClusterIPs: no route to them anywhere in the topology
 
@@ -254,20 +254,104 @@ def test_enrollment_survives_sigkill_and_restart(kmesh, cgroup, topo):
 
 
 def test_a_deleted_pod_leaves_nothing_behind(kmesh, cgroup, topo):
+    """Deleted with a spliced L7 connection open: its processes end, its
+    namespace goes; the daemon keeps no socket, listener, map entry or
+    record of it (nothing keeps the namespace alive)."""
     k = _reviews(kmesh, topo)
     client = topo.pod("client", parent=cgroup)
+    sockets_before = _sockets(k.proc.pid)
     _, body = k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")
     inode = body["workload"]["id"]
-    assert curl(client, f"http://{VIP}/") == (200, "v1")
+    held = client.popen([sys.executable, "-c", KEEP_ALIVE, VIP], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert held.stdout.readline().strip() == "v1"
+    assert k.get("/l7")["splice"]["active"] == 1
     assert inode in {ns for ns, _ in orig_dst_keys(k)}
+    assert _sockets(k.proc.pid) == sockets_before + 3   # the pod's listener, the pair
     topo.delete(client)
     deadline = time.monotonic() + 15   # the daemon looks every 5 s
-    while k.get("/workloads")["namespaces"] and time.monotonic() < deadline:
+    while (k.get("/workloads")["namespaces"] or k.get("/l7")["splice"]["active"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert k.get("/workloads")["namespaces"] == []
+    assert k.get("/l7")["splice"]["active"] == 0
     assert inode not in {ns for ns, _ in orig_dst_keys(k)}
     assert workload_entries(k) == 1   # the governed cgroup's (-workloads=all)
+    assert map_entries(k, "km_splice_dir") == 0
+    assert _sockets(k.proc.pid) == sockets_before
+    assert inode not in _netns_held(k.proc.pid)
     assert "an enrolled workload is gone" in k.log()
+
+
+KEEP_ALIVE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: reviews\\r\\n\\r\\n")
+data = b""
+while not (b"\\r\\n\\r\\n" in data and data.split(b"\\r\\n\\r\\n", 1)[1].endswith(b"\\n")):
+    data += s.recv(4096)   # the head and the body may come apart
+print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def _sockets(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+def _netns_held(pid: int) -> set[int]:
+    """Namespaces the daemon's fds and threads hold."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("net:["):
+            out.add(int(link[5:-1]))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(os.stat(f"/proc/{pid}/task/{tid}/ns/net").st_ino)
+        except OSError:
+            pass
+    return out
+
+
+def map_entries(k, name: str) -> int:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / name)],
+                         capture_output=True, text=True, check=True).stdout
+    return len(json.loads(out))
+
+
+def test_l7_policies_from_a_pod(kmesh, cgroup, topo):
+    """From a client pod to a pod: RBAC deny, fault delay and abort, each
+    answered as on the host."""
+    a = topo.pod("web").backend("A", 8080)
+    client = topo.pod("client", parent=cgroup)
+    routes = [{"match": {"prefix": "/slow"}, "route": {"cluster": "a"}, "typed_per_filter_config": {
+                  "envoy.filters.http.fault": {"@type": FAULT, "delay": {
+                      "fixed_delay": "0.25s", "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}},
+              {"match": {"prefix": "/broken"}, "route": {"cluster": "a"}, "typed_per_filter_config": {
+                  "envoy.filters.http.fault": {"@type": FAULT, "abort": {
+                      "http_status": 503, "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "a"}}]
+    lst = hcm_listener("guarded", VIP, 80, routes)
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": RBAC, "rules": {"action": "DENY", "policies": {
+            "deny-bots": {"permissions": [{"header": {"name": "user-agent", "string_match": {"prefix": "bot"}}}],
+                          "principals": [{"any": True}]}}}}}, ROUTER]
+    k = kmesh(bootstrap([lst], [cluster("a", lb_ep(*a))]))
+    assert k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")[0] == 200
+    assert curl(client, f"http://{VIP}/", "-A", "bot/2.0") == (403, "RBAC: access denied")
+    assert curl(client, f"http://{VIP}/broken") == (503, "fault filter abort")
+    assert curl(client, f"http://{VIP}/") == (200, "A")
+    r = client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"http://{VIP}/slow"])
+    code, t = r.stdout.split()
+    assert code == "200" and 0.25 <= float(t) < 0.25 + 0.5, r.stdout
 
 
 def workload_entries(k) -> int:
