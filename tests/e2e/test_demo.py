@@ -28,3 +28,17 @@ def test_demo_check():
                 d.rmdir()
             except OSError:
                 pass
+
+
+def test_demo_pods_check():
+    """`./build.sh demo --pods`: bookinfo in pods, routed from the client pod;
+    nothing left behind (pods, cgroups, pins)."""
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    r = subprocess.run([sys.executable, str(harness.ROOT / "examples" / "demo.py"), "--pods", "--check",
+                        "--admin-address", f"127.0.0.1:{harness.free_port()}"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "productpage-v1 (details-v1) (reviews-v1)" in r.stdout, r.stdout
+    assert "productpage-v1 (details-v1) (reviews-v2 (ratings 500))" in r.stdout, r.stdout
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert after <= before, after - before
