@@ -54,7 +54,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		stat_inc(KMESH_STAT_NO_LISTENER);
 		return SOCK_ALLOW;
 	}
-	if (!workload_governed(ctx->sk, &l7_here)) {
+	if (!workload_governed(ctx, &l7_here)) {
 		stat_inc(KMESH_STAT_UNGOVERNED);
 		return SOCK_ALLOW;
 	}

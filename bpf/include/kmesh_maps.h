@@ -104,6 +104,16 @@ struct {
 	__type(value, struct kmesh_workload);
 } km_workloads SEC(".maps");
 
+/* The verdict of workload_governed() per (cgroup, namespace), so that a
+ * connect pays one lookup instead of the cgroup walk. LRU: a pair that
+ * stopped connecting makes room by itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KMESH_WORKLOAD_CACHE);
+	__type(key, struct kmesh_workload_cache_key);
+	__type(value, struct kmesh_workload_verdict);
+} km_workload_cache SEC(".maps");
+
 /* L7 splicing (include/splice.h): the daemon-side sockets of spliced
  * connections by socket cookie, the verdict's state per socket, and what
  * the daemon relayed of the bytes the verdict left to it (written only by

@@ -37,6 +37,8 @@ enum kmesh_limits {
 	/* cgroup levels searched for an enrollment, root included: systemd
 	 * services sit at 2, Kubernetes containers at 4 or 5. */
 	KMESH_MAX_CGROUP_DEPTH = 16,
+	/* (cgroup, namespace) pairs whose verdict is remembered. */
+	KMESH_WORKLOAD_CACHE = 16384,
 	/* Clusters with policies that keep state, endpoints with outlier state. */
 	KMESH_MAX_POLICY_CLUSTERS = 16384,
 	KMESH_MAX_OUTLIER_ENDPOINTS = 65536,
@@ -101,6 +103,24 @@ struct kmesh_workload {
 enum kmesh_workload_mode {
 	KMESH_WORKLOAD_ENROLLED = 1, /* governed */
 	KMESH_WORKLOAD_BYPASS = 2,   /* never governed, even inside an enrolled one */
+};
+
+/* Key of km_workload_cache: where a connect comes from. Neither id is ever
+ * reused (a cgroup id is 64-bit and counts up; a namespace cookie too). */
+struct kmesh_workload_cache_key {
+	__u64 cgroup;       /* the task's own cgroup */
+	__u64 netns_cookie; /* bpf_get_netns_cookie() of the socket */
+};
+
+/* Value of km_workload_cache: what workload_governed() found for it. */
+struct kmesh_workload_verdict {
+	__u32 gen;   /* km_config.workloads_gen it was found under */
+	__u32 flags; /* enum kmesh_workload_verdict_flag */
+};
+
+enum kmesh_workload_verdict_flag {
+	KMESH_VERDICT_GOVERNED = 1,
+	KMESH_VERDICT_L7_HERE = 2,
 };
 
 enum kmesh_workload_flag {
@@ -335,7 +355,9 @@ struct kmesh_config {
 	/* The daemon's own network namespace (inode), where l7_handoff
 	 * listens for clients that are not in an enrolled namespace. */
 	__u32 daemon_netns;
-	__u32 pad;
+	/* Bumped after every change to km_workloads (and daemon_netns): a
+	 * km_workload_cache entry of another generation is recomputed. */
+	__u32 workloads_gen;
 	/* The daemon's own cgroup: its sockets (upstream L7 connections, which
 	 * may be opened inside an enrolled namespace) are never governed. */
 	__u64 daemon_cgroup;

@@ -295,7 +295,8 @@ class Daemon:
         km_config (its sockets are never governed)."""
         from kmesh.dataplane import workloads as wl
 
-        self._workloads = wl.WorkloadStore(dp.maps["km_workloads"])
+        self._workloads = wl.WorkloadStore(
+            dp.maps["km_workloads"], lambda: self.kconfig.set(workloads_gen=wl.next_gen(self.kconfig.record)))
         if dp.migrating:
             for w in wl.carried_over(dp.map_dir):
                 self._workloads.put(w)
@@ -318,7 +319,8 @@ class Daemon:
         except (OSError, ValueError) as e:
             log.warning("the daemon's own cgroup is unknown: its L7 upstream connections could be governed "
                         "inside enrolled namespaces", extra={"kv": {"error": str(e)}})
-        self.kconfig.set(daemon_netns=wl.own_netns_inode(), daemon_cgroup=own_cgroup)
+        self.kconfig.set(daemon_netns=wl.own_netns_inode(), daemon_cgroup=own_cgroup,
+                         workloads_gen=wl.next_gen(self.kconfig.record))
         self._prune_workloads()
 
     def _open_workload_listeners(self) -> None:

@@ -136,6 +136,7 @@ def test_a_workload_enrolled_while_the_daemon_is_down_is_picked_up(kmesh, cgroup
     k = kmesh(bootstrap([hcm_listener("reviews", VIP, 80, [JASON, DEFAULT]), tcp_listener("l4", VIP, 81, "reviews-v1")],
                         [cluster("reviews-v1", lb_ep(*v1)), cluster("reviews-v2", lb_ep(*v2))]),
               extra_args=("-workloads=enrolled",))
+    assert client.connect(VIP, 81) == "ENETUNREACH"   # not enrolled (and remembered so in the kernel)
     ctl = [str(KMESHCTL), "--admin", f"127.0.0.1:{k.admin_port}"]
     enroll = ["enroll", "--netns", f"/run/netns/{client.netns}", "--bpf-fs-path", str(k.bpf_fs_path)]
     # With a daemon holding the pins, a wrong admin address is only that.
@@ -358,3 +359,25 @@ def workload_entries(k) -> int:
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / "km_workloads")],
                          capture_output=True, text=True, check=True).stdout
     return len(json.loads(out))
+
+
+def test_an_upgrade_carries_enrolled_namespaces_over():
+    """Layout 7's km_workloads (namespace inode -> path) reads as enrolled
+    namespaces: what a daemon migrating those pins puts in its new map."""
+    from kmesh.dataplane import workloads as wl
+    from tests.support import harness
+
+    d = harness.BPFFS / harness.unique("kmesh-test")
+    d.mkdir()
+    pin = d / "km_workloads"
+    try:
+        subprocess.run(["bpftool", "map", "create", str(pin), "type", "hash", "key", "4", "value", "128",
+                        "entries", "16", "name", "km_workloads"], check=True, capture_output=True)
+        inode = os.stat("/proc/self/ns/net").st_ino
+        value = b"/proc/self/ns/net".ljust(128, b"\0")
+        subprocess.run(["bpftool", "map", "update", "pinned", str(pin), "key", *map(str, inode.to_bytes(4, "little")),
+                        "value", *map(str, value)], check=True, capture_output=True)
+        assert wl.carried_over(d) == [wl.Workload(wl.Kind.NETNS, inode, "/proc/self/ns/net")]
+    finally:
+        pin.unlink(missing_ok=True)
+        d.rmdir()

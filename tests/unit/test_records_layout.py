@@ -70,7 +70,7 @@ LAYOUT_FINGERPRINTS = {
     5: "30ae2b47554405e5",   # + L7 splice (km_splice, km_splice_dir, km_splice_relayed)
     6: "015f90b8b8b67e73",   # km_orig_dst keyed by network namespace too (kmesh_handoff_key)
     7: "bb90bbe5966ef164",   # + km_workloads (workloads enrolled by network namespace)
-    8: "16fcf945191284af",   # km_workloads by cgroup or namespace, with a mode; km_config: the daemon's netns and cgroup
+    8: "b12a59c82ce2d3da",   # km_workloads by cgroup or namespace, with a mode, and km_workload_cache; km_config: the daemon's netns and cgroup, workloads_gen
 }
 
 

@@ -36,6 +36,7 @@ KMESH_MAX_HANDOFFS = 65536
 KMESH_MAX_WORKLOADS = 4096
 KMESH_WORKLOAD_PATH_MAX = 128
 KMESH_MAX_CGROUP_DEPTH = 16
+KMESH_WORKLOAD_CACHE = 16384
 LISTENER_L7 = 1   # enum kmesh_listener_flag
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 KMESH_MAX_SPLICED_SOCKETS = 65536
@@ -61,6 +62,7 @@ LIMITS = {
     "KMESH_MAX_WORKLOADS": KMESH_MAX_WORKLOADS,
     "KMESH_WORKLOAD_PATH_MAX": KMESH_WORKLOAD_PATH_MAX,
     "KMESH_MAX_CGROUP_DEPTH": KMESH_MAX_CGROUP_DEPTH,
+    "KMESH_WORKLOAD_CACHE": KMESH_WORKLOAD_CACHE,
     "KMESH_MAX_OUTLIER_ENDPOINTS": KMESH_MAX_OUTLIER_ENDPOINTS,
     "KMESH_MAX_SPLICED_SOCKETS": KMESH_MAX_SPLICED_SOCKETS,
 }
@@ -109,6 +111,18 @@ class KmeshWorkloadKey(ctypes.Structure):
     """struct kmesh_workload_key: km_workloads' key."""
 
     _fields_ = [("kind", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("id", ctypes.c_uint64)]
+
+
+class KmeshWorkloadCacheKey(ctypes.Structure):
+    """struct kmesh_workload_cache_key: km_workload_cache's key (only the programs use it)."""
+
+    _fields_ = [("cgroup", ctypes.c_uint64), ("netns_cookie", ctypes.c_uint64)]
+
+
+class KmeshWorkloadVerdict(ctypes.Structure):
+    """struct kmesh_workload_verdict: km_workload_cache's value."""
+
+    _fields_ = [("gen", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class KmeshWorkload(ctypes.Structure):
@@ -195,7 +209,8 @@ class KmeshSockTurn(ctypes.Structure):
 class KmeshConfig(ctypes.Structure):
     _fields_ = [("track_connections", ctypes.c_uint32), ("access_log", ctypes.c_uint32),
                 ("access_log_limit", KmeshRateLimit), ("l7_handoff", KmeshAddr),
-                ("daemon_netns", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("daemon_cgroup", ctypes.c_uint64)]
+                ("daemon_netns", ctypes.c_uint32), ("workloads_gen", ctypes.c_uint32),
+                ("daemon_cgroup", ctypes.c_uint64)]
 
 
 class KmeshSockState(ctypes.Structure):
@@ -283,6 +298,8 @@ STRUCTS = {
     "kmesh_handoff_key": KmeshHandoffKey,
     "kmesh_workload_key": KmeshWorkloadKey,
     "kmesh_workload": KmeshWorkload,
+    "kmesh_workload_cache_key": KmeshWorkloadCacheKey,
+    "kmesh_workload_verdict": KmeshWorkloadVerdict,
     "kmesh_weighted_cluster": KmeshWeightedCluster,
     "kmesh_listener": KmeshListener,
     "kmesh_endpoint": KmeshEndpoint,
@@ -316,6 +333,7 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
          "kmesh_workload_kind": {f"KMESH_WORKLOAD_{k.name}": int(k) for k in WorkloadKind},
          "kmesh_workload_mode": {f"KMESH_WORKLOAD_{m.name}": int(m) for m in WorkloadMode},
          "kmesh_workload_flag": {"KMESH_WORKLOAD_SCOPE": WORKLOAD_SCOPE},
+         "kmesh_workload_verdict_flag": {"KMESH_VERDICT_GOVERNED": 1, "KMESH_VERDICT_L7_HERE": 2},
          "kmesh_splice_mode": {f"KMESH_SPLICE_{m.name}": int(m) for m in SpliceMode},
          "kmesh_conn_result": {f"KMESH_CONN_{r.name}": int(r) for r in ConnResult},
          "kmesh_stat": {**{f"KMESH_STAT_{s.name}": int(s) for s in Stat}, "KMESH_STAT_MAX": KMESH_STAT_MAX}}

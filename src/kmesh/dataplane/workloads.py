@@ -17,6 +17,7 @@ import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from kmesh.bpf import libbpf, loader, records
 
@@ -42,10 +43,13 @@ class Workload:
 
 
 class WorkloadStore:
-    """km_workloads, read and written whole records at a time."""
+    """km_workloads, read and written whole records at a time. ``changed``
+    runs after each write: it bumps km_config.workloads_gen, which makes
+    connect4 drop the verdicts it remembered (km_workload_cache)."""
 
-    def __init__(self, m: libbpf.Map):
+    def __init__(self, m: libbpf.Map, changed: Callable[[], None]):
         self.map = m
+        self.changed = changed
 
     def all(self) -> list[Workload]:
         out = []
@@ -65,9 +69,15 @@ class WorkloadStore:
         check_path(w.path)
         self.map.update(w.key(), records.KmeshWorkload(int(w.mode), records.WORKLOAD_SCOPE if w.scope else 0,
                                                        w.path.encode()))
+        self.changed()
 
     def remove(self, w: Workload) -> None:
         self.map.delete(w.key())
+        self.changed()
+
+
+def next_gen(record: records.KmeshConfig) -> int:
+    return (record.workloads_gen + 1) & 0xFFFFFFFF
 
 
 def check_path(path: str) -> None:
@@ -206,7 +216,7 @@ def carried_over(old_map_dir: Path) -> list[Workload]:
         sizes = libbpf.map_sizes(fd)
         if sizes == (ctypes.sizeof(records.KmeshWorkloadKey), ctypes.sizeof(records.KmeshWorkload)):
             return WorkloadStore(libbpf.Map("km_workloads", fd, records.KmeshWorkloadKey,
-                                            records.KmeshWorkload)).all()
+                                            records.KmeshWorkload), lambda: None).all()
         if sizes == (4, records.KMESH_WORKLOAD_PATH_MAX):
             class V7(ctypes.Structure):
                 _fields_ = [("path", ctypes.c_char * records.KMESH_WORKLOAD_PATH_MAX)]
@@ -234,7 +244,12 @@ def pinned_store(bpf_fs_path: str):
         if got is None or got.layout_version != records.KMESH_LAYOUT_VERSION:
             raise ValueError(f"the maps pinned under {root} are of another kmesh version: start kmesh-daemon "
                              "(it migrates them) and enroll through it")
-        with loader.pinned_map(pin, "km_workloads") as m:
-            yield WorkloadStore(m)
+        with loader.pinned_map(pin, "km_workloads") as m, \
+                loader.pinned_map(root / "map" / "km_config", "km_config") as cfg:
+            def changed() -> None:
+                rec = cfg.lookup(ctypes.c_uint32(0)) or records.KmeshConfig()
+                rec.workloads_gen = next_gen(rec)
+                cfg.update(ctypes.c_uint32(0), rec)
+            yield WorkloadStore(m, changed)
     finally:
         os.close(lock)
