@@ -167,6 +167,21 @@ def test_install_and_start(box):
     assert c.run("curl", "-sS", "--max-time", "5", f"http://{VIP}:{PORT}/", check=False).returncode == 7
 
 
+def test_enroll_a_unit_by_name(box):
+    """kmeshctl enroll --unit: the daemon asks systemd for the unit's cgroup."""
+    c = box
+    unit = "kmesh-test-backend-A.service"
+    got = json.loads(c.run("kmeshctl", "-o", "json", "enroll", "--unit", unit).stdout)
+    w = got["workload"]
+    assert (w["kind"], w["mode"]) == ("cgroup", "enrolled") and w["path"].endswith(f"/system.slice/{unit}"), got
+    assert c.run("test", "-e", f"{w['path']}/cgroup.procs", check=False).returncode == 0
+    assert [x["path"] for x in got["workloads"] if x["kind"] == "cgroup" and not x.get("scope")] == [w["path"]]
+    got = json.loads(c.run("kmeshctl", "-o", "json", "unenroll", "--unit", unit).stdout)
+    assert got["changed"] and [x for x in got["workloads"] if not x.get("scope")] == []
+    r = c.run("kmeshctl", "enroll", "--unit", "no-such.service", check=False)
+    assert r.returncode == 2 and "systemd knows no cgroup for it" in r.stderr, r.stdout + r.stderr
+
+
 def test_restart_and_upgrade_under_load(box):
     c = box
     load = Load(c)
