@@ -3,8 +3,10 @@ connect4 hands L7 listeners' connections over, sockops publishes their
 original destination; a child cgroup, loopback VIPs and backends)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -212,3 +214,50 @@ def test_endpoint_choice_retries_and_ejects_like_the_kernel(kmesh, cgroup, backe
     assert len(got) == 30 and set(got) == {"A", "B"}, got
     st = k.get("/l7")
     assert st["connect_failures"] == 2 and st["upstream_failures"] == 0, st
+
+
+PARTIAL = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: rev")
+print("sent", flush=True)
+if sys.argv[2] == "close":
+    s.shutdown(socket.SHUT_WR)
+    try:
+        print("closed" if s.recv(100) == b"" else "answered", flush=True)
+    except ConnectionResetError:   # closed with the partial head unread
+        print("closed", flush=True)
+else:
+    sys.stdin.readline()
+    s.sendall(b"iews\\r\\nConnection: close\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    print(data.split(b"\\r\\n")[0].decode(), flush=True)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_partial_head_stalls_nobody(reviews, cgroup):
+    """A client that sends half a request head and waits, and one that sends
+    half and closes: the daemon keeps serving everyone else at once, does not
+    spin, closes the one that left, and answers the other once its head is
+    whole."""
+    k, v = reviews
+    waiting = cgroup.popen([sys.executable, "-c", PARTIAL, v, "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    leaving = cgroup.popen([sys.executable, "-c", PARTIAL, v, "close"], stdout=subprocess.PIPE)
+    assert waiting.stdout.readline().strip() == "sent" and leaving.stdout.readline().strip() == "sent"
+    assert leaving.stdout.readline().strip() == "closed"
+    cpu0, t0 = _cpu_seconds(k.proc.pid), time.monotonic()
+    assert [curl(cgroup, f"http://{v}/") for _ in range(5)] == [(200, "v1")] * 5
+    time.sleep(1)
+    # spinning would be one CPU-second per second; serving 5 requests is a
+    # few milliseconds
+    assert (_cpu_seconds(k.proc.pid) - cpu0) / (time.monotonic() - t0) < 0.5
+    waiting.stdin.write("go\n")
+    waiting.stdin.flush()
+    assert waiting.stdout.readline().strip() == "HTTP/1.1 200 OK"

@@ -137,6 +137,9 @@ def _type_urls(data: Any) -> Iterator[str]:
             yield from _type_urls(v)
 
 
+_PROTO_PACKAGES = ("envoy.", "udpa.", "xds.", "validate.", "google.protobuf", "google.rpc", "istio.")
+
+
 def import_types(data: Any) -> None:
     """Import the generated modules of every ``@type`` in ``data``.
 
@@ -153,9 +156,13 @@ def import_types(data: Any) -> None:
         except KeyError:
             pass
         package = name.rpartition(".")[0]
+        # Only the protos' own packages: a type name comes from the config
+        # (a file, a POST, a control plane), and importing is running code.
+        if not package.startswith(_PROTO_PACKAGES) or not all(p.isidentifier() for p in package.split(".")):
+            continue
         try:
             mod = importlib.import_module(package)
-        except ImportError:
+        except (ImportError, ValueError):
             continue
         for info in pkgutil.iter_modules(getattr(mod, "__path__", [])):
             if info.name.endswith("_pb2"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import socket
 import threading
 import time
@@ -173,6 +174,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """Whether the peer has shut its sending side (or the socket failed)."""
+    p = select.poll()
+    p.register(conn, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(0))
 
 
 class HeadTooLarge(Exception):
@@ -386,9 +394,9 @@ class Handoff:
         spliced, the kernel forwards it with the rest. A plain read would
         not do: the kernel splices whole skbs, so bytes read from a
         partly-read skb would go upstream a second time. None: the client
-        closed first."""
+        closed first (also after part of a head: it can never complete)."""
         loop = asyncio.get_running_loop()
-        lowat = 1
+        seen = 0
         try:
             while True:
                 data = await splice.recv(loop, conn, self.head_limit, socket.MSG_PEEK)
@@ -399,11 +407,17 @@ class Handoff:
                     return data[:end + 4]
                 if len(data) >= self.head_limit:
                     raise HeadTooLarge()
-                # Partial head: be woken only when more than this has come.
-                lowat = len(data) + 1
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                if len(data) == seen and _peer_closed(conn):
+                    return None
+                # Partial head: a non-blocking peek returns the same bytes
+                # at once, whatever SO_RCVLOWAT says, so wait (yielding the
+                # loop to every other connection) until poll() says more
+                # than this has come, or the peer closed.
+                seen = len(data)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
+                await splice.readable(loop, conn)
         finally:
-            if lowat > 1:
+            if seen:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     async def _answer(self, conn: socket.socket, head: bytes, status: int, body: bytes = b"",
