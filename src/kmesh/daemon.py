@@ -253,7 +253,7 @@ class Daemon:
         wl.check_path(path)
         with self._lock:
             if action == "unenroll":
-                w = self._named(kind, path)
+                w = self._workloads.named(kind, path)
                 if w is not None:
                     self._forget(w)
                 got = {"workload": (w.as_dict() if w else {"kind": kind.name.lower(), "path": path}),
@@ -271,16 +271,6 @@ class Daemon:
                 got = {"workload": w.as_dict(), "changed": before is None or before.mode != w.mode}
         log.info(f"workload {action}ed", extra={"kv": got["workload"]})
         return {**got, **self.workloads()}
-
-    def _named(self, kind, path: str):
-        """The recorded workload ``path`` names: the one there now, else the
-        one recorded under that path (gone since)."""
-        try:
-            ident = os.stat(path).st_ino
-        except OSError:
-            ident = None
-        ws = [w for w in self._workloads.all() if w.kind == kind]
-        return next((w for w in ws if w.id == ident), None) or next((w for w in ws if w.path == path), None)
 
     def _forget(self, w) -> None:
         from kmesh.dataplane import workloads as wl

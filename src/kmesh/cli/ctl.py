@@ -296,7 +296,7 @@ def _enroll_offline(action: str, selector: dict, bpf_fs_path: str, unreachable: 
         kind, path = wl.name(selector)
         with wl.pinned_store(bpf_fs_path) as store:
             if action == "unenroll":
-                w = next((x for x in store.all() if x.kind == kind and x.path == path), None)
+                w = store.named(kind, path)
                 if w is not None:
                     store.remove(w)
                 return {"workload": w.as_dict() if w else {"kind": kind.name.lower(), "path": path},

@@ -63,7 +63,20 @@ class WorkloadStore:
         return sorted(out, key=lambda w: (w.kind, w.path, w.id))
 
     def get(self, kind: Kind, ident: int) -> Workload | None:
-        return next((w for w in self.all() if w.kind == kind and w.id == ident), None)
+        v = self.map.lookup(records.KmeshWorkloadKey(int(kind), 0, ident))
+        if v is None:
+            return None
+        return Workload(kind, ident, v.path.decode(errors="replace"), Mode(v.mode),
+                        bool(v.flags & records.WORKLOAD_SCOPE))
+
+    def named(self, kind: Kind, path: str) -> Workload | None:
+        """The record ``path`` names: the workload there now, else the one
+        recorded under that path (gone since)."""
+        try:
+            now = self.get(kind, os.stat(path).st_ino)
+        except OSError:
+            now = None
+        return now or next((w for w in self.all() if w.kind == kind and w.path == path), None)
 
     def put(self, w: Workload) -> None:
         check_path(w.path)
