@@ -110,7 +110,8 @@ class Daemon:
 
         from kmesh.admin.server import AdminServer  # late: keeps the CLI import light
         try:
-            self.admin = AdminServer(self, self.opts.admin_address)
+            self.admin = AdminServer(self, self.opts.admin_address, self.opts.admin_socket, self.opts.admin_group,
+                                     self.opts.metrics_address)
         except OSError as e:
             raise StartError(str(e)) from None
         self.admin.start()  # /ready answers 503 until the end of start()
@@ -187,7 +188,7 @@ class Daemon:
             "version": __version__, "mode": "ads" if self.ads else "standalone", "config": self.opts.config_file,
             "listeners": counts["listeners"], "clusters": counts["clusters"],
             "takeover": dp.took_over, "programs": ",".join(f"{a.program}:{a.action}" for a in attached),
-            "admin": self.admin.address}})
+            "admin": self.admin.address, "admin_socket": self.admin.socket, "metrics": self.admin.metrics_address}})
 
     def _attach(self) -> list:
         dp = self._dataplane

@@ -18,6 +18,7 @@ from typing import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kmesh import limits
 from kmesh.bpf import records
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -58,6 +59,11 @@ class DaemonCollector:
         if last:
             g.add_metric([last.source], 1 if last.ok else 0)
         yield g
+        c = CounterMetricFamily("kmesh_limit_hits", "Times a resource limit bit (kmesh.limits: a request too big, "
+                                "too many at once, a peer too slow...).", labels=["limit"])
+        for name, n in limits.hits().items():
+            c.add_metric([name], n)
+        yield c
         g = GaugeMetricFamily("kmesh_ready", "1 once the programs are attached and the config applied.")
         g.add_metric([], 1 if d.ready else 0)
         yield g

@@ -8,6 +8,8 @@ DEFAULT_BPF_FS_PATH = "/sys/fs/bpf"
 DEFAULT_CGROUP2_PATH = "/mnt/kmesh_cgroup2"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:15200"
 DEFAULT_L7_ADDRESS = "127.0.0.1:15201"
+DEFAULT_ADMIN_SOCKET = "/run/kmesh/admin.sock"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:15020"
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,10 @@ class Options:
     bpf_fs_path: str = DEFAULT_BPF_FS_PATH
     cgroup2_path: str = DEFAULT_CGROUP2_PATH
     workloads: str = "all"         # all: -cgroup2-path's processes are enrolled; enrolled: only those enrolled
-    admin_address: str = DEFAULT_ADMIN_ADDRESS
+    admin_address: str = DEFAULT_ADMIN_ADDRESS     # reads for anyone; changes from root only; "" turns it off
+    admin_socket: str = DEFAULT_ADMIN_SOCKET       # the whole API for root and -admin-group; "" turns it off
+    admin_group: str = ""                          # a group whose members may change kmesh (name or gid)
+    metrics_address: str = DEFAULT_METRICS_ADDRESS  # /metrics only; "" turns it off
     log_level: str = "info"
     enable_sockmap: bool = False   # same-host acceleration (sockops + sk_msg)
     track_connections: bool = True  # count closes too (closed/active metrics): ~200 ns more per connect

@@ -206,6 +206,7 @@ while left:
     expect.update(block[:min(left, len(block))])
     left -= min(left, len(block))
 print(digest.decode() == sent.hexdigest(), total == n, h.hexdigest() == expect.hexdigest())
+print("received", total, "digest", digest[:64], file=sys.stderr)
 """
 
 
@@ -216,7 +217,9 @@ def test_one_gib_each_way_is_intact_and_spliced(splice_env, site, budget):
     and the daemon (the budget is small next to what a bulk sender puts in
     flight); every byte arrives once and in order."""
     k, v, b = splice_env(echo_sha, args=(f"-l7-splice-budget={budget}",))
-    assert run_client(site.client, BOTH_WAYS, v, 1 << 30, timeout=300) == "True True True"
+    r = site.client.run([sys.executable, "-c", BOTH_WAYS, v, str(1 << 30)], timeout=300)
+    assert r.stdout.strip() == "True True True", \
+        f"{r.stdout}{r.stderr}\nbackend: {b.results}\n/l7: {k.get('/l7')}\ndaemon log:\n{k.log()[-5000:]}"
     st = k.get("/l7")["splice"]
     assert st["spliced"] == 1 and st["not_spliceable"] == 0, st
     assert b.peers[0][0] == site.client_ip   # the upstream leaves from the client's namespace

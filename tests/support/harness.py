@@ -211,6 +211,8 @@ class Kmesh:
     bpf_fs_path: Path = field(default_factory=lambda: BPFFS / unique("kmesh-test"))
     admin_port: int = field(default_factory=free_port)
     l7_port: int = field(default_factory=free_port)   # the L7 hand-off listener, on 127.0.0.1
+    metrics_port: int = field(default_factory=free_port)
+    admin_socket: Path = field(default_factory=lambda: Path("/run") / unique("kmesh-admin") / "admin.sock")
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     ads: str | None = None          # None: standalone; "": ADS, address from the bootstrap; else -xds-address
@@ -231,6 +233,7 @@ class Kmesh:
         return [str(BIN / "kmesh-daemon"), *mode, f"-config-file={self.config_path}",
                 f"-bpf-fs-path={self.bpf_fs_path}", f"-cgroup2-path={self.cgroup.path}",
                 f"-admin-address=127.0.0.1:{self.admin_port}", f"-l7-address=127.0.0.1:{self.l7_port}",
+                f"-admin-socket={self.admin_socket}", f"-metrics-address=127.0.0.1:{self.metrics_port}",
                 *DAEMON_ARGS, *self.extra_args, *extra]
 
     def write_config(self, cfg: dict | str) -> None:
@@ -350,7 +353,9 @@ class Kmesh:
         # Safety net: detach and unpin whatever is left, even after a crash.
         subprocess.run([str(BIN / "kmesh-daemon"), f"-bpf-fs-path={self.bpf_fs_path}", "cleanup", "--force"],
                        capture_output=True)
-        for d in (self.pin_root / "link", self.pin_root / "map", self.pin_root, self.bpf_fs_path):
+        self.admin_socket.unlink(missing_ok=True)   # left by a daemon that was killed
+        for d in (self.pin_root / "link", self.pin_root / "map", self.pin_root, self.bpf_fs_path,
+                  self.admin_socket.parent):
             try:
                 d.rmdir()
             except FileNotFoundError:

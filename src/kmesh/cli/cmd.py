@@ -1,15 +1,13 @@
 """kmesh-cmd: load a config file into the running daemon."""
 from __future__ import annotations
 
-import json
 import os
 import sys
-import urllib.error
-import urllib.request
 
 import click
 
 from kmesh import options
+from kmesh.admin import client
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help", "-help"]})
@@ -17,7 +15,9 @@ from kmesh import options
               help="Envoy v3 Bootstrap (YAML or JSON) to apply")
 @click.option("-admin-address", "--admin-address", "admin_address", default=options.DEFAULT_ADMIN_ADDRESS,
               show_default=True, help="the daemon's admin API")
-def main(config_file: str, admin_address: str):
+@click.option("-admin-socket", "--admin-socket", "admin_socket", default=None,
+              help="the daemon's admin socket (default: the one the daemon at -admin-address names)")
+def main(config_file: str, admin_address: str, admin_socket: str | None):
     """Replace the running daemon's static config with FILE."""
     try:
         with open(config_file, "rb") as f:
@@ -25,17 +25,20 @@ def main(config_file: str, admin_address: str):
     except OSError as e:
         click.echo(f"kmesh-cmd: {config_file}: {e.strerror}", err=True)
         sys.exit(2)
-    req = urllib.request.Request(f"http://{admin_address}/controller/envoy", data=body, method="POST",
-                                 headers={"Content-Type": "application/yaml",
-                                          "X-Kmesh-Source": os.path.abspath(config_file)})
+    admin = client.Admin(admin_address, admin_socket)
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            res = json.load(resp)
-    except urllib.error.HTTPError as e:
-        res = json.load(e)
-    except (urllib.error.URLError, OSError) as e:
-        click.echo(f"kmesh-cmd: cannot reach kmesh-daemon at {admin_address}: {getattr(e, 'reason', e)}", err=True)
+        reply = admin.request("POST", "/controller/envoy", body, {"Content-Type": "application/yaml",
+                                                                  "X-Kmesh-Source": os.path.abspath(config_file)})
+    except client.Unreachable as e:
+        click.echo(f"kmesh-cmd: {e.strerror}", err=True)
         sys.exit(3)
+    try:
+        res = reply.json()
+    except ValueError:
+        res = {}
+    if reply.status == 403 or not isinstance(res, dict):
+        click.echo(f"kmesh-cmd: {reply.status} {reply.error()}", err=True)
+        sys.exit(1)
     for w in res.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     if res.get("result") != "applied":

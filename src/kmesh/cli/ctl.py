@@ -8,25 +8,24 @@
     kmeshctl enroll|bypass|unenroll --cgroup PATH|--unit NAME|--pid N|--netns PATH
     kmeshctl list                    which workloads kmesh governs (docs/workloads.md)
 
-It talks to the admin API (``--admin``, default $KMESH_ADMIN or
-127.0.0.1:15200), so reading needs no privileges. One exception: while no
-daemon runs, enroll/bypass/unenroll write the pinned km_workloads map
-directly (root only); the next daemon takes it from there.
+It reads from the admin API (``--admin``, default $KMESH_ADMIN or
+127.0.0.1:15200), which needs no privileges. Changes (log, accesslog,
+enroll...) go to the daemon's admin socket (/run/kmesh/admin.sock), open to
+root and the daemon's -admin-group. While no daemon runs, enroll/bypass/
+unenroll write the pinned km_workloads map directly (root only); the next
+daemon takes it from there.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 import click
 
-from kmesh import __version__
-
-DEFAULT_ADMIN = "127.0.0.1:15200"
+from kmesh import __version__, options
+from kmesh.admin import client
 
 
 class AdminError(click.ClickException):
@@ -37,26 +36,18 @@ class Unreachable(AdminError):
     """Nothing answers at the admin address."""
 
 
-def _request(admin: str, path: str, method: str = "GET") -> bytes:
-    url = f"http://{admin}{path}"
-    req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+def _request(admin: client.Admin, path: str, method: str = "GET") -> bytes:
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace").strip()
-        try:
-            detail = json.loads(detail).get("error", detail)
-        except (ValueError, AttributeError):
-            pass
-        raise AdminError(f"{method} {url}: {e.code} {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise Unreachable(f"cannot reach kmesh-daemon's admin API at {admin} ({reason}); is it running? "
-                         "(systemctl status kmesh; or pass --admin HOST:PORT)") from None
+        r = admin.request(method, path)
+    except client.Unreachable as e:
+        raise Unreachable(f"{e.strerror}; is it running? (systemctl status kmesh; or pass --admin HOST:PORT)") \
+            from None
+    if r.status >= 400:
+        raise AdminError(f"{method} {path} ({admin.where(method)}): {r.status} {r.error()}")
+    return r.body
 
 
-def _get_json(admin: str, path: str):
+def _get_json(admin: client.Admin, path: str):
     return json.loads(_request(admin, path))
 
 
@@ -67,13 +58,16 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--admin", envvar="KMESH_ADMIN", default=DEFAULT_ADMIN, show_default=True,
+@click.option("--admin", envvar="KMESH_ADMIN", default=options.DEFAULT_ADMIN_ADDRESS, show_default=True,
               help="kmesh-daemon's admin address ($KMESH_ADMIN)")
+@click.option("--admin-socket", envvar="KMESH_ADMIN_SOCKET", default=None,
+              help="the daemon's admin socket, for everything ($KMESH_ADMIN_SOCKET; default: for changes, the "
+              "one the daemon at --admin names)")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.pass_context
-def main(ctx, admin: str, output: str):
+def main(ctx, admin: str, admin_socket: str | None, output: str):
     """Look into a running kmesh-daemon."""
-    ctx.obj = {"admin": admin, "output": output}
+    ctx.obj = {"admin": client.Admin(admin, admin_socket, timeout=10), "output": output}
 
 
 @main.command()
@@ -118,7 +112,7 @@ _STATS_FAMILIES = {"kmesh_tcp_connections_opened": "opened", "kmesh_tcp_connecti
                    "kmesh_tcp_received_bytes": "bytes_in", "kmesh_tcp_sent_bytes": "bytes_out"}
 
 
-def _scrape(admin: str) -> dict[str, dict]:
+def _scrape(admin: client.Admin) -> dict[str, dict]:
     """destination_cluster -> {"opened", "closed", "failed", "active",
     "bytes_in", "bytes_out", "endpoints": {ep: {...}}} from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -36,7 +36,13 @@ def _opt(name: str, **kw):
 @_opt("workloads", default="all", type=click.Choice(["all", "enrolled"]),
       help="all: every process under -cgroup2-path is governed (unless bypassed); enrolled: only the workloads "
       "enrolled by cgroup, unit, PID or network namespace (kmeshctl enroll)")
-@_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT")
+@_opt("admin-address", default=options.DEFAULT_ADMIN_ADDRESS, help="admin API HOST:PORT on loopback: any local "
+      "user may read, only root may change (empty: off)")
+@_opt("admin-socket", default=options.DEFAULT_ADMIN_SOCKET, help="admin API Unix socket (mode 0660): the whole API "
+      "for root and -admin-group; kmeshctl and kmesh-cmd use it (empty: off)")
+@_opt("admin-group", default="", help="a group (name or gid) whose members may change kmesh over -admin-socket")
+@_opt("metrics-address", default=options.DEFAULT_METRICS_ADDRESS, help="HOST:PORT serving /metrics and nothing "
+      "else, for Prometheus (empty: off; /metrics stays on the admin API)")
 @_opt("log-level", default="info", type=click.Choice(list(kmlog.LEVELS), case_sensitive=False))
 @_opt("track-connections", default=True, help="remember each redirected socket so that closes are counted "
       "(kmesh_tcp_connections_closed/active); ~200 ns per connect", **_BOOL)
