@@ -67,6 +67,23 @@ def watchdog_interval() -> float:
     return int(usec) / 1e6 / 2
 
 
+def raise_open_files_limit() -> int:
+    """Every L7 connection costs the daemon two descriptors (and the admin
+    API and xDS a few): the soft limit goes up to the hard one (LimitNOFILE=
+    in the unit), as Go's runtime does for its daemons. The limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open files limit", extra={"kv": {"soft": soft, "hard": hard,
+                                                                              "error": str(e)}})
+    return soft
+
+
 class Daemon:
     def __init__(self, opts: Options):
         self.opts = opts
@@ -97,6 +114,7 @@ class Daemon:
     def start(self) -> None:
         if not self.opts.enable_kmesh:
             raise StartError("nothing to run: -enable-kmesh=false turns off the only data path kmesh has")
+        raise_open_files_limit()
         self._status("parsing config")
         cfg = bootstrap.load_file(self.opts.config_file)   # ConfigError propagates
         if self.opts.enable_ads:
@@ -576,7 +594,8 @@ class Daemon:
         if self.opts.l7_splice_budget and self.features.on("l7_splice"):
             splicer = Splicer(dp.maps["km_splice"], dp.maps["km_splice_dir"], dp.maps["km_splice_relayed"],
                               self.opts.l7_splice_budget)
-        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target, splicer)
+        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target, splicer,
+                          max_waiting=self.opts.l7_max_waiting_heads)
         try:
             self.l7.start()
         except OSError as e:

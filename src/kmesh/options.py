@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kmesh import limits
+
 DEFAULT_CONFIG_FILE = "/etc/kmesh/kmesh.yaml"
 DEFAULT_BPF_FS_PATH = "/sys/fs/bpf"
 DEFAULT_CGROUP2_PATH = "/mnt/kmesh_cgroup2"
@@ -34,6 +36,7 @@ class Options:
     bpf_disable_features: str = ""  # kernel features to do without, "a,b" (kmesh.bpf.features.DISABLEABLE)
     l7_address: str = DEFAULT_L7_ADDRESS   # hand-off listener for routes that need HTTP; "" turns L7 off
     l7_splice_budget: int = 256 * 1024     # bytes per direction ahead of a slow peer; 0: relay in the daemon
+    l7_max_waiting_heads: int = limits.L7_PENDING_HEADS.value   # waiting for a request head; past it the oldest closes
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

@@ -148,6 +148,12 @@ def run_client(cgroup, script: str, *args, timeout: float = 120) -> str:
 
 # --- integrity ----------------------------------------------------------------
 
+# echo_sha answers only after the whole upload: with Envoy's default 15 s
+# route timeout a busy machine's 1 GiB upload would end in a 504; these
+# tests measure integrity, not timeouts (0s: none, as in Envoy).
+NO_TIMEOUT = l7_route({"timeout": "0s"})
+
+
 def echo_sha(conn):
     """Read head + N bytes (N from the path), answer with N bytes back and the sha256 of what came."""
     data = read_head(conn)
@@ -216,7 +222,7 @@ def test_one_gib_each_way_is_intact_and_spliced(splice_env, site, budget):
     """Full-duplex bulk: both directions keep switching between the kernel
     and the daemon (the budget is small next to what a bulk sender puts in
     flight); every byte arrives once and in order."""
-    k, v, b = splice_env(echo_sha, args=(f"-l7-splice-budget={budget}",))
+    k, v, b = splice_env(echo_sha, routes=NO_TIMEOUT, args=(f"-l7-splice-budget={budget}",))
     r = site.client.run([sys.executable, "-c", BOTH_WAYS, v, str(1 << 30)], timeout=300)
     assert r.stdout.strip() == "True True True", \
         f"{r.stdout}{r.stderr}\nbackend: {b.results}\n/l7: {k.get('/l7')}\ndaemon log:\n{k.log()[-5000:]}"
@@ -622,6 +628,6 @@ def test_a_route_that_rewrites_is_relayed_with_the_new_head(splice_env, cgroup):
 
 
 def test_without_splicing_the_daemon_relays_both_ways_intact(splice_env, cgroup):
-    k, v, b = splice_env(echo_sha, args=("-l7-splice-budget=0",))
+    k, v, b = splice_env(echo_sha, routes=NO_TIMEOUT, args=("-l7-splice-budget=0",))
     assert run_client(cgroup, BOTH_WAYS, v, 64 << 20) == "True True True"
     assert k.get("/l7")["splice"] is None

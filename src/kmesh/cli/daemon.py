@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from kmesh import __version__, log as kmlog, options
+from kmesh import __version__, limits, log as kmlog, options
 from kmesh.config.errors import ConfigError
 
 _BOOL = dict(type=click.BOOL, is_flag=False, flag_value=True)
@@ -58,6 +58,9 @@ def _opt(name: str, **kw):
       "spliced in the kernel; this many bytes per direction may wait for a slow reader there before the daemon "
       "takes the excess with TCP backpressure (kernel memory per connection); 0 relays every L7 connection in "
       "the daemon instead")
+@_opt("l7-max-waiting-heads", default=limits.L7_PENDING_HEADS.value, type=click.IntRange(min=1),
+      help="hand-off connections that may wait for their request head at once; past it the one waiting longest "
+      "is closed (slow clients cannot crowd out others; kmesh_limit_hits_total{limit=\"l7_pending_heads\"})")
 @_opt("bpf-stats", default=False, help="count every BPF program's runs and run time while the daemon runs "
       "(kmesh_bpf_program_runs_total; kernel-wide, ~20-40 ns per program run)", **_BOOL)
 @_opt("bpf-disable-features", default="", callback=lambda _c, _p, v: _features_spec(v),

@@ -15,6 +15,7 @@ are routed per request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import select
@@ -26,6 +27,7 @@ from typing import Callable, Mapping
 
 import httptools
 
+from kmesh import limits
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
@@ -39,7 +41,7 @@ log = logging.getLogger("kmesh.l7")
 HEAD_LIMIT = 64 * 1024        # a larger request head gets 431, as Envoy's default max_request_headers_kb
 READ_CHUNK = 64 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's connect_timeout default
-HEAD_TIMEOUT = 30.0            # a client that sends no complete head in time is closed
+HEAD_TIMEOUT = float(limits.L7_HEAD_SECONDS.value)   # a client that sends no complete head in time is closed
 
 
 class TokenBucket:
@@ -193,12 +195,17 @@ class Handoff:
     one (or when a connection cannot be spliced) they are relayed here."""
 
     def __init__(self, address: tuple[str, int], orig_dst, targets: Callable[[tuple[str, int]], Target | None],
-                 splicer: Splicer | None = None, head_limit: int = HEAD_LIMIT):
+                 splicer: Splicer | None = None, head_limit: int = HEAD_LIMIT,
+                 max_waiting: int = limits.L7_PENDING_HEADS.value):
         self.address = address
         self.orig_dst = orig_dst   # km_orig_dst: (netns, client address) -> VIP
         self.targets = targets
         self.splicer = splicer
         self.head_limit = head_limit
+        # Connections waiting for their request head, oldest first: past
+        # max_waiting the oldest is closed (slowloris costs the slow ones).
+        self.max_waiting = max_waiting
+        self._waiting: dict[asyncio.Task, None] = {}
         self.stats = Stats()
         self.balancer = Balancer()
         self._loop = _new_loop()
@@ -361,6 +368,8 @@ class Handoff:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:   # EMFILE & co.: the listener stays; the client is refused by its backlog
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    limits.hit(limits.OPEN_FILES)
                 log.warning("l7 accept failed", extra={"kv": {"error": str(e)}})
                 return
             conn.setblocking(False)
@@ -382,7 +391,7 @@ class Handoff:
         self.stats.accepted += 1
         try:
             await self._route(conn, peer, ns)
-        except (OSError, asyncio.TimeoutError):
+        except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         except Exception:   # noqa: BLE001 - one connection must not take the listener down
             log.exception("l7 connection failed")
@@ -435,11 +444,21 @@ class Handoff:
         if target is None:
             self.stats.no_destination += 1
             return   # not handed off by kmesh, or its listener is gone: close
+        task = asyncio.current_task()
+        self._waiting[task] = None
+        if len(self._waiting) > self.max_waiting:
+            limits.hit(limits.L7_PENDING_HEADS)
+            next(iter(self._waiting)).cancel()   # the oldest: its _serve closes it
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):   # no extra task, unlike wait_for
                 head = await self._peek_head(conn)
         except HeadTooLarge:
             return await self._answer(conn, b"", 431)
+        except TimeoutError:
+            limits.hit(limits.L7_HEAD_SECONDS)
+            return
+        finally:
+            self._waiting.pop(task, None)
         if head is None:
             return
         try:

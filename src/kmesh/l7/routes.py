@@ -39,6 +39,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
+import re2
 
 Report = Callable[[str, str], None]
 
@@ -205,62 +206,32 @@ def pick_weighted(clusters: Sequence[tuple[str, int]], rnd: float) -> str:
 
 
 # --------------------------------------------------------------------------
-# Regular expressions (RE2 syntax, evaluated by Python's re)
+# Regular expressions: RE2 itself (google-re2), as in Envoy. Linear time: no
+# pattern a control plane sends can stall the hand-off (Python's re
+# backtracks: "(a+)+$" against a long header would).
 # --------------------------------------------------------------------------
 
-_RE2_REJECTS = (("(?=", "lookahead"), ("(?!", "lookahead"), ("(?<=", "lookbehind"), ("(?<!", "lookbehind"),
-                ("(?>", "an atomic group"), ("(?(", "a conditional"), ("(?P=", "a backreference"),
-                ("(?#", "a comment"))
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False   # the error comes back as re2.error; nothing on stderr
+# Envoy refuses a bigger program (the re2.max_program_size.error_level
+# runtime key, 100 by default): the same patterns load in both.
+RE2_MAX_PROGRAM_SIZE = 100
 
 
-def _re2_to_python(pattern: str) -> tuple[str | None, str]:
-    """``pattern`` in Python's syntax, or None and why RE2 (so Envoy) rejects it.
-    Python accepts a few constructs RE2 refuses; ``\\z`` is spelt ``\\Z``."""
-    out, i, n, in_class = [], 0, len(pattern), False
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            nxt = pattern[i + 1:i + 2]
-            if nxt in ("1", "2", "3", "4", "5", "6", "7", "8", "9") and not in_class:
-                return None, f"a backreference (\\{nxt}) is not RE2 syntax"
-            if nxt == "Z":
-                return None, "\\Z is not RE2 syntax (RE2 spells the end of text \\z)"
-            out.append("\\Z" if nxt == "z" else c + nxt)
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            # A ']' first in a class ("[]a]", "[^]a]") is a literal.
-            j = i + 1 + (pattern[i + 1:i + 2] == "^")
-            j += pattern[j:j + 1] == "]"
-            out.append(pattern[i:j])
-            i, in_class = j, True
-            continue
-        elif c == "(":
-            for prefix, what in _RE2_REJECTS:
-                if pattern.startswith(prefix, i):
-                    return None, f"{what} '{prefix}...' is not RE2 syntax"
-        elif c in "*+?}" and pattern[i + 1:i + 2] == "+":
-            return None, f"a possessive quantifier ({c}+) is not RE2 syntax"
-        out.append(c)
-        i += 1
-    return "".join(out), ""
-
-
-def _compile_re2(pattern: str) -> tuple[re.Pattern | None, str]:
-    translated, why = _re2_to_python(pattern)
-    if translated is None:
-        return None, why
+def _compile_re2(pattern: str) -> tuple[re2._Regexp | None, str]:
+    """``pattern`` compiled, or None and why RE2 (so Envoy) refuses it."""
     try:
-        # RE2's \d \w \s \b are ASCII-only.
-        return re.compile(translated, re.ASCII), ""
-    except re.error as e:
-        return None, (f"does not compile: {e} (kmesh evaluates RE2 syntax with Python's re, "
-                      "which lacks a few RE2 features such as \\p{..} and \\Q..\\E)")
+        rx = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        return None, f"not RE2 syntax: {why}"
+    if rx.programsize > RE2_MAX_PROGRAM_SIZE:
+        return None, (f"RE2 program size of {rx.programsize} > max program size of {RE2_MAX_PROGRAM_SIZE} "
+                      "(Envoy's re2.max_program_size.error_level): simplify the pattern")
+    return rx, ""
 
 
-def _regex(sink: _Sink, path: str, rm) -> re.Pattern | None:
+def _regex(sink: _Sink, path: str, rm) -> re2._Regexp | None:
     """A RegexMatcher, compiled; matched in full, as RE2::FullMatch."""
     _check_fields(sink, path, rm, ("regex", "google_re2"))
     if rm.google_re2.HasField("max_program_size"):
@@ -301,7 +272,7 @@ def _substitution(text: str, groups: int) -> tuple[tuple[str | int, ...] | None,
     return tuple(p for p in parts if p != ""), ""
 
 
-def _replace_all(rx: re.Pattern, parts: tuple[str | int, ...], text: str) -> str:
+def _replace_all(rx: re2._Regexp, parts: tuple[str | int, ...], text: str) -> str:
     """RE2::GlobalReplace: like re.sub, but an empty match right where the
     previous match ended is not replaced."""
     out, pos, last_end = [], 0, -1
@@ -412,7 +383,7 @@ class _SeparatedPrefix:
 
 @dataclass(frozen=True, slots=True)
 class _Regex:
-    rx: re.Pattern
+    rx: re2._Regexp
 
     def matches(self, path: str) -> bool:
         return self.rx.fullmatch(path) is not None
@@ -475,7 +446,7 @@ def _text_test(kind: str, value: str, ignore_case: bool) -> Callable[[str], bool
     return lambda v: op(v, value)
 
 
-def _regex_test(rx: re.Pattern) -> Callable[[str], bool]:
+def _regex_test(rx: re2._Regexp) -> Callable[[str], bool]:
     return lambda v: rx.fullmatch(v) is not None
 
 
@@ -750,7 +721,7 @@ class _PathRewrite:
     """prefix_rewrite (the matched prefix, or the whole path of a regex route,
     is replaced) or regex_rewrite (over the path; the query is kept)."""
     prefix: str
-    rx: re.Pattern | None = None
+    rx: re2._Regexp | None = None
     substitution: tuple[str | int, ...] = ()
 
     def apply(self, target: str, matched_len: int) -> str:

@@ -1,0 +1,119 @@
+"""Misbehaving peers cannot stall or exhaust the daemon: a pathological
+regex, slow clients holding hand-off connections (real daemon, real kernel;
+clients in a child cgroup, loopback VIPs and backends)."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from tests.e2e.test_l4 import vip
+from tests.e2e.test_l7 import curl
+from tests.e2e.test_security import limit_hits
+from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
+
+# Python's re needs ~2^40 steps to refuse this value for "(a+)+$"; RE2 needs 41.
+EVIL_REGEX = "(a+)+$"
+EVIL_VALUE = "a" * 40 + "!"
+
+
+def test_a_pathological_regex_stalls_nobody(kmesh, cgroup, backends):
+    a, b = backends("A", "B")
+    v = vip()
+    routes = [{"match": {"prefix": "/", "headers": [{"name": "x-user", "safe_regex_match": {"regex": EVIL_REGEX}}]},
+               "route": {"cluster": "a"}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "b"}}]
+    kmesh(bootstrap([hcm_listener("site", v, 80, routes)],
+                    [cluster("a", lb_ep(*a.addr)), cluster("b", lb_ep(*b.addr))]))
+    evil = [cgroup.popen(["curl", "-sS", "--max-time", "20", "-o", "-", "-H", f"x-user: {EVIL_VALUE}",
+                          f"http://{v}/"], stdout=-1) for _ in range(4)]
+    t0 = time.monotonic()
+    # Others are served meanwhile (each curl is a new connection through the hand-off).
+    assert [curl(cgroup, f"http://{v}/", "-H", "x-user: aaaa") for _ in range(5)] == [(200, "A")] * 5
+    outs = [p.communicate(timeout=30)[0].strip() for p in evil]
+    assert outs == ["B"] * 4           # no match: the default route
+    assert time.monotonic() - t0 < 10  # re would take hours; RE2 microseconds
+
+
+SLOW_CLIENTS = r"""
+import resource, socket, sys, time
+host, n, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+head = b"GET / HTTP/1.1\r\nHost: slow\r\nx-pad: " + b"p" * 4000
+socks = []
+for _ in range(n):
+    s = socket.create_connection((host, 80))
+    s.setblocking(False)
+    socks.append(s)
+print("held", len(socks), flush=True)
+sent = 0
+closed = 0
+while sent < len(head):
+    for s in socks:
+        try:
+            s.send(head[sent:sent + 1])
+        except OSError:
+            closed += 1
+    sent += 1
+    time.sleep(gap)
+"""
+
+
+def l7_site(v: str, a) -> dict:
+    """A listener whose routes need the request (a header picks the
+    cluster): its connections go through the hand-off."""
+    routes = [{"match": {"prefix": "/", "headers": [{"name": "x-canary", "present_match": True}]},
+               "route": {"cluster": "canary"}},
+              {"match": {"prefix": "/"}, "route": {"cluster": "a"}}]
+    return bootstrap([hcm_listener("site", v, 80, routes)],
+                     [cluster("a", lb_ep(*a.addr)), cluster("canary", lb_ep("127.0.0.1", 9))])
+
+
+def _latencies(cgroup, url: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.monotonic()
+        assert curl(cgroup, url) == (200, "A")
+        out.append(time.monotonic() - t)
+    return out
+
+
+def test_a_thousand_slow_clients_delay_nobody(kmesh, cgroup, backends):
+    """Slowloris: 1000 connections that send their head a byte a second
+    are held while other clients are served as fast as before."""
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(l7_site(v, a))
+    url = f"http://{v}/"
+    before = _latencies(cgroup, url, 20)
+    slow = cgroup.popen([sys.executable, "-c", SLOW_CLIENTS, v, "1000", "1.0"], stdout=-1)
+    try:
+        assert slow.stdout.readline().split() == ["held", "1000"]
+        time.sleep(2)
+        during = _latencies(cgroup, url, 20)
+        st = k.get("/l7")
+        assert st["accepted"] >= 1000 + 20 + 20, st
+    finally:
+        slow.kill()
+        slow.wait()
+    # Bounds a correct daemon meets by orders of magnitude (a stalled loop
+    # would add seconds): ~10 ms per curl here, busy machine or not.
+    assert max(during) < 2.0, (before, during)
+    assert statistics.median(during) < statistics.median(before) * 5 + 0.1, (before, during)
+    assert limit_hits(k, "l7_pending_heads") == 0
+
+
+def test_past_the_waiting_limit_the_oldest_slow_client_goes(kmesh, cgroup, backends):
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(l7_site(v, a), extra_args=("-l7-max-waiting-heads=50",))
+    slow = cgroup.popen([sys.executable, "-c", SLOW_CLIENTS, v, "200", "0.5"], stdout=-1)
+    try:
+        assert slow.stdout.readline().split() == ["held", "200"]
+        # New clients still get through: each evicts the slowest waiter.
+        assert [curl(cgroup, f"http://{v}/") for _ in range(5)] == [(200, "A")] * 5
+    finally:
+        slow.kill()
+        slow.wait()
+    assert limit_hits(k, "l7_pending_heads") >= 150
