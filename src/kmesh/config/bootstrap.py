@@ -23,10 +23,33 @@ class LoadedConfig:
         return json_format.MessageToDict(self.bootstrap, preserving_proto_field_name=True)
 
 
+# libyaml's loader: ~20x faster, and it bounds nesting itself.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# protobuf refuses messages nested deeper than this (its recursion limit);
+# so does kmesh, before anything recursive walks them.
+MAX_DEPTH = 100
+
+
+def too_deep(data, limit: int = MAX_DEPTH) -> str | None:
+    """The path of the first value nested deeper than ``limit``, or None."""
+    todo = [("", data, 0)]
+    while todo:
+        path, node, depth = todo.pop()
+        if depth > limit:
+            return path
+        if isinstance(node, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), v, depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(node))
+    return None
+
+
 def parse_text(text: str, source: str) -> LoadedConfig:
     """Parse YAML or JSON text (JSON is YAML); errors name ``source``."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
+    except RecursionError:
+        raise ConfigError([Problem(source, "", f"nested deeper than {MAX_DEPTH} levels")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -36,6 +59,9 @@ def parse_text(text: str, source: str) -> LoadedConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([Problem(source, "", f"expected an Envoy Bootstrap object, got {type(data).__name__}")])
+    deep = too_deep(data)
+    if deep is not None:
+        raise ConfigError([Problem(source, deep, f"nested deeper than {MAX_DEPTH} levels")])
     msg, errors = schema.parse(data, bootstrap_pb2.Bootstrap, source)
     if errors:
         raise ConfigError([Problem(source, p, r) for p, r in errors])

@@ -24,6 +24,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from google.protobuf.message import DecodeError
 
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import Cluster, Listener, MeshConfig
@@ -301,7 +302,11 @@ class MeshBuilder:
                 continue
             path, res = got
             ctx = self._ctx(path)
-            redo[name] = path, tr.cluster_head(ctx, path, _msg(cluster_pb2.Cluster, res), self.eds)
+            head = _decoding(ctx, path, tr.cluster_head, lambda: _msg(cluster_pb2.Cluster, res), self.eds)
+            if head is None:
+                problems += ctx.problems   # else the head carries them to compose_cluster
+            else:
+                redo[name] = path, head
         for name in self._users(self._services, change.services, given):
             st = self.clusters[name]
             redo[name] = st.path, st.head
@@ -330,9 +335,10 @@ class MeshBuilder:
         for name, (path, res) in redo.items():
             pb = _msg(listener_pb2.Listener, res)
             ctx = self._ctx(path)
-            entries = tr._listener(ctx, path, pb, routes) or []
+            entries = _decoding(ctx, path, tr._listener, lambda: pb, routes) or []
+            used = (_decoding(ctx, path, lambda _c, _p, x: tuple(filters.rds_names([x])), lambda: pb) or ()) \
+                if self.rds else ()
             problems += ctx.problems
-            used = tuple(filters.rds_names([pb])) if self.rds else ()
             old = self.listeners.get(name)
             seq = old.seq if old else change.next_seq
             if old is None:
@@ -463,6 +469,17 @@ class MeshBuilder:
 
     def counts(self) -> dict[str, int]:
         return dict(self._totals)
+
+
+def _decoding(ctx: "tr._Ctx", path: str, translate, resource, *args):
+    """``translate(ctx, path, resource(), *args)``; a typed_config inside
+    that does not decode (bytes from a control plane) is a problem of the
+    resource, as Envoy refuses it, not an exception."""
+    try:
+        return translate(ctx, path, resource(), *args)
+    except DecodeError as e:
+        ctx.error(path, f"a typed_config inside cannot be decoded: {e}")
+        return None
 
 
 def _order(seq: int, index: int) -> int:

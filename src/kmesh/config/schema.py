@@ -17,6 +17,10 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+# What json_format raises for data it refuses (OverflowError: an infinite
+# number where an integer or enum goes).
+_REFUSALS = (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError, OverflowError)
+
 # Well-known types have their own JSON forms (strings for Duration, bare
 # values for wrappers, ...): let json_format judge them as one value.
 _WKT_PREFIX = "google.protobuf."
@@ -56,7 +60,7 @@ def locate(data: Any, desc: Descriptor, path: str = "") -> Iterator[tuple[str, s
     if desc.full_name.startswith(_WKT_PREFIX) and desc.full_name != "google.protobuf.Any":
         try:
             json_format.ParseDict(data, _message_class(desc)())
-        except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
+        except _REFUSALS as e:
             yield path, _clean(str(e))
         return
     if desc.full_name == "google.protobuf.Any":
@@ -98,7 +102,7 @@ def _locate_value(value, f: FieldDescriptor, path: str, parent: Descriptor, name
         return
     try:
         json_format.ParseDict({name: wrapped}, _message_class(parent)())
-    except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
+    except _REFUSALS as e:
         yield path, _clean(str(e))
 
 
@@ -177,6 +181,6 @@ def parse(data: Any, message: type[Message], source: str, root: str = "") -> tup
     import_types(data)
     try:
         return json_format.ParseDict(data, message()), []
-    except (json_format.ParseError, TypeError, ValueError, KeyError, AttributeError) as e:
+    except _REFUSALS as e:
         found = list(locate(data, message.DESCRIPTOR, root))
         return None, found or [(root, _clean(str(e)))]

@@ -161,7 +161,7 @@ def _ip_version(text: str) -> int:
     try:
         socket.inet_pton(socket.AF_INET, text)
         return 4
-    except OSError:
+    except (OSError, ValueError):   # ValueError: a NUL in the text
         pass
     try:
         ipaddress.IPv6Address(text)
@@ -280,7 +280,8 @@ def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
     service = sys.intern(pb.eds_cluster_config.service_name or pb.name) if pb.type == _Cluster.EDS else None
     ok = True
     if pb.lb_policy not in _LB:
-        name = _Cluster.LbPolicy.Name(pb.lb_policy)
+        name = _Cluster.LbPolicy.Name(pb.lb_policy) if pb.lb_policy in _Cluster.LbPolicy.values() \
+            else f"lb_policy {pb.lb_policy}"
         ctx.unsupported(f"{path}.lb_policy", f"{name} is not supported; use ROUND_ROBIN, RANDOM or LEAST_REQUEST")
         if ctx.lenient:
             return "unsupported lb_policy", service, None

@@ -266,8 +266,10 @@ class AdsState:
                 # After a restart: reconcile the pinned maps with the whole model.
                 self.apply(None, lambda: self.builder.mesh(change))
                 self.hold_until_warm = False
-        except (ValueError, ConfigError, OSError) as e:
-            reason = str(e)
+        except Exception as e:   # noqa: BLE001 - every response gets its ACK or NACK
+            reason = str(e) if isinstance(e, (ValueError, ConfigError, OSError)) else f"internal error: {e!r}"
+            if not isinstance(e, (ValueError, ConfigError, OSError)):
+                log.exception("internal error while handling an xDS response; NACKed")
             s.last_nack = {"version_info": resp.version_info, "nonce": resp.nonce, "error": reason,
                            "time": time.time()}
             log.error("xDS response rejected (NACK); the previous config stays in force",
