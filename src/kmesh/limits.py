@@ -25,13 +25,13 @@ ADMIN_IDLE = Limit("admin_idle_seconds", 10, "seconds an admin connection may st
 L7_PENDING_HEADS = Limit("l7_pending_heads", 4096, "hand-off connections waiting for their request head; "
                                                    "the oldest waiting one is closed for a new one")
 L7_HEAD_SECONDS = Limit("l7_head_seconds", 30, "seconds a hand-off connection may take to send its request head")
-XDS_MESSAGE = Limit("xds_message_bytes", 64 * 1024 * 1024, "bytes in one xDS message (gRPC max receive size)")
-XDS_RESOURCE = Limit("xds_resource_bytes", 4 * 1024 * 1024, "bytes in one xDS resource; larger ones are NACKed")
+XDS_MESSAGE = Limit("xds_message_bytes", 256 * 1024 * 1024, "bytes in one xDS message; a bigger one ends the stream "
+                    "(the bootstrap's envoy_grpc.max_receive_message_length sets it)")
 OPEN_FILES = Limit("open_files", 65536, "file descriptors (LimitNOFILE= in the unit; the daemon raises its soft "
                                         "limit to the hard one)")
 
 ALL = (ADMIN_BODY, ADMIN_HEAD, ADMIN_CONCURRENT, ADMIN_IDLE, L7_PENDING_HEADS, L7_HEAD_SECONDS, XDS_MESSAGE,
-       XDS_RESOURCE, OPEN_FILES)
+       OPEN_FILES)
 
 _hits = dict.fromkeys((x.name for x in ALL), 0)
 _lock = threading.Lock()

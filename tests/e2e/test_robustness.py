@@ -117,3 +117,105 @@ def test_past_the_waiting_limit_the_oldest_slow_client_goes(kmesh, cgroup, backe
         slow.kill()
         slow.wait()
     assert limit_hits(k, "l7_pending_heads") >= 150
+
+
+# --- xDS -----------------------------------------------------------------------
+
+def _bad_pushes(a):
+    """(type, Any resources, what is wrong) as a broken control plane might send them."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from google.protobuf import any_pb2
+
+    from kmesh.xds import resources as rt
+    from tests.e2e.test_ads import R1
+    from tests.support import istio
+
+    def packed(msg):
+        x = any_pb2.Any()
+        x.Pack(msg)
+        return x
+
+    damaged = packed(istio.eds_cluster(R1))
+    damaged.value = damaged.value[:7] + b"\xff\xff\xff" + damaged.value[10:]
+    zero = cluster_pb2.Cluster(name="outbound|1||zero", type=cluster_pb2.Cluster.STATIC)
+    lbe = zero.load_assignment.endpoints.add().lb_endpoints.add()
+    lbe.endpoint.address.socket_address.address, lbe.endpoint.address.socket_address.port_value = a.addr
+    lbe.load_balancing_weight.value = 0
+    deep = istio.eds_cluster("outbound|2||deep")
+    node = deep.metadata.filter_metadata["x"]
+    for _ in range(150):
+        node = node.fields["x"].struct_value
+    hcm = istio.http_listener(9080)
+    for f in hcm.filter_chains[0].filters:
+        f.typed_config.value = b"\x12\x03\xff\xfe\xfd"   # a stat_prefix that is not UTF-8
+    return [
+        (rt.CDS, [damaged], "cannot decode"),
+        (rt.CDS, [packed(istio.eds_cluster(R1)), packed(istio.eds_cluster(R1))], "appears twice"),
+        (rt.CDS, [packed(zero)], "load_balancing_weight"),
+        (rt.CDS, [packed(deep)], "cannot decode"),
+        (rt.LDS, [packed(istio.cla(R1, [a.addr]))], "in a LDS response"),
+        (rt.LDS, [packed(istio.virtual_outbound()), packed(hcm)], "cannot be decoded"),
+    ]
+
+
+def test_bad_xds_pushes_are_nacked_one_by_one_while_good_ones_are_acked(kmesh, cgroup, backends, xds):
+    from kmesh.xds import resources as rt
+    from tests.e2e.test_ads import PORT, R1, R2, push_reviews
+    from tests.support import istio
+
+    a, b = backends("A", "B")
+    v = vip()
+    push_reviews(xds, v, a, b, weights=(100, 0))
+    k = kmesh({}, ads=xds.address)
+    load = cgroup.load(v, PORT)
+    try:
+        for rounds in range(3):
+            for t, anys, why in _bad_pushes(a):
+                before = len(xds.requests)
+                xds.send_raw(t, anys, version=f"bad-{rounds}")
+                nack = xds.wait_for(lambda reqs: next((r for r in reqs[before:] if r.type == t.short and r.is_nack),
+                                                      None))
+                assert why in nack.error, (why, nack.error)
+                # ... and the next good push is taken.
+                good = [istio.eds_cluster(R1), istio.eds_cluster(R2), istio.passthrough_cluster()] \
+                    if t is rt.CDS else [istio.virtual_outbound(), istio.http_listener(PORT)]
+                xds.wait_ack(t, xds.set(t, good))
+    finally:
+        report = load.report()
+    assert report["failed"] == 0 and report["ok"] > 0, report
+    assert set(report["bodies"]) == {"A"}, report
+    assert k.get("/ready", raw=True)[0] == 200
+
+
+def test_an_xds_message_over_the_limit_restarts_the_stream_and_is_counted(kmesh, cgroup, backends, xds):
+    from kmesh.xds import resources as rt
+    from tests.e2e.test_ads import PORT, push_reviews
+    from tests.support import istio
+
+    a, b = backends("A", "B")
+    v = vip()
+    push_reviews(xds, v, a, b, weights=(100, 0))
+    host, port = xds.address.split(":")
+    cfg = {"dynamic_resources": {
+        "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [
+            {"envoy_grpc": {"cluster_name": "xds-grpc", "max_receive_message_length": 100000}}]},
+        "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        "lds_config": {"ads": {}, "resource_api_version": "V3"}},
+        "static_resources": {"clusters": [{"name": "xds-grpc", "type": "STATIC", "load_assignment": {
+            "cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": int(port)}}}}]}]}}]}}
+    k = kmesh(cfg, ads="")
+    assert cgroup.curl(f"http://{v}:{PORT}/") == ["A"]
+    big = [istio.eds_cluster(f"outbound|{PORT}||s{i}.big.svc.cluster.local") for i in range(1000)]   # ~600 KB
+    xds.set(rt.CDS, big)
+    deadline = time.monotonic() + 20
+    while limit_hits(k, "xds_message_bytes") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert limit_hits(k, "xds_message_bytes") >= 1
+    assert cgroup.curl(f"http://{v}:{PORT}/") == ["A"]   # the last good config serves on
+    push_reviews(xds, v, b, a, weights=(100, 0))            # smaller again: taken after the restart
+    deadline = time.monotonic() + 30
+    while cgroup.curl(f"http://{v}:{PORT}/") != ["B"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cgroup.curl(f"http://{v}:{PORT}/") == ["B"]
+    assert "over the size limit" in k.log()

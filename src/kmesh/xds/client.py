@@ -19,7 +19,7 @@ import time
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from kmesh import memory
+from kmesh import limits, memory
 from kmesh.xds.node import XdsTarget
 from kmesh.xds.state import AdsState
 
@@ -39,7 +39,7 @@ def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF
 
 
 def _channel(target: XdsTarget) -> grpc.Channel:
-    opts = [("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+    opts = [("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", target.max_message_bytes)]
     if not target.tls:
         return grpc.insecure_channel(target.address, options=opts)
     with open(target.ca_file, "rb") as f:
@@ -133,6 +133,11 @@ class AdsClient:
             self.connection["error"] = "the server closed the stream"
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                limits.hit(limits.XDS_MESSAGE)
+                log.error("an xDS message was over the size limit: the stream restarts", extra={"kv": {
+                    "limit_bytes": self.target.max_message_bytes, "set_by": "dynamic_resources.ads_config."
+                    "grpc_services[0].envoy_grpc.max_receive_message_length"}})
             self.connection["error"] = f"{code.name if code else 'error'}: {e.details() if hasattr(e, 'details') else e}"
         except OSError as e:
             self.connection["error"] = str(e)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
-from kmesh import __version__
+from kmesh import __version__, limits
 
 DEFAULT_XDS_ADDRESS = "istiod.istio-system.svc:15010"
 
@@ -70,6 +70,9 @@ class XdsTarget:
     cert_file: str = ""
     key_file: str = ""
     origin: str = "default"   # flag, environment, bootstrap or default
+    # The largest message taken from the server; a bigger one ends the stream
+    # (RESOURCE_EXHAUSTED). The bootstrap's envoy_grpc.max_receive_message_length.
+    max_message_bytes: int = limits.XDS_MESSAGE.value
 
     @property
     def tls(self) -> bool:
@@ -122,4 +125,15 @@ def resolve_target(flag_address: str, bootstrap, ca_file: str = "", cert_file: s
         base = target_from_bootstrap(bootstrap) or XdsTarget(DEFAULT_XDS_ADDRESS)
     return XdsTarget(base.address, ca_file or os.environ.get("XDS_CA_FILE", "") or base.ca_file,
                      cert_file or os.environ.get("XDS_CERT_FILE", ""), key_file or os.environ.get("XDS_KEY_FILE", ""),
-                     base.origin)
+                     base.origin, max_message_bytes(bootstrap))
+
+
+def max_message_bytes(bootstrap) -> int:
+    """As Envoy: ``ads_config.grpc_services[0].envoy_grpc.max_receive_message_length``
+    when set (0: kmesh's own limit, not unlimited)."""
+    ads = bootstrap.dynamic_resources.ads_config if bootstrap is not None else None
+    if ads is not None and ads.grpc_services:
+        n = ads.grpc_services[0].envoy_grpc.max_receive_message_length.value
+        if n:
+            return n
+    return limits.XDS_MESSAGE.value
