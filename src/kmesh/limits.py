@@ -27,8 +27,8 @@ L7_PENDING_HEADS = Limit("l7_pending_heads", 4096, "hand-off connections waiting
 L7_HEAD_SECONDS = Limit("l7_head_seconds", 30, "seconds a hand-off connection may take to send its request head")
 XDS_MESSAGE = Limit("xds_message_bytes", 256 * 1024 * 1024, "bytes in one xDS message; a bigger one ends the stream "
                     "(the bootstrap's envoy_grpc.max_receive_message_length sets it)")
-OPEN_FILES = Limit("open_files", 65536, "file descriptors (LimitNOFILE= in the unit; the daemon raises its soft "
-                                        "limit to the hard one)")
+OPEN_FILES = Limit("open_files", 0, "file descriptors: the hard RLIMIT_NOFILE (the daemon raises its soft limit to "
+                                    "it); near it the hand-off refuses new connections")
 
 ALL = (ADMIN_BODY, ADMIN_HEAD, ADMIN_CONCURRENT, ADMIN_IDLE, L7_PENDING_HEADS, L7_HEAD_SECONDS, XDS_MESSAGE,
        OPEN_FILES)

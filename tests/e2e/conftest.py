@@ -49,8 +49,8 @@ def kmesh(cgroup, tmp_path, bpf_object):
     made: list[harness.Kmesh] = []
 
     def start(config, wait: bool = True, ads: str | None = None, extra_args: tuple[str, ...] = (),
-              env: dict | None = None) -> harness.Kmesh:
-        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args, env=env)
+              env: dict | None = None, **kw) -> harness.Kmesh:
+        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args, env=env, **kw)
         made.append(k)
         k.write_config(config)
         return k.start(wait=wait)

@@ -219,3 +219,50 @@ def test_an_xds_message_over_the_limit_restarts_the_stream_and_is_counted(kmesh,
         time.sleep(0.2)
     assert cgroup.curl(f"http://{v}:{PORT}/") == ["B"]
     assert "over the size limit" in k.log()
+
+
+# --- the other limits ------------------------------------------------------------
+
+def test_an_admin_request_head_too_long_or_a_silent_admin_client_is_cut_off(kmesh, backends):
+    import socket
+
+    from kmesh import limits
+
+    (a,) = backends("A")
+    k = kmesh(l7_site(vip(), a))
+    with socket.create_connection(("127.0.0.1", k.admin_port)) as s:
+        s.sendall(b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.0 414")
+    assert limit_hits(k, "admin_head_bytes") == 1
+    with socket.create_connection(("127.0.0.1", k.admin_port)) as s:
+        s.sendall(b"GET /status HTTP/1.1\r\n")   # and nothing more
+        s.settimeout(limits.ADMIN_IDLE.value + 10)
+        t = time.monotonic()
+        assert s.recv(4096) == b""                # closed by the daemon
+        assert time.monotonic() - t >= limits.ADMIN_IDLE.value - 1
+    assert limit_hits(k, "admin_idle_seconds") == 1
+
+
+def test_near_the_descriptor_limit_the_hand_off_refuses_and_the_admin_api_answers(kmesh, cgroup, backends):
+    from kmesh.l7.handoff import FD_RESERVE
+
+    (a,) = backends("A")
+    v = vip()
+    k = kmesh(l7_site(v, a), nofile=FD_RESERVE + 300)
+    slow = cgroup.popen([sys.executable, "-c", SLOW_CLIENTS, v, "400", "1.0"], stdout=-1)
+    try:
+        assert slow.stdout.readline().split() == ["held", "400"]
+        deadline = time.monotonic() + 10
+        while limit_hits(k, "open_files") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert limit_hits(k, "open_files") >= 1   # read over the admin API meanwhile
+        assert k.get("/ready", raw=True)[0] == 200
+    finally:
+        slow.kill()
+        slow.wait()
+    # The clients are gone: their descriptors come back, the listener serves.
+    deadline = time.monotonic() + 40
+    while curl(cgroup, f"http://{v}/") != (200, "A") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert curl(cgroup, f"http://{v}/") == (200, "A")
+    assert k.get("/ready", raw=True)[0] == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -219,6 +220,7 @@ class Kmesh:
     extra_args: tuple[str, ...] = ()
     env: dict | None = None           # extra environment for the daemon
     listen_fds: tuple[tuple[str, int], ...] = ()   # (name, fd) passed as systemd passes its fd store
+    nofile: int | None = None          # RLIMIT_NOFILE (soft and hard) for the daemon
 
     @property
     def admin(self) -> str:
@@ -249,8 +251,10 @@ class Kmesh:
         if fds:
             argv = [sys.executable, str(ROOT / "tests" / "support" / "listen_fds.py"), ",".join(map(str, fds)),
                     ":".join(n for n, _ in self.listen_fds), "--", *argv]
+        limit = None if self.nofile is None else \
+            (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
         self.proc = subprocess.Popen(argv, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     pass_fds=fds)
+                                     pass_fds=fds, preexec_fn=limit)
         if wait:
             self.wait_ready()
         return self

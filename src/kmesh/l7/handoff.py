@@ -18,8 +18,10 @@ import asyncio
 import errno
 import logging
 import random
+import resource
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ log = logging.getLogger("kmesh.l7")
 HEAD_LIMIT = 64 * 1024        # a larger request head gets 431, as Envoy's default max_request_headers_kb
 READ_CHUNK = 64 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's connect_timeout default
+FD_RESERVE = 256               # descriptors the hand-off leaves to the admin API, xDS and the maps
 HEAD_TIMEOUT = float(limits.L7_HEAD_SECONDS.value)   # a client that sends no complete head in time is closed
 
 
@@ -206,6 +209,7 @@ class Handoff:
         # max_waiting the oldest is closed (slowloris costs the slow ones).
         self.max_waiting = max_waiting
         self._waiting: dict[asyncio.Task, None] = {}
+        self._fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
         self.stats = Stats()
         self.balancer = Balancer()
         self._loop = _new_loop()
@@ -372,6 +376,14 @@ class Handoff:
                     limits.hit(limits.OPEN_FILES)
                 log.warning("l7 accept failed", extra={"kv": {"error": str(e)}})
                 return
+            if conn.fileno() >= self._fd_ceiling:
+                # Descriptors are allocated lowest first: this one means the
+                # process is nearly out. Refuse (RST) rather than leave the
+                # admin API and xDS none to work with.
+                limits.hit(limits.OPEN_FILES)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
             conn.setblocking(False)
             self._loop.create_task(self._serve(conn, peer, ns))
 
