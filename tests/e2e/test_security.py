@@ -165,3 +165,16 @@ def test_admin_limits_bite_and_are_counted(mesh):
         except (OSError, AssertionError):
             time.sleep(0.1)
     assert limit_hits(k, "admin_concurrent_requests") >= 1
+
+
+def test_the_pins_and_the_admin_socket_are_root_only(mesh):
+    import stat
+
+    k, _, _ = mesh
+    pins = [p for p in k.pin_root.rglob("*") if not p.is_dir()]
+    assert pins
+    for p in pins:
+        st = p.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600), p   # a local user cannot open a map
+    st = k.admin_socket.stat()
+    assert stat.S_ISSOCK(st.st_mode) and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o660)
