@@ -94,6 +94,10 @@ def test_a_thousand_slow_clients_delay_nobody(kmesh, cgroup, backends):
         during = _latencies(cgroup, url, 20)
         st = k.get("/l7")
         assert st["accepted"] >= 1000 + 20 + 20, st
+        assert limit_hits(k, "l7_pending_heads") == 0
+        # A stop with all of them held is a clean one.
+        assert k.stop() == 0
+        assert "Traceback" not in k.log(), k.log()[-3000:]
     finally:
         slow.kill()
         slow.wait()
@@ -103,7 +107,6 @@ def test_a_thousand_slow_clients_delay_nobody(kmesh, cgroup, backends):
           f"beside 1000 slow clients (max {max(during) * 1000:.1f} ms)")
     assert max(during) < 2.0, (before, during)
     assert statistics.median(during) < statistics.median(before) * 5 + 0.1, (before, during)
-    assert limit_hits(k, "l7_pending_heads") == 0
 
 
 def test_past_the_waiting_limit_the_oldest_slow_client_goes(kmesh, cgroup, backends):

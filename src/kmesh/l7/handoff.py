@@ -312,6 +312,12 @@ class Handoff:
                 sock.close()
                 ns.close()
             self._netns.clear()
+            # Not routed yet: nothing was sent upstream, the client sees the
+            # close before any response and may retry on the next daemon.
+            waiting = list(self._waiting)
+            for t in waiting:
+                t.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
             if self.splicer:
                 await self.splicer.quiesce()
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
@@ -438,7 +444,7 @@ class Handoff:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, seen + 1)
                 await splice.readable(loop, conn)
         finally:
-            if seen:
+            if seen and conn.fileno() >= 0:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     async def _answer(self, conn: socket.socket, head: bytes, status: int, body: bytes = b"",
