@@ -99,7 +99,8 @@ LIBDIR="$DESTDIR$PREFIX/lib/kmesh"
 LAYOUT="$ROOT/packaging/install-layout.sh"
 # Everything install puts down, for uninstall (the config in /etc is kept).
 INSTALLED_PATHS=("$PREFIX/lib/kmesh" "$PREFIX/bin/kmesh-daemon" "$PREFIX/bin/kmesh-cmd" "$PREFIX/bin/kmeshctl"
-                 "$PREFIX/lib/systemd/system/kmesh.service" "$PREFIX/share/doc/kmesh")
+                 "$PREFIX/lib/systemd/system/kmesh.service" "$PREFIX/share/doc/kmesh"
+                 "$PREFIX/share/licenses/kmesh")
 
 do_install() {
     [ -n "$DESTDIR" ] || need_root "install"

@@ -5,7 +5,7 @@
 #   install-layout.sh files DESTDIR PREFIX SRCDIR BUILDDIR
 #       everything but the Python venv: the /usr/bin wrappers, the BPF
 #       objects, the unit and its helper scripts, the default config, the
-#       environment file and the README.
+#       environment file, the README and the licenses.
 #   install-layout.sh fix-venv DESTDIR PREFIX
 #       a venv made under DESTDIR has DESTDIR in its shebangs, pyvenv.cfg and
 #       activate scripts: take it out (the venv runs from PREFIX).
@@ -22,13 +22,15 @@
 #   /usr/lib/systemd/system/kmesh.service          the unit
 #   /etc/kmesh/kmesh.yaml, /etc/sysconfig/kmesh    config and the unit's environment
 #   /usr/share/doc/kmesh/README.md                 the README (the unit's Documentation=)
+#   /usr/share/licenses/kmesh/                     LICENSE (Apache-2.0), GPL-2.0-only.txt (bpf/)
 set -eu
 
 files() {
     dest=$1 prefix=$2 src=$3 build=$4
     lib="$dest$prefix/lib/kmesh"
     install -d "$lib/bpf/legacy" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
-        "$dest/etc/kmesh" "$dest/etc/sysconfig" "$lib/scripts" "$dest$prefix/share/doc/kmesh"
+        "$dest/etc/kmesh" "$dest/etc/sysconfig" "$lib/scripts" "$dest$prefix/share/doc/kmesh" \
+        "$dest$prefix/share/licenses/kmesh"
     install -m 0644 "$build"/bpf/*.bpf.o "$lib/bpf/"
     install -m 0644 "$build"/bpf/legacy/*.bpf.o "$lib/bpf/legacy/"
     for b in kmesh-daemon kmesh-cmd kmeshctl; do
@@ -40,6 +42,7 @@ files() {
     install -m 0755 "$src"/systemd/kmesh-start-pre.sh "$src"/systemd/kmesh-stop-post.sh "$lib/scripts/"
     install -m 0644 "$src/systemd/kmesh.service" "$dest$prefix/lib/systemd/system/kmesh.service"
     install -m 0644 "$src/README.md" "$dest$prefix/share/doc/kmesh/README.md"
+    install -m 0644 "$src/LICENSE" "$src/LICENSES/GPL-2.0-only.txt" "$dest$prefix/share/licenses/kmesh/"
     [ -e "$dest/etc/kmesh/kmesh.yaml" ] || install -m 0644 "$src/config/kmesh.yaml" "$dest/etc/kmesh/kmesh.yaml"
     [ -e "$dest/etc/sysconfig/kmesh" ] || install -m 0644 "$src/systemd/kmesh.sysconfig" "$dest/etc/sysconfig/kmesh"
 }
@@ -56,5 +59,5 @@ fix_venv() {
 case "${1:-}" in
     files) shift; files "$@" ;;
     fix-venv) shift; fix_venv "$@" ;;
-    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

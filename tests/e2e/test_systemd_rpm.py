@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ KMESH_OPTS="-enable-kmesh -enable-ads=false -config-file /etc/kmesh/kmesh.yaml -
 KMESH_BPF_FS_PATH={BPFFS}
 KMESH_CGROUP2_PATH={CLIENTS}
 """
+# A bpffs outside /sys/fs/bpf must be writable in the unit's sandbox (kmesh.sysconfig says so).
+DROP_IN = "/etc/systemd/system/kmesh.service.d/bpffs.conf"
+# The unit's CapabilityBoundingSet=; the container's own bounding set lacks some of them.
+CAPS = {"cap_bpf", "cap_perfmon", "cap_net_admin", "cap_sys_admin", "cap_sys_ptrace", "cap_chown"}
+CAP_BITS = {"cap_chown": 0, "cap_net_admin": 12, "cap_sys_ptrace": 19, "cap_sys_admin": 21, "cap_perfmon": 38,
+            "cap_bpf": 39}
 
 
 def build_rpm(release: int) -> Path:
@@ -50,6 +57,11 @@ def test_rpmlint_is_clean_with_the_documented_filters(rpms):
     res = subprocess.run(["rpmlint", "-r", str(ROOT / "packaging" / "rpm" / "kmesh.rpmlintrc"), str(rpms[1])],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "0 errors, 0 warnings" in res.stdout, res.stdout + res.stderr
+
+
+# Directories the RPM does not own (the filesystem package does).
+SHARED_DIRS = {"/etc", "/etc/sysconfig", "/usr", "/usr/bin", "/usr/lib", "/usr/share", "/usr/share/doc",
+               "/usr/share/licenses", "/usr/lib/systemd", "/usr/lib/systemd/system"}
 
 
 def _tree(root: Path) -> set[str]:
@@ -76,16 +88,13 @@ def test_build_sh_installs_and_uninstalls_what_the_rpm_does(rpms, tmp_path):
                 or (p.count("/") - venv.count("/") <= 2 and not p.startswith(venv + "/bin/"))}
 
     installed = _tree(dest)
-    assert comparable(installed) - {"/etc", "/etc/sysconfig", "/usr", "/usr/bin", "/usr/lib", "/usr/share",
-                                    "/usr/share/doc", "/usr/lib/systemd", "/usr/lib/systemd/system"} \
-        == comparable(listed)
+    assert comparable(installed) - SHARED_DIRS == comparable(listed)
     # the venv runs from /usr, not from where it was installed
     assert str(dest) not in (dest / "usr/lib/kmesh/venv/bin/kmesh-daemon").read_text()
     assert str(dest) not in (dest / "usr/lib/kmesh/venv/pyvenv.cfg").read_text()
     res = subprocess.run([str(ROOT / "build.sh"), "-u"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert {p for p in _tree(dest) if not p.startswith("/etc")} <= {
-        "/usr", "/usr/bin", "/usr/lib", "/usr/share", "/usr/share/doc", "/usr/lib/systemd", "/usr/lib/systemd/system"}
+    assert {p for p in _tree(dest) if not p.startswith("/etc")} <= SHARED_DIRS
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +165,10 @@ def test_install_and_start(box):
         [cluster("web", *(lb_ep("127.0.0.1", p) for p in BACKENDS.values())),
          cluster("web-a", lb_ep("127.0.0.1", BACKENDS["A"]))])))
     c.write("/etc/sysconfig/kmesh", SYSCONFIG)
-    c.run("systemctl", "start", "kmesh.service")
+    c.write(DROP_IN, f"[Service]\nReadWritePaths=-{BPFFS}\n")
+    c.run("systemctl", "daemon-reload")
+    r = c.run("systemctl", "start", "kmesh.service", check=False)
+    assert r.returncode == 0, c.run("journalctl", "-u", "kmesh", "--no-pager", "-n", "50", check=False).stdout
     wait_active(c)
     assert c.show("kmesh.service", "StatusText") == "ready"
     assert c.run("mountpoint", "-q", BPFFS, check=False).returncode == 0     # start-pre mounted it
@@ -165,6 +177,57 @@ def test_install_and_start(box):
     assert got == {"A", "B"}
     # outside the governed cgroup nothing changes: nothing listens on the VIP
     assert c.run("curl", "-sS", "--max-time", "5", f"http://{VIP}:{PORT}/", check=False).returncode == 7
+
+
+def in_daemon(c: nspawn.Container, *cmd: str) -> subprocess.CompletedProcess:
+    """``cmd`` in the daemon's own mount namespace."""
+    pid = c.show("kmesh.service", "MainPID")
+    return c.run("nsenter", "-t", pid, "-m", "--", *cmd, check=False)
+
+
+def test_the_sandbox_is_in_force(box):
+    c = box
+    got = {k: c.show("kmesh.service", k) for k in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                                                   "CapabilityBoundingSet", "RestrictAddressFamilies")}
+    assert (got["NoNewPrivileges"], got["ProtectSystem"], got["ProtectHome"], got["PrivateTmp"]) == \
+        ("yes", "strict", "yes", "yes"), got
+    assert set(got["CapabilityBoundingSet"].split()) == CAPS
+    assert set(got["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    pid = c.show("kmesh.service", "MainPID")
+    status = dict(line.split(":", 1) for line in c.run("cat", f"/proc/{pid}/status").stdout.splitlines())
+    container = int(c.run("awk", "/^CapBnd/ {print $2}", "/proc/1/status").stdout, 16)
+    assert int(status["CapBnd"], 16) == sum(1 << CAP_BITS[cap] for cap in CAPS) & container
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16)
+    assert (status["NoNewPrivs"].strip(), status["Seccomp"].strip()) == ("1", "2")
+    # The daemon has a mount namespace of its own...
+    assert c.run("readlink", f"/proc/{pid}/ns/mnt").stdout != c.run("readlink", "/proc/1/ns/mnt").stdout
+    # ... but start-pre mounted the bpffs in PID 1's, and the pins are there for everybody.
+    assert c.run("mountpoint", "-q", BPFFS, check=False).returncode == 0
+    assert set(PROGRAMS) <= set(c.run("ls", f"{BPFFS}/bpf_kmesh/link").stdout.split())
+    assert c.run("cat", "/run/kmesh/mounts-made").stdout.split() == [BPFFS]
+    # What it may write, and what not.
+    assert in_daemon(c, "test", "-w", f"{BPFFS}/bpf_kmesh/link").returncode == 0
+    assert in_daemon(c, "test", "-w", "/run/kmesh").returncode == 0
+    for path in ("/etc/kmesh/kmesh.yaml", "/run/kmesh-test", "/usr/lib/kmesh/x", "/var/lib/x"):
+        r = in_daemon(c, "touch", path)
+        assert r.returncode != 0 and "Read-only file system" in r.stderr, (path, r.stderr)
+    assert in_daemon(c, "stat", "-c", "%a", "/home").stdout.strip() == "0"    # ProtectHome=yes: inaccessible
+
+
+def test_sockmap_on_an_rpm_install(box):
+    """-enable-sockmap at runtime: pyroute2 (a Requires:) reads the host's
+    addresses over netlink from inside the sandbox."""
+    c = box
+
+    def post(path: str) -> dict:
+        return json.loads(c.run("curl", "-sS", "--fail-with-body", "-X", "POST", f"http://127.0.0.1:15200{path}").stdout)
+
+    assert post("/sockmap/on")["state"] == "on"
+    assert "kmesh_sockops" in attached(c)
+    assert post("/sockmap/off")["state"] == "off"
+    assert attached(c) == PROGRAMS
+    journal = c.run("journalctl", "-u", "kmesh", "--no-pager", "-o", "cat").stdout
+    assert "same-host acceleration on" in journal and "level=error" not in journal, journal[-3000:]
 
 
 def test_enroll_a_unit_by_name(box):
@@ -180,6 +243,29 @@ def test_enroll_a_unit_by_name(box):
     assert got["changed"] and [x for x in got["workloads"] if not x.get("scope")] == []
     r = c.run("kmeshctl", "enroll", "--unit", "no-such.service", check=False)
     assert r.returncode == 2 and "systemd knows no cgroup for it" in r.stderr, r.stdout + r.stderr
+
+
+def test_enroll_across_the_sandbox(box):
+    """/run/netns stays readable and gets namespaces made after the daemon
+    started; /proc/PID/ns/net of another user's process needs CAP_SYS_PTRACE."""
+    c = box
+    name = f"kmesh-test-{uuid.uuid4().hex[:8]}"
+    c.run("ip", "netns", "add", name)
+    c.run("systemd-run", f"--unit={name}", "-p", "User=nobody", "-p", "PrivateNetwork=yes", "sleep", "300")
+    try:
+        got = json.loads(c.run("kmeshctl", "-o", "json", "enroll", "--netns", f"/run/netns/{name}").stdout)
+        assert got["workload"]["kind"] == "netns", got
+        pid = c.show(f"{name}.service", "MainPID")
+        assert c.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip() == "nobody"
+        got = json.loads(c.run("kmeshctl", "-o", "json", "enroll", "--pid", pid).stdout)
+        assert got["workload"]["path"] == f"/proc/{pid}/ns/net", got
+        c.run("kmeshctl", "unenroll", "--pid", pid)
+        c.run("kmeshctl", "unenroll", "--netns", f"/run/netns/{name}")
+    finally:
+        c.run("systemctl", "stop", f"{name}.service", check=False)
+        c.run("ip", "netns", "del", name, check=False)
+    assert [w for w in json.loads(c.run("kmeshctl", "-o", "json", "list").stdout)["workloads"]
+            if not w.get("scope")] == []
 
 
 def test_restart_and_upgrade_under_load(box):
@@ -256,7 +342,7 @@ def test_watchdog_restarts_a_frozen_daemon(box):
         time.sleep(1)
     finally:
         report = load.report()
-        c.run("rm", "-rf", "/etc/systemd/system/kmesh.service.d")
+        c.run("rm", "-f", "/etc/systemd/system/kmesh.service.d/test-watchdog.conf")
         c.run("systemctl", "daemon-reload")
     assert c.show("kmesh.service", "MainPID") != pid
     journal = c.run("journalctl", "-u", "kmesh", "--no-pager", "-o", "cat").stdout

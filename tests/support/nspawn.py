@@ -28,7 +28,7 @@ PACKAGES = ["systemd", "systemd-sysv", "dbus", "rpm", "python3", "python3-pip", 
             "iproute2", "ca-certificates", "gawk"]
 # Runtime Python packages the RPM Requires, from PyPI (Debian 12's are too old).
 WHEELS = ["protobuf>=6.31.1", "grpcio>=1.74", "click>=8.1", "PyYAML>=6.0", "sdnotify>=0.3", "prometheus-client>=0.14",
-          "httptools>=0.6"]
+          "httptools>=0.6", "pyroute2>=0.7", "google-re2>=1.1"]
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 CGROUP_SYSTEMD = Path("/sys/fs/cgroup/systemd")
 

@@ -115,8 +115,9 @@ def test_unit_settings():
     s = unit_settings(UNIT.read_text())
     assert s["Type"] == ["notify"]
     assert s["EnvironmentFile"] == ["-/etc/sysconfig/kmesh"]
-    assert s["ExecStartPre"] == ["/usr/lib/kmesh/scripts/kmesh-start-pre.sh"]
-    assert s["ExecStopPost"] == ["/usr/lib/kmesh/scripts/kmesh-stop-post.sh %n"]
+    # "+": outside the sandbox; the mounts go to PID 1's mount namespace (the host's)
+    assert s["ExecStartPre"] == ["+/usr/bin/nsenter --mount=/proc/1/ns/mnt -- /usr/lib/kmesh/scripts/kmesh-start-pre.sh"]
+    assert s["ExecStopPost"] == ["+/usr/lib/kmesh/scripts/kmesh-stop-post.sh %n"]
     (start,) = s["ExecStart"]
     assert start.startswith("/usr/bin/kmesh-daemon ") and start.endswith(" $KMESH_OPTS")
     # The helpers and the daemon must agree on the two paths.
@@ -131,6 +132,74 @@ def test_unit_settings():
     assert s["After"] == ["network.target"]
     assert s["WantedBy"] == ["multi-user.target"]
     assert s["WatchdogSec"] == ["30s"] and s["NotifyAccess"] == ["main"]
+
+
+# What the daemon needs, and nothing else (README "The unit's sandbox").
+CAPABILITIES = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_CHOWN"}
+# systemd-analyze security's overall exposure (10 = UNSAFE); 9.6 without the sandbox.
+EXPOSURE_MAX = 2.9
+
+
+def test_unit_sandbox():
+    s = unit_settings(UNIT.read_text())
+    assert set(" ".join(s["CapabilityBoundingSet"]).split()) == CAPABILITIES
+    assert "AmbientCapabilities" not in s          # root: the bounding set is what limits it
+    assert "User" not in s
+    for key, want in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                      "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+                      "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
+                      "ProtectClock": "yes", "ProtectHostname": "yes", "RestrictRealtime": "yes",
+                      "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
+                      "SystemCallArchitectures": "native", "RestrictNamespaces": "net",
+                      "RuntimeDirectory": "kmesh", "RuntimeDirectoryPreserve": "yes", "UMask": "0077"}.items():
+        assert s.get(key) == [want], key
+    assert set(s["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    assert s["SystemCallFilter"][0].split() == ["@system-service", "bpf"]     # no @mount: see below
+    # Writable: the default bpffs, /run/kmesh (RuntimeDirectory=); not the rest of /run
+    # (ProtectKernelTunables= implies MountAPIVFS=, which leaves /run writable otherwise).
+    assert s["ReadOnlyPaths"] == ["/run"]
+    assert s["ReadWritePaths"] == ["-/sys/fs/bpf"]
+    assert s["LogsDirectory"] == ["kmesh"]
+
+
+def test_the_sandbox_covers_the_default_paths():
+    """What the daemon writes by default is writable in the unit; the rest
+    (a bpffs elsewhere, -access-log-file outside /var/log/kmesh) needs a
+    drop-in, as the sysconfig file says."""
+    from kmesh import mounts, options
+
+    s = unit_settings(UNIT.read_text())
+    assert os.path.dirname(options.DEFAULT_ADMIN_SOCKET) == "/run/kmesh"
+    assert os.path.dirname(mounts.record_path()) == "/run/" + s["RuntimeDirectory"][0]
+    assert "-" + options.DEFAULT_BPF_FS_PATH in s["ReadWritePaths"]
+    assert "ReadWritePaths=" in SYSCONFIG.read_text()
+    # The mounts must be made on the host: the sandboxed daemon may not mount.
+    mount_calls = {"mount", "umount2", "fsmount", "move_mount"}
+    res = run(["systemd-analyze", "syscall-filter", "@system-service"])
+    assert res.returncode == 0
+    assert not mount_calls & set(res.stdout.split())
+
+
+def exposure(unit: Path) -> float:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.fail("systemd-analyze is not installed: ./build.sh setup installs it (Debian package systemd)")
+    res = run([exe, "security", "--offline=yes", "--no-pager", str(unit)], cwd=unit.parent)
+    last = res.stdout.strip().splitlines()[-1]
+    assert "Overall exposure level for kmesh.service:" in last, res.stdout[-2000:] + res.stderr
+    return float(last.split(":")[1].split()[0])
+
+
+def test_systemd_analyze_security_exposure(unit_copy: Path):
+    assert exposure(unit_copy) <= EXPOSURE_MAX
+
+
+def test_systemd_analyze_security_would_see_the_sandbox_go(unit_copy: Path):
+    # The score above means something only if it moves.
+    text = unit_copy.read_text()
+    start = text.index("# The sandbox")
+    unit_copy.write_text(text[:start] + text[text.index("StandardOutput="):])
+    assert exposure(unit_copy) > 9
 
 
 def test_unit_defaults_match_sysconfig():
