@@ -12,6 +12,7 @@ systemd, `systemctl stop` through kmesh-stop-post.sh) removes them.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -139,7 +140,8 @@ class Daemon:
             mounts.ensure_bpffs(self.opts.bpf_fs_path)
             mounts.ensure_cgroup2(self.opts.cgroup2_path)
         except OSError as e:
-            raise StartError(f"{e}; kmesh needs root (CAP_SYS_ADMIN) to mount bpffs and cgroup2") from None
+            raise StartError(f"{e}; kmesh needs root (CAP_SYS_ADMIN) to mount bpffs and cgroup2 (under kmesh.service, "
+                             "kmesh-start-pre.sh mounts them: see `journalctl -u kmesh`)") from None
         try:
             self.features = kfeatures.without(kfeatures.decide(kfeatures.probe()),
                                               kfeatures.parse_disabled(self.opts.bpf_disable_features))
@@ -151,7 +153,11 @@ class Daemon:
                                   features=self.features)
             dp.load()
         except (loader.LoaderError, OSError) as e:
-            raise StartError(str(e)) from None
+            hint = ""
+            if isinstance(e, OSError) and e.errno == errno.EROFS:
+                hint = (f" ({self.opts.bpf_fs_path} is read-only to the daemon: under kmesh.service a bpffs other "
+                        "than /sys/fs/bpf needs ReadWritePaths=-PATH in a drop-in, `systemctl edit kmesh`)")
+            raise StartError(f"{e}{hint}") from None
         self._dataplane = dp
         if self.opts.bpf_stats:
             # Counted while this fd is open: it closes with the process.
