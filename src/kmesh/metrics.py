@@ -209,7 +209,10 @@ def _l7_families(st, sp) -> Iterator:
         yield GaugeMetricFamily("kmesh_l7_spliced_active", "Spliced connections open now.", value=sp.active)
     for name, text, value in (*spliced,
             ("kmesh_l7_connections_accepted", "Connections the L7 hand-off listener accepted.", st.accepted),
-            ("kmesh_l7_requests_routed", "Connections routed to an upstream by their first request.", st.routed),
+            ("kmesh_l7_requests_routed", "Requests routed to an upstream (a spliced connection's first, and each "
+             "one on a keep-alive connection).", st.routed),
+            ("kmesh_l7_connections_per_request", "Keep-alive connections routed request by request.",
+             st.per_request),
             ("kmesh_l7_upstream_failures", "Requests answered 503: no endpoint could be connected.",
              st.upstream_failures),
             ("kmesh_l7_bad_requests", "Connections whose first bytes were no HTTP/1.x request head.",

@@ -45,7 +45,9 @@ def test_route_by_header(reviews, cgroup):
     assert m[("kmesh_connects_total", (("decision", "l7_handoff"),))] == 20
 
 
-def test_keep_alive_stays_on_its_first_route(reviews, cgroup):
+def test_keep_alive_routes_every_request(reviews, cgroup):
+    """As Envoy: each request on a keep-alive connection is routed on its own
+    (a canary by user sends only that user's requests to the canary)."""
     _, v = reviews
     script = """
 import socket, sys
@@ -64,7 +66,7 @@ for user in ("jason", "someone"):
 print(" ".join(out))
 """
     r = cgroup.run([sys.executable, "-c", script, v])
-    assert r.stdout.split() == ["v2", "v2"], r.stdout + r.stderr
+    assert r.stdout.split() == ["v2", "v1"], r.stdout + r.stderr
 
 
 def test_paths_direct_response_redirect_and_no_route(kmesh, cgroup, backends):
@@ -141,7 +143,7 @@ def test_without_l7_the_catch_all_route_serves(kmesh, cgroup, backends):
 
 def test_l7_status_metrics_and_kmeshctl(reviews, cgroup):
     k, v = reviews
-    curl(cgroup, f"http://{v}/")
+    curl(cgroup, f"http://{v}/", "-H", "Connection: close")   # one request: the connection is spliced whole
     st = k.get("/l7")
     assert st["accepted"] >= 1 and st["routed"] >= 1, st
     m = metrics(k)
@@ -261,3 +263,71 @@ def test_a_partial_head_stalls_nobody(reviews, cgroup):
     waiting.stdin.write("go\n")
     waiting.stdin.flush()
     assert waiting.stdout.readline().strip() == "HTTP/1.1 200 OK"
+
+
+# --- keep-alive: every request on its own -----------------------------------------
+
+ONE_CONNECTION = r"""
+import json, socket, sys
+host, pipelined, reqs = sys.argv[1], sys.argv[2] == "1", json.loads(sys.argv[3])
+s = socket.create_connection((host, 80), timeout=10)
+buf = b""
+def response():
+    global buf
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            return "closed"
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(buf) < n:
+        buf += s.recv(65536)
+    body, buf = buf[:n], buf[n:]
+    return f"{int(head.split()[1])} {body.decode().strip()}"
+heads = [f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"{h}\r\n" for h in extra) + "\r\n" for path, extra in reqs]
+out = []
+if pipelined:
+    s.sendall("".join(heads).encode())
+    out = [response() for _ in heads]
+else:
+    for h in heads:
+        s.sendall(h.encode())
+        out.append(response())
+print(json.dumps(out))
+"""
+
+
+def one_connection(cgroup, v: str, reqs: list[tuple[str, list[str]]], pipelined: bool = False) -> list[str]:
+    """'status body' of each request, all sent on one connection."""
+    import json
+
+    r = cgroup.run([sys.executable, "-c", ONE_CONNECTION, v, "1" if pipelined else "0", json.dumps(reqs)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def test_rbac_holds_for_every_request_on_a_connection(kmesh, cgroup, backends):
+    """The bypass Envoy does not allow: an allowed request first, then a
+    denied one on the same connection."""
+    (a,) = backends("A")
+    v = vip()
+    lst = hcm_listener("guarded", v, 80, [DEFAULT])
+    lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": RBAC, "rules": {"action": "DENY", "policies": {
+            "private": {"permissions": [{"url_path": {"path": {"prefix": "/private"}}}],
+                        "principals": [{"any": True}]}}}}},
+        {"name": "envoy.filters.http.router",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    k = kmesh(bootstrap([lst], [cluster("reviews-v1", lb_ep(*a.addr))]))
+    assert one_connection(cgroup, v, [("/public/a", []), ("/private", [])]) == ["200 A", "403 RBAC: access denied"]
+    assert k.get("/l7")["denied"] == 1
+
+
+def test_pipelined_requests_are_routed_each_and_answered_in_order(reviews, cgroup):
+    k, v = reviews
+    reqs = [("/", ["end-user: jason"]), ("/", []), ("/", ["end-user: jason"]), ("/", [])]
+    assert one_connection(cgroup, v, reqs, pipelined=True) == ["200 v2", "200 v1", "200 v2", "200 v1"]
+    assert one_connection(cgroup, v, reqs) == ["200 v2", "200 v1", "200 v2", "200 v1"]
+    st = k.get("/l7")
+    assert st["per_request"] == 2 and st["routed"] == 8, st

@@ -1,4 +1,6 @@
 """Routed L7 connections spliced in the kernel (km_splice's stream verdict):
+a connection whose one request says ``Connection: close`` is the route's
+whole (see test_l7.py for keep-alive connections, routed per request);
 integrity, half-close and reset propagation, the byte budget against slow
 and never-reading peers, the fallback when the kernel will not splice, and
 the route timeout (real kernel; child cgroup; loopback VIPs and backends)."""
@@ -180,7 +182,7 @@ BOTH_WAYS = r"""
 import hashlib, socket, sys, threading
 host, n = sys.argv[1], int(sys.argv[2])
 s = socket.create_connection((host, 80))
-s.sendall(b"POST /x/%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+s.sendall(b"POST /x/%d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n" % n)
 block = bytes(range(256)) * 4096
 sent = hashlib.sha256()
 def up():
@@ -249,7 +251,7 @@ def half_close_server(conn):
 HALF_CLOSE = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 if sys.argv[2] == "late":
     time.sleep(0.3)                   # spliced by now
     s.sendall(b"z" * 200000)
@@ -268,7 +270,7 @@ print(data.decode())
 @ON_HOST_AND_IN_PODS
 def test_half_close_passes_after_the_data(splice_env, site):
     k, v, b = splice_env(half_close_server)
-    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     for _ in range(5):
         assert run_client(site.client, HALF_CLOSE, v, "late") == f"got {head + 200000}"
     assert k.get("/l7")["splice"]["spliced"] == 5
@@ -285,7 +287,7 @@ def reset_server(conn):
 RESET_SEEN = r"""
 import socket, sys
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 try:
     print(s.recv(10) or "eof")
 except ConnectionResetError:
@@ -312,7 +314,7 @@ def wait_for_reset(conn):
 CLIENT_RESETS = r"""
 import socket, struct, sys, time
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 time.sleep(0.3)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 s.close()
@@ -331,7 +333,7 @@ def test_client_reset_resets_the_backend(splice_env, site):
 
 def test_client_done_before_the_splice_is_relayed(splice_env, cgroup):
     k, v, b = splice_env(half_close_server)
-    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = len(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     assert run_client(cgroup, HALF_CLOSE, v, "early") == f"got {head}"
     st = k.get("/l7")["splice"]
     assert st["spliced"] + st["not_spliceable"] == 1, st
@@ -347,7 +349,7 @@ def never_reads(conn):
 UPLOAD_UNTIL_BLOCKED = r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 time.sleep(0.3)
 s.setblocking(False)
 block = b"u" * (1 << 20)
@@ -398,7 +400,7 @@ def sender(mib: int):
 SLOW_READER = r"""
 import hashlib, socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 rate = int(sys.argv[2])
 h, total, start = hashlib.sha256(), 0, time.time()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
@@ -451,7 +453,8 @@ def test_a_slow_reader_gets_every_byte_within_the_bound(splice_env, cgroup):
 
 def test_route_timeout_answers_504_on_a_spliced_connection(splice_env, cgroup):
     k, v, b = splice_env(wait_for_reset, routes=l7_route({"timeout": "0.3s"}))
-    r = cgroup.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", f"http://{v}/x"])
+    r = cgroup.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", "-H", "Connection: close",
+                    f"http://{v}/x"])
     assert r.stdout.rsplit("\n", 1)[1] == "504", r.stdout + r.stderr
     wait_while(lambda: not b.results, 5)
     assert b.results == ["reset"]
@@ -490,7 +493,7 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, site, tmp_path):
         k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep(b.ip, b.port))]),
                   env={"NOTIFY_SOCKET": store.path})
         site.enroll(k)
-        client = site.client.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+        client = site.client.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x", "spliced"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
         def ask(line: str = "get") -> str:
@@ -523,10 +526,55 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, site, tmp_path):
         store.close()
 
 
+def test_keep_alive_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
+    """A keep-alive connection (routed per request) between two requests is
+    handed to the fd store at stop; a request sent while no daemon runs
+    waits in its socket and is answered by the next daemon."""
+    from tests.support.fdstore import FdStore
+
+    store = FdStore(tmp_path / "notify")
+    b = Backend(numbered_responses)
+    client = None
+    try:
+        v = vip()
+        k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]),
+                  env={"NOTIFY_SOCKET": store.path})
+        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+        def send(line: str = "get") -> None:
+            client.stdin.write(line + "\n")
+            client.stdin.flush()
+
+        send()
+        assert client.stdout.readline().strip() == "r1"
+        st = k.get("/l7")
+        assert st["per_request"] == 1 and st["splice"]["active"] == 0, st
+        assert k.stop() == 0
+        names = [n for n, _ in store.listen_fds()]
+        assert len(names) == 1 and names[0].startswith("kmesh-ka."), names
+        send()                                    # no daemon: the request waits in the socket
+        k.listen_fds = store.listen_fds()
+        k.start()
+        assert client.stdout.readline().strip() == "r1"   # a new upstream connection answers it
+        assert k.get("/l7")["resumed"] == 1
+        send()
+        assert client.stdout.readline().strip() == "r2"
+        send("close")
+        assert client.stdout.readline().strip() == "eof"
+        assert sorted(store.removed) == sorted(names)
+    finally:
+        if client:
+            client.kill()
+            client.wait()
+        b.close()
+        store.close()
+
+
 STREAM_READER = r"""
 import hashlib, socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
-s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+s.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
 rate = int(sys.argv[2])
 h, total, start = hashlib.sha256(), 0, time.time()
 while True:
@@ -585,7 +633,7 @@ def test_a_crashed_daemon_leaves_no_splice_state_behind(kmesh, cgroup):
     try:
         v = vip()
         k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep("127.0.0.1", b.port))]))
-        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x"],
+        client = cgroup.popen([sys.executable, str(harness.CLIENT), "keepalive", v, "80", "/x", "spliced"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         client.stdin.write("get\n")
         client.stdin.flush()

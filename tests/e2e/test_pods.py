@@ -285,7 +285,7 @@ def test_a_deleted_pod_leaves_nothing_behind(kmesh, cgroup, topo):
 KEEP_ALIVE = """
 import socket, sys
 s = socket.create_connection((sys.argv[1], 80), timeout=10)
-s.sendall(b"GET / HTTP/1.1\\r\\nHost: reviews\\r\\n\\r\\n")
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: reviews\\r\\nConnection: close\\r\\n\\r\\n")
 data = b""
 while not (b"\\r\\n\\r\\n" in data and data.split(b"\\r\\n\\r\\n", 1)[1].endswith(b"\\n")):
     data += s.recv(4096)   # the head and the body may come apart

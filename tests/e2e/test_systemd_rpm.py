@@ -296,7 +296,7 @@ def test_restart_keeps_spliced_l7_connections(box):
     """The stopping daemon puts the spliced sockets in systemd's fd store
     (FileDescriptorStoreMax); the next one gets them back and carries on."""
     c = box
-    client = c.popen(*in_clients(c, "python3", "/mnt/kmesh-test/client.py", "keepalive", VIP, str(L7_PORT), "/a"),
+    client = c.popen(*in_clients(c, "python3", "/mnt/kmesh-test/client.py", "keepalive", VIP, str(L7_PORT), "/a", "spliced"),
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(line: str = "get") -> str:

@@ -80,10 +80,19 @@ def hold(host: str, port: int, n: int) -> None:
         s.close()
 
 
-def keepalive(host: str, port: int, path: str) -> None:
+def keepalive(host: str, port: int, path: str, spliced: bool = False) -> None:
+    """Requests on one connection, one per "get" line. ``spliced``: the
+    first says Connection: close, so kmesh splices the whole connection and
+    the later ones ride in it as bytes."""
     s = socket.create_connection((host, port), timeout=10)
     req = b"GET %s HTTP/1.1\r\nHost: vip\r\n\r\n" % path.encode()
+    first = req.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") if spliced else req
     for line in sys.stdin:
+        if first:
+            line_req, first = first, None
+            if line.strip() != "close":
+                print(request(s, line_req), flush=True)
+                continue
         if line.strip() == "close":
             s.shutdown(socket.SHUT_WR)
             print("eof" if s.recv(4096) == b"" else "data", flush=True)
@@ -104,7 +113,7 @@ if __name__ == "__main__":
     elif mode == "hold":
         hold(host, port, int(sys.argv[4]))
     elif mode == "keepalive":
-        keepalive(host, port, sys.argv[4])
+        keepalive(host, port, sys.argv[4], spliced=sys.argv[5:6] == ["spliced"])
     elif mode == "udp":
         udp(host, port)
     else:

@@ -216,7 +216,9 @@ def l7(obj):
         click.echo(json.dumps(got, indent=2, sort_keys=True) if obj["output"] == "json" else "L7 is off")
         return
     sp = got.get("splice") or {}
-    rows = [["accepted", got["accepted"]], ["routed", got["routed"]],
+    rows = [["accepted", got["accepted"]], ["requests routed", got["routed"]],
+            ["keep-alive, routed per request", f"{got.get('per_request', 0)} ({got.get('resumed', 0)} taken over "
+             "at start)"],
             ["answered here", ", ".join(f"{k}: {v}" for k, v in got["answered"].items()) or "0"],
             ["denied (RBAC)", got.get("denied", 0)], ["upstream failures", got["upstream_failures"]],
             ["bad requests", got["bad_requests"]]]

@@ -5,7 +5,8 @@ daemon restarts.
 A spliced connection's bytes move in the kernel, but its two daemon-side
 sockets are the daemon's: closing them at exit would end the connection.
 So a stopping daemon hands them to the service manager, each under its own
-name (``kmesh-l7.<client cookie>.<upstream cookie>.c|u``), and the next
+name (``kmesh-l7.<client cookie>.<upstream cookie>.c|u``; a keep-alive
+connection between two requests: ``kmesh-ka.<cookie>_<netns>_<VIP>_<peer>``), and the next
 daemon gets them back at start (``LISTEN_FDS``/``LISTEN_FDNAMES``), takes
 them out of the store and watches them again. Without a store (no
 ``NOTIFY_SOCKET``, or ``FileDescriptorStoreMax=0``) they close at exit.
@@ -34,6 +35,24 @@ def parse_name(name: str) -> tuple[int, int, str] | None:
     if len(parts) != 3 or parts[2] not in ("c", "u") or not (parts[0].isdigit() and parts[1].isdigit()):
         return None
     return int(parts[0]), int(parts[1]), parts[2]
+
+
+KEEPALIVE_PREFIX = "kmesh-ka."
+
+
+def keepalive_name(cookie: int, netns: int, vip: tuple[str, int], peer: tuple[str, int]) -> str:
+    """An idle keep-alive connection's name: enough to serve its next request."""
+    return f"{KEEPALIVE_PREFIX}{cookie}_{netns}_{vip[0]}_{vip[1]}_{peer[0]}_{peer[1]}"
+
+
+def parse_keepalive_name(name: str) -> tuple[int, int, tuple[str, int], tuple[str, int]] | None:
+    """(cookie, netns inode, VIP, peer) of a keep-alive name."""
+    if not name.startswith(KEEPALIVE_PREFIX):
+        return None
+    parts = name[len(KEEPALIVE_PREFIX):].split("_")
+    if len(parts) != 6 or not all(parts[i].isdigit() for i in (0, 1, 3, 5)):
+        return None
+    return int(parts[0]), int(parts[1]), (parts[2], int(parts[3])), (parts[4], int(parts[5]))
 
 
 def received(environ=os.environ) -> dict[str, int]:

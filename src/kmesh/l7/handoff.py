@@ -33,7 +33,7 @@ from kmesh import limits
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
-from kmesh.l7 import fdstore, netns, splice
+from kmesh.l7 import fdstore, http1, netns, splice
 from kmesh.l7.balancer import Balancer
 from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
@@ -41,6 +41,9 @@ from kmesh.l7.splice import Splicer
 log = logging.getLogger("kmesh.l7")
 
 HEAD_LIMIT = 64 * 1024        # a larger request head gets 431, as Envoy's default max_request_headers_kb
+RESUME_WAIT = 60.0            # a taken-over keep-alive connection waits this long for its listener's config
+DRAIN_SECONDS = 5.0           # at stop, a keep-alive connection inside a request may finish it
+KEEPALIVE_IDLE = 300.0        # a keep-alive connection may wait this long for its next request (Envoy's stream idle)
 READ_CHUNK = 64 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's connect_timeout default
 FD_RESERVE = 256               # descriptors the hand-off leaves to the admin API, xDS and the maps
@@ -88,12 +91,15 @@ class Stats:
     no_destination: int = 0
     bad_requests: int = 0
     denied: int = 0   # by RBAC
+    per_request: int = 0   # keep-alive connections routed request by request (not spliced whole)
+    resumed: int = 0       # of those, taken over from a previous daemon
 
     def answer(self, status: int) -> None:
         self.answered[status] = self.answered.get(status, 0) + 1
 
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "routed": self.routed, "upstream_failures": self.upstream_failures,
+                "per_request": self.per_request, "resumed": self.resumed,
                 "connect_failures": self.connect_failures,
                 "answered": {str(k): v for k, v in sorted(self.answered.items())},
                 "no_destination": self.no_destination, "bad_requests": self.bad_requests, "denied": self.denied}
@@ -209,6 +215,13 @@ class Handoff:
         # max_waiting the oldest is closed (slowloris costs the slow ones).
         self.max_waiting = max_waiting
         self._waiting: dict[asyncio.Task, None] = {}
+        # Keep-alive connections (routed per request): tasks waiting for
+        # their next request with nothing buffered, how many are inside an
+        # exchange, and those parked for the next daemon at stop.
+        self._idle: dict[asyncio.Task, None] = {}
+        self._exchanging = 0
+        self._stopping = False
+        self._parked: dict[socket.socket, str] = {}
         self._fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
         self.stats = Stats()
         self.balancer = Balancer()
@@ -312,12 +325,26 @@ class Handoff:
                 sock.close()
                 ns.close()
             self._netns.clear()
-            # Not routed yet: nothing was sent upstream, the client sees the
-            # close before any response and may retry on the next daemon.
+            # A connection waiting for a request (its first: nothing was read,
+            # only peeked; a later one: nothing buffered) is parked for the
+            # next daemon; one inside an exchange finishes it first.
+            self._stopping = True
             waiting = list(self._waiting)
             for t in waiting:
                 t.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while True:
+                idle = list(self._idle)
+                for t in idle:
+                    t.cancel()
+                await asyncio.gather(*idle, return_exceptions=True)
+                if not self._exchanging or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+            if self._exchanging:
+                log.warning("keep-alive L7 connections still inside a request at stop are closed",
+                            extra={"kv": {"connections": self._exchanging, "waited_s": DRAIN_SECONDS}})
             if self.splicer:
                 await self.splicer.quiesce()
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
@@ -326,13 +353,19 @@ class Handoff:
         self._thread = None
         for t in asyncio.all_tasks(self._loop):
             t._log_destroy_pending = False   # parked for good: this process is on its way out
+        kept = 0
+        if self._parked:
+            kept = fdstore.store([(name, sock.fileno()) for sock, name in self._parked.items()])
+            log.info("idle keep-alive L7 connections handed to the service manager's fd store for the next daemon"
+                     if kept else "no fd store (NOTIFY_SOCKET / FileDescriptorStoreMax): idle keep-alive L7 "
+                     "connections close with the daemon", extra={"kv": {"kept": kept, "open": len(self._parked)}})
         if not self.splicer or not self.splicer.pairs:
-            return 0
-        kept = fdstore.store(self.splicer.handover()) // 2
-        log.info("spliced L7 connections handed to the service manager's fd store for the next daemon" if kept else
-                 "no fd store (NOTIFY_SOCKET / FileDescriptorStoreMax): spliced L7 connections close with the "
-                 "daemon", extra={"kv": {"kept": kept, "open": len(self.splicer.pairs)}})
-        return kept
+            return kept
+        spliced = fdstore.store(self.splicer.handover()) // 2
+        log.info("spliced L7 connections handed to the service manager's fd store for the next daemon" if spliced
+                 else "no fd store (NOTIFY_SOCKET / FileDescriptorStoreMax): spliced L7 connections close with the "
+                 "daemon", extra={"kv": {"kept": spliced, "open": len(self.splicer.pairs)}})
+        return kept + spliced
 
     def adopt(self, named: dict[str, int]) -> int:
         """Take over the spliced connections a previous daemon left in the fd
@@ -343,6 +376,7 @@ class Handoff:
             if got is not None:
                 sides.setdefault(got[:2], {})[got[2]] = fd
         fdstore.remove(n for n in named if fdstore.parse_name(n))
+        resumed = self._resume(named)
         adopted = 0
         for cookies, fds in sides.items():
             socks = [socket.socket(fileno=fds[s]) for s in ("c", "u") if s in fds]
@@ -354,9 +388,11 @@ class Handoff:
             else:
                 for s in socks:
                     s.close()
-        if named:
+        if sides:
             log.info("spliced L7 connections taken over", extra={"kv": {"adopted": adopted,
                                                                         "closed": len(sides) - adopted}})
+        if resumed:
+            log.info("idle keep-alive L7 connections taken over", extra={"kv": {"connections": resumed}})
         if self.splicer:
             # After the adopted pairs' sockets are back in use; those closed
             # above left km_splice with their last descriptor. In the loop:
@@ -368,6 +404,49 @@ class Handoff:
                 log.info("dropped the splice state of connections that ended with the previous daemon",
                          extra={"kv": {"connections": stale}})
         return adopted
+
+    def _resume(self, named: dict[str, int]) -> int:
+        """Serve again the keep-alive connections a previous daemon parked
+        between two requests; how many."""
+        resumed = 0
+        for name, fd in named.items():
+            got = fdstore.parse_keepalive_name(name)
+            if got is None:
+                continue
+            fdstore.remove([name])
+            conn = socket.socket(fileno=fd)
+            cookie, inode, vip, peer = got
+            try:
+                ok = splice.cookie(conn) == cookie
+            except OSError:
+                ok = False
+            if not ok:
+                log.warning("a stored keep-alive connection is not the one its name says", extra={"kv": {
+                    "name": name}})
+                conn.close()
+                continue
+            conn.setblocking(False)
+            asyncio.run_coroutine_threadsafe(self._serve_resumed(conn, peer, inode, vip), self._loop)
+            resumed += 1
+        self.stats.resumed += resumed
+        return resumed
+
+    async def _serve_resumed(self, conn: socket.socket, peer: tuple, inode: int, vip: tuple) -> None:
+        try:
+            # Taken over before the daemon has its config (or, in ADS mode,
+            # the control plane's): the request waits in the socket meanwhile.
+            deadline = time.monotonic() + RESUME_WAIT
+            while (target := self.targets(vip)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if target is not None:
+                await self._requests(target, peer, vip, conn, inode, None)
+        except (OSError, asyncio.CancelledError):
+            pass
+        except Exception:   # noqa: BLE001
+            log.exception("l7 connection failed")
+        finally:
+            if conn not in self._parked:
+                conn.close()
 
     def _accept(self, listener: socket.socket, ns: netns.Netns | None) -> None:
         """Accept every pending connection (``listener``, the one in namespace
@@ -414,7 +493,8 @@ class Handoff:
         except Exception:   # noqa: BLE001 - one connection must not take the listener down
             log.exception("l7 connection failed")
         finally:
-            conn.close()
+            if conn not in self._parked:
+                conn.close()
 
     async def _peek_head(self, conn: socket.socket) -> bytes | None:
         """The request head, left unread in the socket (MSG_PEEK): once
@@ -456,49 +536,234 @@ class Handoff:
             conn.recv(len(head))
         await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra))
 
+    def _waiting_for_head(self):
+        """Context: this task waits for a request head (counted against
+        max_waiting; past it the task waiting longest is cancelled)."""
+        handoff = self
+
+        class _Waiting:
+            def __enter__(self):
+                self.task = asyncio.current_task()
+                handoff._waiting[self.task] = None
+                if len(handoff._waiting) > handoff.max_waiting:
+                    limits.hit(limits.L7_PENDING_HEADS)
+                    next(iter(handoff._waiting)).cancel()   # the oldest: its _serve closes it
+
+            def __exit__(self, *exc):
+                handoff._waiting.pop(self.task, None)
+        return _Waiting()
+
     async def _route(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
         vip = self._destination(peer, ns)
         target = self.targets(vip) if vip else None
         if target is None:
             self.stats.no_destination += 1
             return   # not handed off by kmesh, or its listener is gone: close
-        task = asyncio.current_task()
-        self._waiting[task] = None
-        if len(self._waiting) > self.max_waiting:
-            limits.hit(limits.L7_PENDING_HEADS)
-            next(iter(self._waiting)).cancel()   # the oldest: its _serve closes it
         try:
-            async with asyncio.timeout(HEAD_TIMEOUT):   # no extra task, unlike wait_for
-                head = await self._peek_head(conn)
+            with self._waiting_for_head():
+                async with asyncio.timeout(HEAD_TIMEOUT):   # no extra task, unlike wait_for
+                    head = await self._peek_head(conn)
+        except asyncio.CancelledError:
+            if self._stopping:   # only peeked: the next daemon reads it all
+                return self._park(conn, ns.inode if ns else self._host_netns, vip, peer)
+            raise
         except HeadTooLarge:
             return await self._answer(conn, b"", 431)
         except TimeoutError:
             limits.hit(limits.L7_HEAD_SECONDS)
             return
-        finally:
-            self._waiting.pop(task, None)
         if head is None:
             return
         try:
-            req = parse_head(head)
-        except BadRequest:
+            req, framed = parse_head(head), http1.parse(head)
+        except (BadRequest, http1.FramingError):
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
+        decision = self._decide(target, req, peer, vip)
+        if not isinstance(decision, rt.RouteTo):
+            return await self._answer(conn, head, *decision)
+        if not framed.keep_alive() or framed.tokens("upgrade"):
+            # The only request on this connection (or a protocol switch):
+            # the whole connection is the route's, spliced in the kernel.
+            return await self._forward(target, decision, head, conn, ns)
+        conn.recv(len(head))   # peeked, so all there
+        await self._requests(target, peer, vip, conn, ns.inode if ns else self._host_netns,
+                             (head, framed, decision))
+
+    def _decide(self, target: Target, req: rt.Request, peer: tuple, vip: tuple):
+        """The route for ``req``, or the local answer (status, body, extra headers)."""
         if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
             self.stats.denied += 1
-            return await self._answer(conn, head, 403, DENIED)
+            return 403, DENIED
         rl = target.rate_limit
         if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
                 and random.random() * 100 < rl.enforced_percent:
-            return await self._answer(conn, head, rl.status, b"local_rate_limited")
+            return rl.status, b"local_rate_limited"
         decision = target.routes.match(req)
         if decision is None:
-            return await self._answer(conn, head, 404)
+            return (404,)
         if isinstance(decision, rt.DirectResponse):
-            return await self._answer(conn, head, decision.status, decision.body)
+            return decision.status, decision.body
         if isinstance(decision, rt.Redirect):
-            return await self._answer(conn, head, decision.status, extra=(("location", decision.location),))
-        await self._forward(target, decision, head, conn, ns)
+            return decision.status, b"", (("location", decision.location),)
+        return decision
+
+    # -- a keep-alive connection, request by request ---------------------------
+    async def _requests(self, target: Target, peer: tuple, vip: tuple, conn: socket.socket, inode: int,
+                        first: tuple | None) -> None:
+        """Every request on the connection routed, authorized and answered on
+        its own, as Envoy does; responses in request order (a pipelined
+        request is read once the one before it is answered). Upstream
+        connections are kept per endpoint for the client connection.
+        ``first``: the (head, parsed head, route) of a request already read."""
+        reader = http1.Reader(conn)
+        pool: dict[tuple, tuple[socket.socket, http1.Reader]] = {}
+        task = asyncio.current_task()
+        self.stats.per_request += 1
+        try:
+            while True:
+                if first is not None:
+                    head, framed, route = first
+                    first = None
+                    ns = self._netns.get(inode, (None,))[0]   # the client's namespace, for upstream sockets
+                    self._exchanging += 1
+                    try:
+                        if not await self._exchange(target, route, head, framed, reader, conn, ns, pool):
+                            return
+                    finally:
+                        self._exchanging -= 1
+                if self._stopping and not reader.buf:
+                    return self._park(conn, inode, vip, peer)
+                try:
+                    with self._waiting_for_head():
+                        self._idle[task] = None
+                        try:
+                            async with asyncio.timeout(KEEPALIVE_IDLE):
+                                head = await reader.head(self.head_limit)
+                        finally:
+                            self._idle.pop(task, None)
+                    if head is None:
+                        return
+                    req, framed = parse_head(head), http1.parse(head)
+                except asyncio.CancelledError:
+                    if self._stopping and not reader.buf:
+                        return self._park(conn, inode, vip, peer)
+                    raise
+                except (BadRequest, http1.FramingError):
+                    self.stats.bad_requests += 1
+                    return await self._answer(conn, b"", 400)
+                except TimeoutError:
+                    return
+                route = self._decide(target, req, peer, vip)
+                if not isinstance(route, rt.RouteTo):
+                    return await self._answer(conn, b"", *route)
+                first = head, framed, route
+        finally:
+            for sock, _ in pool.values():
+                sock.close()
+
+    def _park(self, conn: socket.socket, inode: int, vip: tuple, peer: tuple) -> None:
+        """Keep ``conn`` (between two requests) for the fd store."""
+        try:
+            self._parked[conn] = fdstore.keepalive_name(splice.cookie(conn), inode, vip, peer)
+        except OSError:
+            pass
+
+    async def _exchange(self, target: Target, route, head: bytes, framed: http1.Head, reader: http1.Reader,
+                        conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
+        """One request to its upstream and its response back; whether the
+        connection goes on."""
+        fault = route.fault
+        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
+            await self._answer(conn, b"", fault.abort_status, b"fault filter abort")
+            return False
+        cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
+        got = await self._pooled(cluster, route.retries, ns, pool) if cluster else None
+        if got is None:
+            self.stats.upstream_failures += 1
+            await self._answer(conn, b"", 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
+            return False
+        ep, upstream, ureader = got
+        self.stats.routed += 1
+        self.balancer.opened(cluster, ep)
+        loop = asyncio.get_running_loop()
+        upload = None
+        try:
+            await splice.sendall(loop, upstream, rewrite_head(head, route))
+            # The body goes up while the response may already come (100
+            # Continue, or an early answer).
+            upload = asyncio.ensure_future(http1.copy_body(reader, upstream, http1.request_framing(framed)))
+            upload.add_done_callback(lambda t: t.cancelled() or t.exception())
+            timeout = route.timeout_ms / 1000 if route.timeout_ms else None
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        rhead = await ureader.head(self.head_limit)
+                except TimeoutError:
+                    pool.pop(ep, None)
+                    splice.reset(upstream)   # as on a spliced connection: the upstream sees the request cancelled
+                    self.stats.answer(504)
+                    await splice.sendall(loop, conn, response(504, UPSTREAM_TIMEOUT))
+                    return False
+                if rhead is None:   # reset or closed before a response
+                    pool.pop(ep, None)
+                    self.stats.upstream_failures += 1
+                    await self._answer(conn, b"", 503, UPSTREAM_FAILURE)
+                    return False
+                resp = http1.parse(rhead)
+                await splice.sendall(loop, conn, rhead)
+                if resp.status == 101:   # switched protocols: bytes both ways until either side ends
+                    pool.pop(ep, None)
+                    upload.cancel()
+                    up = asyncio.ensure_future(self._raw(reader, upstream))
+                    await ureader.copy_to_end(conn)
+                    up.cancel()
+                    return False
+                if not 100 <= resp.status < 200:
+                    break
+            rframing = http1.response_framing(resp, framed.start[0])
+            await http1.copy_body(ureader, conn, rframing)
+            await upload
+            upload = None
+            if rframing.kind == "close" or not resp.keep_alive():
+                pool.pop(ep, None)
+                upstream.close()
+                return False
+            return framed.keep_alive()
+        except (OSError, http1.FramingError):
+            pool.pop(ep, None)
+            upstream.close()
+            return False
+        finally:
+            if upload is not None:
+                upload.cancel()
+            self.balancer.closed(cluster, ep)
+
+    @staticmethod
+    async def _raw(reader: http1.Reader, dst: socket.socket) -> None:
+        try:
+            await reader.copy_to_end(dst)
+        except OSError:
+            pass
+
+    async def _pooled(self, cluster: Cluster, retries: int, ns: netns.Netns | None,
+                      pool: dict) -> tuple[tuple, socket.socket, http1.Reader] | None:
+        """(endpoint, socket, reader) for one request: the LB's choice, over
+        the client connection's idle connection to it when there is one."""
+        first = self.balancer.order(cluster)[:1]
+        if first and first[0] in pool:
+            sock, r = pool[first[0]]
+            return first[0], sock, r
+        upstream, ep = await self._connect(cluster, retries, ns)
+        if upstream is None:
+            return None
+        old = pool.pop(ep, None)
+        if old is not None:
+            old[0].close()
+        pool[ep] = upstream, http1.Reader(upstream)
+        return ep, upstream, pool[ep][1]
 
     async def _forward(self, target: Target, route, head: bytes, conn: socket.socket,
                        ns: netns.Netns | None) -> None:
