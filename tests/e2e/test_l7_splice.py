@@ -526,6 +526,78 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, site, tmp_path):
         store.close()
 
 
+def body_sizes(conn):
+    """Keep-alive: answer each request with the size and digest of its body
+    (Content-Length or chunked); 100 Continue when asked."""
+    buf = b""
+
+    def need(n):
+        nonlocal buf
+        while len(buf) < n:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+    def line():
+        nonlocal buf
+        while b"\r\n" not in buf:
+            need(len(buf) + 1)
+        got, _, buf = buf.partition(b"\r\n")
+        return got
+
+    served = 0
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                need(len(buf) + 1)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (x.partition(b":") for x in head.split(b"\r\n")[1:])}
+            if fields.get(b"expect", b"").lower() == b"100-continue":
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = hashlib.sha256()
+            n = 0
+            if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+                while (size := int(line().split(b";")[0], 16)):
+                    need(size + 2)
+                    body.update(buf[:size])
+                    n += size
+                    buf = buf[size + 2:]
+                while line():
+                    pass
+            else:
+                size = int(fields.get(b"content-length", b"0"))
+                need(size)
+                body.update(buf[:size])
+                n, buf = size, buf[size:]
+            answer = f"{n}:{body.hexdigest()[:12]}".encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            served += 1
+    except EOFError:
+        return served
+
+
+def test_bodies_on_a_keep_alive_connection_are_framed_per_request(splice_env, cgroup, tmp_path):
+    """Sized, chunked and 100-continue uploads, one after the other on one
+    connection: each reaches the backend whole and no more."""
+    k, v, b = splice_env(body_sizes)
+    data = tmp_path / "upload"
+    data.write_bytes(bytes(range(256)) * 8192)   # 2 MiB: curl asks 100-continue
+    data.chmod(0o644)
+    want = f"{2 << 20}:{hashlib.sha256(data.read_bytes()).hexdigest()[:12]}"
+    url = f"http://{v}/x"
+    r = cgroup.run(["curl", "-sS", "--max-time", "60", "-w", "\n", "--data-binary", f"@{data}", url,
+                    "--next", "-sS", "-w", "\n", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{data}", url,
+                    "--next", "-sS", "-w", "\n", "-H", "Expect:", "--data-binary", f"@{data}", url,
+                    "--next", "-sS", "-w", "\n", url])
+    assert r.stdout.split() == [want, want, want, "0:e3b0c44298fc"], r.stdout + r.stderr
+    st = k.get("/l7")
+    assert st["per_request"] == 1 and st["routed"] == 4, st
+    wait_while(lambda: not b.results, 5)
+    assert b.results == [4]
+
+
 def test_keep_alive_connections_survive_a_daemon_restart(kmesh, cgroup, tmp_path):
     """A keep-alive connection (routed per request) between two requests is
     handed to the fd store at stop; a request sent while no daemon runs
