@@ -60,6 +60,39 @@ def tcp_peer(client: tuple, server: tuple) -> Peer | None:
 
 
 def tcp_owner(client: tuple, server: tuple) -> int | None:
+    """sock_diag's answer; /proc/net/tcp's when the kernel has no inet_diag
+    (a kernel built without it, or the module not loadable here)."""
+    try:
+        uid = _diag_owner(client, server)
+    except OSError:
+        uid = None
+    return uid if uid is not None else _proc_owner(client, server)
+
+
+def _proc_owner(client: tuple, server: tuple) -> int | None:
+    src, dst = ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])
+    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped:
+        src, dst = src.ipv4_mapped, ipaddress.ip_address(str(dst).removeprefix("::ffff:"))
+
+    def hexaddr(ip) -> str:
+        # /proc/net/tcp prints each 32-bit word of the address in host order.
+        b = ip.packed
+        return "".join(b[i:i + 4][::-1].hex().upper() for i in range(0, len(b), 4))
+
+    local, remote = f"{hexaddr(src)}:{client[1]:04X}", f"{hexaddr(dst)}:{server[1]:04X}"
+    try:
+        with open("/proc/net/tcp" if src.version == 4 else "/proc/net/tcp6") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == local and fields[2] == remote:
+                    return int(fields[7])
+    except (OSError, StopIteration, IndexError, ValueError):
+        pass
+    return None
+
+
+def _diag_owner(client: tuple, server: tuple) -> int | None:
     src, dst = ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])
     if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped:
         src, dst = src.ipv4_mapped, ipaddress.ip_address(str(dst).removeprefix("::ffff:"))
