@@ -198,6 +198,24 @@ class HeadTooLarge(Exception):
     pass
 
 
+class _Waiting:
+    __slots__ = ("handoff", "task")
+
+    def __init__(self, handoff: "Handoff"):
+        self.handoff = handoff
+
+    def __enter__(self):
+        h = self.handoff
+        self.task = asyncio.current_task()
+        h._waiting[self.task] = None
+        if len(h._waiting) > h.max_waiting:
+            limits.hit(limits.L7_PENDING_HEADS)
+            next(iter(h._waiting)).cancel()   # the oldest: its _serve closes it
+
+    def __exit__(self, *exc):
+        self.handoff._waiting.pop(self.task, None)
+
+
 class Handoff:
     """The hand-off listener: an asyncio loop in a thread of the daemon.
     With a Splicer, routed connections are spliced in the kernel; without
@@ -536,22 +554,10 @@ class Handoff:
             conn.recv(len(head))
         await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra))
 
-    def _waiting_for_head(self):
+    def _waiting_for_head(self) -> "_Waiting":
         """Context: this task waits for a request head (counted against
         max_waiting; past it the task waiting longest is cancelled)."""
-        handoff = self
-
-        class _Waiting:
-            def __enter__(self):
-                self.task = asyncio.current_task()
-                handoff._waiting[self.task] = None
-                if len(handoff._waiting) > handoff.max_waiting:
-                    limits.hit(limits.L7_PENDING_HEADS)
-                    next(iter(handoff._waiting)).cancel()   # the oldest: its _serve closes it
-
-            def __exit__(self, *exc):
-                handoff._waiting.pop(self.task, None)
-        return _Waiting()
+        return _Waiting(self)
 
     async def _route(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
         vip = self._destination(peer, ns)
@@ -692,10 +698,12 @@ class Handoff:
         upload = None
         try:
             await splice.sendall(loop, upstream, rewrite_head(head, route))
-            # The body goes up while the response may already come (100
-            # Continue, or an early answer).
-            upload = asyncio.ensure_future(http1.copy_body(reader, upstream, http1.request_framing(framed)))
-            upload.add_done_callback(lambda t: t.cancelled() or t.exception())
+            body = http1.request_framing(framed)
+            if body.kind != "none":
+                # The body goes up while the response may already come (100
+                # Continue, or an early answer).
+                upload = asyncio.ensure_future(http1.copy_body(reader, upstream, body))
+                upload.add_done_callback(lambda t: t.cancelled() or t.exception())
             timeout = route.timeout_ms / 1000 if route.timeout_ms else None
             while True:
                 try:
@@ -713,20 +721,28 @@ class Handoff:
                     await self._answer(conn, b"", 503, UPSTREAM_FAILURE)
                     return False
                 resp = http1.parse(rhead)
+                if not 100 <= resp.status < 200:
+                    break
                 await splice.sendall(loop, conn, rhead)
                 if resp.status == 101:   # switched protocols: bytes both ways until either side ends
                     pool.pop(ep, None)
-                    upload.cancel()
+                    if upload is not None:
+                        upload.cancel()
                     up = asyncio.ensure_future(self._raw(reader, upstream))
                     await ureader.copy_to_end(conn)
                     up.cancel()
                     return False
-                if not 100 <= resp.status < 200:
-                    break
             rframing = http1.response_framing(resp, framed.start[0])
+            # The head and what is already here of a sized body in one send:
+            # one wake-up of the client for a small response, not two.
+            ahead = ureader.take(rframing.length if rframing.kind == "length" else 0)
+            await splice.sendall(loop, conn, rhead + ahead if ahead else rhead)
+            if rframing.kind == "length":
+                rframing = http1.Framing("length", rframing.length - len(ahead))
             await http1.copy_body(ureader, conn, rframing)
-            await upload
-            upload = None
+            if upload is not None:
+                await upload
+                upload = None
             if rframing.kind == "close" or not resp.keep_alive():
                 pool.pop(ep, None)
                 upstream.close()

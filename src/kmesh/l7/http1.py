@@ -65,6 +65,12 @@ class Reader:
             if not await self._more():
                 raise FramingError("the stream ended inside a line")
 
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes already buffered (no wait)."""
+        part = bytes(self.buf[:n])
+        del self.buf[:len(part)]
+        return part
+
     async def copy(self, n: int, dst: socket.socket) -> None:
         """Forward exactly ``n`` bytes to ``dst``."""
         while n > 0:
