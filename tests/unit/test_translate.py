@@ -103,8 +103,13 @@ def test_hcm_catch_all_only_stays_l4():
     d = base()
     d["static_resources"]["listeners"] = [hcm_listener("h", "127.0.0.2", 80, [
         {"match": {"prefix": "/"}, "route": {"cluster": "c1"}}, {"match": {"prefix": "/never"}, "route": {"cluster": "c1"}}])]
-    (lst,) = translate(d).listeners
+    m = translate(d)
+    (lst,) = m.listeners
     assert lst.routes is None and lst.clusters == (WeightedCluster("c1", 1),)
+    # The route after the catch-all is shadowed, in Envoy too: said so, not "L7 not supported".
+    assert [w for w in m.warnings if "routes[1].match" in w] == [
+        "test.yaml: static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config"
+        ".virtual_hosts[0].routes[1].match: never reached: routes[0] matches every request first (as in Envoy)"]
 
 
 def test_priority_and_health():

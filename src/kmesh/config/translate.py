@@ -491,13 +491,15 @@ def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_
             continue   # answered by the hand-off listener
         if i == chosen:
             if needs and not l7:
-                ctx.warn(f"{rpath}.match", f"{', '.join(needs)} needs L7 routing (not yet supported); "
-                         "the route applies to every connection")
+                ctx.warn(f"{rpath}.match", f"{', '.join(needs)} needs the request, which this listener is not "
+                         "routed by: the route applies to every connection")
             refs = _route_action(ctx, rpath, r)
             continue
         if not l7:
-            ctx.warn(f"{rpath}.match", f"{', '.join(needs) or 'this route'} needs L7 routing (not yet supported); "
-                     f"connections use routes[{chosen}] instead")
+            # At L4 only when routes[chosen] is a plain catch-all, which
+            # Envoy also matches first: this route is never reached there.
+            ctx.warn(f"{rpath}.match", f"never reached: routes[{chosen}] matches every request first "
+                     "(as in Envoy)")
         if r.WhichOneof("action") == "route":
             # Checked even where not applied at L4.
             others += [_Ref(x.path, x.cluster, 0) for x in _route_action(ctx, rpath, r) or ()]
