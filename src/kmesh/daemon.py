@@ -627,7 +627,8 @@ class Daemon:
         lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
         if lst is None:
             return None
-        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac)
+        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac,
+                      lst.accept_http_10)
 
     def _l7_bucket(self, lst):
         """The listener's HTTP rate-limit bucket, kept while its settings stay."""

@@ -331,3 +331,52 @@ def test_pipelined_requests_are_routed_each_and_answered_in_order(reviews, cgrou
     assert one_connection(cgroup, v, reqs) == ["200 v2", "200 v1", "200 v2", "200 v1"]
     st = k.get("/l7")
     assert st["per_request"] == 2 and st["routed"] == 8, st
+
+
+RAW_STATUS = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(sys.argv[3].encode().decode("unicode_escape").encode("latin-1"))
+data = b""
+while b"\r\n" not in data:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n", 1)[0].decode() or "closed")
+"""
+CODEC_CASES = ["GET /exact#frag HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n", "GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n",
+               "GET / HTTP/1.0\\r\\nHost: x\\r\\nConnection: keep-alive\\r\\n\\r\\n"]
+
+
+@pytest.mark.parametrize("accept_http_10", [False, True])
+def test_fragments_and_http_10_answered_as_envoy_answers_them(kmesh, cgroup, backends, tmp_path, accept_http_10):
+    """The same bytes to Envoy and to kmesh: a fragment in the target is 400,
+    HTTP/1.0 is 426 unless http_protocol_options.accept_http_10."""
+    from tests.support import envoy_proc
+
+    v1, v2 = backends("v1", "v2")
+    v = vip()
+    eport = harness.free_port()
+
+    def listener(name, ip, port):
+        lst = hcm_listener(name, ip, port, [JASON, DEFAULT])
+        if accept_http_10:
+            lst["filter_chains"][0]["filters"][0]["typed_config"]["http_protocol_options"] = {"accept_http_10": True}
+        return lst
+
+    clusters = [cluster("reviews-v1", lb_ep(*v1.addr)), cluster("reviews-v2", lb_ep(*v2.addr))]
+    kmesh(bootstrap([listener("reviews", v, 80)], clusters))
+    # Compared where Envoy answers itself (the requests it forwards are
+    # compared in test_listener_shapes.py).
+    cases = CODEC_CASES if not accept_http_10 else CODEC_CASES[:1]
+    with envoy_proc.envoy(bootstrap([listener("e", "127.0.0.1", eport)], clusters), tmp_path):
+        envoy = [subprocess.run([sys.executable, "-c", RAW_STATUS, "127.0.0.1", str(eport), c], capture_output=True,
+                                text=True, timeout=30).stdout.strip() for c in cases]
+    ours = [cgroup.run([sys.executable, "-c", RAW_STATUS, v, "80", c]).stdout.strip() for c in CODEC_CASES]
+    assert ours[:len(envoy)] == envoy, (ours, envoy)
+    assert envoy[0] == "HTTP/1.1 400 Bad Request"
+    if accept_http_10:
+        assert [x.split(" ", 1)[1] for x in ours[1:]] == ["200 OK"] * 2, ours   # forwarded to v1
+    else:
+        assert envoy[1:] == ["HTTP/1.1 426 Upgrade Required"] * 2, envoy

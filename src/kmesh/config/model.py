@@ -53,6 +53,9 @@ class Listener:
     routes: object | None = field(default=None, compare=False)
     # the HTTP connection manager's filters the hand-off listener applies
     http_filters: HttpFilters | None = field(default=None, compare=False)
+    # HTTP/1.0 requests: refused with 426 unless the connection manager
+    # accepts them (http_protocol_options.accept_http_10), as Envoy does
+    accept_http_10: bool = field(default=False, compare=False)
 
     @property
     def http_rate_limit(self):

@@ -399,6 +399,7 @@ class _Entry:
     rate_limit: RateLimit = NO_RATE_LIMIT
     routes: object = None   # kmesh.l7.routes.RouteTable when the routes need the request
     http_filters: object = None   # model.HttpFilters, with routes
+    accept_http_10: bool = False  # the connection manager's http_protocol_options
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
@@ -614,7 +615,8 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
             continue
         if refs or routes:
             entries.append(_Entry(ip, port, tuple(refs or ()), prio, where, listener, routes=routes,
-                                  http_filters=http_filters))
+                                  http_filters=http_filters,
+                                  accept_http_10=hcm.http_protocol_options.accept_http_10))
     if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
         return None
     return entries
@@ -807,7 +809,8 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
     if chosen is None or not (weighted or chosen.routes is not None):
         return None, referenced
     return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes,
-                    chosen.http_filters if chosen.routes is not None else None), referenced
+                    chosen.http_filters if chosen.routes is not None else None,
+                    chosen.accept_http_10), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],

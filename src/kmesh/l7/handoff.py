@@ -79,6 +79,7 @@ class Target:
     rate_limit: object = None          # policies.HttpRateLimit
     bucket: TokenBucket | None = None  # its bucket, kept across config updates
     rbac: object = None                # kmesh.l7.rbac.Rbac
+    accept_http_10: bool = False       # else an HTTP/1.0 request gets 426, as in Envoy
 
 
 @dataclass
@@ -172,7 +173,7 @@ def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] 
 _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
             308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+            426: "Upgrade Required", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
 UPSTREAM_TIMEOUT = b"upstream request timeout"
 
@@ -585,7 +586,7 @@ class Handoff:
         except (BadRequest, http1.FramingError):
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
-        decision = self._decide(target, req, peer, vip)
+        decision = self._decide(target, req, framed, peer, vip)
         if not isinstance(decision, rt.RouteTo):
             return await self._answer(conn, head, *decision)
         if not framed.keep_alive() or framed.tokens("upgrade"):
@@ -596,8 +597,15 @@ class Handoff:
         await self._requests(target, peer, vip, conn, ns.inode if ns else self._host_netns,
                              (head, framed, decision))
 
-    def _decide(self, target: Target, req: rt.Request, peer: tuple, vip: tuple):
-        """The route for ``req``, or the local answer (status, body, extra headers)."""
+    def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
+        """The route for ``req``, or the local answer (status, body, extra
+        headers). Envoy's codec answers first: a fragment in the target is
+        400, HTTP/1.0 is 426 unless the connection manager accepts it."""
+        if "#" in req.path:
+            self.stats.bad_requests += 1
+            return (400,)
+        if framed.version == "HTTP/1.0" and not target.accept_http_10:
+            return 426, b"Upgrade Required"
         if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
             self.stats.denied += 1
             return 403, DENIED
@@ -660,7 +668,7 @@ class Handoff:
                     return await self._answer(conn, b"", 400)
                 except TimeoutError:
                     return
-                route = self._decide(target, req, peer, vip)
+                route = self._decide(target, req, framed, peer, vip)
                 if not isinstance(route, rt.RouteTo):
                     return await self._answer(conn, b"", *route)
                 first = head, framed, route
