@@ -447,6 +447,13 @@ class Daemon:
         log.info("kmesh-daemon stopped; its programs stay attached with the last config until the next start "
                  f"(`kmesh-daemon -bpf-fs-path {self.opts.bpf_fs_path} cleanup` detaches them)")
 
+    def abort(self) -> None:
+        """A start that failed: close what it opened (the admin listeners and
+        their socket file); the pins are as the failure left them."""
+        if self.admin:
+            self.admin.stop()
+            self.admin = None
+
     def _status(self, text: str) -> None:
         self.notifier.notify(f"STATUS={text}")
         log.debug(text)

@@ -187,6 +187,8 @@ def test_second_daemon_on_same_pins_is_refused(kmesh, cgroup, backends):
     second = harness.Kmesh(cgroup, k.config_path, bpf_fs_path=k.bpf_fs_path)
     r = subprocess.run(second.argv(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "another kmesh-daemon is using" in r.stderr
+    assert not second.admin_socket.exists()   # a failed start closes what it opened
+    second.admin_socket.parent.rmdir()
     r = subprocess.run([str(harness.BIN / "kmesh-daemon"), f"-bpf-fs-path={k.bpf_fs_path}", "cleanup"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "running daemon" in r.stderr

@@ -97,9 +97,11 @@ def main(ctx, **kw):
     try:
         d.start()
     except ConfigError as e:
+        d.abort()
         click.echo(f"kmesh-daemon: config rejected, nothing was changed:\n{e}", err=True)
         sys.exit(2)
     except StartError as e:
+        d.abort()
         click.echo(f"kmesh-daemon: cannot start: {e}", err=True)
         sys.exit(1)
     sys.exit(d.run())
