@@ -293,7 +293,7 @@ def _replace_all(rx: re2._Regexp, parts: tuple[str | int, ...], text: str) -> st
 
 class _View:
     """One request's derived forms, each computed on first use."""
-    __slots__ = ("_headers", "_query", "path", "req")
+    __slots__ = ("_headers", "_values", "_query", "path", "req")
 
     def __init__(self, req: Request, ignore_path_parameters: bool):
         self.req = req
@@ -302,6 +302,7 @@ class _View:
             path = path.split(";", 1)[0]
         self.path = path        # what path specifiers match
         self._headers: dict[str, str] | None = None
+        self._values: dict[str, tuple[str, ...]] | None = None
         self._query: dict[str, str] | None = None
 
     @property
@@ -321,6 +322,20 @@ class _View:
                         ":method": req.method, ":scheme": "http"})
             self._headers = out
         return self._headers
+
+    @property
+    def header_values(self) -> dict[str, tuple[str, ...]]:
+        """Lowercased names -> each value as sent: a header matcher matches
+        when any one of a repeated header's values does (Envoy 1.40: `x: foo`
+        and `x: bar` match `exact: foo`, not `exact: "foo,bar"`)."""
+        if self._values is None:
+            out: dict[str, tuple[str, ...]] = {}
+            for name, value in self.req.headers:
+                key = _lower(name)
+                if key != "host":
+                    out[key] = out.get(key, ()) + (value.strip(" \t"),)
+            self._values = {**{k: (v,) for k, v in self.headers.items()}, **out}
+        return self._values
 
     @property
     def query(self) -> dict[str, str]:
@@ -492,13 +507,14 @@ class _HeaderCond:
     missing_as_empty: bool
 
     def __call__(self, view: _View) -> bool:
-        value = view.headers.get(self.name)
-        if value is None:
+        values = view.header_values.get(self.name)
+        if values is None:
             if not self.missing_as_empty:
                 # An absent header fails every matcher but a presence match.
                 return self.test is None and self.present == self.invert
-            value = ""
-        matched = self.present if self.test is None else self.test(value)
+            values = ("",)
+        test = self.test
+        matched = self.present if test is None else any(test(v) for v in values)
         return matched != self.invert
 
 
