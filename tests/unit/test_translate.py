@@ -346,3 +346,25 @@ def test_rbac_from_a_control_plane_that_cannot_be_enforced_denies_everything():
     assert out.rbac is not None and out.rbac.policies == ()   # ALLOW with no policy: 403 for all
     notes = [str(n) for n in m.skipped]   # from a control plane, notes go to /status
     assert any("denies every request" in n for n in notes), notes
+
+
+def test_http_filters_kmesh_does_not_apply_are_warned():
+    from tests.support.envoy import http_listener
+
+    lst = http_listener("h", "127.0.0.2", 80, [{"name": "v", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "c1"}}]}])
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][:0] = [
+        {"name": "envoy.filters.http.cors",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+        {"name": "envoy.filters.http.fault",
+         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                          "abort": {"http_status": 503, "percentage": {"numerator": 100}}}}]
+    d = base()
+    d["static_resources"]["listeners"] = [lst]
+    hf = "test.yaml: static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters"
+    assert sorted(w for w in translate(d).warnings if "http_filters" in w) == [
+        f"{hf}[0].typed_config: HTTP filter 'envoy.filters.http.cors' (envoy.extensions.filters.http.cors.v3.Cors): "
+        "not applied by kmesh",
+        f"{hf}[1].typed_config: the fault filter's own abort/delay is not applied by kmesh yet (per-route fault "
+        "configs are)"]

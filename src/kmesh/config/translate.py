@@ -507,6 +507,13 @@ def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_
     return None if refs is None else refs + others
 
 
+# The HTTP filters kmesh applies (the router; RBAC and the local rate limit
+# here; the fault filter through its per-route configs, kmesh.l7.routes).
+_FAULT_FILTER_TYPE = "envoy.extensions.filters.http.fault.v3.HTTPFault"
+_HTTP_FILTERS_KNOWN = {"envoy.extensions.filters.http.router.v3.Router", filters.RBAC_TYPE,
+                       policies.HTTP_LOCAL_RATELIMIT_TYPE, _FAULT_FILTER_TYPE}
+
+
 def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
     """The HTTP local rate limit and RBAC among the connection manager's
     filters (applied by the L7 hand-off listener): (HttpRateLimit | None,
@@ -514,8 +521,23 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
     rate_limit = rbac = None
     for i, f in enumerate(hcm.http_filters):
         if f.WhichOneof("config_type") != "typed_config":
+            if not ctx.lenient:
+                ctx.warn(f"{path}.http_filters[{i}]", f"HTTP filter '{f.name}' without a typed_config: not applied "
+                         "by kmesh")
             continue
         fpath, kind = f"{path}.http_filters[{i}].typed_config", f.typed_config.TypeName()
+        if kind not in _HTTP_FILTERS_KNOWN and not ctx.lenient:
+            # A file says what it means: a filter kmesh does not run is said
+            # so (from a control plane, Istio's telemetry filters would make
+            # this a note on every listener).
+            ctx.warn(fpath, f"HTTP filter '{f.name}' ({kind or 'no type'}): not applied by kmesh")
+        if kind == _FAULT_FILTER_TYPE and not ctx.lenient:
+            from envoy.extensions.filters.http.fault.v3 import fault_pb2
+
+            hf = fault_pb2.HTTPFault()
+            if f.typed_config.Unpack(hf) and (hf.HasField("abort") or hf.HasField("delay")):
+                ctx.warn(fpath, "the fault filter's own abort/delay is not applied by kmesh yet (per-route fault "
+                         "configs are)")
         if kind == policies.HTTP_LOCAL_RATELIMIT_TYPE and rate_limit is None:
             rate_limit = policies.http_rate_limit(ctx, fpath, f.typed_config)
         elif kind == filters.RBAC_TYPE:
