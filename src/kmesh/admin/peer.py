@@ -9,7 +9,6 @@ a token) counts.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -112,8 +111,3 @@ def _diag_owner(client: tuple, server: tuple) -> int | None:
     if kind != SOCK_DIAG_BY_FAMILY or len(body) < _UID_OFFSET + 4:
         return None   # NLMSG_ERROR: no such socket
     return struct.unpack_from("=I", body, _UID_OFFSET)[0]
-
-
-def own_peer() -> Peer:
-    """This process, as a Unix socket peer would see it (tests, logs)."""
-    return Peer(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}), "self")
