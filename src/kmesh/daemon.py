@@ -635,7 +635,7 @@ class Daemon:
         if lst is None:
             return None
         return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac,
-                      lst.accept_http_10)
+                      lst.accept_http_10, lst.route_faults, lst.http_filters.fault if lst.http_filters else None)
 
     def _l7_bucket(self, lst):
         """The listener's HTTP rate-limit bucket, kept while its settings stay."""

@@ -394,3 +394,34 @@ def test_codec_answers_and_repeated_headers_as_envoy(kmesh, cgroup, backends, tm
     assert [x.split(" ", 1)[-1] for x in envoy[1:]] == (["200 OK"] * 2 if accept_http_10 else
                                                          ["426 Upgrade Required"] * 2), envoy
     assert ours_twice == envoy_twice == [(200, "v2"), (200, "v2"), (200, "v1")], (ours_twice, envoy_twice)
+
+
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+ABORT = {"abort": {"http_status": 503, "percentage": {"numerator": 100}}}
+
+
+@pytest.mark.parametrize("chain, per_route, expect", [
+    ([{"@type": FAULT, **ABORT}], False, (503, "fault filter abort")),   # the filter's own config, every request
+    ([], True, (200, "v1")),                                            # per-route, but no fault filter: ignored
+    ([{"@type": FAULT}], True, (503, "fault filter abort")),            # per-route with the filter in the chain
+])
+def test_faults_as_the_fault_filter_applies_them(kmesh, cgroup, backends, tmp_path, chain, per_route, expect):
+    from tests.support import envoy_proc
+    from tests.support.envoy import ROUTER, http_listener
+
+    v1, v2 = backends("v1", "v2")
+    v, eport = vip(), harness.free_port()
+    route = {**DEFAULT, **({"typed_per_filter_config": {"envoy.filters.http.fault": {"@type": FAULT, **ABORT}}}
+                            if per_route else {})}
+
+    def listener(name, ip, port):
+        lst = http_listener(name, ip, port, [{"name": "vh", "domains": ["*"], "routes": [JASON, route]}])
+        lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
+            *({"name": "envoy.filters.http.fault", "typed_config": c} for c in chain), ROUTER]
+        return lst
+
+    clusters = [cluster("reviews-v1", lb_ep(*v1.addr)), cluster("reviews-v2", lb_ep(*v2.addr))]
+    kmesh(bootstrap([listener("reviews", v, 80)], clusters))
+    with envoy_proc.envoy(bootstrap([listener("e", "127.0.0.1", eport)], clusters), tmp_path):
+        envoy = curl(_HOST, f"http://127.0.0.1:{eport}/")
+    assert curl(cgroup, f"http://{v}/") == envoy == expect

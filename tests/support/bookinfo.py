@@ -116,8 +116,13 @@ class Mesh:
         standalone config may not name)."""
         rc = json.loads(json_format.MessageToJson(self.route_config(), preserving_proto_field_name=True))
         vhosts = [v for v in rc["virtual_hosts"] if v["name"] != "allow_any"]
-        return bootstrap([http_listener(f"0.0.0.0_{PORT}", "0.0.0.0", PORT, vhosts)],
-                         [cluster(name, *(lb_ep(ip, PORT) for ip in ips)) for name, ips in self.clusters()])
+        lst = http_listener(f"0.0.0.0_{PORT}", "0.0.0.0", PORT, vhosts)
+        # The fault filter ahead of the router, as istiod chains them: the
+        # per-route abort for jason needs it (as in Envoy).
+        lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"].insert(0, {
+            "name": "envoy.filters.http.fault",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}})
+        return bootstrap([lst], [cluster(name, *(lb_ep(ip, PORT) for ip in ips)) for name, ips in self.clusters()])
 
     def push(self, xds) -> int:
         """The same over ADS, as istiod sends it: EDS clusters, their

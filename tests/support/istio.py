@@ -85,6 +85,10 @@ def http_listener(port: int, route_name: str | None = None):
                     "config_source": {"ads": {}, "resource_api_version": "V3"}},
             "http_filters": [{"name": "istio.metadata_exchange", "typed_config": {
                 "@type": TYPED_STRUCT, "type_url": "type.googleapis.com/io.istio.http.peer_metadata.Config"}},
+                # istiod chains the fault filter in every outbound HCM (see
+                # tests/fixtures/istio/bookinfo_lds.json): per-route faults need it.
+                {"name": "envoy.filters.http.fault", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
                 {"name": "envoy.filters.http.router", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}],
     }, listener_pb2.Listener)

@@ -363,8 +363,27 @@ def test_http_filters_kmesh_does_not_apply_are_warned():
     d = base()
     d["static_resources"]["listeners"] = [lst]
     hf = "test.yaml: static_resources.listeners[0].filter_chains[0].filters[0].typed_config.http_filters"
-    assert sorted(w for w in translate(d).warnings if "http_filters" in w) == [
+    m = translate(d)
+    assert [w for w in m.warnings if "http_filters" in w] == [
         f"{hf}[0].typed_config: HTTP filter 'envoy.filters.http.cors' (envoy.extensions.filters.http.cors.v3.Cors): "
-        "not applied by kmesh",
-        f"{hf}[1].typed_config: the fault filter's own abort/delay is not applied by kmesh yet (per-route fault "
-        "configs are)"]
+        "not applied by kmesh"]
+    # The fault filter's own abort applies to every request: the listener is L7.
+    (lst,) = m.listeners
+    assert lst.routes is not None and lst.route_faults and lst.http_filters.fault.rule.fault.abort_status == 503
+
+
+def test_per_route_faults_need_the_fault_filter_in_the_chain():
+    from tests.support.envoy import http_listener
+
+    fault = {"envoy.filters.http.fault": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "abort": {"http_status": 503, "percentage": {"numerator": 100}}}}
+    lst = http_listener("h", "127.0.0.2", 80, [{"name": "v", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "c1"}, "typed_per_filter_config": fault}]}])
+    d = base()
+    d["static_resources"]["listeners"] = [lst]
+    (got,) = translate(d).listeners
+    assert not got.route_faults          # router only: Envoy ignores the per-route fault
+    lst["filter_chains"][0]["filters"][0]["typed_config"].pop("http_filters")
+    (got,) = translate(d).listeners
+    assert got.route_faults              # no filter list at all: kmesh's shorthand keeps them

@@ -38,6 +38,7 @@ class HttpFilters:
     (kmesh.l7.rbac.Rbac), each None when absent."""
     rate_limit: object | None = None
     rbac: object | None = None
+    fault: object | None = None    # the fault filter's own fault (kmesh.l7.routes.FilterFault)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class Listener:
     # HTTP/1.0 requests: refused with 426 unless the connection manager
     # accepts them (http_protocol_options.accept_http_10), as Envoy does
     accept_http_10: bool = field(default=False, compare=False)
+    # the fault filter is in the chain: per-route fault configs apply
+    route_faults: bool = field(default=True, compare=False)
 
     @property
     def http_rate_limit(self):

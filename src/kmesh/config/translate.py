@@ -400,6 +400,7 @@ class _Entry:
     routes: object = None   # kmesh.l7.routes.RouteTable when the routes need the request
     http_filters: object = None   # model.HttpFilters, with routes
     accept_http_10: bool = False  # the connection manager's http_protocol_options
+    route_faults: bool = True     # the fault filter is in its chain
 
 
 def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
@@ -514,11 +515,15 @@ _HTTP_FILTERS_KNOWN = {"envoy.extensions.filters.http.router.v3.Router", filters
                        policies.HTTP_LOCAL_RATELIMIT_TYPE, _FAULT_FILTER_TYPE}
 
 
-def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
-    """The HTTP local rate limit and RBAC among the connection manager's
-    filters (applied by the L7 hand-off listener): (HttpRateLimit | None,
-    Rbac | None)."""
-    rate_limit = rbac = None
+def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bool]:
+    """The HTTP local rate limit, RBAC and the fault filter's own fault among
+    the connection manager's filters (applied by the L7 hand-off listener):
+    (HttpRateLimit | None, Rbac | None, FilterFault | None, whether per-route
+    fault configs apply). Per-route faults need the fault filter in the
+    chain, as in Envoy; a file that lists no HTTP filter at all (not even
+    the router, which Envoy would need) keeps them."""
+    rate_limit = rbac = fault = None
+    fault_filter = not hcm.http_filters
     for i, f in enumerate(hcm.http_filters):
         if f.WhichOneof("config_type") != "typed_config":
             if not ctx.lenient:
@@ -531,13 +536,14 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
             # so (from a control plane, Istio's telemetry filters would make
             # this a note on every listener).
             ctx.warn(fpath, f"HTTP filter '{f.name}' ({kind or 'no type'}): not applied by kmesh")
-        if kind == _FAULT_FILTER_TYPE and not ctx.lenient:
-            from envoy.extensions.filters.http.fault.v3 import fault_pb2
+        if kind == _FAULT_FILTER_TYPE:
+            if fault_filter and hcm.http_filters:
+                ctx.unsupported(fpath, "kmesh applies one fault filter per connection manager")
+                continue
+            from kmesh.l7 import routes as l7   # late: only configs with HTTP routes pay for it
 
-            hf = fault_pb2.HTTPFault()
-            if f.typed_config.Unpack(hf) and (hf.HasField("abort") or hf.HasField("delay")):
-                ctx.warn(fpath, "the fault filter's own abort/delay is not applied by kmesh yet (per-route fault "
-                         "configs are)")
+            fault_filter = True
+            fault = l7.filter_fault(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
         if kind == policies.HTTP_LOCAL_RATELIMIT_TYPE and rate_limit is None:
             rate_limit = policies.http_rate_limit(ctx, fpath, f.typed_config)
         elif kind == filters.RBAC_TYPE:
@@ -547,7 +553,7 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object]:
             from kmesh.l7 import rbac as l7rbac   # late: only configs with RBAC pay for it
             rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn,
                                        fail_closed=ctx.lenient)
-    return rate_limit, rbac
+    return rate_limit, rbac, fault, fault_filter
 
 
 def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
@@ -595,8 +601,9 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     # HTTP filters), whatever the listener's shape (docs/l7.md, "L4 or L7").
     # Routed per request, Host then picks among all the virtual hosts, as in
     # Envoy.
-    http_rl, rbac = _http_filters(ctx, path, hcm)
-    http_filters = HttpFilters(http_rl, rbac) if http_rl is not None or rbac is not None else None
+    http_rl, rbac, fault, fault_filter = _http_filters(ctx, path, hcm)
+    http_filters = HttpFilters(http_rl, rbac, fault) \
+        if http_rl is not None or rbac is not None or fault is not None else None
     star = next((i for i, v in enumerate(vhosts) if "*" in v.domains), None)
     fallback = star if star is not None else (None if ctx.lenient else 0)
     # (ip, port, prio, virtual host index, field path of the choice)
@@ -638,7 +645,8 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
         if refs or routes:
             entries.append(_Entry(ip, port, tuple(refs or ()), prio, where, listener, routes=routes,
                                   http_filters=http_filters,
-                                  accept_http_10=hcm.http_protocol_options.accept_http_10))
+                                  accept_http_10=hcm.http_protocol_options.accept_http_10,
+                                  route_faults=fault_filter))
     if any(refs_cache.get(i, True) is None for i in refs_cache) and not ctx.lenient:
         return None
     return entries
@@ -832,7 +840,7 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
         return None, referenced
     return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes,
                     chosen.http_filters if chosen.routes is not None else None,
-                    chosen.accept_http_10), referenced
+                    chosen.accept_http_10, chosen.route_faults), referenced
 
 
 def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],

@@ -80,6 +80,8 @@ class Target:
     bucket: TokenBucket | None = None  # its bucket, kept across config updates
     rbac: object = None                # kmesh.l7.rbac.Rbac
     accept_http_10: bool = False       # else an HTTP/1.0 request gets 426, as in Envoy
+    route_faults: bool = True          # the fault filter is in the chain: per-route faults apply
+    filter_fault: object = None        # kmesh.l7.routes.FilterFault: where no per-route config says
 
 
 @dataclass
@@ -592,10 +594,22 @@ class Handoff:
         if not framed.keep_alive() or framed.tokens("upgrade"):
             # The only request on this connection (or a protocol switch):
             # the whole connection is the route's, spliced in the kernel.
-            return await self._forward(target, decision, head, conn, ns)
+            return await self._forward(target, decision, head, conn, ns, req)
         conn.recv(len(head))   # peeked, so all there
         await self._requests(target, peer, vip, conn, ns.inode if ns else self._host_netns,
-                             (head, framed, decision))
+                             (head, framed, decision, req))
+
+    @staticmethod
+    def _fault(target: Target, route: rt.RouteTo, req: rt.Request) -> rt.Fault | None:
+        """The fault for this request, as Envoy's fault filter decides it:
+        none without the filter in the chain; the route configuration's
+        (route, then virtual host, then configuration) when one sets it;
+        else the filter's own."""
+        if not target.route_faults:
+            return None
+        if route.fault_set:
+            return route.fault
+        return target.filter_fault.for_request(req) if target.filter_fault else None
 
     def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The route for ``req``, or the local answer (status, body, extra
@@ -637,12 +651,13 @@ class Handoff:
         try:
             while True:
                 if first is not None:
-                    head, framed, route = first
+                    head, framed, route, req = first
                     first = None
                     ns = self._netns.get(inode, (None,))[0]   # the client's namespace, for upstream sockets
                     self._exchanging += 1
                     try:
-                        if not await self._exchange(target, route, head, framed, reader, conn, ns, pool):
+                        if not await self._exchange(target, route, req, head, framed, reader, conn, ns,
+                                                    pool):
                             return
                     finally:
                         self._exchanging -= 1
@@ -671,7 +686,7 @@ class Handoff:
                 route = self._decide(target, req, framed, peer, vip)
                 if not isinstance(route, rt.RouteTo):
                     return await self._answer(conn, b"", *route)
-                first = head, framed, route
+                first = head, framed, route, req
         finally:
             for sock, _ in pool.values():
                 sock.close()
@@ -683,11 +698,11 @@ class Handoff:
         except OSError:
             pass
 
-    async def _exchange(self, target: Target, route, head: bytes, framed: http1.Head, reader: http1.Reader,
-                        conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
+    async def _exchange(self, target: Target, route, req: rt.Request, head: bytes, framed: http1.Head,
+                        reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
         """One request to its upstream and its response back; whether the
         connection goes on."""
-        fault = route.fault
+        fault = self._fault(target, route, req)
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
@@ -790,8 +805,8 @@ class Handoff:
         return ep, upstream, pool[ep][1]
 
     async def _forward(self, target: Target, route, head: bytes, conn: socket.socket,
-                       ns: netns.Netns | None) -> None:
-        fault = route.fault
+                       ns: netns.Netns | None, req: rt.Request) -> None:
+        fault = self._fault(target, route, req)
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:

@@ -97,6 +97,9 @@ class RouteTo:
     vhost_name: str
     rewrite_path: str | None = None     # the new request target (query kept)
     rewrite_host: str | None = None     # the new Host header
+    # Some level of the route configuration configures the fault filter:
+    # then ``fault`` is the fault, and the filter's own config does not apply.
+    fault_set: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,6 +691,29 @@ def _per_filter(sink: _Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _
     return rule
 
 
+@dataclass(frozen=True, slots=True)
+class FilterFault:
+    """The fault filter's own config in an HTTP connection manager: the fault
+    for requests whose route configuration sets none at any level."""
+    rule: _FaultRule
+
+    def for_request(self, req: Request) -> Fault | None:
+        rule = self.rule
+        return rule.fault if not rule.headers or rule.applies(_View(req, False)) else None
+
+
+def filter_fault(config: any_pb2.Any, path: str, problem: Report, note: Report) -> FilterFault | None:
+    """The fault filter's own config (``config``: its typed_config), or None
+    when it injects nothing."""
+    sink = _Sink(problem, note)
+    hf = fault_pb2.HTTPFault()
+    if not config.Unpack(hf):
+        sink.problem(path, "cannot decode the HTTPFault config")
+        return None
+    rule = _fault_rule(sink, path, hf)
+    return FilterFault(rule) if rule.fault is not None else None
+
+
 def _has_fault(configs: Mapping[str, any_pb2.Any]) -> bool:
     if not configs:
         return False   # the common case, checked per virtual host of big meshes
@@ -922,7 +948,7 @@ def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: 
     if clusters is None:
         return None
     base = RouteTo(clusters, timeout or None, retries, fault.fault if fault else None, route_name, vh.name,
-                   rewrite_host=ra.host_rewrite_literal or None)
+                   rewrite_host=ra.host_rewrite_literal or None, fault_set=fault is not None)
     return _Forward(base, rewrite, fault)
 
 
