@@ -344,7 +344,9 @@ def test_l7_policies_from_a_pod(kmesh, cgroup, topo):
     lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = [
         {"name": "envoy.filters.http.rbac", "typed_config": {"@type": RBAC, "rules": {"action": "DENY", "policies": {
             "deny-bots": {"permissions": [{"header": {"name": "user-agent", "string_match": {"prefix": "bot"}}}],
-                          "principals": [{"any": True}]}}}}}, ROUTER]
+                          "principals": [{"any": True}]}}}}},
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},   # per-route faults need it
+        ROUTER]
     k = kmesh(bootstrap([lst], [cluster("a", lb_ep(*a))]))
     assert k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")[0] == 200
     assert curl(client, f"http://{VIP}/", "-A", "bot/2.0") == (403, "RBAC: access denied")
