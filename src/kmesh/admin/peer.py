@@ -68,10 +68,16 @@ def tcp_owner(client: tuple, server: tuple) -> int | None:
     return uid if uid is not None else _proc_owner(client, server)
 
 
-def _proc_owner(client: tuple, server: tuple) -> int | None:
+def _addresses(client: tuple, server: tuple):
+    """The two ends' addresses, IPv4-mapped ones as IPv4."""
     src, dst = ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])
     if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped:
         src, dst = src.ipv4_mapped, ipaddress.ip_address(str(dst).removeprefix("::ffff:"))
+    return src, dst
+
+
+def _proc_owner(client: tuple, server: tuple) -> int | None:
+    src, dst = _addresses(client, server)
 
     def hexaddr(ip) -> str:
         # /proc/net/tcp prints each 32-bit word of the address in host order.
@@ -92,9 +98,7 @@ def _proc_owner(client: tuple, server: tuple) -> int | None:
 
 
 def _diag_owner(client: tuple, server: tuple) -> int | None:
-    src, dst = ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])
-    if isinstance(src, ipaddress.IPv6Address) and src.ipv4_mapped:
-        src, dst = src.ipv4_mapped, ipaddress.ip_address(str(dst).removeprefix("::ffff:"))
+    src, dst = _addresses(client, server)
     family = socket.AF_INET if src.version == 4 else socket.AF_INET6
     req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + \
         _SOCKID.pack(client[1], server[1], src.packed.ljust(16, b"\0"), dst.packed.ljust(16, b"\0")) + \

@@ -611,6 +611,18 @@ class Handoff:
             return route.fault
         return target.filter_fault.for_request(req) if target.filter_fault else None
 
+    async def _injected(self, target: Target, route: rt.RouteTo, req: rt.Request, conn: socket.socket,
+                        head: bytes) -> bool:
+        """The request's fault: its delay, then its abort (answered here);
+        whether it was aborted. ``head``: still in the socket (peeked)."""
+        fault = self._fault(target, route, req)
+        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
+            await self._answer(conn, head, fault.abort_status, b"fault filter abort")
+            return True
+        return False
+
     def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The route for ``req``, or the local answer (status, body, extra
         headers). Envoy's codec answers first: a fragment in the target is
@@ -702,11 +714,7 @@ class Handoff:
                         reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
         """One request to its upstream and its response back; whether the
         connection goes on."""
-        fault = self._fault(target, route, req)
-        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
-            await asyncio.sleep(fault.delay_ms / 1000)
-        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            await self._answer(conn, b"", fault.abort_status, b"fault filter abort")
+        if await self._injected(target, route, req, conn, b""):
             return False
         cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
         got = await self._pooled(cluster, route.retries, ns, pool) if cluster else None
@@ -806,11 +814,8 @@ class Handoff:
 
     async def _forward(self, target: Target, route, head: bytes, conn: socket.socket,
                        ns: netns.Netns | None, req: rt.Request) -> None:
-        fault = self._fault(target, route, req)
-        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
-            await asyncio.sleep(fault.delay_ms / 1000)
-        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            return await self._answer(conn, head, fault.abort_status, b"fault filter abort")
+        if await self._injected(target, route, req, conn, head):
+            return
         cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
         upstream, ep = await self._connect(cluster, route.retries, ns) if cluster else (None, None)
         if upstream is None:
