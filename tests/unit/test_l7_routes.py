@@ -699,8 +699,10 @@ def test_problems_name_the_field(cfg, path, reason):
 
 
 @pytest.mark.parametrize("cfg, path", [
-    (rc(vhost(route()), request_headers_to_add=[{"header": {"key": "a", "value": "b"}}]),
-     "rc.request_headers_to_add"),
+    (rc(vhost(route()), request_headers_to_add=[{"header": {"key": "a", "value": "%START_TIME%"}}]),
+     "rc.request_headers_to_add[0].header.value"),
+    (rc(vhost(route(response_headers_to_add=[{"header": {"key": "a", "value": "50%"}}]))),
+     f"{R}.response_headers_to_add[0].header.value"),
     (rc(vhost(route()), internal_only_headers=["x-internal"]), "rc.internal_only_headers"),
     (rc(vhost(route()), validate_clusters=True), "rc.validate_clusters"),
     (rc(vhost(route(), cors={"allow_credentials": True})), f"{V}.cors"),
@@ -708,9 +710,6 @@ def test_problems_name_the_field(cfg, path, reason):
      f"{V}.virtual_clusters"),
     (rc(vhost(route(), rate_limits=[{"actions": [{"remote_address": {}}]}])), f"{V}.rate_limits"),
     (rc(vhost(route(), include_request_attempt_count=True)), f"{V}.include_request_attempt_count"),
-    (rc(vhost(route(), response_headers_to_add=[{"header": {"key": "a", "value": "b"}}])),
-     f"{V}.response_headers_to_add"),
-    (rc(vhost(route(request_headers_to_remove=["x-a"]))), f"{R}.request_headers_to_remove"),
     (rc(vhost(route(decorator={"operation": "op"}))), f"{R}.decorator"),
     (rc(vhost(route(typed_per_filter_config={"envoy.filters.http.cors": {"@type": CORS}}))),
      f'{R}.typed_per_filter_config["envoy.filters.http.cors"]'),
@@ -724,9 +723,6 @@ def test_problems_name_the_field(cfg, path, reason):
     (rc(vhost(route(action={"weighted_clusters": {"total_weight": 2, "clusters": [
         {"name": "a", "weight": 2, "request_headers_to_add": [{"header": {"key": "a", "value": "b"}}]}]}}))),
      f"{R}.route.weighted_clusters.total_weight"),
-    (rc(vhost(route(action={"weighted_clusters": {"clusters": [
-        {"name": "a", "weight": 2, "request_headers_to_add": [{"header": {"key": "a", "value": "b"}}]}]}}))),
-     f"{R}.route.weighted_clusters.clusters[0].request_headers_to_add"),
     (rc(vhost(route(action={"cluster": "c", "retry_policy": {"retry_on": "connect-failure",
                                                              "retriable_status_codes": [503]}}))),
      f"{R}.route.retry_policy.retriable_status_codes"),
@@ -784,3 +780,73 @@ def test_needs_l7(cfg, expected):
 def test_needs_l7_is_per_virtual_host():
     cfg = rc(vhost(route(), domains=["*"]), vhost(route({"prefix": "/b"}), name="b", domains=["b.com"]))
     assert (needs_l7(cfg, 0), needs_l7(cfg, 1)) == (False, True)
+
+
+# --------------------------------------------------------------------------
+# Header mutations (the order and actions seen from Envoy 1.40 on the same
+# config: tests/e2e/test_l7.py runs both side by side)
+# --------------------------------------------------------------------------
+
+def _hv(key: str, value: str, action: str | None = None, **extra) -> dict:
+    return {"header": {"key": key, "value": value}, **({"append_action": action} if action else {}), **extra}
+
+
+def test_header_mutations_apply_from_the_weighted_cluster_out_to_the_route_configuration():
+    from kmesh.l7 import headers
+
+    cfg = rc(vhost(route(action={"weighted_clusters": {"clusters": [
+        {"name": "c0", "weight": 1, "request_headers_to_add": [_hv("x-a", "wc")],
+         "response_headers_to_add": [_hv("r-a", "wc")]}]}},
+        request_headers_to_add=[_hv("x-a", "route"), _hv("x-o", "route", "OVERWRITE_IF_EXISTS_OR_ADD"),
+                                _hv("x-n", "route", "ADD_IF_ABSENT"), _hv("x-e", ""),
+                                _hv("x-k", "", keep_empty_value=True),
+                                _hv("x-p", "100%% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %REQ(x-n)%")],
+        request_headers_to_remove=["x-rm", "X-A"], response_headers_to_add=[_hv("r-a", "route")]),
+        request_headers_to_add=[_hv("x-a", "vh"), _hv("x-o", "vh", "OVERWRITE_IF_EXISTS_OR_ADD"),
+                                _hv("x-n", "vh", "ADD_IF_ABSENT")],
+        request_headers_to_remove=["x-vrm"], response_headers_to_add=[_hv("r-a", "vh")]),
+        response_headers_to_add=[_hv("r-a", "rc", append=False)])
+    assert compile_all(cfg)[1:] == ([], [])
+    to = table_of(cfg).match(req())
+    ctx = headers.Context(("10.0.0.1", 40000), ("10.96.0.1", 80), (("x-n", "client"),))
+    sent = [("Host", "x"), ("X-A", "client"), ("x-rm", "1"), ("x-vrm", "2"), ("x-n", "client")]
+    assert headers.apply(to.request_levels("c0"), sent, ctx) == [
+        ("Host", "x"), ("x-n", "client"), ("x-a", "route"), ("x-k", ""), ("x-p", "100% 10.0.0.1 client"),
+        ("x-o", "vh"), ("x-a", "vh")]
+    assert headers.apply(to.response_levels("c0"), [("r-a", "up")], ctx) == [("r-a", "rc")]
+    assert headers.apply(to.response_levels("other"), [], ctx) == [("r-a", "rc")]
+
+
+def test_most_specific_header_mutations_win_puts_the_route_last():
+    from kmesh.l7 import headers
+
+    cfg = rc(vhost(route(request_headers_to_add=[_hv("x", "route", "OVERWRITE_IF_EXISTS_OR_ADD")]),
+                   request_headers_to_add=[_hv("x", "vh", "OVERWRITE_IF_EXISTS_OR_ADD")]),
+             request_headers_to_add=[_hv("x", "rc", "OVERWRITE_IF_EXISTS_OR_ADD")])
+    ctx = headers.Context(("10.0.0.1", 1), ("10.96.0.1", 80))
+    assert headers.apply(table_of(cfg).match(req()).request_levels("c"), [], ctx) == [("x", "rc")]
+    cfg.most_specific_header_mutations_wins = True
+    assert headers.apply(table_of(cfg).match(req()).request_levels("c"), [], ctx) == [("x", "route")]
+
+
+def test_direct_responses_and_redirects_carry_the_response_mutations():
+    cfg = rc(vhost(route({"prefix": "/d"}, direct_response={"status": 200}, name="d",
+                         response_headers_to_add=[_hv("r", "route")]),
+                   route({"prefix": "/"}, redirect={"path_redirect": "/x"}, name="r"),
+                   response_headers_to_add=[_hv("v", "vh")]))
+    from kmesh.l7 import headers
+    ctx = headers.Context(("10.0.0.1", 1), ("10.96.0.1", 80))
+    d, r = table_of(cfg).match(req("/d")), table_of(cfg).match(req("/e"))
+    assert headers.apply(d.response_headers, [], ctx) == [("r", "route"), ("v", "vh")]
+    assert headers.apply(r.response_headers, [], ctx) == [("v", "vh")]
+
+
+@pytest.mark.parametrize("extra, path", [
+    ({"request_headers_to_add": [_hv(":path", "/x")]}, f"{R}.request_headers_to_add[0].header.key"),
+    ({"request_headers_to_add": [_hv("Host", "x")]}, f"{R}.request_headers_to_add[0].header.key"),
+    ({"response_headers_to_remove": [":status"]}, f"{R}.response_headers_to_remove[0]"),
+    ({"request_headers_to_add": [_hv("x", "y", "ADD_IF_ABSENT", append=True)]},
+     f"{R}.request_headers_to_add[0].append"),
+])
+def test_header_mutations_envoy_refuses_are_refused(extra, path):
+    assert path in [p for p, _ in problems_of(rc(vhost(route(**extra))))]

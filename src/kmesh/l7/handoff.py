@@ -33,7 +33,7 @@ from kmesh import limits
 from kmesh.bpf import records
 from kmesh.config.model import Cluster
 from kmesh.l7 import routes as rt
-from kmesh.l7 import fdstore, http1, netns, splice
+from kmesh.l7 import fdstore, headers, http1, netns, splice
 from kmesh.l7.balancer import Balancer
 from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
@@ -147,19 +147,49 @@ def parse_head(head: bytes) -> rt.Request:
                       headers=tuple(h.headers))
 
 
-def rewrite_head(head: bytes, route) -> bytes:
-    """The head with the route's path and Host rewrites applied."""
-    if route.rewrite_path is None and route.rewrite_host is None:
-        return head
-    lines = head.split(b"\r\n")
-    if route.rewrite_path is not None:
-        method, _, rest = lines[0].partition(b" ")
-        _, _, version = rest.rpartition(b" ")
-        lines[0] = b" ".join((method, route.rewrite_path.encode("latin-1"), version))
-    if route.rewrite_host is not None:
-        lines = [b"Host: " + route.rewrite_host.encode("latin-1") if line[:5].lower() == b"host:" else line
-                 for line in lines]
-    return b"\r\n".join(lines)
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A request's route, the cluster drawn for it, and what its header
+    values may refer to."""
+    route: rt.RouteTo
+    cluster: str
+    ctx: headers.Context
+
+    def upstream_head(self, head: bytes, framed: http1.Head) -> bytes:
+        """The head to send upstream: the route's path and Host rewrites and
+        request header mutations applied (else the bytes as received)."""
+        route = self.route
+        levels = route.request_levels(self.cluster)
+        if route.rewrite_path is None and route.rewrite_host is None and not levels:
+            return head
+        method, target, version = framed.start
+        hdrs = framed.headers
+        if route.rewrite_host is not None:
+            hdrs = tuple((n, route.rewrite_host) if n.lower() == "host" else (n, v) for n, v in hdrs)
+        if levels:
+            hdrs = headers.apply(levels, hdrs, self.ctx)
+        path = route.rewrite_path if route.rewrite_path is not None else target
+        return http1.serialize((method, path, version), hdrs)
+
+    def response_head(self, rhead: bytes, resp: http1.Head) -> bytes:
+        """The upstream's response head with the response mutations applied."""
+        levels = self.route.response_levels(self.cluster)
+        if not levels:
+            return rhead
+        return http1.serialize(resp.start, headers.apply(levels, resp.headers, self.ctx))
+
+    def answer(self, status: int, body: bytes = b"", extra: tuple = ()) -> tuple:
+        """A local answer to this request (status, body, headers): Envoy
+        applies the route's response mutations to those too."""
+        levels = self.route.response_levels(self.cluster)
+        return status, body, tuple(headers.apply(levels, extra, self.ctx)) if levels else extra
+
+    @property
+    def spliceable(self) -> bool:
+        """Nothing to change in either direction's heads (the kernel can
+        carry a one-request connection whole)."""
+        r = self.route
+        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster))
 
 
 def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -589,12 +619,12 @@ class Handoff:
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
         decision = self._decide(target, req, framed, peer, vip)
-        if not isinstance(decision, rt.RouteTo):
+        if not isinstance(decision, Routed):
             return await self._answer(conn, head, *decision)
-        if not framed.keep_alive() or framed.tokens("upgrade"):
+        if (not framed.keep_alive() or framed.tokens("upgrade")) and decision.spliceable:
             # The only request on this connection (or a protocol switch):
             # the whole connection is the route's, spliced in the kernel.
-            return await self._forward(target, decision, head, conn, ns, req)
+            return await self._forward(target, decision, head, framed, conn, ns, req)
         conn.recv(len(head))   # peeked, so all there
         await self._requests(target, peer, vip, conn, ns.inode if ns else self._host_netns,
                              (head, framed, decision, req))
@@ -611,42 +641,53 @@ class Handoff:
             return route.fault
         return target.filter_fault.for_request(req) if target.filter_fault else None
 
-    async def _injected(self, target: Target, route: rt.RouteTo, req: rt.Request, conn: socket.socket,
+    async def _injected(self, target: Target, routed: Routed, req: rt.Request, conn: socket.socket,
                         head: bytes) -> bool:
         """The request's fault: its delay, then its abort (answered here);
         whether it was aborted. ``head``: still in the socket (peeked)."""
-        fault = self._fault(target, route, req)
+        fault = self._fault(target, routed.route, req)
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            await self._answer(conn, head, fault.abort_status, b"fault filter abort")
+            await self._answer(conn, head, *routed.answer(fault.abort_status, b"fault filter abort"))
             return True
         return False
 
     def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
-        """The route for ``req``, or the local answer (status, body, extra
+        """The request's Routed, or the local answer (status, body, extra
         headers). Envoy's codec answers first: a fragment in the target is
-        400, HTTP/1.0 is 426 unless the connection manager accepts it."""
+        400, HTTP/1.0 is 426 unless the connection manager accepts it. The
+        route is found before RBAC and the rate limit: their answers carry
+        its response header mutations, as Envoy's do."""
         if "#" in req.path:
             self.stats.bad_requests += 1
             return (400,)
         if framed.version == "HTTP/1.0" and not target.accept_http_10:
             return 426, b"Upgrade Required"
+        decision = target.routes.match(req)
+        ctx = headers.Context(peer[:2], vip, req.headers)
+        if isinstance(decision, rt.RouteTo):
+            routed = Routed(decision, rt.pick_weighted(decision.clusters, random.random()), ctx)
+            answer = routed.answer
+        else:
+            levels = decision.response_headers if decision is not None else ()
+
+            def answer(status: int, body: bytes = b"", extra: tuple = ()) -> tuple:
+                return status, body, tuple(headers.apply(levels, extra, ctx)) if levels else extra
         if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
             self.stats.denied += 1
-            return 403, DENIED
+            return answer(403, DENIED)
         rl = target.rate_limit
         if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
                 and random.random() * 100 < rl.enforced_percent:
-            return rl.status, b"local_rate_limited"
-        decision = target.routes.match(req)
+            return answer(rl.status, b"local_rate_limited")
         if decision is None:
             return (404,)
         if isinstance(decision, rt.DirectResponse):
-            return decision.status, decision.body
+            return answer(decision.status, decision.body)
         if isinstance(decision, rt.Redirect):
-            return decision.status, b"", (("location", decision.location),)
-        return decision
+            return answer(decision.status, b"", (("location", decision.location),))
+        return routed
 
     # -- a keep-alive connection, request by request ---------------------------
     async def _requests(self, target: Target, peer: tuple, vip: tuple, conn: socket.socket, inode: int,
@@ -696,7 +737,7 @@ class Handoff:
                 except TimeoutError:
                     return
                 route = self._decide(target, req, framed, peer, vip)
-                if not isinstance(route, rt.RouteTo):
+                if not isinstance(route, Routed):
                     return await self._answer(conn, b"", *route)
                 first = head, framed, route, req
         finally:
@@ -710,17 +751,18 @@ class Handoff:
         except OSError:
             pass
 
-    async def _exchange(self, target: Target, route, req: rt.Request, head: bytes, framed: http1.Head,
+    async def _exchange(self, target: Target, routed: Routed, req: rt.Request, head: bytes, framed: http1.Head,
                         reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
         """One request to its upstream and its response back; whether the
         connection goes on."""
-        if await self._injected(target, route, req, conn, b""):
+        if await self._injected(target, routed, req, conn, b""):
             return False
-        cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
+        route = routed.route
+        cluster = target.clusters.get(routed.cluster)
         got = await self._pooled(cluster, route.retries, ns, pool) if cluster else None
         if got is None:
             self.stats.upstream_failures += 1
-            await self._answer(conn, b"", 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
+            await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE if cluster else b"no healthy upstream"))
             return False
         ep, upstream, ureader = got
         self.stats.routed += 1
@@ -728,7 +770,7 @@ class Handoff:
         loop = asyncio.get_running_loop()
         upload = None
         try:
-            await splice.sendall(loop, upstream, rewrite_head(head, route))
+            await splice.sendall(loop, upstream, routed.upstream_head(head, framed))
             body = http1.request_framing(framed)
             if body.kind != "none":
                 # The body goes up while the response may already come (100
@@ -743,13 +785,12 @@ class Handoff:
                 except TimeoutError:
                     pool.pop(ep, None)
                     splice.reset(upstream)   # as on a spliced connection: the upstream sees the request cancelled
-                    self.stats.answer(504)
-                    await splice.sendall(loop, conn, response(504, UPSTREAM_TIMEOUT))
+                    await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT))
                     return False
                 if rhead is None:   # reset or closed before a response
                     pool.pop(ep, None)
                     self.stats.upstream_failures += 1
-                    await self._answer(conn, b"", 503, UPSTREAM_FAILURE)
+                    await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE))
                     return False
                 resp = http1.parse(rhead)
                 if not 100 <= resp.status < 200:
@@ -767,6 +808,7 @@ class Handoff:
             # The head and what is already here of a sized body in one send:
             # one wake-up of the client for a small response, not two.
             ahead = ureader.take(rframing.length if rframing.kind == "length" else 0)
+            rhead = routed.response_head(rhead, resp)
             await splice.sendall(loop, conn, rhead + ahead if ahead else rhead)
             if rframing.kind == "length":
                 rframing = http1.Framing("length", rframing.length - len(ahead))
@@ -812,33 +854,34 @@ class Handoff:
         pool[ep] = upstream, http1.Reader(upstream)
         return ep, upstream, pool[ep][1]
 
-    async def _forward(self, target: Target, route, head: bytes, conn: socket.socket,
+    async def _forward(self, target: Target, routed: Routed, head: bytes, framed: http1.Head, conn: socket.socket,
                        ns: netns.Netns | None, req: rt.Request) -> None:
-        if await self._injected(target, route, req, conn, head):
+        if await self._injected(target, routed, req, conn, head):
             return
-        cluster = target.clusters.get(rt.pick_weighted(route.clusters, random.random()))
-        upstream, ep = await self._connect(cluster, route.retries, ns) if cluster else (None, None)
+        cluster = target.clusters.get(routed.cluster)
+        upstream, ep = await self._connect(cluster, routed.route.retries, ns) if cluster else (None, None)
         if upstream is None:
             self.stats.upstream_failures += 1
             return await self._answer(conn, head, 503, UPSTREAM_FAILURE if cluster else b"no healthy upstream")
         self.stats.routed += 1
         self.balancer.opened(cluster, ep)
         try:
-            await self._carry(route, head, conn, upstream)
+            await self._carry(routed.route, head, routed.upstream_head(head, framed), conn, upstream)
         finally:
             self.balancer.closed(cluster, ep)
 
-    async def _carry(self, route, head: bytes, conn: socket.socket, upstream: socket.socket) -> None:
+    async def _carry(self, route, head: bytes, upstream_head: bytes, conn: socket.socket,
+                     upstream: socket.socket) -> None:
         """The routed connection until it ends: spliced, else relayed."""
         timeout = route.timeout_ms / 1000 if route.timeout_ms else None
-        rewrites = route.rewrite_path is not None or route.rewrite_host is not None
+        rewrites = upstream_head is not head
         cookies = self.splicer.splice(conn, upstream) if self.splicer and not rewrites else None
         if cookies is None:
-            return await self._relay(route, head, conn, upstream, timeout)
+            return await self._relay(head, upstream_head, conn, upstream, timeout)
         if not await self.splicer.carry(conn, upstream, cookies, timeout, response(504, UPSTREAM_TIMEOUT)):
             self.stats.answer(504)
 
-    async def _relay(self, route, head: bytes, conn: socket.socket, upstream: socket.socket,
+    async def _relay(self, head: bytes, upstream_head: bytes, conn: socket.socket, upstream: socket.socket,
                      timeout: float | None) -> None:
         """The connection through the daemon: a route that rewrites the head
         (the kernel cannot), or a connection the kernel would not splice.
@@ -847,7 +890,7 @@ class Handoff:
         upload = None
         try:
             conn.recv(len(head))   # peeked, so all there
-            await splice.sendall(loop, upstream, rewrite_head(head, route))
+            await splice.sendall(loop, upstream, upstream_head)
             upload = asyncio.ensure_future(splice.pump(loop, conn, upstream))   # a request body goes on meanwhile
             upload.add_done_callback(lambda t: t.cancelled() or t.exception())   # its error is seen below
             # The route's timeout covers the upstream's first byte (after

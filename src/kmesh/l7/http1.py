@@ -125,6 +125,13 @@ class Head:
         return "close" not in conn
 
 
+def serialize(start: tuple[str, str, str], headers) -> bytes:
+    """A message head from its start line and its headers."""
+    lines = [" ".join(start).rstrip(" ") if start[2] else " ".join(start[:2])]
+    lines += [f"{n}: {v}" for n, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def parse(head: bytes) -> Head:
     """A request or response head (strict enough to frame it safely)."""
     try:

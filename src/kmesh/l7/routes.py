@@ -41,6 +41,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 import re2
 
+from kmesh.l7 import headers as hdr
+from kmesh.l7.headers import HeaderOps
+
 Report = Callable[[str, str], None]
 
 DEFAULT_TIMEOUT_MS = 15_000            # RouteAction.timeout when unset
@@ -100,18 +103,42 @@ class RouteTo:
     # Some level of the route configuration configures the fault filter:
     # then ``fault`` is the fault, and the filter's own config does not apply.
     fault_set: bool = False
+    # Header mutations of the route, virtual host and route configuration,
+    # in the order they apply; a weighted cluster's own come first (or
+    # last: most_specific_header_mutations_wins), by cluster name.
+    request_headers: tuple[HeaderOps, ...] = ()
+    response_headers: tuple[HeaderOps, ...] = ()
+    cluster_headers: tuple[tuple[str, HeaderOps | None, HeaderOps | None], ...] = ()
+    most_specific_last: bool = False
+
+    def _levels(self, cluster: str, mine: tuple[HeaderOps, ...], which: int) -> tuple[HeaderOps, ...]:
+        own = next((c[which] for c in self.cluster_headers if c[0] == cluster), None)
+        if own is None:
+            return mine
+        return mine + (own,) if self.most_specific_last else (own,) + mine
+
+    def request_levels(self, cluster: str) -> tuple[HeaderOps, ...]:
+        """The request header mutations for a request sent to ``cluster``."""
+        return self._levels(cluster, self.request_headers, 1)
+
+    def response_levels(self, cluster: str) -> tuple[HeaderOps, ...]:
+        """The response header mutations (also on the hand-off's own
+        answers to the request: Envoy applies them to local replies)."""
+        return self._levels(cluster, self.response_headers, 2)
 
 
 @dataclass(frozen=True, slots=True)
 class DirectResponse:
     status: int
     body: bytes
+    response_headers: tuple[HeaderOps, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Redirect:
     status: int
     location: str
+    response_headers: tuple[HeaderOps, ...] = ()
 
 
 Decision = RouteTo | DirectResponse | Redirect
@@ -123,6 +150,7 @@ class TableOptions:
     ignore_port_in_host_matching: bool = False
     ignore_path_parameters: bool = False
     max_direct_response_body_size: int = DEFAULT_MAX_BODY
+    most_specific_last: bool = False       # most_specific_header_mutations_wins
 
 
 # --------------------------------------------------------------------------
@@ -798,6 +826,32 @@ def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> 
 
 
 # --------------------------------------------------------------------------
+# Header mutations
+# --------------------------------------------------------------------------
+
+_MUTATIONS = ("request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+              "response_headers_to_remove")
+
+
+def _mutations(sink: _Sink, path: str, msg) -> tuple[HeaderOps | None, HeaderOps | None]:
+    """The request and response header mutations ``msg`` (a route, virtual
+    host, route configuration or weighted cluster) sets at its own level."""
+    return (hdr.compile_ops(msg.request_headers_to_add, msg.request_headers_to_remove, path,
+                            "request_headers_to_add", "request_headers_to_remove", sink.problem, sink.note),
+            hdr.compile_ops(msg.response_headers_to_add, msg.response_headers_to_remove, path,
+                            "response_headers_to_add", "response_headers_to_remove", sink.problem, sink.note))
+
+
+def _outer(level: HeaderOps | None, outer: tuple[HeaderOps, ...], most_specific_last: bool) -> tuple[HeaderOps, ...]:
+    """A level's mutations with those of the levels around it, in the order
+    Envoy applies them: the most specific first, unless
+    most_specific_header_mutations_wins puts it last."""
+    if level is None:
+        return outer
+    return outer + (level,) if most_specific_last else (level,) + outer
+
+
+# --------------------------------------------------------------------------
 # Route actions
 # --------------------------------------------------------------------------
 
@@ -808,6 +862,9 @@ class _VHostCtx:
     retries: int
     fault: _FaultRule | None
     max_body: int
+    request_headers: tuple[HeaderOps, ...] = ()     # the virtual host's and route configuration's
+    response_headers: tuple[HeaderOps, ...] = ()
+    most_specific_last: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -856,6 +913,7 @@ def _redirect_host(host: str, scheme: str, port: str, forwarded_proto: str) -> s
 @dataclass(frozen=True, slots=True)
 class _Redirect:
     status: int
+    response_headers: tuple[HeaderOps, ...]
     scheme: str             # "" keeps the request's
     host: str               # "" keeps the request's
     port: str               # ":8080" or ""
@@ -879,7 +937,7 @@ class _Redirect:
             final = "/" + final
         if self.strip_query and not path_has_query:
             final = final.split("?", 1)[0]
-        return Redirect(self.status, f"{scheme}://{host}{self.port}{final}")
+        return Redirect(self.status, f"{scheme}://{host}{self.port}{final}", self.response_headers)
 
 
 _WEIGHTED_NOTES = {
@@ -890,7 +948,9 @@ _WEIGHTED_NOTES = {
 }
 
 
-def _weighted(sink: _Sink, path: str, wc) -> tuple[tuple[str, int], ...] | None:
+def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tuple[str, int], ...] | None:
+    """The (name, weight) of each cluster; ``own``: gets each one's header
+    mutations by name."""
     _check_fields(sink, path, wc, ("clusters",), notes=_WEIGHTED_NOTES)
     if not wc.clusters:
         sink.problem(f"{path}.clusters", "needs at least one cluster")
@@ -898,8 +958,11 @@ def _weighted(sink: _Sink, path: str, wc) -> tuple[tuple[str, int], ...] | None:
     out = []
     for i, cw in enumerate(wc.clusters):
         cpath = f"{path}.clusters[{i}]"
-        _check_fields(sink, cpath, cw, ("name", "weight"),
+        _check_fields(sink, cpath, cw, ("name", "weight") + _MUTATIONS,
                       {"cluster_header": "choosing the cluster from a request header is not supported by kmesh"})
+        mutations = _mutations(sink, cpath, cw)
+        if own is not None and mutations != (None, None):
+            own[cw.name] = mutations
         if not cw.name and not cw.cluster_header:
             sink.problem(f"{cpath}.name", "a weighted cluster needs a name")
         elif not cw.HasField("weight"):
@@ -925,30 +988,35 @@ _ACTION_PROBLEMS = {
 }
 
 
-def _clusters(sink: _Sink, path: str, ra) -> tuple[tuple[str, int], ...] | None:
+def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], ...] | None:
     which = ra.WhichOneof("cluster_specifier")
     if which == "cluster":
         if ra.cluster:
             return ((ra.cluster, 1),)
         sink.problem(f"{path}.cluster", "must not be empty")
     elif which == "weighted_clusters":
-        return _weighted(sink, f"{path}.weighted_clusters", ra.weighted_clusters)
+        return _weighted(sink, f"{path}.weighted_clusters", ra.weighted_clusters, own)
     elif which is None:
         sink.problem(path, "a route action needs cluster or weighted_clusters")
     return None     # the other specifiers are reported with the other fields
 
 
 def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
-             ) -> _Forward | None:
+             mutations: tuple[HeaderOps | None, HeaderOps | None]) -> _Forward | None:
     _check_fields(sink, path, ra, _ACTION_APPLIED, _ACTION_PROBLEMS)
-    clusters = _clusters(sink, path, ra)
+    own: dict = {}
+    clusters = _clusters(sink, path, ra, own)
     timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
     retries = _retries(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retries
     rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
     if clusters is None:
         return None
     base = RouteTo(clusters, timeout or None, retries, fault.fault if fault else None, route_name, vh.name,
-                   rewrite_host=ra.host_rewrite_literal or None, fault_set=fault is not None)
+                   rewrite_host=ra.host_rewrite_literal or None, fault_set=fault is not None,
+                   request_headers=_outer(mutations[0], vh.request_headers, vh.most_specific_last),
+                   response_headers=_outer(mutations[1], vh.response_headers, vh.most_specific_last),
+                   cluster_headers=tuple((name, *m) for name, m in own.items()),
+                   most_specific_last=vh.most_specific_last)
     return _Forward(base, rewrite, fault)
 
 
@@ -956,7 +1024,7 @@ _REDIRECT_APPLIED = ("https_redirect", "scheme_redirect", "host_redirect", "port
                      "prefix_rewrite", "regex_rewrite", "response_code", "strip_query")
 
 
-def _redirect(sink: _Sink, path: str, ra) -> _Redirect | None:
+def _redirect(sink: _Sink, path: str, ra, response_headers: tuple[HeaderOps, ...]) -> _Redirect | None:
     _check_fields(sink, path, ra, _REDIRECT_APPLIED)
     status = _REDIRECT_CODES.get(ra.response_code)
     if status is None:
@@ -964,7 +1032,7 @@ def _redirect(sink: _Sink, path: str, ra) -> _Redirect | None:
         return None
     rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
     scheme = ra.scheme_redirect or ("https" if ra.https_redirect else "")
-    return _Redirect(status, scheme, ra.host_redirect, f":{ra.port_redirect}" if ra.port_redirect else "",
+    return _Redirect(status, response_headers, scheme, ra.host_redirect, f":{ra.port_redirect}" if ra.port_redirect else "",
                      ra.path_redirect, rewrite, ra.strip_query)
 
 
@@ -985,7 +1053,7 @@ def _body(sink: _Sink, path: str, ds, max_body: int) -> bytes | None:
     return body
 
 
-def _direct(sink: _Sink, path: str, dr, max_body: int) -> _Fixed | None:
+def _direct(sink: _Sink, path: str, dr, max_body: int, response_headers: tuple[HeaderOps, ...]) -> _Fixed | None:
     _check_fields(sink, path, dr, ("status", "body"))
     if not 200 <= dr.status < 600:
         sink.problem(f"{path}.status", "must be in [200, 600)")
@@ -993,7 +1061,7 @@ def _direct(sink: _Sink, path: str, dr, max_body: int) -> _Fixed | None:
     if dr.status == 201 or 300 <= dr.status < 400:
         sink.note(f"{path}.status", "Envoy adds a Location header (the request's URL) to this status; kmesh does not")
     body = _body(sink, f"{path}.body", dr.body, max_body) if dr.HasField("body") else b""
-    return _Fixed(DirectResponse(dr.status, body)) if body is not None else None
+    return _Fixed(DirectResponse(dr.status, body, response_headers)) if body is not None else None
 
 
 # --------------------------------------------------------------------------
@@ -1012,12 +1080,14 @@ class _Route:
         return None
 
 
-_ROUTE_APPLIED = ("name", "metadata", "match", "route", "redirect", "direct_response", "typed_per_filter_config")
+_ROUTE_APPLIED = ("name", "metadata", "match", "route", "redirect", "direct_response", "typed_per_filter_config",
+                  *_MUTATIONS)
 _ROUTE_PROBLEMS = {"filter_action": "filter_action routes are not supported by kmesh",
                    "non_forwarding_action": "non-forwarding routes are not supported by kmesh"}
 
 
 def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | None):
+    mutations = _mutations(sink, rpath, route)
     kind = route.WhichOneof("action")
     if kind is None:
         sink.problem(rpath, "a route needs route, redirect or direct_response")
@@ -1025,11 +1095,12 @@ def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | N
     if kind != "route" and fault is not None and fault.fault is not None:
         sink.note(f"{rpath}.{kind}", "fault injection is not applied to redirects and direct responses by kmesh")
     if kind == "route":
-        return _forward(sink, f"{rpath}.route", route.route, route.name, vh, fault)
+        return _forward(sink, f"{rpath}.route", route.route, route.name, vh, fault, mutations)
+    response_headers = _outer(mutations[1], vh.response_headers, vh.most_specific_last)
     if kind == "redirect":
-        return _redirect(sink, f"{rpath}.redirect", route.redirect)
+        return _redirect(sink, f"{rpath}.redirect", route.redirect, response_headers)
     if kind == "direct_response":
-        return _direct(sink, f"{rpath}.direct_response", route.direct_response, vh.max_body)
+        return _direct(sink, f"{rpath}.direct_response", route.direct_response, vh.max_body, response_headers)
     return None     # filter_action, non_forwarding_action: reported with the other fields
 
 
@@ -1064,11 +1135,13 @@ class _VHost:
         return None
 
 
-_VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata")
+_VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata",
+                  *_MUTATIONS)
 _VHOST_PROBLEMS = {"matcher": "the generic matcher tree of a virtual host is not supported by kmesh; use routes"}
 
 
-def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None) -> _VHost | None:
+def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None,
+           rc_mutations: tuple[HeaderOps | None, HeaderOps | None]) -> _VHost | None:
     _check_fields(sink, vpath, vh, _VHOST_APPLIED, _VHOST_PROBLEMS)
     if not vh.name:
         sink.problem(f"{vpath}.name", "a virtual host needs a name")
@@ -1076,7 +1149,11 @@ def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultR
         sink.problem(f"{vpath}.domains", "a virtual host needs at least one domain")
     fault = _per_filter(sink, f"{vpath}.typed_per_filter_config", vh.typed_per_filter_config)
     retries = _retries(sink, f"{vpath}.retry_policy", vh.retry_policy) if vh.HasField("retry_policy") else 0
-    ctx = _VHostCtx(vh.name, retries, fault if fault is not None else rc_fault, options.max_direct_response_body_size)
+    last = options.most_specific_last
+    mine = _mutations(sink, vpath, vh)
+    ctx = _VHostCtx(vh.name, retries, fault if fault is not None else rc_fault, options.max_direct_response_body_size,
+                    _outer(mine[0], _outer(rc_mutations[0], (), last), last),
+                    _outer(mine[1], _outer(rc_mutations[1], (), last), last), last)
     routes = [_route(sink, f"{vpath}.routes[{i}]", r, ctx) for i, r in enumerate(vh.routes)]
     if None in routes:
         return None
@@ -1171,8 +1248,8 @@ class RouteTable:
 
 
 def _compile(sink: _Sink, vhosts: Sequence, path: str, options: TableOptions,
-             rc_fault: _FaultRule | None) -> RouteTable | None:
-    compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault) for i, vh in enumerate(vhosts)]
+             rc_fault: _FaultRule | None, rc_mutations: tuple = (None, None)) -> RouteTable | None:
+    compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault, rc_mutations) for i, vh in enumerate(vhosts)]
     hosts = _host_index(sink, path, vhosts, compiled, options.ignore_port_in_host_matching)
     return None if sink.failed else RouteTable(hosts, options.ignore_path_parameters)
 
@@ -1186,7 +1263,7 @@ def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], pa
 
 _RC_APPLIED = ("name", "metadata", "virtual_hosts", "ignore_port_in_host_matching",
                "ignore_path_parameters_in_path_matching", "max_direct_response_body_size_bytes",
-               "typed_per_filter_config", "validate_clusters")
+               "typed_per_filter_config", "validate_clusters", "most_specific_header_mutations_wins", *_MUTATIONS)
 _RC_PROBLEMS = {
     "vhds": "on-demand virtual hosts (VHDS) are not supported by kmesh",
     "cluster_specifier_plugins": "cluster specifier plugins are not supported by kmesh",
@@ -1204,9 +1281,9 @@ def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: Report,
     options = TableOptions(
         rc.ignore_port_in_host_matching, rc.ignore_path_parameters_in_path_matching,
         rc.max_direct_response_body_size_bytes.value if rc.HasField("max_direct_response_body_size_bytes")
-        else DEFAULT_MAX_BODY)
+        else DEFAULT_MAX_BODY, rc.most_specific_header_mutations_wins)
     rc_fault = _per_filter(sink, f"{path}.typed_per_filter_config", rc.typed_per_filter_config)
-    return _compile(sink, rc.virtual_hosts, f"{path}.virtual_hosts", options, rc_fault)
+    return _compile(sink, rc.virtual_hosts, f"{path}.virtual_hosts", options, rc_fault, _mutations(sink, path, rc))
 
 
 # --------------------------------------------------------------------------
