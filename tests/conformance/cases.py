@@ -230,8 +230,8 @@ REDIRECTS = Case(
          redirect("/schttp", scheme_redirect="http"),
          redirect("/host", host_redirect="new.example"),
          redirect("/port", port_redirect=8443),
-         redirect("/path", path_redirect="/new/path"),
          redirect("/pathq", path_redirect="/new?k=v"),
+         redirect("/path", path_redirect="/new/path"),
          redirect("/prefix", prefix_rewrite="/newprefix"),
          redirect("/strip", path_redirect="/s", strip_query=True),
          redirect("/regex", regex_rewrite={"pattern": {"regex": "^/regex/(.*)$"}, "substitution": "/re/\\1"}),
@@ -252,10 +252,14 @@ DIRECT = Case(
     [vh([dr({"path": "/ok"}, "fine"),
          {"match": {"path": "/empty"}, "direct_response": {"status": 503}},
          dr({"path": "/teapot"}, "short and stout", 418),
-         {"match": {"path": "/nocontent"}, "direct_response": {"status": 204}},
-         dr({"path": "/created"}, "made", 201)])],
-    seqs(req("/ok"), req("/empty"), req("/teapot"), req("/nocontent"), req("/created"), req("/ok", method="HEAD"),
+         {"match": {"path": "/nocontent"}, "direct_response": {"status": 204}}])],
+    seqs(req("/ok"), req("/empty"), req("/teapot"), req("/nocontent"), req("/ok", method="HEAD"),
          req("/ok", method="POST", body="data"), req("/none")))
+
+DIRECT_201 = Case(
+    "direct_response 201: Envoy adds a Location (kmesh warns it does not)",
+    [vh([dr({"path": "/created"}, "made", 201)])],
+    seqs(req("/created"), req("/created?q=1", host="h:81")))
 
 # --------------------------------------------------------------------------
 # Fault injection
@@ -408,7 +412,7 @@ EXPECT_CONTINUE = Case(
 
 CASES: list[Case] = [
     DOMAINS, DOMAINS_WITH_PORT, IGNORE_PORT, NO_STAR, PATHS, ODD_PATHS, ABSOLUTE_FORM, HEADERS, HEADER_ABSENT_AND_TWICE, QUERY,
-    GRPC, ROUTE_ORDER, WEIGHTED, REWRITES, REDIRECTS, DIRECT, FAULT_FILTER_ABORT, FAULT_FILTER_ZERO,
+    GRPC, ROUTE_ORDER, WEIGHTED, REWRITES, REDIRECTS, DIRECT, DIRECT_201, FAULT_FILTER_ABORT, FAULT_FILTER_ZERO,
     FAULT_PER_ROUTE, FAULT_PER_ROUTE_NO_FILTER, RBAC_DENY_PATH, RBAC_ALLOW_HEADER, RBAC_DENY_HEADER_KEEPALIVE,
     RATE_LIMIT, HTTP10_REFUSED, MISSING_HOST, HOST_TWICE, HTTP10_ACCEPTED, KEEPALIVE_HEADER_ROUTE, KEEPALIVE_BODIES,
     KEEPALIVE_AFTER_LOCAL_REPLY, KEEPALIVE_AFTER_DENY, EXPECT_CONTINUE,

@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,11 +135,11 @@ def echo_backends():
             b.stop()
 
 
-def tagged(raw: str, index: int) -> str:
-    """The request with ``x-case: INDEX`` after its request line: the
-    backends log it, so each case's share of their log is known."""
+def tagged(raw: str, tag: str) -> str:
+    """The request with ``x-case: CASE.SEQUENCE.REQUEST`` after its request
+    line: the backends log it, so each request's share of their log is known."""
     line, sep, rest = raw.partition("\r\n")
-    return f"{line}{sep}x-case: {index}\r\n{rest}" if sep else raw
+    return f"{line}{sep}x-case: {tag}\r\n{rest}" if sep else raw
 
 
 # Mirrored requests are sent beside the response: time for them to land
@@ -146,12 +147,13 @@ def tagged(raw: str, index: int) -> str:
 SETTLE = 0.5
 
 
-def _logs(servers: list[EchoServer]) -> dict[str, list[dict]]:
-    time.sleep(SETTLE)
+def _logs(servers: list[EchoServer], settle: bool) -> dict[str, list[dict]]:
+    if settle:
+        time.sleep(SETTLE)
     by_case: dict[str, list[dict]] = {}
     for s in servers:
         for e in s.reset():
-            by_case.setdefault(e.pop("case"), []).append(e)
+            by_case.setdefault(e["case"].split(".")[0], []).append(e)
     return {k: sorted(v, key=lambda e: json.dumps(e, sort_keys=True)) for k, v in by_case.items()}
 
 
@@ -185,16 +187,19 @@ def run_batch(cases: list[Case], start_kmesh, cgroup: harness.Runner, tmp: Path)
         vips = _vips(len(cases))
 
         def jobs(hosts: list[str], port) -> list[dict]:
-            return [{"host": hosts[i], "port": port(i), "requests": [tagged(q, i) for q in s.requests],
-                     "pipelined": s.pipelined} for i, c in enumerate(cases) for s in c.sequences]
+            return [{"host": hosts[i], "port": port(i), "requests": [tagged(q, f"{i}.{si}.{ri}")
+                                                                     for ri, q in enumerate(s.requests)],
+                     "pipelined": s.pipelined} for i, c in enumerate(cases) for si, s in enumerate(c.sequences)]
+
+        settle = "mirror" in json.dumps([c.virtual_hosts for c in cases])
 
         k = start_kmesh(bootstrap([c.listener(f"case{i}", vips[i], 80) for i, c in enumerate(cases)], clusters))
         warnings = list((k.get("/status").get("last_update") or {}).get("warnings") or [])
         ours = _client(cgroup, jobs(vips, lambda i: 80))
-        ours_log = _logs(servers)
+        ours_log = _logs(servers, settle)
         with _envoy(cases, clusters, tmp) as ports:
             theirs = _client(HOST, jobs(["127.0.0.1"] * len(cases), lambda i: ports[i]))
-            theirs_log = _logs(servers)
+            theirs_log = _logs(servers, settle)
     out, at = [], 0
     for i, c in enumerate(cases):
         n = len(c.sequences)
@@ -276,25 +281,55 @@ def excusing_warnings(outcome: Outcome) -> list[str]:
     return got
 
 
-def differences(outcome: Outcome) -> list[str]:
-    """Every request whose normalised responses differ, as text."""
-    diffs = []
+def _closed_after_local_reply(ours: list[dict], theirs: list[dict]) -> int | None:
+    """The index of the first local reply after which kmesh closed the
+    connection where Envoy kept it open (the known difference of
+    cases.KEEPALIVE_AFTER_LOCAL_REPLY), else None."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if "error" in a or "error" in b:
+            return None
+        closes = any(k == "connection" and "close" in v for k, v in a["headers"])
+        keeps = not any(k == "connection" and "close" in v for k, v in b["headers"])
+        if closes and keeps and "upstream" not in normalise(a) and i + 1 < len(ours) \
+                and all(x == {"error": "closed"} for x in ours[i + 1:]):
+            return i
+    return None
+
+
+def differences(outcome: Outcome, known_close_after_local_reply: bool = False) -> list[str]:
+    """Every request whose normalised responses differ, as text.
+    ``known_close_after_local_reply``: requests after a local reply that
+    kmesh closed the connection on are not compared (generated cases: the
+    difference is the hand-written KEEPALIVE_AFTER_LOCAL_REPLY's xfail)."""
+    diffs, skipped = [], set()
     for si, (ours, theirs) in enumerate(zip(outcome.kmesh, outcome.envoy)):
+        cut = _closed_after_local_reply(ours, theirs) if known_close_after_local_reply else None
+        if cut is not None:
+            skipped |= {f"{outcome.index}.{si}.{ri}" for ri in range(cut + 1, len(ours))}
+            ours, theirs = ours[:cut + 1], theirs[:cut + 1]
         for ri, (a, b) in enumerate(zip(ours, theirs)):
             na, nb = normalise(a), normalise(b)
             if na != nb:
                 q = outcome.case.sequences[si].requests[ri]
                 diffs.append(f"sequence {si} request {ri} {q!r}:\n  kmesh: {json.dumps(na, sort_keys=True)}"
                              f"\n  envoy: {json.dumps(nb, sort_keys=True)}")
-    if outcome.kmesh_log != outcome.envoy_log:
-        diffs.append(f"requests the backends got:\n  kmesh: {json.dumps(outcome.kmesh_log)}"
-                     f"\n  envoy: {json.dumps(outcome.envoy_log)}")
+    ours_log = [e for e in outcome.kmesh_log if e["case"] not in skipped]
+    theirs_log = [e for e in outcome.envoy_log if e["case"] not in skipped]
+    if ours_log != theirs_log:
+        diffs.append(f"requests the backends got (x-case: case.sequence.request):\n  kmesh: {json.dumps(ours_log)}"
+                     f"\n  envoy: {json.dumps(theirs_log)}")
     return diffs
 
 
-def check(outcome: Outcome) -> None:
-    """Fail on any difference kmesh did not warn about."""
-    diffs = differences(outcome)
-    if diffs and not excusing_warnings(outcome):
+def check(outcome: Outcome, known_close_after_local_reply: bool = False) -> None:
+    """Fail on any difference kmesh did not warn about; a difference a
+    warning excuses is shown as a Python warning."""
+    diffs = differences(outcome, known_close_after_local_reply)
+    if not diffs:
+        return
+    excuses = excusing_warnings(outcome)
+    if not excuses:
         raise AssertionError(f"case {outcome.case.name!r} (listener {outcome.index}): kmesh differs from Envoy "
                              f"and warned about none of the case's fields:\n" + "\n".join(diffs))
+    warnings.warn(f"case {outcome.case.name!r}: differences excused by kmesh's warnings {excuses}:\n"
+                  + "\n".join(diffs), stacklevel=2)
