@@ -152,7 +152,7 @@ static int send_req(struct thr *th, struct conn *c)
 
 	c->t0 = now();
 	while (off < n) {
-		ssize_t w = write(c->fd, r + off, n - off);
+		ssize_t w = send(c->fd, r + off, n - off, MSG_NOSIGNAL);   /* no SIGPIPE: report it */
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w < 0) {
