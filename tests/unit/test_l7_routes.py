@@ -14,7 +14,7 @@ from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import empty_pb2, json_format
 
-from kmesh.l7.routes import (DirectResponse, Fault, Redirect, Request, RouteTo, TableOptions, compile_routes,
+from kmesh.l7.routes import (DirectResponse, Fault, Redirect, Request, Retry, RouteTo, TableOptions, compile_routes,
                              compile_virtual_hosts, needs_l7, pick_weighted)
 
 # Types that the configs below name in "@type" (ParseDict resolves them from the imported modules).
@@ -422,8 +422,8 @@ def test_istio_fixture_compiles():
     assert jason.clusters == (("outbound|9080|v2|reviews.default.svc.cluster.local", 1),)
     assert (jason.retries, jason.timeout_ms) == (2, None)
     assert len(table.match(req("/", host)).clusters) == 2
-    assert ("rc.virtual_hosts[0].routes[0].route.retry_policy.retry_on",
-            "'unavailable': accepted but not enforced by kmesh") in notes
+    assert jason.retry == Retry(2, True, False, False, False, grpc=frozenset({1, 14}), other_hosts=True)
+    assert not [n for n in notes if "retry_policy" in n[0]], notes
 
 
 @pytest.mark.parametrize("retry_policy, expected", [
@@ -431,12 +431,39 @@ def test_istio_fixture_compiles():
     ({"retry_on": "connect-failure"}, 1),                       # Envoy's default num_retries
     ({"retry_on": "5xx,retriable-4xx", "num_retries": 2}, 2),
     ({"retry_on": " gateway-error "}, 1),
-    ({"retry_on": "refused-stream"}, 1),
+    ({"retry_on": "reset"}, 1),
+    ({"retry_on": "refused-stream"}, 0),                        # HTTP/2 only: never on an HTTP/1.1 upstream
     ({"retry_on": "retriable-4xx", "num_retries": 2}, 0),
     ({"num_retries": 2}, 0),
 ])
-def test_retries(retry_policy, expected):
+def test_retries_after_a_failed_connect(retry_policy, expected):
     assert one_route(action={"cluster": "c", "retry_policy": retry_policy}).match(req()).retries == expected
+
+
+@pytest.mark.parametrize("retry_on, codes, retried, kept", [
+    ("5xx", [], [(500, ()), (503, ()), (599, ())], [(404, ()), (409, ()), (200, ())]),
+    ("gateway-error", [], [(502, ()), (503, ()), (504, ())], [(500, ()), (501, ())]),
+    ("retriable-4xx", [], [(409, ())], [(404, ()), (503, ())]),
+    ("retriable-status-codes", [418, 503], [(418, ()), (503, ())], [(500, ())]),
+    ("unavailable,cancelled", [], [(200, (("grpc-status", "14"),)), (200, (("Grpc-Status", "1"),))],
+     [(200, (("grpc-status", "0"),)), (503, ())]),
+    ("envoy-ratelimited", [], [(429, (("x-envoy-ratelimited", "true"),))], [(429, ())]),
+])
+def test_retry_on_responses(retry_on, codes, retried, kept):
+    r = one_route(action={"cluster": "c", "retry_policy": {"retry_on": retry_on, "retriable_status_codes": codes}}
+                  ).match(req()).retry
+    assert [r.on_response(*x) for x in retried] == [True] * len(retried)
+    assert [r.on_response(*x) for x in kept] == [False] * len(kept)
+
+
+def test_retry_back_off_and_request_conditions():
+    r = one_route(action={"cluster": "c", "retry_policy": {
+        "retry_on": "5xx", "retry_back_off": {"base_interval": "0.1s"}, "per_try_timeout": "2s",
+        "retriable_request_headers": [{"name": ":method", "string_match": {"exact": "GET"}}]}}).match(req()).retry
+    assert (r.base_ms, r.max_ms, r.per_try_timeout_ms) == (100, 1000, 2000)
+    assert [r.back_off(n, 0.999999) for n in (1, 2, 3, 4, 5)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0], rel=1e-3)
+    assert r.back_off(3, 0.0) == 0
+    assert r.applies(req(method="GET")) and not r.applies(req(method="POST"))
 
 
 def test_retry_policy_of_the_virtual_host_is_the_default():
@@ -449,14 +476,13 @@ def test_retry_policy_of_the_virtual_host_is_the_default():
 
 def test_retry_notes():
     cfg = rc(vhost(route(action={"cluster": "c", "retry_policy": {
-        "retry_on": "connect-failure,5xx,retriable-4xx,bogus", "per_try_timeout": "1s"}})))
+        "retry_on": "connect-failure,5xx,retriable-4xx,bogus", "per_try_idle_timeout": "1s",
+        "retriable_status_codes": [503]}})))
     path = f"{R}.route.retry_policy"
     assert notes_of(cfg) == [
-        (f"{path}.per_try_timeout", "accepted but not enforced by kmesh"),
-        (f"{path}.retry_on", ("'5xx': kmesh retries its failed connects only; "
-                              "retrying after a response or a reset is not enforced")),
-        (f"{path}.retry_on", "'retriable-4xx': accepted but not enforced by kmesh"),
+        (f"{path}.per_try_idle_timeout", "accepted but not enforced by kmesh"),
         (f"{path}.retry_on", "'bogus': unknown retry condition (Envoy ignores it)"),
+        (f"{path}.retriable_status_codes", "set without 'retriable-status-codes' in retry_on: not used (as in Envoy)"),
     ]
 
 
@@ -709,7 +735,6 @@ def test_problems_name_the_field(cfg, path, reason):
     (rc(vhost(route(), virtual_clusters=[{"name": "v", "headers": [{"name": ":path", "exact_match": "/"}]}])),
      f"{V}.virtual_clusters"),
     (rc(vhost(route(), rate_limits=[{"actions": [{"remote_address": {}}]}])), f"{V}.rate_limits"),
-    (rc(vhost(route(), include_request_attempt_count=True)), f"{V}.include_request_attempt_count"),
     (rc(vhost(route(decorator={"operation": "op"}))), f"{R}.decorator"),
     (rc(vhost(route(typed_per_filter_config={"envoy.filters.http.cors": {"@type": CORS}}))),
      f'{R}.typed_per_filter_config["envoy.filters.http.cors"]'),

@@ -155,12 +155,14 @@ class Routed:
     cluster: str
     ctx: headers.Context
 
-    def upstream_head(self, head: bytes, framed: http1.Head) -> bytes:
+    def upstream_head(self, head: bytes, framed: http1.Head, attempt: int = 0) -> bytes:
         """The head to send upstream: the route's path and Host rewrites and
-        request header mutations applied (else the bytes as received)."""
+        request header mutations applied (else the bytes as received); with
+        ``include_request_attempt_count``, the attempt's number."""
         route = self.route
         levels = route.request_levels(self.cluster)
-        if route.rewrite_path is None and route.rewrite_host is None and not levels:
+        count = route.attempt_count_request and attempt
+        if route.rewrite_path is None and route.rewrite_host is None and not levels and not count:
             return head
         method, target, version = framed.start
         hdrs = framed.headers
@@ -168,28 +170,40 @@ class Routed:
             hdrs = tuple((n, route.rewrite_host) if n.lower() == "host" else (n, v) for n, v in hdrs)
         if levels:
             hdrs = headers.apply(levels, hdrs, self.ctx)
+        if count:
+            hdrs = [h for h in hdrs if h[0].lower() != ATTEMPT_COUNT] + [(ATTEMPT_COUNT, str(attempt))]
         path = route.rewrite_path if route.rewrite_path is not None else target
         return http1.serialize((method, path, version), hdrs)
 
-    def response_head(self, rhead: bytes, resp: http1.Head) -> bytes:
-        """The upstream's response head with the response mutations applied."""
+    def _response_headers(self, hdrs, attempt: int):
         levels = self.route.response_levels(self.cluster)
-        if not levels:
-            return rhead
-        return http1.serialize(resp.start, headers.apply(levels, resp.headers, self.ctx))
+        if levels:
+            hdrs = headers.apply(levels, hdrs, self.ctx)
+        if self.route.attempt_count_response and attempt:
+            hdrs = [h for h in hdrs if h[0].lower() != ATTEMPT_COUNT] + [(ATTEMPT_COUNT, str(attempt))]
+        return hdrs
 
-    def answer(self, status: int, body: bytes = b"", extra: tuple = ()) -> tuple:
+    def response_head(self, rhead: bytes, resp: http1.Head, attempt: int = 0) -> bytes:
+        """The upstream's response head with the response mutations applied
+        (and, with include_attempt_count_in_response, the attempt count)."""
+        if not self.route.response_levels(self.cluster) and not self.route.attempt_count_response:
+            return rhead
+        return http1.serialize(resp.start, self._response_headers(resp.headers, attempt))
+
+    def answer(self, status: int, body: bytes = b"", extra: tuple = (), attempt: int = 0) -> tuple:
         """A local answer to this request (status, body, headers): Envoy
-        applies the route's response mutations to those too."""
-        levels = self.route.response_levels(self.cluster)
-        return status, body, tuple(headers.apply(levels, extra, self.ctx)) if levels else extra
+        applies the route's response mutations to those too (and the attempt
+        count to the router's own answers)."""
+        return status, body, tuple(self._response_headers(extra, attempt))
 
     @property
     def spliceable(self) -> bool:
         """Nothing to change in either direction's heads (the kernel can
         carry a one-request connection whole)."""
         r = self.route
-        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster))
+        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster)
+                    or r.retry is not None and not r.retry.connect_only
+                    or r.attempt_count_request or r.attempt_count_response)
 
 
 def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -206,7 +220,12 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             426: "Upgrade Required", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
-UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+# Envoy 1.40's bodies for the same failures.
+UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+ATTEMPT_COUNT = "x-envoy-attempt-count"
+RETRY_BUFFER = 1 << 20   # a body held for retries, at most: Envoy's default per-connection buffer limit
 UPSTREAM_TIMEOUT = b"upstream request timeout"
 
 
@@ -753,62 +772,128 @@ class Handoff:
 
     async def _exchange(self, target: Target, routed: Routed, req: rt.Request, head: bytes, framed: http1.Head,
                         reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
-        """One request to its upstream and its response back; whether the
-        connection goes on."""
+        """One request to its upstream (retried as its route's retry policy
+        says) and its response back; whether the connection goes on."""
         if await self._injected(target, routed, req, conn, b""):
             return False
         route = routed.route
         cluster = target.clusters.get(routed.cluster)
-        got = await self._pooled(cluster, route.retries, ns, pool) if cluster else None
-        if got is None:
+        if cluster is None:
             self.stats.upstream_failures += 1
-            await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE if cluster else b"no healthy upstream"))
+            await self._answer(conn, b"", *routed.answer(503, b"no healthy upstream"))
             return False
+        loop = asyncio.get_running_loop()
+        if "100-continue" in framed.tokens("expect"):
+            # As Envoy (proxy_100_continue off): the 100 comes from here and
+            # the upstream never sees the Expect.
+            await splice.sendall(loop, conn, CONTINUE)
+            framed = http1.Head(framed.start, tuple(h for h in framed.headers if h[0].lower() != "expect"))
+            head = http1.serialize(framed.start, framed.headers)
+        framing = http1.request_framing(framed)
+        policy = route.retry if route.retry is not None and route.retry.applies(req) else None
+        held, first = None, b""   # held: the whole body, so that a retry can send it again
+        if policy is not None and framing.kind != "none":
+            first, rest = await http1.read_body(reader, framing, route.buffer_limit or RETRY_BUFFER)
+            if rest is None:
+                held, first = first, b""
+            else:
+                framing = rest
+        # A body over the buffer limit goes up once, as it comes (``first``,
+        # then the rest): Envoy does not retry such a request either.
+        attempts = 1 + (policy.num_retries if policy is not None and (held is not None or framing.kind == "none")
+                        else 0)
+        deadline = loop.time() + route.timeout_ms / 1000 if route.timeout_ms else None
+        avoid: list[tuple] = []   # endpoints a retry should not go to again
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(policy.back_off(attempt - 1, random.random()))
+            last = attempt == attempts
+            got = await self._pooled(cluster, ns, pool, avoid)
+            if got is None:
+                if not last and policy.on_connect_failure:
+                    continue
+                self.stats.upstream_failures += 1
+                await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE, attempt=attempt))
+                return False
+            ep = got[0]
+            if policy.other_hosts if policy is not None else False:
+                avoid.append(ep)
+            self.stats.routed += 1
+            self.balancer.opened(cluster, ep)
+            try:
+                done = await self._attempt(routed, head, framed, framing, held or first, held is not None, reader,
+                                           conn, got, pool, attempt, policy, not last, deadline)
+            finally:
+                self.balancer.closed(cluster, ep)
+            if done is not None:
+                return done
+        return False   # pragma: no cover - the last attempt always decides
+
+    async def _attempt(self, routed: Routed, head: bytes, framed: http1.Head, framing: http1.Framing,
+                       body: bytes, whole: bool, reader: http1.Reader, conn: socket.socket, got: tuple, pool: dict,
+                       attempt: int, policy: rt.Retry | None, may_retry: bool, deadline: float | None) -> bool | None:
+        """One attempt on the connection ``got`` (endpoint, socket, reader):
+        whether the client connection goes on, or None to retry (only when
+        ``may_retry`` and the retry ``policy`` says so). ``body``: the body
+        read already (all of it when ``whole``; else the rest follows from
+        ``reader``)."""
+        retry = policy if may_retry else None
         ep, upstream, ureader = got
-        self.stats.routed += 1
-        self.balancer.opened(cluster, ep)
         loop = asyncio.get_running_loop()
         upload = None
+
+        def drop() -> None:
+            pool.pop(ep, None)
+            upstream.close()
         try:
-            await splice.sendall(loop, upstream, routed.upstream_head(head, framed))
-            body = http1.request_framing(framed)
-            if body.kind != "none":
-                # The body goes up while the response may already come (100
-                # Continue, or an early answer).
-                upload = asyncio.ensure_future(http1.copy_body(reader, upstream, body))
+            await splice.sendall(loop, upstream, routed.upstream_head(head, framed, attempt) + body)
+            if not whole and framing.kind != "none":
+                # The body goes up while the response may already come (an
+                # early answer).
+                upload = asyncio.ensure_future(http1.copy_body(reader, upstream, framing))
                 upload.add_done_callback(lambda t: t.cancelled() or t.exception())
-            timeout = route.timeout_ms / 1000 if route.timeout_ms else None
+            per_try = policy.per_try_timeout_ms / 1000 if policy is not None and policy.per_try_timeout_ms else None
             while True:
+                left = deadline - loop.time() if deadline is not None else None
+                wait = min(x for x in (left, per_try) if x is not None) if left or per_try else None
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(wait):
                         rhead = await ureader.head(self.head_limit)
                 except TimeoutError:
                     pool.pop(ep, None)
                     splice.reset(upstream)   # as on a spliced connection: the upstream sees the request cancelled
-                    await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT))
+                    if retry is not None and retry.on_reset and (deadline is None or loop.time() < deadline):
+                        return None          # a per-try timeout
+                    await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT, attempt=attempt))
                     return False
                 if rhead is None:   # reset or closed before a response
-                    pool.pop(ep, None)
+                    drop()
+                    if retry is not None and retry.on_reset:
+                        return None
                     self.stats.upstream_failures += 1
-                    await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE))
+                    await self._answer(conn, b"", *routed.answer(503, UPSTREAM_RESET, attempt=attempt))
                     return False
                 resp = http1.parse(rhead)
                 if not 100 <= resp.status < 200:
                     break
-                await splice.sendall(loop, conn, rhead)
                 if resp.status == 101:   # switched protocols: bytes both ways until either side ends
+                    await splice.sendall(loop, conn, rhead)
                     pool.pop(ep, None)
                     if upload is not None:
                         upload.cancel()
-                    up = asyncio.ensure_future(self._raw(reader, upstream))
+                    raw = asyncio.ensure_future(self._raw(reader, upstream))
                     await ureader.copy_to_end(conn)
-                    up.cancel()
+                    raw.cancel()
                     return False
+                # Another 1xx (the Expect was answered here): not passed on.
+            if retry is not None and retry.on_response(resp.status, resp.headers):
+                drop()
+                return None
             rframing = http1.response_framing(resp, framed.start[0])
             # The head and what is already here of a sized body in one send:
             # one wake-up of the client for a small response, not two.
             ahead = ureader.take(rframing.length if rframing.kind == "length" else 0)
-            rhead = routed.response_head(rhead, resp)
+            rhead = routed.response_head(rhead, resp, attempt)
             await splice.sendall(loop, conn, rhead + ahead if ahead else rhead)
             if rframing.kind == "length":
                 rframing = http1.Framing("length", rframing.length - len(ahead))
@@ -817,18 +902,15 @@ class Handoff:
                 await upload
                 upload = None
             if rframing.kind == "close" or not resp.keep_alive():
-                pool.pop(ep, None)
-                upstream.close()
+                drop()
                 return False
             return framed.keep_alive()
         except (OSError, http1.FramingError):
-            pool.pop(ep, None)
-            upstream.close()
+            drop()
             return False
         finally:
             if upload is not None:
                 upload.cancel()
-            self.balancer.closed(cluster, ep)
 
     @staticmethod
     async def _raw(reader: http1.Reader, dst: socket.socket) -> None:
@@ -837,22 +919,24 @@ class Handoff:
         except OSError:
             pass
 
-    async def _pooled(self, cluster: Cluster, retries: int, ns: netns.Netns | None,
-                      pool: dict) -> tuple[tuple, socket.socket, http1.Reader] | None:
-        """(endpoint, socket, reader) for one request: the LB's choice, over
-        the client connection's idle connection to it when there is one."""
-        first = self.balancer.order(cluster)[:1]
-        if first and first[0] in pool:
-            sock, r = pool[first[0]]
-            return first[0], sock, r
-        upstream, ep = await self._connect(cluster, retries, ns)
-        if upstream is None:
+    async def _pooled(self, cluster: Cluster, ns: netns.Netns | None, pool: dict,
+                      avoid: list) -> tuple[tuple, socket.socket, http1.Reader] | None:
+        """(endpoint, socket, reader) for one attempt: the LB's choice among
+        the endpoints not in ``avoid`` (all of them when that leaves none),
+        over the client connection's idle connection to it when there is
+        one. None: the connect failed (the endpoint is added to ``avoid``)."""
+        order = self.balancer.order(cluster)
+        ep = next((e for e in order if e not in avoid), order[0] if order else None)
+        if ep is None:
             return None
-        old = pool.pop(ep, None)
-        if old is not None:
-            old[0].close()
+        if ep in pool:
+            return ep, *pool[ep]
+        upstream = await self._connect_one(cluster, ep, ns)
+        if upstream is None:
+            avoid.append(ep)
+            return None
         pool[ep] = upstream, http1.Reader(upstream)
-        return ep, upstream, pool[ep][1]
+        return ep, *pool[ep]
 
     async def _forward(self, target: Target, routed: Routed, head: bytes, framed: http1.Head, conn: socket.socket,
                        ns: netns.Netns | None, req: rt.Request) -> None:
@@ -914,22 +998,29 @@ class Handoff:
     async def _connect(self, cluster: Cluster, retries: int,
                        ns: netns.Netns | None) -> tuple[socket.socket | None, tuple | None]:
         """A connected upstream socket and its endpoint, trying the LB's
-        choice and then up to ``retries`` others; (None, None) if none took.
-        From the client's namespace: the backend sees the workload's address."""
+        choice and then up to ``retries`` others; (None, None) if none took."""
+        for ep in self.balancer.order(cluster)[:1 + retries]:
+            sock = await self._connect_one(cluster, ep, ns)
+            if sock is not None:
+                return sock, ep
+        return None, None
+
+    async def _connect_one(self, cluster: Cluster, ep: tuple, ns: netns.Netns | None) -> socket.socket | None:
+        """A socket connected to ``ep``, None if the connect failed (counted
+        for outlier detection). From the client's namespace: the backend
+        sees the workload's address."""
         loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
-        for ep in self.balancer.order(cluster)[:1 + retries]:
-            sock = ns.socket() if ns else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                async with asyncio.timeout(timeout):
-                    await splice.connect(loop, sock, ep)
-            except (OSError, asyncio.TimeoutError):
-                sock.close()
-                self.stats.connect_failures += 1
-                self.balancer.failed(cluster, ep)
-                continue
-            self.balancer.succeeded(cluster, ep)
-            return sock, ep
-        return None, None
+        sock = ns.socket() if ns else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.timeout(timeout):
+                await splice.connect(loop, sock, ep)
+        except (OSError, asyncio.TimeoutError):
+            sock.close()
+            self.stats.connect_failures += 1
+            self.balancer.failed(cluster, ep)
+            return None
+        self.balancer.succeeded(cluster, ep)
+        return sock

@@ -155,7 +155,7 @@ def parse(head: bytes) -> Head:
 @dataclass(frozen=True)
 class Framing:
     kind: str        # "none", "length", "chunked", "close"
-    length: int = 0
+    length: int = 0  # "length": the body's; "chunked": what is left of a chunk already begun
 
 
 def _length(h: Head) -> Framing | None:
@@ -193,11 +193,49 @@ def response_framing(h: Head, method: str) -> Framing:
     return got
 
 
+async def read_body(src: Reader, framing: Framing, limit: int) -> tuple[bytes, Framing | None]:
+    """The body as sent, read whole when it fits in ``limit`` bytes:
+    (bytes, None). Else (what was read, the framing of the rest, for
+    copy_body); a sized body over the limit is not read at all."""
+    if framing.kind == "length":
+        if framing.length > limit:
+            return b"", framing
+        while len(src.buf) < framing.length:
+            if not await src._more():
+                raise FramingError("the stream ended inside a body")
+        return src.take(framing.length), None
+    if framing.kind != "chunked":
+        return b"", None if framing.kind == "none" else framing
+    out = bytearray()
+    while True:
+        line = await src.line()
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise FramingError(f"bad chunk size {size_text[:20]!r}") from None
+        out += line
+        if size == 0:
+            while True:   # trailers, then the blank line
+                trailer = await src.line()
+                out += trailer
+                if trailer == b"\r\n":
+                    return bytes(out), None
+        if len(out) + size + 2 > limit:
+            return bytes(out), Framing("chunked", size + 2)   # inside this chunk: its data first
+        while len(src.buf) < size + 2:
+            if not await src._more():
+                raise FramingError("the stream ended inside a body")
+        out += src.take(size + 2)
+
+
 async def copy_body(src: Reader, dst: socket.socket, framing: Framing) -> None:
     """Forward one message body, as framed, from ``src`` to ``dst``."""
     if framing.kind == "length":
         await src.copy(framing.length, dst)
     elif framing.kind == "chunked":
+        if framing.length:   # the rest of a chunk begun before (read_body)
+            await src.copy(framing.length, dst)
         while True:
             line = await src.line()
             size_text = line.split(b";", 1)[0].strip()

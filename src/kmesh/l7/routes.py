@@ -91,7 +91,7 @@ class Fault:
 class RouteTo:
     """Forward upstream. ``clusters`` are (name, weight): draw one with
     ``pick_weighted``. ``timeout_ms`` None: no timeout. ``retries`` counts
-    retries after a failed connect."""
+    retries after a failed connect (``retry``: the whole policy)."""
     clusters: tuple[tuple[str, int], ...]
     timeout_ms: int | None
     retries: int
@@ -110,6 +110,10 @@ class RouteTo:
     response_headers: tuple[HeaderOps, ...] = ()
     cluster_headers: tuple[tuple[str, HeaderOps | None, HeaderOps | None], ...] = ()
     most_specific_last: bool = False
+    retry: "Retry | None" = None
+    attempt_count_request: bool = False     # include_request_attempt_count
+    attempt_count_response: bool = False    # include_attempt_count_in_response
+    buffer_limit: int | None = None         # per_request_buffer_limit_bytes: a body held for retries
 
     def _levels(self, cluster: str, mine: tuple[HeaderOps, ...], which: int) -> tuple[HeaderOps, ...]:
         own = next((c[which] for c in self.cluster_headers if c[0] == cluster), None)
@@ -756,34 +760,128 @@ def _has_fault(configs: Mapping[str, any_pb2.Any]) -> bool:
 # Retries, rewrites
 # --------------------------------------------------------------------------
 
-# retry_on conditions that cover a failed connect: kmesh retries those.
-_RETRY_CONNECT = {"connect-failure", "refused-stream", "reset-before-request"}
-_RETRY_PARTLY = {"5xx", "gateway-error", "reset"}
-_RETRY_OTHER = {"retriable-4xx", "retriable-status-codes", "retriable-headers", "envoy-ratelimited",
-                "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
-                "unavailable"}
+# retry_on conditions (Envoy's router, RetryStateImpl). A failed connect is
+# retried by all of the first group; a reset or close before the response
+# head, and a per-try timeout, by 5xx, gateway-error and reset.
+_RETRY_CONNECT = {"connect-failure", "5xx", "gateway-error", "reset", "reset-before-request"}
+_RETRY_RESET = {"5xx", "gateway-error", "reset"}
+# Conditions that cannot happen on an HTTP/1.1 upstream: nothing to do.
+_RETRY_NEVER = {"refused-stream", "http3-post-connect-failure"}
+# gRPC status names (in a trailers-only response head) -> codes.
+_RETRY_GRPC = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13, "unavailable": 14}
+_RETRY_KNOWN = _RETRY_CONNECT | _RETRY_NEVER | set(_RETRY_GRPC) | {
+    "retriable-4xx", "retriable-status-codes", "envoy-ratelimited", "retriable-headers"}
+_RETRY_APPLIED = ("retry_on", "num_retries", "per_try_timeout", "retriable_status_codes", "retry_back_off",
+                  "retry_host_predicate", "host_selection_retry_max_attempts", "retriable_headers",
+                  "retriable_request_headers")
+_PREVIOUS_HOSTS = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+DEFAULT_RETRY_BASE_MS = 25          # Envoy's retry back-off base interval
 
 
-def _retries(sink: _Sink, path: str, rp) -> int:
-    """Retries after a failed connect: num_retries (default 1) when retry_on
-    has a condition that covers one, else 0."""
-    _check_fields(sink, path, rp, ("retry_on", "num_retries"))
-    counted = False
-    for cond in (c.strip() for c in rp.retry_on.split(",")):
-        if not cond or cond in _RETRY_CONNECT:
-            counted = counted or bool(cond)
-            continue
-        if cond in _RETRY_PARTLY:
-            counted = True
-            why = "kmesh retries its failed connects only; retrying after a response or a reset is not enforced"
-        elif cond in _RETRY_OTHER:
-            why = NOT_ENFORCED
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A route's retry policy, as Envoy's router applies it to one request."""
+    num_retries: int
+    on_connect_failure: bool                # a connect that failed or timed out
+    on_reset: bool                          # reset/closed before the response head; a per-try timeout
+    on_5xx: bool
+    on_gateway_error: bool                  # 502, 503, 504
+    statuses: frozenset[int] = frozenset()  # retriable-status-codes, retriable-4xx (409)
+    grpc: frozenset[int] = frozenset()      # grpc-status values
+    on_ratelimited: bool = False            # x-envoy-ratelimited in the response
+    retriable_headers: tuple = ()           # _HeaderCond over the response (retriable-headers)
+    request_headers: tuple = ()             # _HeaderCond: only requests matching one are retried
+    per_try_timeout_ms: int | None = None
+    base_ms: int = DEFAULT_RETRY_BASE_MS
+    max_ms: int = 10 * DEFAULT_RETRY_BASE_MS
+    other_hosts: bool = False               # previous_hosts: a retry goes to another endpoint
+
+    def applies(self, req: Request) -> bool:
+        """Whether this request may be retried at all."""
+        if not self.request_headers:
+            return True
+        view = _View(req, False)
+        return any(c(view) for c in self.request_headers)
+
+    def on_response(self, status: int, headers: Sequence[tuple[str, str]]) -> bool:
+        """Whether a response with this head is retried."""
+        if self.on_5xx and status >= 500 or self.on_gateway_error and status in (502, 503, 504) \
+                or status in self.statuses:
+            return True
+        if self.grpc or self.on_ratelimited or self.retriable_headers:
+            lower = [(n.lower(), v) for n, v in headers]
+            if self.on_ratelimited and any(n == "x-envoy-ratelimited" for n, _ in lower):
+                return True
+            if self.grpc and any(n == "grpc-status" and v.strip().isdigit() and int(v) in self.grpc
+                                 for n, v in lower):
+                return True
+            if self.retriable_headers:
+                view = _View(Request("", "/", "", tuple(lower)), False)
+                return any(c(view) for c in self.retriable_headers)
+        return False
+
+    @property
+    def connect_only(self) -> bool:
+        """Only failed connects are retried (what a spliced connection does
+        too: kmesh.l7.handoff)."""
+        return not (self.on_reset or self.on_5xx or self.on_gateway_error or self.statuses or self.grpc
+                    or self.on_ratelimited or self.retriable_headers or self.per_try_timeout_ms)
+
+    def back_off(self, attempt: int, rnd: float) -> float:
+        """Seconds to wait before retry ``attempt`` (1, 2, ...): Envoy's fully
+        jittered exponential back-off."""
+        return rnd * min(self.base_ms * (1 << (attempt - 1)), self.max_ms) / 1000
+
+
+def _retry(sink: _Sink, path: str, rp) -> Retry | None:
+    """The retry policy; None when no condition of it can ever fire."""
+    _check_fields(sink, path, rp, _RETRY_APPLIED)
+    conds = {c.strip() for c in rp.retry_on.split(",") if c.strip()}
+    for cond in sorted(conds - _RETRY_KNOWN):
+        sink.note(f"{path}.retry_on", f"'{cond}': unknown retry condition (Envoy ignores it)")
+    statuses = set()
+    if "retriable-4xx" in conds:
+        statuses.add(409)
+    if "retriable-status-codes" in conds:
+        statuses.update(rp.retriable_status_codes)
+    elif rp.retriable_status_codes:
+        sink.note(f"{path}.retriable_status_codes", "set without 'retriable-status-codes' in retry_on: "
+                  "not used (as in Envoy)")
+    conds_hdr = ()
+    if "retriable-headers" in conds:
+        conds_hdr = tuple(_header_cond(sink, f"{path}.retriable_headers[{i}]", h)
+                          for i, h in enumerate(rp.retriable_headers))
+    req_hdr = tuple(_header_cond(sink, f"{path}.retriable_request_headers[{i}]", h)
+                    for i, h in enumerate(rp.retriable_request_headers))
+    other_hosts = False
+    for i, pred in enumerate(rp.retry_host_predicate):
+        tname = pred.typed_config.TypeName() if pred.HasField("typed_config") else ""
+        if tname == _PREVIOUS_HOSTS or pred.name == "envoy.retry_host_predicates.previous_hosts":
+            other_hosts = True
         else:
-            why = "unknown retry condition (Envoy ignores it)"
-        sink.note(f"{path}.retry_on", f"'{cond}': {why}")
-    if not counted:
-        return 0
-    return rp.num_retries.value if rp.HasField("num_retries") else 1
+            sink.note(f"{path}.retry_host_predicate[{i}]", NOT_ENFORCED)
+    per_try = _duration_ms(sink, f"{path}.per_try_timeout", rp.per_try_timeout) \
+        if rp.HasField("per_try_timeout") else None
+    base, top = DEFAULT_RETRY_BASE_MS, None
+    if rp.HasField("retry_back_off"):
+        bo = rp.retry_back_off
+        _check_fields(sink, f"{path}.retry_back_off", bo, ("base_interval", "max_interval"))
+        base = _duration_ms(sink, f"{path}.retry_back_off.base_interval", bo.base_interval) or 0
+        if base <= 0:
+            sink.problem(f"{path}.retry_back_off.base_interval", "must be greater than 0 (as in Envoy)")
+        if bo.HasField("max_interval"):
+            top = _duration_ms(sink, f"{path}.retry_back_off.max_interval", bo.max_interval) or 0
+            if top < base:
+                sink.problem(f"{path}.retry_back_off.max_interval", "must be at least base_interval (as in Envoy)")
+    num = rp.num_retries.value if rp.HasField("num_retries") else 1
+    grpc = frozenset(code for name, code in _RETRY_GRPC.items() if name in conds)
+    retry = Retry(num, bool(conds & _RETRY_CONNECT), bool(conds & _RETRY_RESET), "5xx" in conds,
+                  "gateway-error" in conds, frozenset(statuses), grpc, "envoy-ratelimited" in conds,
+                  tuple(c for c in conds_hdr if c is not None), tuple(c for c in req_hdr if c is not None),
+                  per_try or None, base, top if top is not None else 10 * base, other_hosts)
+    fires = retry.on_connect_failure or retry.on_reset or retry.on_5xx or retry.on_gateway_error or statuses \
+        or grpc or retry.on_ratelimited or retry.retriable_headers
+    return retry if num > 0 and fires else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -859,12 +957,15 @@ def _outer(level: HeaderOps | None, outer: tuple[HeaderOps, ...], most_specific_
 class _VHostCtx:
     """What a virtual host (and the route configuration) hands its routes."""
     name: str
-    retries: int
+    retry: Retry | None
     fault: _FaultRule | None
     max_body: int
     request_headers: tuple[HeaderOps, ...] = ()     # the virtual host's and route configuration's
     response_headers: tuple[HeaderOps, ...] = ()
     most_specific_last: bool = False
+    attempt_count_request: bool = False
+    attempt_count_response: bool = False
+    buffer_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,12 +1103,13 @@ def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], .
 
 
 def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
-             mutations: tuple[HeaderOps | None, HeaderOps | None]) -> _Forward | None:
+             mutations: tuple[HeaderOps | None, HeaderOps | None], buffer_limit: int | None) -> _Forward | None:
     _check_fields(sink, path, ra, _ACTION_APPLIED, _ACTION_PROBLEMS)
     own: dict = {}
     clusters = _clusters(sink, path, ra, own)
     timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
-    retries = _retries(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retries
+    retry = _retry(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retry
+    retries = retry.num_retries if retry is not None and retry.on_connect_failure else 0
     rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
     if clusters is None:
         return None
@@ -1016,7 +1118,9 @@ def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: 
                    request_headers=_outer(mutations[0], vh.request_headers, vh.most_specific_last),
                    response_headers=_outer(mutations[1], vh.response_headers, vh.most_specific_last),
                    cluster_headers=tuple((name, *m) for name, m in own.items()),
-                   most_specific_last=vh.most_specific_last)
+                   most_specific_last=vh.most_specific_last, retry=retry,
+                   attempt_count_request=vh.attempt_count_request, attempt_count_response=vh.attempt_count_response,
+                   buffer_limit=buffer_limit if buffer_limit is not None else vh.buffer_limit)
     return _Forward(base, rewrite, fault)
 
 
@@ -1081,7 +1185,7 @@ class _Route:
 
 
 _ROUTE_APPLIED = ("name", "metadata", "match", "route", "redirect", "direct_response", "typed_per_filter_config",
-                  *_MUTATIONS)
+                  "per_request_buffer_limit_bytes", *_MUTATIONS)
 _ROUTE_PROBLEMS = {"filter_action": "filter_action routes are not supported by kmesh",
                    "non_forwarding_action": "non-forwarding routes are not supported by kmesh"}
 
@@ -1095,7 +1199,9 @@ def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | N
     if kind != "route" and fault is not None and fault.fault is not None:
         sink.note(f"{rpath}.{kind}", "fault injection is not applied to redirects and direct responses by kmesh")
     if kind == "route":
-        return _forward(sink, f"{rpath}.route", route.route, route.name, vh, fault, mutations)
+        return _forward(sink, f"{rpath}.route", route.route, route.name, vh, fault, mutations,
+                        route.per_request_buffer_limit_bytes.value if route.HasField("per_request_buffer_limit_bytes")
+                        else None)
     response_headers = _outer(mutations[1], vh.response_headers, vh.most_specific_last)
     if kind == "redirect":
         return _redirect(sink, f"{rpath}.redirect", route.redirect, response_headers)
@@ -1136,7 +1242,8 @@ class _VHost:
 
 
 _VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata",
-                  *_MUTATIONS)
+                  "include_request_attempt_count", "include_attempt_count_in_response",
+                  "per_request_buffer_limit_bytes", *_MUTATIONS)
 _VHOST_PROBLEMS = {"matcher": "the generic matcher tree of a virtual host is not supported by kmesh; use routes"}
 
 
@@ -1148,12 +1255,14 @@ def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultR
     if not vh.domains:
         sink.problem(f"{vpath}.domains", "a virtual host needs at least one domain")
     fault = _per_filter(sink, f"{vpath}.typed_per_filter_config", vh.typed_per_filter_config)
-    retries = _retries(sink, f"{vpath}.retry_policy", vh.retry_policy) if vh.HasField("retry_policy") else 0
+    retry = _retry(sink, f"{vpath}.retry_policy", vh.retry_policy) if vh.HasField("retry_policy") else None
     last = options.most_specific_last
     mine = _mutations(sink, vpath, vh)
-    ctx = _VHostCtx(vh.name, retries, fault if fault is not None else rc_fault, options.max_direct_response_body_size,
+    ctx = _VHostCtx(vh.name, retry, fault if fault is not None else rc_fault, options.max_direct_response_body_size,
                     _outer(mine[0], _outer(rc_mutations[0], (), last), last),
-                    _outer(mine[1], _outer(rc_mutations[1], (), last), last), last)
+                    _outer(mine[1], _outer(rc_mutations[1], (), last), last), last,
+                    vh.include_request_attempt_count, vh.include_attempt_count_in_response,
+                    vh.per_request_buffer_limit_bytes.value if vh.HasField("per_request_buffer_limit_bytes") else None)
     routes = [_route(sink, f"{vpath}.routes[{i}]", r, ctx) for i, r in enumerate(vh.routes)]
     if None in routes:
         return None
