@@ -324,6 +324,8 @@ def differences(outcome: Outcome, known_close_after_local_reply: bool = False) -
 def check(outcome: Outcome, known_close_after_local_reply: bool = False) -> None:
     """Fail on any difference kmesh did not warn about; a difference a
     warning excuses is shown as a Python warning."""
+    if all("error" in r for rs in outcome.envoy for r in rs):
+        raise AssertionError(f"case {outcome.case.name!r}: Envoy answered no request (a broken case): {outcome.envoy}")
     diffs = differences(outcome, known_close_after_local_reply)
     if not diffs:
         return

@@ -56,3 +56,27 @@ def _param(case):
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_case_as_envoy(outcome_of, case):
     oracle.check(outcome_of(case))
+
+
+def test_only_a_warning_on_the_case_listener_excuses():
+    """The one rule (oracle.excusing_warnings), on warnings as the daemon
+    words them."""
+    case = CASES[0]
+    w = ["f.yaml: static_resources.listeners[1].filter_chains[0].filters[0].typed_config.route_config"
+         ".virtual_hosts[0].routes[0].x: accepted but not enforced by kmesh",
+         "f.yaml: static_resources.listeners[10].a: accepted but not enforced by kmesh",
+         "f.yaml: static_resources.listeners[1].b: never reached: routes[0] matches every request first (as in Envoy)",
+         "f.yaml: static_resources.clusters[1].c: accepted but not enforced by kmesh"]
+    assert oracle.excusing_warnings(oracle.Outcome(case, 1, [], [], w)) == [w[0]]
+    assert oracle.excusing_warnings(oracle.Outcome(case, 2, [], [], w)) == []
+
+
+def test_normalisation_keeps_what_a_config_decides():
+    got = {"status": 200, "headers": [["Date", "x"], ["server", "envoy"], ["x-envoy-upstream-service-time", "1"],
+                                      ["content-length", "5"], ["x-custom", "a"], ["x-custom", "b"]],
+           "body": '{"backend": "c1", "method": "GET", "path": "/p", "body": "", "headers": {'
+                   '"x-request-id": ["1"], "x-forwarded-proto": ["http"], "x-envoy-original-path": ["/o"], '
+                   '"host": ["h"], "x-a": ["1", "2"]}}'}
+    got["headers"] = [[k.lower(), v] for k, v in got["headers"]]
+    assert oracle.normalise(got) == {"status": 200, "headers": {"x-custom": ["a", "b"]}, "upstream": {
+        "backend": "c1", "method": "GET", "path": "/p", "body": "", "headers": {"host": ["h"], "x-a": ["1", "2"]}}}
