@@ -261,6 +261,20 @@ DIRECT_201 = Case(
     [vh([dr({"path": "/created"}, "made", 201)])],
     seqs(req("/created"), req("/created?q=1", host="h:81")))
 
+TIMEOUTS = Case(
+    "route timeout: 504 when the upstream is later",
+    [vh([to("c0", {"prefix": "/slow"}, timeout="0.2s"), to("c1", {"prefix": "/"}, timeout="5s")])],
+    seqs(req("/slow", headers=["x-echo-delay-ms: 1500"]), req("/slow/fast"),
+         req("/other", headers=["x-echo-delay-ms: 100"])))
+
+DEAD_ENDPOINT = Case(
+    "an endpoint that refuses connects: 503",
+    [vh([to("dead", {"prefix": "/dead"}), to("c1", {"prefix": "/"})])],
+    seqs(req("/dead"), req("/")),
+    xfail="'GET /dead' to a cluster whose one endpoint refuses connects: both 503 text/plain, but the body is "
+          "'upstream connect error or disconnect/reset before headers. reset reason: remote connection failure' "
+          "from Envoy and '... reset reason: connection failure' from kmesh")
+
 # --------------------------------------------------------------------------
 # Fault injection
 # --------------------------------------------------------------------------
@@ -447,7 +461,7 @@ EXPECT_CONTINUE = Case(
 
 CASES: list[Case] = [
     DOMAINS, DOMAINS_WITH_PORT, IGNORE_PORT, NO_STAR, PATHS, ODD_PATHS, ABSOLUTE_FORM, HEADERS, HEADER_ABSENT_AND_TWICE, QUERY,
-    GRPC, ROUTE_ORDER, WEIGHTED, REWRITES, REDIRECTS, DIRECT, DIRECT_201, FAULT_FILTER_ABORT, FAULT_FILTER_ZERO,
+    GRPC, ROUTE_ORDER, WEIGHTED, REWRITES, REDIRECTS, DIRECT, DIRECT_201, TIMEOUTS, DEAD_ENDPOINT, FAULT_FILTER_ABORT, FAULT_FILTER_ZERO,
     FAULT_PER_ROUTE, FAULT_PER_ROUTE_NO_FILTER, RBAC_DENY_PATH, RBAC_ALLOW_HEADER, RBAC_DENY_HEADER_KEEPALIVE,
     RATE_LIMIT, RBAC_THEN_RATE_LIMIT, RATE_LIMIT_THEN_RBAC, RBAC_THEN_FAULT, FAULT_THEN_RBAC, HTTP10_REFUSED, MISSING_HOST, HOST_TWICE, HTTP10_ACCEPTED, KEEPALIVE_HEADER_ROUTE, KEEPALIVE_BODIES,
     KEEPALIVE_AFTER_LOCAL_REPLY, KEEPALIVE_AFTER_DENY, EXPECT_CONTINUE,

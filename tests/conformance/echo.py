@@ -4,9 +4,9 @@ what arrived: its name, the method, the request target and the headers
 (lowercased names, the values of each name in arrival order). Keep-alive
 capable; responses always carry Content-Length.
 
-Two request headers steer it, for retry cases: ``x-echo-status: N`` answers
-N instead of 200, and ``x-echo-fail-once: TOKEN`` answers 503 the first time
-the server sees TOKEN (``reset()`` forgets the tokens). Every request is
+Request headers steer it: ``x-echo-status: N`` answers N instead of 200,
+``x-echo-fail-once: TOKEN`` answers 503 the first time the server sees TOKEN
+(``reset()`` forgets the tokens), ``x-echo-delay-ms: N`` answers N ms late. Every request is
 logged (``log``) with its ``x-case`` header, so that a case can compare how
 many requests each backend got (retries, mirrors)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 MAX_HEAD = 256 * 1024
 
@@ -89,6 +90,7 @@ def serve_connection(server: "EchoServer", sock: socket.socket) -> None:
                     if token not in server.tokens:
                         server.tokens.add(token)
                         status = 503
+            time.sleep(int((headers.get("x-echo-delay-ms") or ["0"])[0]) / 1000)
             payload = json.dumps({"backend": name, "method": method, "path": target, "headers": headers,
                                   "body": body.decode("latin-1")}, sort_keys=True).encode()
             resp = (b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n"

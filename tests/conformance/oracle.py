@@ -25,6 +25,7 @@ from tests.support.envoy import ROUTER, bootstrap, cluster, http_listener, lb_ep
 
 CLIENT = Path(__file__).with_name("rawclient.py")
 CLUSTERS = ("c0", "c1", "c2", "c3")
+DEAD = "dead"   # one more cluster: an endpoint that refuses every connect
 
 
 # --------------------------------------------------------------------------
@@ -129,7 +130,8 @@ def _client(runner: harness.Runner, jobs: list[dict]) -> list[list[dict]]:
 def echo_backends():
     started = [EchoServer(n) for n in CLUSTERS]
     try:
-        yield started, [cluster(n, lb_ep(*b.addr)) for n, b in zip(CLUSTERS, started)]
+        yield started, [*(cluster(n, lb_ep(*b.addr)) for n, b in zip(CLUSTERS, started)),
+                        cluster(DEAD, lb_ep("127.0.0.1", harness.dead_port()))]
     finally:
         for b in started:
             b.stop()
