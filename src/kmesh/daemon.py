@@ -104,6 +104,7 @@ class Daemon:
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
         self.ads = None
+        self._ads_gave_up = False   # ADS never synced within -xds-ready-timeout: L7 serves what it has
         self.sockmap: sockmap_mod.Sockmap | None = None
         self.accesslog = None
         self.sockmap_state = "off"        # on, off, draining (off, connections still enrolled)
@@ -519,6 +520,7 @@ class Daemon:
         while not self.ads.state.synced.wait(timeout=1.0):
             left = deadline - time.monotonic()
             if left <= 0:
+                self._ads_gave_up = True   # L7 serves what it has from now on
                 log.warning("no full config from the control plane yet; ready with what is in the maps",
                             extra={"kv": {"server": self.ads.target.address, "waited_s": timeout,
                                           "connection": self.ads.connection["state"]}})
@@ -626,6 +628,9 @@ class Daemon:
         (an exact address first, then the wildcard on its port)."""
         from kmesh.l7.handoff import Target
 
+        if self.ads is not None and not self.ads.state.synced.is_set() and not self._ads_gave_up:
+            from kmesh.l7.handoff import WARMING
+            return WARMING   # the routes come with the control plane's first full config
         mesh = self.current_mesh()
         if self._l7_index[0] is not mesh:
             listeners = {(x.ip, x.port): x for x in mesh.listeners if x.routes is not None}

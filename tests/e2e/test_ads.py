@@ -21,12 +21,12 @@ REVIEWS = "reviews.default.svc.cluster.local"
 R1, R2 = istio.outbound(PORT, REVIEWS, "v1"), istio.outbound(PORT, REVIEWS, "v2")
 
 
-def push_reviews(xds, v, a, b, weights=(80, 20), extra_vhosts=()):
+def push_reviews(xds, v, a, b, weights=(80, 20), extra_vhosts=(), plain=False):
     xds.set(rt.CDS, [istio.eds_cluster(R1), istio.eds_cluster(R2), istio.passthrough_cluster()])
     xds.set(rt.EDS, [istio.cla(R1, [a.addr]), istio.cla(R2, [b.addr])])
     xds.set(rt.LDS, [istio.virtual_outbound(), istio.http_listener(PORT)])
     return xds.set(rt.RDS, [istio.route_config(str(PORT), [
-        {"host": REVIEWS, "vip": v, "port": PORT, "weighted": [(R1, weights[0]), (R2, weights[1])]},
+        {"host": REVIEWS, "vip": v, "port": PORT, "weighted": [(R1, weights[0]), (R2, weights[1])], "plain": plain},
         *extra_vhosts])])
 
 
@@ -138,7 +138,9 @@ def test_control_plane_gone_for_30s_then_reconcile(kmesh, cgroup, backends, xds)
 def test_daemon_restart_in_ads_mode(kmesh, cgroup, backends, xds):
     a, b = backends("A", "B")
     v = vip()
-    push_reviews(xds, v, a, b, weights=(50, 50))
+    # Decided at connect(): the kernel keeps routing while no daemon runs (a
+    # per-request route needs the daemon: docs/l7.md, "Without L7").
+    push_reviews(xds, v, a, b, weights=(50, 50), plain=True)
     k = kmesh({}, ads=xds.address)
     load = cgroup.load(v, PORT, 8)
     k.stop(signal.SIGKILL)
@@ -156,7 +158,7 @@ def test_layout_migration_in_ads_mode_waits_for_the_control_plane(kmesh, cgroup,
     programs keep serving until the first full config fills the new maps."""
     a, b = backends("A", "B")
     v = vip()
-    push_reviews(xds, v, a, b, weights=(50, 50))
+    push_reviews(xds, v, a, b, weights=(50, 50), plain=True)   # the kernel's routes: no daemon in the path
     k = kmesh({}, ads=xds.address)
     k.stop(signal.SIGTERM)
     k.stamp_layout(0)

@@ -20,14 +20,16 @@ RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retri
          "num_retries": 2, "host_selection_retry_max_attempts": "5"}
 
 
-def kube_dns(v: str, port: int) -> dict:
+def kube_dns(v: str, port: int, retry: bool = False) -> dict:
     """The shape of Istio's VIP-specific listener 10.96.0.10_9153: one virtual
     host named for the service, its VIP among the domains, one prefix '/'
-    route to one cluster with a retry policy."""
+    route to one cluster (with istiod's retry policy, or none: a
+    VirtualService with ``retries: {attempts: 0}``)."""
     svc = "kube-dns.kube-system.svc.cluster.local"
     return {"name": f"{svc}:{port}", "domains": [svc, "kube-dns.kube-system", "kube-dns", v, f"{v}:{port}"],
             "routes": [{"match": {"prefix": "/"}, "name": "default",
-                        "route": {"cluster": "dns-metrics", "timeout": "0s", "retry_policy": RETRY}}]}
+                        "route": {"cluster": "dns-metrics", "timeout": "0s",
+                                  **({"retry_policy": RETRY} if retry else {})}}]}
 
 
 def reviews(v: str, port: int) -> dict:
@@ -51,10 +53,10 @@ REQUESTS = [("kube-dns", []), ("kube-dns.kube-system.svc.cluster.local", []), ("
             ("reviews", ["-H", "end-user: jason"]), ("other.example", [])]
 
 
-@pytest.mark.parametrize("shape", ["vip", "wildcard"])
-def test_l4_or_l7_by_the_addressed_virtual_host_as_envoy_routes(kmesh, cgroup, tmp_path, shapes, shape):
+@pytest.mark.parametrize("shape, retry", [("vip", False), ("wildcard", False), ("vip", True)])
+def test_l4_or_l7_by_the_addressed_virtual_host_as_envoy_routes(kmesh, cgroup, tmp_path, shapes, shape, retry):
     v, port = vip(), 9153
-    vhosts = [kube_dns(v, port), reviews(v, port)]
+    vhosts = [kube_dns(v, port, retry), reviews(v, port)]
     # Two VIPs, one per service, in one route configuration (as Istio's
     # per-port RDS): the kube-dns one addresses a plain virtual host, the
     # reviews one a virtual host with a header route.
@@ -78,6 +80,13 @@ def test_l4_or_l7_by_the_addressed_virtual_host_as_envoy_routes(kmesh, cgroup, t
     # The reviews VIP addresses a virtual host whose routes read the request:
     # routed per request, exactly as Envoy, whichever the listener's shape.
     assert rev_says == envoy_says
+    m = k.get("/metrics", raw=True)[1].decode()
+    if retry:
+        # A retry policy is a per-request action (a connection-level choice
+        # cannot retry a request): the kube-dns VIP is routed per request too.
+        assert dns_says == envoy_says
+        assert f'kmesh_connects_total{{decision="l7_handoff"}} {2 * len(REQUESTS)}.0' in m, m
+        return
     # The kube-dns VIP addresses a plain virtual host: decided at connect
     # time. Requests that name it (or its VIP) get what Envoy gives them; a
     # Host naming another virtual host, or none, is not looked at: the
@@ -86,7 +95,6 @@ def test_l4_or_l7_by_the_addressed_virtual_host_as_envoy_routes(kmesh, cgroup, t
         {r: envoy_says[r] for r in (("kube-dns", ()), ("kube-dns.kube-system.svc.cluster.local", ()))}
     assert {dns_says[r] for r in (("reviews", ()), ("reviews", ("-H", "end-user: jason")), ("other.example", ()))} \
         == {(200, "dns")}
-    m = k.get("/metrics", raw=True)[1].decode()
     assert f'kmesh_connects_total{{decision="l7_handoff"}} {len(REQUESTS)}.0' in m, m
 
 

@@ -125,7 +125,9 @@ def virtual_inbound():
 
 
 def route_config(name: str, vhosts: list[dict]):
-    """vhosts: dicts with host, vip, port, and either cluster or weighted [(cluster, weight)]."""
+    """vhosts: dicts with host, vip, port, and either cluster or weighted [(cluster, weight)];
+    ``plain``: without istiod's retry policy and attempt count header (a
+    virtual host kmesh decides at connect(), docs/l7.md "L4 or L7")."""
     out = []
     for v in vhosts:
         host, vip, port = v["host"], v["vip"], v["port"]
@@ -135,8 +137,9 @@ def route_config(name: str, vhosts: list[dict]):
             action = {"weighted_clusters": {"clusters": [{"name": c, "weight": w} for c, w in v["weighted"]]}}
         else:
             action = {"cluster": v["cluster"]}
-        action.update({"timeout": "0s", "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable",
-                                                          "num_retries": 2}, "max_grpc_timeout": "0s"})
+        action.update({"timeout": "0s", "max_grpc_timeout": "0s"})
+        if not v.get("plain"):
+            action["retry_policy"] = {"retry_on": "connect-failure,refused-stream,unavailable", "num_retries": 2}
         routes = []
         if v.get("jason_abort"):   # Istio's fault injection for one user: an abort on its own route
             routes.append({"name": "jason-fault", "match": {"prefix": "/", "headers": [
@@ -150,7 +153,8 @@ def route_config(name: str, vhosts: list[dict]):
                 {"name": "end-user", "string_match": {"exact": "jason"}}]}, "route": {"cluster": v["jason"]}})
         routes.append({"name": "default", "match": {"prefix": "/"}, "route": action,
                        "decorator": {"operation": f"{host}:{port}/*"}})
-        out.append({"name": f"{host}:{port}", "domains": domains, "routes": routes, "include_request_attempt_count": True})
+        out.append({"name": f"{host}:{port}", "domains": domains, "routes": routes,
+                    **({} if v.get("plain") else {"include_request_attempt_count": True})})
     out.append({"name": "allow_any", "domains": ["*"], "routes": [
         {"name": "allow_any", "match": {"prefix": "/"}, "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
     return _parse({"name": name, "virtual_hosts": out, "validate_clusters": False}, route_pb2.RouteConfiguration)

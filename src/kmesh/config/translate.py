@@ -621,9 +621,12 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
             i = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
             if i is not None:
                 chosen.append((ip, port, prio, i, f"{rc_path}.virtual_hosts[{i}]"))
-    needs = [http_filters is not None or l7.needs_l7(rc, i) for i in range(len(vhosts))]
-    table = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn) \
-        if any(needs[i] for *_, i, _ in chosen) else None
+    # Compiled whatever the listener's shape: its fields are checked (and
+    # noted) alike, and the compiled routes say exactly which virtual hosts
+    # a connection-level decision gives every request what Envoy gives it.
+    compiled = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn)
+    needs = [http_filters is not None or compiled is None or compiled.needs_request(i) for i in range(len(vhosts))]
+    table = compiled if any(needs[i] for *_, i, _ in chosen) else None
     if len(vhosts) > 1 and table is None:
         ctx.warn(f"{rc_path}.virtual_hosts", "routed at L4: a connection takes the virtual host whose domains name "
                  "its destination IP, else the '*' one, whatever its Host header (docs/l7.md, \"L4 or L7\")")
@@ -837,6 +840,11 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
                 live.append(WeightedCluster(r.cluster, r.weight))
         chosen, weighted = e, tuple(live)
     if chosen is None or not (weighted or chosen.routes is not None):
+        return None, referenced
+    if key[0] == WILDCARD and chosen.refs and not weighted:
+        # A wildcard's catch-all that forwards only to clusters kmesh does
+        # not govern (Istio's allow_any to PassthroughCluster): connections
+        # to addresses no virtual host names are left alone.
         return None, referenced
     return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes,
                     chosen.http_filters if chosen.routes is not None else None,

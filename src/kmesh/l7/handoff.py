@@ -8,9 +8,10 @@ itself (404, direct response, redirect, fault abort, 431, 503) or connects
 to an endpoint of the chosen cluster, writes the head there and relays the
 rest of the connection both ways.
 
-The first request on a connection picks the route; later requests on a
-keep-alive connection follow it. Clients that send ``Connection: close``
-are routed per request.
+Every request is routed, authorized, retried, mirrored and rewritten on
+its own, as Envoy does (``_requests``); a connection whose only request
+needs nothing of the daemon after its head is spliced whole in the kernel
+(``_forward``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 import httptools
@@ -69,6 +70,9 @@ class TokenBucket:
         return True
 
 
+WARMING = object()   # what ``targets`` returns while the daemon has no config yet: wait for it
+
+
 @dataclass(frozen=True)
 class Target:
     """What connections to one L7 listener address are routed with."""
@@ -95,6 +99,7 @@ class Stats:
     bad_requests: int = 0
     denied: int = 0   # by RBAC
     per_request: int = 0   # keep-alive connections routed request by request (not spliced whole)
+    mirrored: int = 0      # request copies sent to a mirror cluster
     resumed: int = 0       # of those, taken over from a previous daemon
 
     def answer(self, status: int) -> None:
@@ -102,7 +107,7 @@ class Stats:
 
     def as_dict(self) -> dict:
         return {"accepted": self.accepted, "routed": self.routed, "upstream_failures": self.upstream_failures,
-                "per_request": self.per_request, "resumed": self.resumed,
+                "per_request": self.per_request, "resumed": self.resumed, "mirrored": self.mirrored,
                 "connect_failures": self.connect_failures,
                 "answered": {str(k): v for k, v in sorted(self.answered.items())},
                 "no_destination": self.no_destination, "bad_requests": self.bad_requests, "denied": self.denied}
@@ -201,7 +206,7 @@ class Routed:
         """Nothing to change in either direction's heads (the kernel can
         carry a one-request connection whole)."""
         r = self.route
-        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster)
+        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster) or r.mirrors
                     or r.retry is not None and not r.retry.connect_only
                     or r.attempt_count_request or r.attempt_count_response)
 
@@ -292,6 +297,7 @@ class Handoff:
         self._exchanging = 0
         self._stopping = False
         self._parked: dict[socket.socket, str] = {}
+        self._mirroring: set[asyncio.Task] = set()   # request copies on their way to a mirror cluster
         self._fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
         self.stats = Stats()
         self.balancer = Balancer()
@@ -506,9 +512,9 @@ class Handoff:
             # Taken over before the daemon has its config (or, in ADS mode,
             # the control plane's): the request waits in the socket meanwhile.
             deadline = time.monotonic() + RESUME_WAIT
-            while (target := self.targets(vip)) is None and time.monotonic() < deadline:
+            while (target := self.targets(vip)) in (None, WARMING) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if target is not None:
+            if target not in (None, WARMING):
                 await self._requests(target, peer, vip, conn, inode, None)
         except (OSError, asyncio.CancelledError):
             pass
@@ -614,7 +620,11 @@ class Handoff:
     async def _route(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
         vip = self._destination(peer, ns)
         target = self.targets(vip) if vip else None
-        if target is None:
+        if target is WARMING:   # a daemon just started, before its control plane's config: the client waits
+            deadline = time.monotonic() + RESUME_WAIT
+            while (target := self.targets(vip)) is WARMING and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        if target is None or target is WARMING:
             self.stats.no_destination += 1
             return   # not handed off by kmesh, or its listener is gone: close
         try:
@@ -791,15 +801,19 @@ class Handoff:
             head = http1.serialize(framed.start, framed.headers)
         framing = http1.request_framing(framed)
         policy = route.retry if route.retry is not None and route.retry.applies(req) else None
-        held, first = None, b""   # held: the whole body, so that a retry can send it again
-        if policy is not None and framing.kind != "none":
+        mirrors = [m for m in route.mirrors if random.random() * 100 < m.percent]
+        held, first = None, b""   # held: the whole body, so that a retry or a mirror can send it again
+        if (policy is not None or mirrors) and framing.kind != "none":
             first, rest = await http1.read_body(reader, framing, route.buffer_limit or RETRY_BUFFER)
             if rest is None:
                 held, first = first, b""
             else:
                 framing = rest
         # A body over the buffer limit goes up once, as it comes (``first``,
-        # then the rest): Envoy does not retry such a request either.
+        # then the rest): Envoy does not retry or mirror such a request either.
+        if held is not None or framing.kind == "none":
+            for m in mirrors:
+                self._mirror(target, routed, m, head, framed, held or b"", ns)
         attempts = 1 + (policy.num_retries if policy is not None and (held is not None or framing.kind == "none")
                         else 0)
         deadline = loop.time() + route.timeout_ms / 1000 if route.timeout_ms else None
@@ -828,6 +842,41 @@ class Handoff:
             if done is not None:
                 return done
         return False   # pragma: no cover - the last attempt always decides
+
+    def _mirror(self, target: Target, routed: Routed, m: rt.Mirror, head: bytes, framed: http1.Head,
+                body: bytes, ns: netns.Netns | None) -> None:
+        """A copy of the request to the mirror's cluster, its answer dropped
+        (as Envoy's request_mirror_policies): Host with '-shadow'."""
+        cluster = target.clusters.get(m.cluster)
+        if cluster is None:
+            return
+        host = routed.route.rewrite_host if routed.route.rewrite_host is not None else \
+            next((v for n, v in framed.headers if n.lower() == "host"), "")
+        shadow = Routed(replace(routed.route, rewrite_host=m.host(host)), routed.cluster, routed.ctx)
+        data = shadow.upstream_head(head, framed, 1) + body
+        timeout = routed.route.timeout_ms / 1000 if routed.route.timeout_ms else rt.DEFAULT_TIMEOUT_MS / 1000
+
+        async def send() -> None:
+            order = self.balancer.order(cluster)
+            sock = await self._connect_one(cluster, order[0], ns) if order else None
+            if sock is None:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+                async with asyncio.timeout(timeout):
+                    await splice.sendall(loop, sock, data)
+                    r = http1.Reader(sock)
+                    rhead = await r.head(self.head_limit)
+                    if rhead is not None:   # read (up to 1 MiB): the backend sees a whole exchange
+                        await http1.read_body(r, http1.response_framing(http1.parse(rhead), framed.start[0]), 1 << 20)
+            except (OSError, TimeoutError, http1.FramingError):
+                pass
+            finally:
+                sock.close()
+        self.stats.mirrored += 1
+        task = asyncio.ensure_future(send())
+        self._mirroring.add(task)
+        task.add_done_callback(self._mirroring.discard)
 
     async def _attempt(self, routed: Routed, head: bytes, framed: http1.Head, framing: http1.Framing,
                        body: bytes, whole: bool, reader: http1.Reader, conn: socket.socket, got: tuple, pool: dict,

@@ -1,5 +1,5 @@
 """Envoy's HTTP RBAC filter (``envoy.filters.http.rbac``) as the L7 hand-off
-listener applies it to the first request of a connection (pure functions).
+listener applies it to every request (pure functions).
 
 A policy matches when any of its permissions and any of its principals
 match; ALLOW lets a request through only when some policy matches, DENY

@@ -88,6 +88,22 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """A request_mirror_policy: a copy of the request goes to ``cluster``
+    (its answer is dropped), for ``percent`` of requests."""
+    cluster: str
+    percent: float = 100.0
+    shadow_suffix: bool = True      # the copy's Host gets '-shadow' (before a port)
+
+    def host(self, host: str) -> str:
+        """The Host of the copy (Envoy's shadowAppendedHost)."""
+        if not self.shadow_suffix:
+            return host
+        p = _port_start(host)
+        return f"{host}-shadow" if p < 0 else f"{host[:p]}-shadow{host[p:]}"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteTo:
     """Forward upstream. ``clusters`` are (name, weight): draw one with
     ``pick_weighted``. ``timeout_ms`` None: no timeout. ``retries`` counts
@@ -114,6 +130,7 @@ class RouteTo:
     attempt_count_request: bool = False     # include_request_attempt_count
     attempt_count_response: bool = False    # include_attempt_count_in_response
     buffer_limit: int | None = None         # per_request_buffer_limit_bytes: a body held for retries
+    mirrors: tuple[Mirror, ...] = ()
 
     def _levels(self, cluster: str, mine: tuple[HeaderOps, ...], which: int) -> tuple[HeaderOps, ...]:
         own = next((c[which] for c in self.cluster_headers if c[0] == cluster), None)
@@ -950,6 +967,40 @@ def _outer(level: HeaderOps | None, outer: tuple[HeaderOps, ...], most_specific_
 
 
 # --------------------------------------------------------------------------
+# Request mirroring
+# --------------------------------------------------------------------------
+
+_MIRROR_APPLIED = ("cluster", "runtime_fraction", "disable_shadow_host_suffix_append",
+                   "trace_sampled")   # trace_sampled: only tracing would see it, and kmesh does not trace
+_MIRROR_PROBLEMS = {"cluster_header": "choosing the mirror cluster from a request header is not supported by kmesh"}
+
+
+def _mirrors(sink: _Sink, path: str, policies) -> tuple[Mirror, ...] | None:
+    """request_mirror_policies at ``path``; None when none is set (the level
+    around applies: Envoy takes the most specific non-empty list)."""
+    if not policies:
+        return None
+    out = []
+    for i, mp in enumerate(policies):
+        mpath = f"{path}[{i}]"
+        _check_fields(sink, mpath, mp, _MIRROR_APPLIED, _MIRROR_PROBLEMS)
+        if mp.cluster_header:
+            continue
+        if not mp.cluster:
+            sink.problem(f"{mpath}.cluster", "a mirror policy needs a cluster")
+            continue
+        percent = 100.0
+        if mp.HasField("runtime_fraction"):
+            rf = mp.runtime_fraction
+            if rf.runtime_key:
+                sink.note(f"{mpath}.runtime_fraction.runtime_key", "runtime overrides are not enforced by kmesh; "
+                          "default_value applies")
+            percent = _percent(sink, f"{mpath}.runtime_fraction.default_value", rf.default_value)
+        out.append(Mirror(mp.cluster, percent, not mp.disable_shadow_host_suffix_append))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------
 # Route actions
 # --------------------------------------------------------------------------
 
@@ -966,6 +1017,7 @@ class _VHostCtx:
     attempt_count_request: bool = False
     attempt_count_response: bool = False
     buffer_limit: int | None = None
+    mirrors: tuple[Mirror, ...] = ()       # the virtual host's, else the route configuration's
 
 
 @dataclass(frozen=True, slots=True)
@@ -973,6 +1025,15 @@ class _Forward:
     base: RouteTo
     rewrite: _PathRewrite | None
     fault: _FaultRule | None
+    explicit_timeout: bool = False      # a non-zero timeout the config sets
+
+    def per_request(self) -> bool:
+        """Whether anything but the choice of cluster applies to each request
+        (what a connection decided at connect() could not do)."""
+        b = self.base
+        return bool(self.rewrite is not None or self.fault is not None or self.explicit_timeout
+                    or b.rewrite_host is not None or b.request_headers or b.response_headers or b.cluster_headers
+                    or b.retry is not None or b.mirrors or b.attempt_count_request or b.attempt_count_response)
 
     def decide(self, view: _View, pm: _PathMatch) -> RouteTo:
         changes = {}
@@ -1079,7 +1140,7 @@ def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tupl
 
 
 _ACTION_APPLIED = ("cluster", "weighted_clusters", "timeout", "retry_policy", "prefix_rewrite", "regex_rewrite",
-                   "host_rewrite_literal")
+                   "host_rewrite_literal", "request_mirror_policies")
 _ACTION_PROBLEMS = {
     "cluster_header": "choosing the cluster from a request header is not supported by kmesh",
     "cluster_specifier_plugin": "cluster specifier plugins are not supported by kmesh",
@@ -1109,6 +1170,7 @@ def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: 
     clusters = _clusters(sink, path, ra, own)
     timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
     retry = _retry(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retry
+    mirrors = _mirrors(sink, f"{path}.request_mirror_policies", ra.request_mirror_policies)
     retries = retry.num_retries if retry is not None and retry.on_connect_failure else 0
     rewrite = _path_rewrite(sink, path, ra.prefix_rewrite, ra, ra.HasField("regex_rewrite"))
     if clusters is None:
@@ -1120,8 +1182,9 @@ def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: 
                    cluster_headers=tuple((name, *m) for name, m in own.items()),
                    most_specific_last=vh.most_specific_last, retry=retry,
                    attempt_count_request=vh.attempt_count_request, attempt_count_response=vh.attempt_count_response,
-                   buffer_limit=buffer_limit if buffer_limit is not None else vh.buffer_limit)
-    return _Forward(base, rewrite, fault)
+                   buffer_limit=buffer_limit if buffer_limit is not None else vh.buffer_limit,
+                   mirrors=mirrors if mirrors is not None else vh.mirrors)
+    return _Forward(base, rewrite, fault, bool(ra.HasField("timeout") and timeout))
 
 
 _REDIRECT_APPLIED = ("https_redirect", "scheme_redirect", "host_redirect", "port_redirect", "path_redirect",
@@ -1229,6 +1292,16 @@ class _VHost:
     routes: tuple[_Route, ...]
     require_tls: int
 
+    def decided_at_connect(self) -> bool:
+        """Whether every request gets what its first route gives a whole
+        connection: that route takes every request (prefix '/' or '', no
+        condition) and does nothing to a request but pick its cluster."""
+        if self.require_tls or not self.routes:
+            return False
+        first = self.routes[0]
+        return (isinstance(first.path, _Prefix) and first.path.prefix in ("", "/") and not first.conditions
+                and isinstance(first.action, _Forward) and not first.action.per_request())
+
     def decide(self, view: _View) -> Decision | None:
         if self.require_tls and view.headers["x-forwarded-proto"] != "https" and (
                 self.require_tls == _TLS_ALL or view.headers.get("x-envoy-internal") != "true"):
@@ -1243,12 +1316,12 @@ class _VHost:
 
 _VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata",
                   "include_request_attempt_count", "include_attempt_count_in_response",
-                  "per_request_buffer_limit_bytes", *_MUTATIONS)
+                  "per_request_buffer_limit_bytes", "request_mirror_policies", *_MUTATIONS)
 _VHOST_PROBLEMS = {"matcher": "the generic matcher tree of a virtual host is not supported by kmesh; use routes"}
 
 
 def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None,
-           rc_mutations: tuple[HeaderOps | None, HeaderOps | None]) -> _VHost | None:
+           rc_mutations: tuple[HeaderOps | None, HeaderOps | None], rc_mirrors: tuple[Mirror, ...]) -> _VHost | None:
     _check_fields(sink, vpath, vh, _VHOST_APPLIED, _VHOST_PROBLEMS)
     if not vh.name:
         sink.problem(f"{vpath}.name", "a virtual host needs a name")
@@ -1262,7 +1335,8 @@ def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultR
                     _outer(mine[0], _outer(rc_mutations[0], (), last), last),
                     _outer(mine[1], _outer(rc_mutations[1], (), last), last), last,
                     vh.include_request_attempt_count, vh.include_attempt_count_in_response,
-                    vh.per_request_buffer_limit_bytes.value if vh.HasField("per_request_buffer_limit_bytes") else None)
+                    vh.per_request_buffer_limit_bytes.value if vh.HasField("per_request_buffer_limit_bytes") else None,
+                    _mirrors(sink, f"{vpath}.request_mirror_policies", vh.request_mirror_policies) or rc_mirrors)
     routes = [_route(sink, f"{vpath}.routes[{i}]", r, ctx) for i, r in enumerate(vh.routes)]
     if None in routes:
         return None
@@ -1344,6 +1418,15 @@ def _host_index(sink: _Sink, path: str, vhosts: Sequence, compiled: Sequence[_VH
 class RouteTable:
     hosts: _HostIndex
     ignore_path_parameters: bool
+    vhosts: tuple[_VHost, ...] = ()     # in configuration order
+
+    def needs_request(self, vhost: int) -> bool:
+        """Whether connections that address virtual host ``vhost`` (by its
+        domains naming their VIP, or as the '*' one) need each request read:
+        False only when its first route gives every request exactly what a
+        connection decided at connect() gets (docs/l7.md, "L4 or L7"). Its
+        domains do not count: at L4 the virtual host is chosen by address."""
+        return not self.vhosts[vhost].decided_at_connect()
 
     def match(self, req: Request) -> Decision | None:
         """The decision for ``req``; None when no virtual host or no route
@@ -1357,10 +1440,12 @@ class RouteTable:
 
 
 def _compile(sink: _Sink, vhosts: Sequence, path: str, options: TableOptions,
-             rc_fault: _FaultRule | None, rc_mutations: tuple = (None, None)) -> RouteTable | None:
-    compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault, rc_mutations) for i, vh in enumerate(vhosts)]
+             rc_fault: _FaultRule | None, rc_mutations: tuple = (None, None),
+             rc_mirrors: tuple[Mirror, ...] = ()) -> RouteTable | None:
+    compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault, rc_mutations, rc_mirrors)
+                for i, vh in enumerate(vhosts)]
     hosts = _host_index(sink, path, vhosts, compiled, options.ignore_port_in_host_matching)
-    return None if sink.failed else RouteTable(hosts, options.ignore_path_parameters)
+    return None if sink.failed else RouteTable(hosts, options.ignore_path_parameters, tuple(compiled))
 
 
 def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], path: str, problem: Report,
@@ -1372,7 +1457,8 @@ def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], pa
 
 _RC_APPLIED = ("name", "metadata", "virtual_hosts", "ignore_port_in_host_matching",
                "ignore_path_parameters_in_path_matching", "max_direct_response_body_size_bytes",
-               "typed_per_filter_config", "validate_clusters", "most_specific_header_mutations_wins", *_MUTATIONS)
+               "typed_per_filter_config", "validate_clusters", "most_specific_header_mutations_wins",
+               "request_mirror_policies", *_MUTATIONS)
 _RC_PROBLEMS = {
     "vhds": "on-demand virtual hosts (VHDS) are not supported by kmesh",
     "cluster_specifier_plugins": "cluster specifier plugins are not supported by kmesh",
@@ -1392,49 +1478,18 @@ def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: Report,
         rc.max_direct_response_body_size_bytes.value if rc.HasField("max_direct_response_body_size_bytes")
         else DEFAULT_MAX_BODY, rc.most_specific_header_mutations_wins)
     rc_fault = _per_filter(sink, f"{path}.typed_per_filter_config", rc.typed_per_filter_config)
-    return _compile(sink, rc.virtual_hosts, f"{path}.virtual_hosts", options, rc_fault, _mutations(sink, path, rc))
+    return _compile(sink, rc.virtual_hosts, f"{path}.virtual_hosts", options, rc_fault, _mutations(sink, path, rc),
+                    _mirrors(sink, f"{path}.request_mirror_policies", rc.request_mirror_policies) or ())
 
 
 # --------------------------------------------------------------------------
 # Fast-path test
 # --------------------------------------------------------------------------
 
-def _plain_forward(route) -> bool:
-    """A route that sends every request to its cluster(s) unchanged."""
-    m, ra = route.match, route.route
-    return (route.WhichOneof("action") == "route" and not _has_fault(route.typed_per_filter_config)
-            and m.WhichOneof("path_specifier") == "prefix" and m.prefix in ("", "/")
-            and all(f.name in ("prefix", "case_sensitive") for f, _ in m.ListFields())
-            and ra.WhichOneof("cluster_specifier") in ("cluster", "weighted_clusters")
-            and not (ra.HasField("timeout") and (ra.timeout.seconds or ra.timeout.nanos))
-            and not (ra.prefix_rewrite or ra.HasField("regex_rewrite") or ra.host_rewrite_literal))
-
-
-def needs_l7(rc: route_pb2.RouteConfiguration, vhost: int = 0) -> bool:
-    """Whether connections that address virtual host ``vhost`` of ``rc``
-    (its domains name their VIP, or it is the '*' one) need a per-request
-    decision: False only when its first route forwards everything (prefix '/'
-    or '') with no fault, no rewrite and no explicit non-zero timeout, and
-    nothing in the route configuration applies per request. Its domains do
-    not count: at L4 the virtual host is chosen by address (docs/l7.md, "L4
-    or L7"). An unset timeout (Envoy's 15 s default) does not count either:
-    it is what every plain config has, and a connection-level path cannot
-    enforce it anyway."""
-    return route_config_needs_l7(rc) or vhost_needs_l7(rc.virtual_hosts[vhost])
-
-
-def route_config_needs_l7(rc: route_pb2.RouteConfiguration) -> bool:
-    """Whether the route configuration's own settings need a per-request
-    decision for every virtual host in it."""
-    return rc.HasField("vhds") or _has_fault(rc.typed_per_filter_config)
-
-
-def vhost_needs_l7(vh) -> bool:
-    """Whether this virtual host's own settings and routes need a per-request
-    decision (needs_l7 adds the route configuration's)."""
-    if vh.require_tls or vh.HasField("matcher") or _has_fault(vh.typed_per_filter_config) or not vh.routes:
-        return True
-    return not _plain_forward(vh.routes[0])
+def needs_l7(rc: route_pb2.RouteConfiguration, vhost: int = 0) -> bool | None:
+    """RouteTable.needs_request of ``rc`` compiled (None: it does not compile)."""
+    table = compile_routes(rc, "", lambda p, r: None, lambda p, r: None)
+    return None if table is None else table.needs_request(vhost)
 
 
 # Shared with the HTTP filters the hand-off listener applies (kmesh.l7.rbac).
