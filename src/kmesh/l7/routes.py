@@ -850,8 +850,44 @@ class Retry:
         return rnd * min(self.base_ms * (1 << (attempt - 1)), self.max_ms) / 1000
 
 
+class _Recorder:
+    """A _Sink that records what is reported, relative to a path."""
+    __slots__ = ("said", "failed")
+
+    def __init__(self):
+        self.said: list[tuple[bool, str, str]] = []
+        self.failed = False
+
+    def problem(self, path: str, reason: str) -> None:
+        self.failed = True
+        self.said.append((True, path, reason))
+
+    def note(self, path: str, reason: str) -> None:
+        self.said.append((False, path, reason))
+
+
+# istiod puts the same retry policy on every route: compiled once per text.
+_RETRY_MEMO: dict[bytes, tuple[Retry | None, tuple]] = {}
+_RETRY_MEMO_MAX = 256
+
+
 def _retry(sink: _Sink, path: str, rp) -> Retry | None:
-    """The retry policy; None when no condition of it can ever fire."""
+    """The retry policy (compiled once per distinct policy); None when no
+    condition of it can ever fire."""
+    key = rp.SerializeToString(deterministic=True)
+    got = _RETRY_MEMO.get(key)
+    if got is None:
+        rec = _Recorder()
+        got = _retry_uncached(rec, "", rp), tuple(rec.said)
+        if len(_RETRY_MEMO) >= _RETRY_MEMO_MAX:
+            _RETRY_MEMO.clear()
+        _RETRY_MEMO[key] = got
+    for is_problem, rel, reason in got[1]:
+        (sink.problem if is_problem else sink.note)(path + rel, reason)
+    return got[0]
+
+
+def _retry_uncached(sink, path: str, rp) -> Retry | None:
     _check_fields(sink, path, rp, _RETRY_APPLIED)
     conds = {c.strip() for c in rp.retry_on.split(",") if c.strip()}
     for cond in sorted(conds - _RETRY_KNOWN):
@@ -951,6 +987,9 @@ _MUTATIONS = ("request_headers_to_add", "request_headers_to_remove", "response_h
 def _mutations(sink: _Sink, path: str, msg) -> tuple[HeaderOps | None, HeaderOps | None]:
     """The request and response header mutations ``msg`` (a route, virtual
     host, route configuration or weighted cluster) sets at its own level."""
+    if not (msg.request_headers_to_add or msg.request_headers_to_remove or msg.response_headers_to_add
+            or msg.response_headers_to_remove):
+        return None, None
     return (hdr.compile_ops(msg.request_headers_to_add, msg.request_headers_to_remove, path,
                             "request_headers_to_add", "request_headers_to_remove", sink.problem, sink.note),
             hdr.compile_ops(msg.response_headers_to_add, msg.response_headers_to_remove, path,
@@ -1390,12 +1429,14 @@ def _host_index(sink: _Sink, path: str, vhosts: Sequence, compiled: Sequence[_VH
     default, seen = None, {}
     for i, (pb, vhost) in enumerate(zip(vhosts, compiled)):
         for j, domain in enumerate(pb.domains):
-            dpath, d = f"{path}[{i}].domains[{j}]", _lower(domain)
+            d = _lower(domain)
             if d in seen:
-                sink.problem(dpath, f"duplicate domain '{domain}' (also at {seen[d]}): Envoy requires unique domains"
-                             if d != "*" else "only one virtual host may have the wildcard domain '*'")
+                first = "{}[{}].domains[{}]".format(path, *seen[d])
+                sink.problem(f"{path}[{i}].domains[{j}]", f"duplicate domain '{domain}' (also at {first}): Envoy "
+                             "requires unique domains" if d != "*" else
+                             "only one virtual host may have the wildcard domain '*'")
                 continue
-            seen[d] = dpath
+            seen[d] = (i, j)
             if d == "*":
                 default = vhost
             elif d.startswith("*"):
