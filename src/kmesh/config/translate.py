@@ -38,7 +38,7 @@ from google.protobuf.message import Message
 
 from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS, NO_POLICY, NO_RATE_LIMIT,
                                ClusterPolicy, LbPolicy, RateLimit)
-from kmesh.config import filters, policies
+from kmesh.config import fields, filters, policies
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
 
@@ -57,8 +57,6 @@ _DISCOVERY_HINT = {
 _UNHEALTHY = {health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT}
 # Fields whose effect kmesh reproduces (or that change nothing at L4). Any
 # other field that is set produces a "not enforced" warning.
-_CLUSTER_APPLIED = {"name", "alt_stat_name", "type", "lb_policy", "load_assignment", "connect_timeout", "metadata",
-                    "eds_cluster_config", "circuit_breakers", "outlier_detection"}
 _TCP_PROXY_APPLIED = {"stat_prefix", "cluster", "weighted_clusters"}
 _PLAINTEXT_ALPN = {"http/1.1", "http/1.0", "h2c"}
 _MAX_U32 = 2**32 - 1
@@ -287,14 +285,16 @@ def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
             return "unsupported lb_policy", service, None
         ok = False
     set_fields = _set_fields(pb)
-    tls = [n for n in ("transport_socket", "transport_socket_matches") if n in set_fields]
+    tls = [n for n in ("transport_socket", "transport_socket_matches", "transport_socket_matcher") if n in set_fields]
     if tls:
         if ctx.lenient:
             ctx.skip(f"{path}.{tls[0]}", "TLS/mTLS is not applied by kmesh yet: connections stay plaintext")
         else:
             ctx.error(f"{path}.{tls[0]}", "upstream TLS is not supported: kmesh forwards connections as they are")
             ok = False
-    _warn_unenforced(ctx, path, pb, _CLUSTER_APPLIED | {"transport_socket", "transport_socket_matches"}, set_fields)
+    # The refused fields (TLS, cluster_type, an unsupported type or policy)
+    # are reported above with what they mean here.
+    fields.check(pb, path, lambda p, r: None, ctx.warn)
     if service is not None:
         return "", service, None   # a problem above makes it invalid (compose_cluster)
     endpoints = _endpoints(ctx, f"{path}.load_assignment", pb.load_assignment)
@@ -570,8 +570,19 @@ def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
     return out
 
 
+_HCM_OWN = frozenset({"scoped_routes"})   # reported with the route specifier
+_HCM = fields.HCM
+
+
 def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, int, int]], listener: str,
                              routes: Mapping | None) -> list[_Entry] | None:
+    fields.check(hcm, path, ctx.unsupported, ctx.warn, skip=_HCM_OWN)
+    if hcm.codec_type not in (_HCM.AUTO, _HCM.HTTP1):
+        ctx.unsupported(f"{path}.codec_type", f"{_HCM.CodecType.Name(hcm.codec_type)}: kmesh speaks HTTP/1.1 only; "
+                        "use AUTO or HTTP1")
+    for f, _ in hcm.http_protocol_options.ListFields():
+        if f.name != "accept_http_10":
+            ctx.warn(f"{path}.http_protocol_options.{f.name}", fields.NOT_ENFORCED)
     spec = hcm.WhichOneof("route_specifier")
     if spec == "rds":
         name = hcm.rds.route_config_name

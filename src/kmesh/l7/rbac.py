@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
+from kmesh.config import fields
 from kmesh.l7 import routes as rt
 
 DENIED = b"RBAC: access denied"
@@ -166,11 +167,7 @@ def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report,
     sink = rt.Sink(problem, note)
     msg = http_rbac_pb2.RBAC()
     typed_config.Unpack(msg)
-    rt.check_fields(sink, path, msg, ("rules",), problems={
-        "matcher": "RBAC matcher trees are not supported by kmesh: use rules"},
-        notes={"shadow_rules": "shadow rules only log in Envoy: not applied", "shadow_matcher": NOT_APPLIED,
-               "rules_stat_prefix": NOT_APPLIED, "shadow_rules_stat_prefix": NOT_APPLIED,
-               "track_per_rule_stats": NOT_APPLIED})
+    fields.check(msg, path, sink.problem, sink.note)
     if sink.failed:
         return _failed(sink, path, fail_closed)
     if not msg.HasField("rules"):

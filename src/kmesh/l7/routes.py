@@ -41,6 +41,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 import re2
 
+from kmesh.config import fields
 from kmesh.l7 import headers as hdr
 from kmesh.l7.headers import HeaderOps
 
@@ -690,10 +691,7 @@ def _fault_delay(sink: _Sink, path: str, d) -> tuple[int | None, float]:
 
 
 def _fault_rule(sink: _Sink, path: str, hf: fault_pb2.HTTPFault) -> _FaultRule:
-    _check_fields(sink, path, hf, ("delay", "abort", "headers"), {
-        "upstream_cluster": "faults limited to one upstream cluster are not supported by kmesh",
-        "downstream_nodes": "faults limited to downstream nodes are not supported by kmesh",
-    })
+    fields.check(hf, path, sink.problem, sink.note)
     status, abort_pct = _fault_abort(sink, f"{path}.abort", hf.abort) if hf.HasField("abort") else (None, 0.0)
     delay, delay_pct = _fault_delay(sink, f"{path}.delay", hf.delay) if hf.HasField("delay") else (None, 0.0)
     headers = tuple(c for i, h in enumerate(hf.headers) if (c := _header_cond(sink, f"{path}.headers[{i}]", h)))
@@ -980,9 +978,6 @@ def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> 
 # Header mutations
 # --------------------------------------------------------------------------
 
-_MUTATIONS = ("request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
-              "response_headers_to_remove")
-
 
 def _mutations(sink: _Sink, path: str, msg) -> tuple[HeaderOps | None, HeaderOps | None]:
     """The request and response header mutations ``msg`` (a route, virtual
@@ -1141,26 +1136,17 @@ class _Redirect:
         return Redirect(self.status, f"{scheme}://{host}{self.port}{final}", self.response_headers)
 
 
-_WEIGHTED_NOTES = {
-    "total_weight": "deprecated; the sum of the weights is used, as in Envoy",
-    "runtime_key_prefix": "runtime weight overrides are not enforced by kmesh; the configured weights apply",
-    "header_name": "drawing the cluster from a request header is not enforced by kmesh; it is drawn at random",
-    "use_hash_policy": "drawing the cluster by hash policy is not enforced by kmesh; it is drawn at random",
-}
-
-
 def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tuple[str, int], ...] | None:
     """The (name, weight) of each cluster; ``own``: gets each one's header
     mutations by name."""
-    _check_fields(sink, path, wc, ("clusters",), notes=_WEIGHTED_NOTES)
+    fields.check(wc, path, sink.problem, sink.note)
     if not wc.clusters:
         sink.problem(f"{path}.clusters", "needs at least one cluster")
         return None
     out = []
     for i, cw in enumerate(wc.clusters):
         cpath = f"{path}.clusters[{i}]"
-        _check_fields(sink, cpath, cw, ("name", "weight") + _MUTATIONS,
-                      {"cluster_header": "choosing the cluster from a request header is not supported by kmesh"})
+        fields.check(cw, cpath, sink.problem, sink.note)
         mutations = _mutations(sink, cpath, cw)
         if own is not None and mutations != (None, None):
             own[cw.name] = mutations
@@ -1178,17 +1164,6 @@ def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tupl
     return tuple(out)
 
 
-_ACTION_APPLIED = ("cluster", "weighted_clusters", "timeout", "retry_policy", "prefix_rewrite", "regex_rewrite",
-                   "host_rewrite_literal", "request_mirror_policies")
-_ACTION_PROBLEMS = {
-    "cluster_header": "choosing the cluster from a request header is not supported by kmesh",
-    "cluster_specifier_plugin": "cluster specifier plugins are not supported by kmesh",
-    "inline_cluster_specifier_plugin": "cluster specifier plugins are not supported by kmesh",
-    "path_rewrite_policy": "path rewrite extensions are not supported by kmesh",
-    "path_rewrite": "substitution-format path rewrites are not supported by kmesh",
-}
-
-
 def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], ...] | None:
     which = ra.WhichOneof("cluster_specifier")
     if which == "cluster":
@@ -1204,7 +1179,7 @@ def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], .
 
 def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
              mutations: tuple[HeaderOps | None, HeaderOps | None], buffer_limit: int | None) -> _Forward | None:
-    _check_fields(sink, path, ra, _ACTION_APPLIED, _ACTION_PROBLEMS)
+    fields.check(ra, path, sink.problem, sink.note)
     own: dict = {}
     clusters = _clusters(sink, path, ra, own)
     timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
@@ -1286,12 +1261,6 @@ class _Route:
         return None
 
 
-_ROUTE_APPLIED = ("name", "metadata", "match", "route", "redirect", "direct_response", "typed_per_filter_config",
-                  "per_request_buffer_limit_bytes", *_MUTATIONS)
-_ROUTE_PROBLEMS = {"filter_action": "filter_action routes are not supported by kmesh",
-                   "non_forwarding_action": "non-forwarding routes are not supported by kmesh"}
-
-
 def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | None):
     mutations = _mutations(sink, rpath, route)
     kind = route.WhichOneof("action")
@@ -1313,7 +1282,7 @@ def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | N
 
 
 def _route(sink: _Sink, rpath: str, route, vh: _VHostCtx) -> _Route | None:
-    _check_fields(sink, rpath, route, _ROUTE_APPLIED, _ROUTE_PROBLEMS)
+    fields.check(route, rpath, sink.problem, sink.note)
     mpath = f"{rpath}.match"
     _check_fields(sink, mpath, route.match, _MATCH_APPLIED, _MATCH_PROBLEMS, strict=True)
     pm = _path_match(sink, mpath, route.match)
@@ -1353,15 +1322,9 @@ class _VHost:
         return None
 
 
-_VHOST_APPLIED = ("name", "domains", "routes", "typed_per_filter_config", "retry_policy", "require_tls", "metadata",
-                  "include_request_attempt_count", "include_attempt_count_in_response",
-                  "per_request_buffer_limit_bytes", "request_mirror_policies", *_MUTATIONS)
-_VHOST_PROBLEMS = {"matcher": "the generic matcher tree of a virtual host is not supported by kmesh; use routes"}
-
-
 def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None,
            rc_mutations: tuple[HeaderOps | None, HeaderOps | None], rc_mirrors: tuple[Mirror, ...]) -> _VHost | None:
-    _check_fields(sink, vpath, vh, _VHOST_APPLIED, _VHOST_PROBLEMS)
+    fields.check(vh, vpath, sink.problem, sink.note)
     if not vh.name:
         sink.problem(f"{vpath}.name", "a virtual host needs a name")
     if not vh.domains:
@@ -1496,22 +1459,11 @@ def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], pa
     return _compile(_Sink(problem, note), vhosts, path, options, None)
 
 
-_RC_APPLIED = ("name", "metadata", "virtual_hosts", "ignore_port_in_host_matching",
-               "ignore_path_parameters_in_path_matching", "max_direct_response_body_size_bytes",
-               "typed_per_filter_config", "validate_clusters", "most_specific_header_mutations_wins",
-               "request_mirror_policies", *_MUTATIONS)
-_RC_PROBLEMS = {
-    "vhds": "on-demand virtual hosts (VHDS) are not supported by kmesh",
-    "cluster_specifier_plugins": "cluster specifier plugins are not supported by kmesh",
-    "vhost_header": "choosing the virtual host by another header than Host is not supported by kmesh",
-}
-
-
 def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: Report, note: Report) -> RouteTable | None:
     """A table for ``rc`` (at field path ``path`` in its source). Each problem
     and note names the field; None if a problem was reported."""
     sink = _Sink(problem, note)
-    _check_fields(sink, path, rc, _RC_APPLIED, _RC_PROBLEMS)
+    fields.check(rc, path, sink.problem, sink.note)
     if rc.validate_clusters.value:
         sink.note(f"{path}.validate_clusters", "cluster references are checked by kmesh's translator, not here")
     options = TableOptions(
