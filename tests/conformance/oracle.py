@@ -196,7 +196,7 @@ def run_batch(cases: list[Case], start_kmesh, cgroup: harness.Runner, tmp: Path)
         settle = "mirror" in json.dumps([c.virtual_hosts for c in cases])
 
         k = start_kmesh(bootstrap([c.listener(f"case{i}", vips[i], 80) for i, c in enumerate(cases)], clusters))
-        warnings = list((k.get("/status").get("last_update") or {}).get("warnings") or [])
+        notes = list((k.get("/status").get("last_update") or {}).get("warnings") or [])
         ours = _client(cgroup, jobs(vips, lambda i: 80))
         ours_log = _logs(servers, settle)
         with _envoy(cases, clusters, tmp) as ports:
@@ -205,7 +205,7 @@ def run_batch(cases: list[Case], start_kmesh, cgroup: harness.Runner, tmp: Path)
     out, at = [], 0
     for i, c in enumerate(cases):
         n = len(c.sequences)
-        out.append(Outcome(c, i, ours[at:at + n], theirs[at:at + n], warnings,
+        out.append(Outcome(c, i, ours[at:at + n], theirs[at:at + n], notes,
                            ours_log.get(str(i), []), theirs_log.get(str(i), [])))
         at += n
     return out

@@ -84,13 +84,16 @@ def matches(draw) -> dict:
 def routes(draw) -> dict:
     m = draw(matches())
     prefix_match = "prefix" in m
-    action = draw(st.sampled_from(["cluster", "weighted", "direct", "redirect", "rewrite"] if prefix_match else
-                                  ["cluster", "weighted", "direct", "redirect"]))
+    action = draw(st.sampled_from(["cluster", "weighted", "direct", "redirect", "rewrite"]))
     c = st.sampled_from(CLUSTERS)
     if action == "cluster":
         return {"match": m, "route": {"cluster": draw(c)}}
     if action == "rewrite":
-        return {"match": m, "route": {"cluster": draw(c), "prefix_rewrite": draw(st.sampled_from(["/", "/new", "/n/"]))}}
+        prefixes = [{"prefix_rewrite": p} for p in ("/", "/new", "/n/")] + [
+            {"prefix_rewrite": "/new", "host_rewrite_literal": "rewritten.test"}]
+        rewrite = draw(st.sampled_from([*(prefixes if prefix_match else []), {"host_rewrite_literal": "rewritten.test"},
+                                        {"regex_rewrite": {"pattern": {"regex": "^/(a|b)"}, "substitution": "/r\\1"}}]))
+        return {"match": m, "route": {"cluster": draw(c), **rewrite}}
     if action == "weighted":
         names = draw(st.lists(c, min_size=1, max_size=3, unique=True))
         hot = draw(st.sampled_from(names))
