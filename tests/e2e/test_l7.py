@@ -84,6 +84,12 @@ def test_paths_direct_response_redirect_and_no_route(kmesh, cgroup, backends):
     assert curl(cgroup, f"http://{v}/nothing")[0] == 404
     r = cgroup.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"http://{v}/old/x?q=1"])
     assert r.stdout == f"301 http://{v}/new/x?q=1", r.stdout
+    # As Envoy: a local answer to a request without a body keeps the
+    # connection (the next request on it is answered too), pipelined or not.
+    seq = [("/nothing", []), ("/healthz", []), ("/web", []), ("/old/", []), ("/api/v1/x", [])]
+    for pipelined in (False, True):
+        got = one_connection(cgroup, v, seq, pipelined=pipelined)
+        assert [x.split(" ", 1)[0] for x in got] == ["404", "200", "200", "301", "200"], got
 
 
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"

@@ -96,3 +96,49 @@ def test_a_sized_body_ends_at_its_length():
 def test_a_bad_chunk_size_is_a_framing_error():
     with pytest.raises(http1.FramingError):
         _copy(b"zz\r\nhello\r\n", http1.Framing("chunked"), 100)
+
+
+def _held(data: bytes, framing: http1.Framing, limit: int) -> tuple[bytes, http1.Framing | None, bytes, bytes]:
+    """read_body over ``data``, then copy_body of the rest with the framing
+    it returns: (held, rest framing, the rest as forwarded, what is left)."""
+    async def run():
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        for s in (a, b, c, d):
+            s.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(a, data)
+        r = http1.Reader(b)
+        held, rest = await http1.read_body(r, framing, limit)
+        out = b""
+        if rest is not None:
+            await http1.copy_body(r, c, rest)
+            while True:
+                try:
+                    out += d.recv(65536)
+                except BlockingIOError:
+                    break
+        left = bytes(r.buf)
+        for s in (a, b, c, d):
+            s.close()
+        return held, rest, out, left
+    return asyncio.run(run())
+
+
+CHUNKED = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+
+
+def test_a_body_within_the_limit_is_held_whole():
+    assert _held(CHUNKED + b"GET /", http1.Framing("chunked"), 1024) == (CHUNKED, None, b"", b"GET /")
+    assert _held(b"hello" + b"GET /", http1.Framing("length", 5), 5) == (b"hello", None, b"", b"GET /")
+
+
+def test_a_body_over_the_limit_is_held_in_part_and_the_rest_follows_as_sent():
+    # Over the limit inside the second chunk: held up to its size line, the
+    # rest (that chunk's data first) forwarded with copy_body.
+    held, rest, out, left = _held(CHUNKED + b"GET /", http1.Framing("chunked"), 14)
+    assert held + out == CHUNKED and left == b"GET /"
+    assert held == b"5\r\nhello\r\n6\r\n" and rest == http1.Framing("chunked", 8)
+    # A sized body over the limit is not read at all.
+    assert _held(b"hello" + b"GET /", http1.Framing("length", 5), 4) == (b"", http1.Framing("length", 5), b"hello",
+                                                                            b"GET /")

@@ -211,10 +211,12 @@ class Routed:
                     or r.attempt_count_request or r.attempt_count_response)
 
 
-def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection."""
+def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = (), close: bool = True) -> bytes:
+    """A whole HTTP/1.1 response (that closes the connection, with ``close``)."""
     reason = _REASONS.get(status, "")
-    lines = [f"HTTP/1.1 {status} {reason}", f"content-length: {len(body)}", "connection: close"]
+    lines = [f"HTTP/1.1 {status} {reason}", f"content-length: {len(body)}"]
+    if close:
+        lines.append("connection: close")
     if body:
         lines.append("content-type: text/plain")
     lines += [f"{k}: {v}" for k, v in extra]
@@ -604,13 +606,27 @@ class Handoff:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     async def _answer(self, conn: socket.socket, head: bytes, status: int, body: bytes = b"",
-                      extra: tuple[tuple[str, str], ...] = ()) -> None:
-        """Answer the request here and close: its head is read first (unread
-        bytes at close would make the kernel send an RST)."""
+                      extra: tuple[tuple[str, str], ...] = (), keep: bool = False) -> bool:
+        """Answer the request here: its head is read first (unread bytes at
+        close would make the kernel send an RST). ``keep``: the connection
+        goes on (else the answer says close, and the caller closes); returns
+        ``keep``."""
         self.stats.answer(status)
         if head:
             conn.recv(len(head))
-        await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra))
+        await splice.sendall(asyncio.get_running_loop(), conn, response(status, body, extra, close=not keep))
+        return keep
+
+    @staticmethod
+    def _may_keep(framed: http1.Head) -> bool:
+        """Whether the connection goes on after a local answer to this
+        request: as Envoy, when the request has no body and does not end
+        the connection (after a body, Envoy answers with close)."""
+        try:
+            return framed.keep_alive() and http1.request_framing(framed).kind == "none" \
+                and not framed.tokens("upgrade")
+        except http1.FramingError:
+            return False
 
     def _waiting_for_head(self) -> "_Waiting":
         """Context: this task waits for a request head (counted against
@@ -648,15 +664,18 @@ class Handoff:
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
         decision = self._decide(target, req, framed, peer, vip)
+        inode = ns.inode if ns else self._host_netns
         if not isinstance(decision, Routed):
-            return await self._answer(conn, head, *decision)
+            status, body, extra, keepable = decision
+            if await self._answer(conn, head, status, body, extra, keepable and self._may_keep(framed)):
+                await self._requests(target, peer, vip, conn, inode, None)
+            return
         if (not framed.keep_alive() or framed.tokens("upgrade")) and decision.spliceable:
             # The only request on this connection (or a protocol switch):
             # the whole connection is the route's, spliced in the kernel.
             return await self._forward(target, decision, head, framed, conn, ns, req)
         conn.recv(len(head))   # peeked, so all there
-        await self._requests(target, peer, vip, conn, ns.inode if ns else self._host_netns,
-                             (head, framed, decision, req))
+        await self._requests(target, peer, vip, conn, inode, (head, framed, decision, req))
 
     @staticmethod
     def _fault(target: Target, route: rt.RouteTo, req: rt.Request) -> rt.Fault | None:
@@ -671,28 +690,28 @@ class Handoff:
         return target.filter_fault.for_request(req) if target.filter_fault else None
 
     async def _injected(self, target: Target, routed: Routed, req: rt.Request, conn: socket.socket,
-                        head: bytes) -> bool:
+                        head: bytes, keep: bool = False) -> bool:
         """The request's fault: its delay, then its abort (answered here);
         whether it was aborted. ``head``: still in the socket (peeked)."""
         fault = self._fault(target, routed.route, req)
         if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            await self._answer(conn, head, *routed.answer(fault.abort_status, b"fault filter abort"))
+            await self._answer(conn, head, *routed.answer(fault.abort_status, b"fault filter abort"), keep=keep)
             return True
         return False
 
     def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The request's Routed, or the local answer (status, body, extra
-        headers). Envoy's codec answers first: a fragment in the target is
+        headers, whether the connection may go on after it). Envoy's codec answers first: a fragment in the target is
         400, HTTP/1.0 is 426 unless the connection manager accepts it. The
         route is found before RBAC and the rate limit: their answers carry
         its response header mutations, as Envoy's do."""
         if "#" in req.path:
             self.stats.bad_requests += 1
-            return (400,)
+            return 400, b"", (), False
         if framed.version == "HTTP/1.0" and not target.accept_http_10:
-            return 426, b"Upgrade Required"
+            return 426, b"Upgrade Required", (), False
         decision = target.routes.match(req)
         ctx = headers.Context(peer[:2], vip, req.headers)
         if isinstance(decision, rt.RouteTo):
@@ -703,19 +722,22 @@ class Handoff:
 
             def answer(status: int, body: bytes = b"", extra: tuple = ()) -> tuple:
                 return status, body, tuple(headers.apply(levels, extra, ctx)) if levels else extra
+
+        def local(*args) -> tuple:   # the route's answer, after which the connection may go on
+            return (*answer(*args), True)
         if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
             self.stats.denied += 1
-            return answer(403, DENIED)
+            return local(403, DENIED)
         rl = target.rate_limit
         if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
                 and random.random() * 100 < rl.enforced_percent:
-            return answer(rl.status, b"local_rate_limited")
+            return local(rl.status, b"local_rate_limited")
         if decision is None:
-            return (404,)
+            return 404, b"", (), True
         if isinstance(decision, rt.DirectResponse):
-            return answer(decision.status, decision.body)
+            return local(decision.status, decision.body)
         if isinstance(decision, rt.Redirect):
-            return answer(decision.status, b"", (("location", decision.location),))
+            return local(decision.status, b"", (("location", decision.location),))
         return routed
 
     # -- a keep-alive connection, request by request ---------------------------
@@ -767,7 +789,10 @@ class Handoff:
                     return
                 route = self._decide(target, req, framed, peer, vip)
                 if not isinstance(route, Routed):
-                    return await self._answer(conn, b"", *route)
+                    status, body, extra, keepable = route
+                    if not await self._answer(conn, b"", status, body, extra, keepable and self._may_keep(framed)):
+                        return
+                    continue
                 first = head, framed, route, req
         finally:
             for sock, _ in pool.values():
@@ -784,14 +809,14 @@ class Handoff:
                         reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
         """One request to its upstream (retried as its route's retry policy
         says) and its response back; whether the connection goes on."""
-        if await self._injected(target, routed, req, conn, b""):
-            return False
+        keep = self._may_keep(framed)   # after an answer of its own, as Envoy
+        if await self._injected(target, routed, req, conn, b"", keep):
+            return keep
         route = routed.route
         cluster = target.clusters.get(routed.cluster)
         if cluster is None:
             self.stats.upstream_failures += 1
-            await self._answer(conn, b"", *routed.answer(503, b"no healthy upstream"))
-            return False
+            return await self._answer(conn, b"", *routed.answer(503, b"no healthy upstream"), keep=keep)
         loop = asyncio.get_running_loop()
         if "100-continue" in framed.tokens("expect"):
             # As Envoy (proxy_100_continue off): the 100 comes from here and
@@ -827,8 +852,7 @@ class Handoff:
                 if not last and policy.on_connect_failure:
                     continue
                 self.stats.upstream_failures += 1
-                await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE, attempt=attempt))
-                return False
+                return await self._answer(conn, b"", *routed.answer(503, UPSTREAM_FAILURE, attempt=attempt), keep=keep)
             ep = got[0]
             if policy.other_hosts if policy is not None else False:
                 avoid.append(ep)
@@ -836,7 +860,7 @@ class Handoff:
             self.balancer.opened(cluster, ep)
             try:
                 done = await self._attempt(routed, head, framed, framing, held or first, held is not None, reader,
-                                           conn, got, pool, attempt, policy, not last, deadline)
+                                           conn, got, pool, attempt, policy, not last, deadline, keep, cluster)
             finally:
                 self.balancer.closed(cluster, ep)
             if done is not None:
@@ -880,12 +904,14 @@ class Handoff:
 
     async def _attempt(self, routed: Routed, head: bytes, framed: http1.Head, framing: http1.Framing,
                        body: bytes, whole: bool, reader: http1.Reader, conn: socket.socket, got: tuple, pool: dict,
-                       attempt: int, policy: rt.Retry | None, may_retry: bool, deadline: float | None) -> bool | None:
+                       attempt: int, policy: rt.Retry | None, may_retry: bool, deadline: float | None,
+                       keep: bool, cluster: Cluster) -> bool | None:
         """One attempt on the connection ``got`` (endpoint, socket, reader):
         whether the client connection goes on, or None to retry (only when
         ``may_retry`` and the retry ``policy`` says so). ``body``: the body
         read already (all of it when ``whole``; else the rest follows from
-        ``reader``)."""
+        ``reader``). ``keep``: the connection may go on after an answer of
+        the daemon's own."""
         retry = policy if may_retry else None
         ep, upstream, ureader = got
         loop = asyncio.get_running_loop()
@@ -913,15 +939,15 @@ class Handoff:
                     splice.reset(upstream)   # as on a spliced connection: the upstream sees the request cancelled
                     if retry is not None and retry.on_reset and (deadline is None or loop.time() < deadline):
                         return None          # a per-try timeout
-                    await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT, attempt=attempt))
-                    return False
+                    return await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT, attempt=attempt),
+                                              keep=keep and upload is None)
                 if rhead is None:   # reset or closed before a response
                     drop()
                     if retry is not None and retry.on_reset:
                         return None
                     self.stats.upstream_failures += 1
-                    await self._answer(conn, b"", *routed.answer(503, UPSTREAM_RESET, attempt=attempt))
-                    return False
+                    return await self._answer(conn, b"", *routed.answer(503, UPSTREAM_RESET, attempt=attempt),
+                                              keep=keep and upload is None)
                 resp = http1.parse(rhead)
                 if not 100 <= resp.status < 200:
                     break
@@ -935,6 +961,12 @@ class Handoff:
                     raw.cancel()
                     return False
                 # Another 1xx (the Expect was answered here): not passed on.
+            # Outlier detection counts 5xx responses as Envoy's
+            # consecutive_5xx does (the daemon's own counts, docs/l7.md).
+            if resp.status >= 500:
+                self.balancer.failed(cluster, ep)
+            else:
+                self.balancer.succeeded(cluster, ep)
             if retry is not None and retry.on_response(resp.status, resp.headers):
                 drop()
                 return None
