@@ -165,7 +165,7 @@ def test_generated_tables_as_envoy(cgroup, tmp_path, batch):
     failures = []
     for o in outcomes:
         try:
-            oracle.check(o, known_close_after_local_reply=True)
+            oracle.check(o, known_pipelined_close=True)
         except AssertionError as e:
             failures.append(f"{e}\nvirtual hosts: {o.case.virtual_hosts}")
     assert not failures, "\n\n".join(failures)
