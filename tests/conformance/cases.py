@@ -506,7 +506,11 @@ HEADER_MUTATIONS = Case(
 HEADER_MUTATIONS_MOST_SPECIFIC = Case(
     "header mutations with most_specific_header_mutations_wins",
     HEADER_MUTATIONS.virtual_hosts, _MUTATION_REQUESTS,
-    route_config={**mutations("rc"), "most_specific_header_mutations_wins": True})
+    route_config={**mutations("rc"), "most_specific_header_mutations_wins": True},
+    xfail="most_specific_header_mutations_wins, 'GET /w' (weighted cluster c1 at 100 with its own mutations): "
+          "Envoy's backend sees x-added [wc, rc, vh, route], x-level route, x-if-absent wc and the client "
+          "x-resp [wc, rc, vh, route], x-resp-level route; kmesh applies the weighted cluster's last: x-added "
+          "[rc, vh, route, wc], x-level wc, x-if-absent rc, x-resp [rc, vh, route, wc], x-resp-level wc")
 
 WEIGHTED_HOST_REWRITE = Case(
     "host_rewrite_literal on a weighted cluster",
