@@ -17,12 +17,13 @@ import socket
 import sys
 import time
 
-REQUEST = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
+# Host as curl sends it: an L7 route (Istio's vhosts list "VIP:PORT") picks by it.
+REQUEST = "GET / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: {conn}\r\n\r\n"
 
 
 def fetch(host: str, port: int, keep: bool = False):
     s = socket.create_connection((host, port), timeout=5)
-    body = request(s, REQUEST.replace(b"close", b"keep-alive") if keep else REQUEST)
+    body = request(s, REQUEST.format(host=host, port=port, conn="keep-alive" if keep else "close").encode())
     if keep:
         return s, body
     s.close()

@@ -58,8 +58,9 @@ def test_keep_alive(text, keep):
     assert head(text).keep_alive() is keep
 
 
-def _copy(data: bytes, framing: http1.Framing, chunk: int) -> tuple[bytes, bytes]:
-    """Feed ``data`` in pieces of ``chunk`` bytes; (what one body forwarded, what is left)."""
+def _through(data: bytes, chunk: int, body) -> tuple[object, bytes, bytes]:
+    """Feed ``data`` in pieces of ``chunk`` bytes to a Reader; ``body(reader,
+    dst)`` reads from it: (what it returned, what reached dst, what is left)."""
     async def run():
         a, b = socket.socketpair()
         c, d = socket.socketpair()
@@ -69,7 +70,7 @@ def _copy(data: bytes, framing: http1.Framing, chunk: int) -> tuple[bytes, bytes
         for i in range(0, len(data), chunk):
             await loop.sock_sendall(a, data[i:i + chunk])
         r = http1.Reader(b)
-        await http1.copy_body(r, c, framing)
+        got = await body(r, c)
         out = b""
         while True:
             try:
@@ -79,8 +80,14 @@ def _copy(data: bytes, framing: http1.Framing, chunk: int) -> tuple[bytes, bytes
         left = bytes(r.buf)
         for s in (a, b, c, d):
             s.close()
-        return out, left
+        return got, out, left
     return asyncio.run(run())
+
+
+def _copy(data: bytes, framing: http1.Framing, chunk: int) -> tuple[bytes, bytes]:
+    """(what one body forwarded, what is left)."""
+    _, out, left = _through(data, chunk, lambda r, dst: http1.copy_body(r, dst, framing))
+    return out, left
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
@@ -101,28 +108,13 @@ def test_a_bad_chunk_size_is_a_framing_error():
 def _held(data: bytes, framing: http1.Framing, limit: int) -> tuple[bytes, http1.Framing | None, bytes, bytes]:
     """read_body over ``data``, then copy_body of the rest with the framing
     it returns: (held, rest framing, the rest as forwarded, what is left)."""
-    async def run():
-        a, b = socket.socketpair()
-        c, d = socket.socketpair()
-        for s in (a, b, c, d):
-            s.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(a, data)
-        r = http1.Reader(b)
+    async def body(r, dst):
         held, rest = await http1.read_body(r, framing, limit)
-        out = b""
         if rest is not None:
-            await http1.copy_body(r, c, rest)
-            while True:
-                try:
-                    out += d.recv(65536)
-                except BlockingIOError:
-                    break
-        left = bytes(r.buf)
-        for s in (a, b, c, d):
-            s.close()
-        return held, rest, out, left
-    return asyncio.run(run())
+            await http1.copy_body(r, dst, rest)
+        return held, rest
+    (held, rest), out, left = _through(data, len(data), body)
+    return held, rest, out, left
 
 
 CHUNKED = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"

@@ -209,24 +209,35 @@ async def read_body(src: Reader, framing: Framing, limit: int) -> tuple[bytes, F
     out = bytearray()
     while True:
         line = await src.line()
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise FramingError(f"bad chunk size {size_text[:20]!r}") from None
+        size = _chunk_size(line)
         out += line
         if size == 0:
-            while True:   # trailers, then the blank line
-                trailer = await src.line()
-                out += trailer
-                if trailer == b"\r\n":
-                    return bytes(out), None
+            out += await _trailers(src)
+            return bytes(out), None
         if len(out) + size + 2 > limit:
             return bytes(out), Framing("chunked", size + 2)   # inside this chunk: its data first
         while len(src.buf) < size + 2:
             if not await src._more():
                 raise FramingError("the stream ended inside a body")
         out += src.take(size + 2)
+
+
+def _chunk_size(line: bytes) -> int:
+    size_text = line.split(b";", 1)[0].strip()
+    try:
+        return int(size_text, 16)
+    except ValueError:
+        raise FramingError(f"bad chunk size {size_text[:20]!r}") from None
+
+
+async def _trailers(src: Reader) -> bytes:
+    """The trailers after the last chunk, through the blank line."""
+    out = bytearray()
+    while True:
+        trailer = await src.line()
+        out += trailer
+        if trailer == b"\r\n":
+            return bytes(out)
 
 
 async def copy_body(src: Reader, dst: socket.socket, framing: Framing) -> None:
@@ -238,18 +249,11 @@ async def copy_body(src: Reader, dst: socket.socket, framing: Framing) -> None:
             await src.copy(framing.length, dst)
         while True:
             line = await src.line()
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise FramingError(f"bad chunk size {size_text[:20]!r}") from None
-            await splice.sendall(src.loop, dst, line)
+            size = _chunk_size(line)
             if size == 0:
-                while True:   # trailers, then the blank line
-                    trailer = await src.line()
-                    await splice.sendall(src.loop, dst, trailer)
-                    if trailer == b"\r\n":
-                        return
+                await splice.sendall(src.loop, dst, line + await _trailers(src))
+                return
+            await splice.sendall(src.loop, dst, line)
             await src.copy(size + 2, dst)   # the data and its CRLF
     elif framing.kind == "close":
         await src.copy_to_end(dst)
