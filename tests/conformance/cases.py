@@ -6,11 +6,9 @@ manager and route configuration fields) and the request sequences sent to
 both proxies. Clusters c0..c3 are echo backends (``echo.py``); a direct
 response names the route that answered in its body.
 
-``CASES`` run now, in the batches of ``BATCHES`` (one kmesh + one Envoy start
-each). ``PENDING`` are cases for features being added to kmesh right now
-(header add/remove at every level, retry_policy, request_mirror_policies):
-not run yet; switch them on by adding them to ``CASES`` (the last line of
-this file says how).
+``CASES`` all run, in batches (test_cases.py: one kmesh + one Envoy start
+each): those below, then header add/remove at every level, retry_policy and
+request_mirror_policies.
 """
 from __future__ import annotations
 
@@ -467,8 +465,7 @@ CASES: list[Case] = [
 
 
 # --------------------------------------------------------------------------
-# PENDING: features being added to kmesh now. Not run yet: the last line of
-# this file switches them on.
+# Header mutations, retries, mirrors.
 # --------------------------------------------------------------------------
 
 def add(key: str, value: str, action: str | None = None) -> dict:
@@ -506,17 +503,15 @@ HEADER_MUTATIONS = Case(
 HEADER_MUTATIONS_MOST_SPECIFIC = Case(
     "header mutations with most_specific_header_mutations_wins",
     HEADER_MUTATIONS.virtual_hosts, _MUTATION_REQUESTS,
-    route_config={**mutations("rc"), "most_specific_header_mutations_wins": True},
-    xfail="most_specific_header_mutations_wins, 'GET /w' (weighted cluster c1 at 100 with its own mutations): "
-          "Envoy's backend sees x-added [wc, rc, vh, route], x-level route, x-if-absent wc and the client "
-          "x-resp [wc, rc, vh, route], x-resp-level route; kmesh applies the weighted cluster's last: x-added "
-          "[rc, vh, route, wc], x-level wc, x-if-absent rc, x-resp [rc, vh, route, wc], x-resp-level wc")
+    route_config={**mutations("rc"), "most_specific_header_mutations_wins": True})
 
 WEIGHTED_HOST_REWRITE = Case(
     "host_rewrite_literal on a weighted cluster",
-    [vh([{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
-        {"name": "c1", "weight": 100, "host_rewrite_literal": "wc.example"}, {"name": "c2", "weight": 0}]}}}])],
-    seqs(req("/"), req("/x", host="orig:81")))
+    [vh([{"match": {"prefix": "/both"}, "route": {"host_rewrite_literal": "route.example", "weighted_clusters": {
+        "clusters": [{"name": "c1", "weight": 100, "host_rewrite_literal": "wc.example"}, {"name": "c2", "weight": 0}]}}},
+         {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+             {"name": "c1", "weight": 100, "host_rewrite_literal": "wc.example"}, {"name": "c2", "weight": 0}]}}}])],
+    seqs(req("/"), req("/x", host="orig:81"), req("/both")))
 
 RETRIES = Case(
     "retry_policy: 5xx and retriable status codes",
@@ -539,6 +534,4 @@ MIRRORS = Case(
     [*seqs(req("/m/1"), req("/zero"), req("/m/2", method="POST", body="copy")),
      Seq([req("/m/3"), req("/x"), req("/m/4")])])
 
-PENDING: list[Case] = [HEADER_MUTATIONS, HEADER_MUTATIONS_MOST_SPECIFIC, WEIGHTED_HOST_REWRITE, RETRIES, MIRRORS]
-
-# CASES += PENDING   # switch the pending cases on once kmesh applies these fields
+CASES += [HEADER_MUTATIONS, HEADER_MUTATIONS_MOST_SPECIFIC, WEIGHTED_HOST_REWRITE, RETRIES, MIRRORS]

@@ -854,6 +854,19 @@ def test_most_specific_header_mutations_win_puts_the_route_last():
     assert headers.apply(table_of(cfg).match(req()).request_levels("c"), [], ctx) == [("x", "route")]
 
 
+def test_a_weighted_clusters_mutations_go_first_whatever_the_order():
+    from kmesh.l7 import headers
+
+    wc = {"weighted_clusters": {"clusters": [{"name": "c0", "weight": 1, "request_headers_to_add": [
+        _hv("x", "wc", "OVERWRITE_IF_EXISTS_OR_ADD"), _hv("y", "wc", "ADD_IF_ABSENT")]}]}}
+    cfg = rc(vhost(route(action=wc, request_headers_to_add=[_hv("x", "route", "OVERWRITE_IF_EXISTS_OR_ADD"),
+                                                            _hv("y", "route", "ADD_IF_ABSENT")])))
+    ctx = headers.Context(("10.0.0.1", 1), ("10.96.0.1", 80))
+    for most_specific in (False, True):
+        cfg.most_specific_header_mutations_wins = most_specific
+        assert headers.apply(table_of(cfg).match(req()).request_levels("c0"), [], ctx) == [("y", "wc"), ("x", "route")]
+
+
 def test_direct_responses_and_redirects_carry_the_response_mutations():
     cfg = rc(vhost(route({"prefix": "/d"}, direct_response={"status": 200}, name="d",
                          response_headers_to_add=[_hv("r", "route")]),
@@ -875,3 +888,12 @@ def test_direct_responses_and_redirects_carry_the_response_mutations():
 ])
 def test_header_mutations_envoy_refuses_are_refused(extra, path):
     assert path in [p for p, _ in problems_of(rc(vhost(route(**extra))))]
+
+
+def test_a_weighted_clusters_host_rewrite_unless_the_route_has_one():
+    wc = {"weighted_clusters": {"clusters": [{"name": "c0", "weight": 1, "host_rewrite_literal": "wc.example"},
+                                             {"name": "c1", "weight": 0}]}}
+    to = table_of(rc(vhost(route(action=wc)))).match(req())
+    assert (to.host_for("c0"), to.host_for("c1")) == ("wc.example", None)
+    to = table_of(rc(vhost(route(action={**wc, "host_rewrite_literal": "route.example"})))).match(req())
+    assert (to.host_for("c0"), to.host_for("c1")) == ("route.example", "route.example")

@@ -209,7 +209,7 @@ FIELDS: dict[str, dict[str, tuple[str, str]]] = {
         "request_headers_to_add": _HEADERS, "request_headers_to_remove": _HEADERS,
         "response_headers_to_add": _HEADERS, "response_headers_to_remove": _HEADERS,
         "typed_per_filter_config": _w(),
-        "host_rewrite_literal": _w(),
+        "host_rewrite_literal": _e(),
     },
     FAULT.DESCRIPTOR.full_name: {
         "delay": _e("fixed delays"), "abort": _e("HTTP status aborts"), "headers": _e(),

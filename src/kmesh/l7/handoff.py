@@ -167,12 +167,13 @@ class Routed:
         route = self.route
         levels = route.request_levels(self.cluster)
         count = route.attempt_count_request and attempt
-        if route.rewrite_path is None and route.rewrite_host is None and not levels and not count:
+        host = route.host_for(self.cluster)
+        if route.rewrite_path is None and host is None and not levels and not count:
             return head
         method, target, version = framed.start
         hdrs = framed.headers
-        if route.rewrite_host is not None:
-            hdrs = tuple((n, route.rewrite_host) if n.lower() == "host" else (n, v) for n, v in hdrs)
+        if host is not None:
+            hdrs = tuple((n, host) if n.lower() == "host" else (n, v) for n, v in hdrs)
         if levels:
             hdrs = headers.apply(levels, hdrs, self.ctx)
         if count:
@@ -874,8 +875,9 @@ class Handoff:
         cluster = target.clusters.get(m.cluster)
         if cluster is None:
             return
-        host = routed.route.rewrite_host if routed.route.rewrite_host is not None else \
-            next((v for n, v in framed.headers if n.lower() == "host"), "")
+        host = routed.route.host_for(routed.cluster)
+        if host is None:
+            host = next((v for n, v in framed.headers if n.lower() == "host"), "")
         shadow = Routed(replace(routed.route, rewrite_host=m.host(host)), routed.cluster, routed.ctx)
         data = shadow.upstream_head(head, framed, 1) + body
         timeout = routed.route.timeout_ms / 1000 if routed.route.timeout_ms else rt.DEFAULT_TIMEOUT_MS / 1000

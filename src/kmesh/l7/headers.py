@@ -5,7 +5,8 @@ them (pure functions).
 Each level that sets them (a weighted cluster, the route, the virtual host,
 the route configuration) is one :class:`HeaderOps`: its removals first,
 then its additions in order. The levels run from the most specific to the
-least (``most_specific_header_mutations_wins`` reverses that), so with
+least (``most_specific_header_mutations_wins`` reverses route, virtual host
+and route configuration; a weighted cluster's still go first), so with
 ``OVERWRITE_IF_EXISTS_OR_ADD`` the route configuration's value wins by
 default: checked against Envoy 1.40 on the same config and bytes.
 

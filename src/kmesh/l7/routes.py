@@ -121,11 +121,14 @@ class RouteTo:
     # then ``fault`` is the fault, and the filter's own config does not apply.
     fault_set: bool = False
     # Header mutations of the route, virtual host and route configuration,
-    # in the order they apply; a weighted cluster's own come first (or
-    # last: most_specific_header_mutations_wins), by cluster name.
+    # in the order they apply; a weighted cluster's own, by cluster name,
+    # come first whatever most_specific_header_mutations_wins says (Envoy
+    # evaluates them before the route's chain).
     request_headers: tuple[HeaderOps, ...] = ()
     response_headers: tuple[HeaderOps, ...] = ()
-    cluster_headers: tuple[tuple[str, HeaderOps | None, HeaderOps | None], ...] = ()
+    # (cluster, request ops, response ops, host_rewrite_literal): a weighted
+    # cluster's own.
+    cluster_headers: tuple[tuple[str, HeaderOps | None, HeaderOps | None, str | None], ...] = ()
     most_specific_last: bool = False
     retry: "Retry | None" = None
     attempt_count_request: bool = False     # include_request_attempt_count
@@ -137,7 +140,15 @@ class RouteTo:
         own = next((c[which] for c in self.cluster_headers if c[0] == cluster), None)
         if own is None:
             return mine
-        return mine + (own,) if self.most_specific_last else (own,) + mine
+        return (own,) + mine
+
+    def host_for(self, cluster: str) -> str | None:
+        """The Host to send to ``cluster``: the route's host_rewrite_literal,
+        else the weighted cluster's (Envoy sets the cluster's first and the
+        route's over it), else None (the request's)."""
+        if self.rewrite_host is not None:
+            return self.rewrite_host
+        return next((c[3] for c in self.cluster_headers if c[0] == cluster), None)
 
     def request_levels(self, cluster: str) -> tuple[HeaderOps, ...]:
         """The request header mutations for a request sent to ``cluster``."""
@@ -1148,8 +1159,8 @@ def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tupl
         cpath = f"{path}.clusters[{i}]"
         fields.check(cw, cpath, sink.problem, sink.note)
         mutations = _mutations(sink, cpath, cw)
-        if own is not None and mutations != (None, None):
-            own[cw.name] = mutations
+        if own is not None and (mutations != (None, None) or cw.host_rewrite_literal):
+            own[cw.name] = (*mutations, cw.host_rewrite_literal or None)
         if not cw.name and not cw.cluster_header:
             sink.problem(f"{cpath}.name", "a weighted cluster needs a name")
         elif not cw.HasField("weight"):
