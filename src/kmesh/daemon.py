@@ -27,7 +27,7 @@ from kmesh import __version__, log as kmlog, mounts
 from kmesh.bpf import features as kfeatures, libbpf, loader, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
-from kmesh.config.model import MeshConfig
+from kmesh.config.model import FILTER_ORDER, MeshConfig
 from kmesh.config.translate import translate_bootstrap
 from kmesh.dataplane import policy_state, sockmap as sockmap_mod
 from kmesh.dataplane.kconfig import KernelConfig
@@ -639,8 +639,10 @@ class Daemon:
         lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
         if lst is None:
             return None
+        filters = lst.http_filters
         return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac,
-                      lst.accept_http_10, lst.route_faults, lst.http_filters.fault if lst.http_filters else None)
+                      lst.accept_http_10, lst.route_faults, filters.fault if filters else None,
+                      filters.order if filters else FILTER_ORDER)
 
     def _l7_bucket(self, lst):
         """The listener's HTTP rate-limit bucket, kept while its settings stay."""

@@ -370,6 +370,22 @@ def test_http_filters_kmesh_does_not_apply_are_warned():
     # The fault filter's own abort applies to every request: the listener is L7.
     (lst,) = m.listeners
     assert lst.routes is not None and lst.route_faults and lst.http_filters.fault.rule.fault.abort_status == 503
+    assert lst.http_filters.order == ("fault",)
+
+
+def test_http_filters_run_in_the_order_listed():
+    lst = _rbac_listener({"action": "ALLOW", "policies": {}})
+    chain = lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    chain[:0] = [{"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "rl", "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}}]
+    chain.insert(2, {"name": "envoy.filters.http.fault", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "abort": {"http_status": 503, "percentage": {"numerator": 100}}}})
+    d = base()
+    d["static_resources"]["listeners"] = [lst]
+    (out,) = translate(d).listeners
+    assert out.http_filters.order == ("rate_limit", "rbac", "fault")
 
 
 def test_per_route_faults_need_the_fault_filter_in_the_chain():

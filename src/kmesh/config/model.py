@@ -39,6 +39,13 @@ class HttpFilters:
     rate_limit: object | None = None
     rbac: object | None = None
     fault: object | None = None    # the fault filter's own fault (kmesh.l7.routes.FilterFault)
+    # The order they run in, as listed in http_filters: "rbac", "rate_limit",
+    # "fault" (Envoy runs the filters in the order given: a rate limit before
+    # RBAC takes a token from a request RBAC then denies).
+    order: tuple[str, ...] = ("rbac", "rate_limit", "fault")
+
+
+FILTER_ORDER = HttpFilters.__dataclass_fields__["order"].default   # a file that lists no filters
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS,
                                ClusterPolicy, LbPolicy, RateLimit)
 from kmesh.config import fields, filters, policies
 from kmesh.config.errors import ConfigError, Problem
-from kmesh.config.model import Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
+from kmesh.config.model import FILTER_ORDER, Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
 
 _Cluster = cluster_pb2.Cluster
 _LB = {
@@ -515,14 +515,15 @@ _HTTP_FILTERS_KNOWN = {"envoy.extensions.filters.http.router.v3.Router", filters
                        policies.HTTP_LOCAL_RATELIMIT_TYPE, _FAULT_FILTER_TYPE}
 
 
-def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bool]:
+def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bool, tuple[str, ...]]:
     """The HTTP local rate limit, RBAC and the fault filter's own fault among
     the connection manager's filters (applied by the L7 hand-off listener):
     (HttpRateLimit | None, Rbac | None, FilterFault | None, whether per-route
-    fault configs apply). Per-route faults need the fault filter in the
-    chain, as in Envoy; a file that lists no HTTP filter at all (not even
-    the router, which Envoy would need) keeps them."""
+    fault configs apply, the order they run in). Per-route faults need the
+    fault filter in the chain, as in Envoy; a file that lists no HTTP filter
+    at all (not even the router, which Envoy would need) keeps them."""
     rate_limit = rbac = fault = None
+    order: list[str] = []
     fault_filter = not hcm.http_filters
     for i, f in enumerate(hcm.http_filters):
         if f.WhichOneof("config_type") != "typed_config":
@@ -544,8 +545,10 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bo
 
             fault_filter = True
             fault = l7.filter_fault(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
+            order.append("fault")
         if kind == policies.HTTP_LOCAL_RATELIMIT_TYPE and rate_limit is None:
             rate_limit = policies.http_rate_limit(ctx, fpath, f.typed_config)
+            order.append("rate_limit")
         elif kind == filters.RBAC_TYPE:
             if rbac is not None:
                 ctx.unsupported(fpath, "kmesh applies one RBAC filter per connection manager")
@@ -553,7 +556,8 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bo
             from kmesh.l7 import rbac as l7rbac   # late: only configs with RBAC pay for it
             rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn,
                                        fail_closed=ctx.lenient)
-    return rate_limit, rbac, fault, fault_filter
+            order.append("rbac")
+    return rate_limit, rbac, fault, fault_filter, tuple(order) if hcm.http_filters else FILTER_ORDER
 
 
 def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
@@ -612,8 +616,8 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     # HTTP filters), whatever the listener's shape (docs/l7.md, "L4 or L7").
     # Routed per request, Host then picks among all the virtual hosts, as in
     # Envoy.
-    http_rl, rbac, fault, fault_filter = _http_filters(ctx, path, hcm)
-    http_filters = HttpFilters(http_rl, rbac, fault) \
+    http_rl, rbac, fault, fault_filter, order = _http_filters(ctx, path, hcm)
+    http_filters = HttpFilters(http_rl, rbac, fault, order) \
         if http_rl is not None or rbac is not None or fault is not None else None
     star = next((i for i, v in enumerate(vhosts) if "*" in v.domains), None)
     fallback = star if star is not None else (None if ctx.lenient else 0)

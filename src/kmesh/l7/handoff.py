@@ -32,7 +32,7 @@ import httptools
 
 from kmesh import limits
 from kmesh.bpf import records
-from kmesh.config.model import Cluster
+from kmesh.config.model import FILTER_ORDER, Cluster
 from kmesh.l7 import routes as rt
 from kmesh.l7 import fdstore, headers, http1, netns, splice
 from kmesh.l7.balancer import Balancer
@@ -86,6 +86,7 @@ class Target:
     accept_http_10: bool = False       # else an HTTP/1.0 request gets 426, as in Envoy
     route_faults: bool = True          # the fault filter is in the chain: per-route faults apply
     filter_fault: object = None        # kmesh.l7.routes.FilterFault: where no per-route config says
+    order: tuple[str, ...] = FILTER_ORDER   # "rbac", "rate_limit", "fault" as http_filters lists them
 
 
 @dataclass
@@ -147,9 +148,34 @@ def parse_head(head: bytes) -> rt.Request:
         raise BadRequest(str(e)) from None
     if not h.complete:
         raise BadRequest("incomplete request head")
-    host = next((v for n, v in h.headers if n.lower() == "host"), "")
-    return rt.Request(method=parser.get_method().decode("latin-1"), path=h.url.decode("latin-1"), host=host,
-                      headers=tuple(h.headers))
+    hosts = [v for n, v in h.headers if n.lower() == "host"]
+    path = h.url.decode("latin-1")
+    host, normalised = ",".join(hosts), len(hosts) > 1   # Envoy joins a repeated Host
+    scheme = path[:8].lower()
+    if scheme.startswith(("http://", "https://")):
+        # Absolute form (RFC 9112 3.2.2): the URL's authority is the host,
+        # whatever Host says, and the origin-form path goes upstream.
+        rest = path[path.index("://") + 3:]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        # 'http://x' is path '/'; 'http://x?q' keeps '?q' (Envoy's path then
+        # matches no prefix route).
+        host, path, normalised = rest[:cut], rest[cut:] or "/", True
+    elif not hosts:
+        raise BadRequest("no Host header")   # Envoy: 400, also for HTTP/1.0
+    return rt.Request(method=parser.get_method().decode("latin-1"), path=path, host=host,
+                      headers=tuple(h.headers), normalised=normalised)
+
+
+def _one_host(hdrs, host: str) -> list[tuple[str, str]]:
+    """``hdrs`` with one Host, ``host``, where the first was (else last)."""
+    out, done = [], False
+    for n, v in hdrs:
+        if n.lower() != "host":
+            out.append((n, v))
+        elif not done:
+            out.append((n, host))
+            done = True
+    return out if done else out + [("Host", host)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +185,16 @@ class Routed:
     route: rt.RouteTo
     cluster: str
     ctx: headers.Context
+    # (origin-form target, authority) when the head as sent says otherwise
+    # (an absolute-form target, Host sent twice): what goes upstream.
+    origin: tuple[str, str] | None = None
+
+    def host(self, framed: http1.Head) -> str:
+        """The Host sent upstream (before header mutations)."""
+        host = self.route.host_for(self.cluster)
+        if host is None:
+            host = self.origin[1] if self.origin else next((v for n, v in framed.headers if n.lower() == "host"), "")
+        return host
 
     def upstream_head(self, head: bytes, framed: http1.Head, attempt: int = 0) -> bytes:
         """The head to send upstream: the route's path and Host rewrites and
@@ -168,12 +204,14 @@ class Routed:
         levels = route.request_levels(self.cluster)
         count = route.attempt_count_request and attempt
         host = route.host_for(self.cluster)
-        if route.rewrite_path is None and host is None and not levels and not count:
+        if route.rewrite_path is None and host is None and not levels and not count and self.origin is None:
             return head
         method, target, version = framed.start
+        if self.origin is not None:
+            target = self.origin[0]
         hdrs = framed.headers
-        if host is not None:
-            hdrs = tuple((n, host) if n.lower() == "host" else (n, v) for n, v in hdrs)
+        if host is not None or self.origin is not None:
+            hdrs = _one_host(hdrs, self.host(framed))
         if levels:
             hdrs = headers.apply(levels, hdrs, self.ctx)
         if count:
@@ -664,7 +702,7 @@ class Handoff:
         except (BadRequest, http1.FramingError):
             self.stats.bad_requests += 1
             return await self._answer(conn, head, 400)
-        decision = self._decide(target, req, framed, peer, vip)
+        decision = await self._decide(target, req, framed, peer, vip)
         inode = ns.inode if ns else self._host_netns
         if not isinstance(decision, Routed):
             status, body, extra, keepable = decision
@@ -679,35 +717,27 @@ class Handoff:
         await self._requests(target, peer, vip, conn, inode, (head, framed, decision, req))
 
     @staticmethod
-    def _fault(target: Target, route: rt.RouteTo, req: rt.Request) -> rt.Fault | None:
+    def _fault(target: Target, decision, req: rt.Request) -> rt.Fault | None:
         """The fault for this request, as Envoy's fault filter decides it:
         none without the filter in the chain; the route configuration's
-        (route, then virtual host, then configuration) when one sets it;
-        else the filter's own."""
+        (route, then virtual host, then configuration) when one sets it (on a
+        direct response or redirect: none, warned at compile time); else
+        the filter's own (also for a request no route matches)."""
         if not target.route_faults:
             return None
-        if route.fault_set:
-            return route.fault
+        if decision is not None and decision.fault_set:
+            return decision.fault if isinstance(decision, rt.RouteTo) else None
         return target.filter_fault.for_request(req) if target.filter_fault else None
 
-    async def _injected(self, target: Target, routed: Routed, req: rt.Request, conn: socket.socket,
-                        head: bytes, keep: bool = False) -> bool:
-        """The request's fault: its delay, then its abort (answered here);
-        whether it was aborted. ``head``: still in the socket (peeked)."""
-        fault = self._fault(target, routed.route, req)
-        if fault and fault.delay_ms and random.random() * 100 < fault.delay_percent:
-            await asyncio.sleep(fault.delay_ms / 1000)
-        if fault and fault.abort_status and random.random() * 100 < fault.abort_percent:
-            await self._answer(conn, head, *routed.answer(fault.abort_status, b"fault filter abort"), keep=keep)
-            return True
-        return False
-
-    def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
+    async def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The request's Routed, or the local answer (status, body, extra
-        headers, whether the connection may go on after it). Envoy's codec answers first: a fragment in the target is
-        400, HTTP/1.0 is 426 unless the connection manager accepts it. The
-        route is found before RBAC and the rate limit: their answers carry
-        its response header mutations, as Envoy's do."""
+        headers, whether the connection may go on after it). Envoy's codec
+        answers first: a fragment in the target is 400, HTTP/1.0 is 426
+        unless the connection manager accepts it. Then the HTTP filters in
+        their order (RBAC, the local rate limit, the fault filter's delay and
+        abort), then the router (no route: 404; a direct response; a
+        redirect; else upstream). The route is found first: local answers
+        carry its response header mutations, as Envoy's do."""
         if "#" in req.path:
             self.stats.bad_requests += 1
             return 400, b"", (), False
@@ -716,7 +746,8 @@ class Handoff:
         decision = target.routes.match(req)
         ctx = headers.Context(peer[:2], vip, req.headers)
         if isinstance(decision, rt.RouteTo):
-            routed = Routed(decision, rt.pick_weighted(decision.clusters, random.random()), ctx)
+            routed = Routed(decision, rt.pick_weighted(decision.clusters, random.random()), ctx,
+                            (req.path, req.host) if req.normalised else None)
             answer = routed.answer
         else:
             levels = decision.response_headers if decision is not None else ()
@@ -726,13 +757,21 @@ class Handoff:
 
         def local(*args) -> tuple:   # the route's answer, after which the connection may go on
             return (*answer(*args), True)
-        if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
-            self.stats.denied += 1
-            return local(403, DENIED)
-        rl = target.rate_limit
-        if rl and target.bucket and random.random() * 100 < rl.enabled_percent and not target.bucket.take() \
-                and random.random() * 100 < rl.enforced_percent:
-            return local(rl.status, b"local_rate_limited")
+        for step in target.order:
+            if step == "rbac":
+                if target.rbac is not None and not target.rbac.allows(req, peer[0], vip):
+                    self.stats.denied += 1
+                    return local(403, DENIED)
+            elif step == "rate_limit":
+                rl = target.rate_limit
+                if rl and target.bucket and random.random() * 100 < rl.enabled_percent \
+                        and not target.bucket.take() and random.random() * 100 < rl.enforced_percent:
+                    return local(rl.status, b"local_rate_limited")
+            elif (fault := self._fault(target, decision, req)) is not None:
+                if fault.delay_ms and random.random() * 100 < fault.delay_percent:
+                    await asyncio.sleep(fault.delay_ms / 1000)
+                if fault.abort_status and random.random() * 100 < fault.abort_percent:
+                    return local(fault.abort_status, b"fault filter abort")
         if decision is None:
             return 404, b"", (), True
         if isinstance(decision, rt.DirectResponse):
@@ -788,7 +827,7 @@ class Handoff:
                     return await self._answer(conn, b"", 400)
                 except TimeoutError:
                     return
-                route = self._decide(target, req, framed, peer, vip)
+                route = await self._decide(target, req, framed, peer, vip)
                 if not isinstance(route, Routed):
                     status, body, extra, keepable = route
                     if not await self._answer(conn, b"", status, body, extra, keepable and self._may_keep(framed)):
@@ -811,8 +850,6 @@ class Handoff:
         """One request to its upstream (retried as its route's retry policy
         says) and its response back; whether the connection goes on."""
         keep = self._may_keep(framed)   # after an answer of its own, as Envoy
-        if await self._injected(target, routed, req, conn, b"", keep):
-            return keep
         route = routed.route
         cluster = target.clusters.get(routed.cluster)
         if cluster is None:
@@ -875,10 +912,7 @@ class Handoff:
         cluster = target.clusters.get(m.cluster)
         if cluster is None:
             return
-        host = routed.route.host_for(routed.cluster)
-        if host is None:
-            host = next((v for n, v in framed.headers if n.lower() == "host"), "")
-        shadow = Routed(replace(routed.route, rewrite_host=m.host(host)), routed.cluster, routed.ctx)
+        shadow = replace(routed, route=replace(routed.route, rewrite_host=m.host(routed.host(framed))))
         data = shadow.upstream_head(head, framed, 1) + body
         timeout = routed.route.timeout_ms / 1000 if routed.route.timeout_ms else rt.DEFAULT_TIMEOUT_MS / 1000
 
@@ -1023,8 +1057,6 @@ class Handoff:
 
     async def _forward(self, target: Target, routed: Routed, head: bytes, framed: http1.Head, conn: socket.socket,
                        ns: netns.Netns | None, req: rt.Request) -> None:
-        if await self._injected(target, routed, req, conn, head):
-            return
         cluster = target.clusters.get(routed.cluster)
         upstream, ep = await self._connect(cluster, routed.route.retries, ns) if cluster else (None, None)
         if upstream is None:

@@ -71,12 +71,16 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request as received. ``path`` is the request target as sent (with
-    the query); ``host`` the Host header; header names are as sent."""
+    """One request as received. ``path`` is the request target in origin
+    form (with the query); ``host`` the authority: the Host header, or the
+    URL's of an absolute-form target, or every Host sent joined by ','
+    (Envoy's :authority); header names are as sent. ``normalised``: the
+    head as sent says otherwise (the head sent upstream must say this)."""
     method: str
     path: str
     host: str
     headers: tuple[tuple[str, str], ...] = ()
+    normalised: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,9 @@ class DirectResponse:
     status: int
     body: bytes
     response_headers: tuple[HeaderOps, ...] = ()
+    # A level of the route configuration configures the fault filter: kmesh
+    # injects no fault here (warned), and the filter's own does not apply.
+    fault_set: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +179,7 @@ class Redirect:
     status: int
     location: str
     response_headers: tuple[HeaderOps, ...] = ()
+    fault_set: bool = False     # as DirectResponse's
 
 
 Decision = RouteTo | DirectResponse | Redirect
@@ -1127,6 +1135,7 @@ class _Redirect:
     path: str               # path_redirect
     rewrite: _PathRewrite | None
     strip_query: bool
+    fault_set: bool = False
 
     def decide(self, view: _View, pm: _PathMatch) -> Redirect:
         target = view.req.path
@@ -1144,7 +1153,7 @@ class _Redirect:
             final = "/" + final
         if self.strip_query and not path_has_query:
             final = final.split("?", 1)[0]
-        return Redirect(self.status, f"{scheme}://{host}{self.port}{final}", self.response_headers)
+        return Redirect(self.status, f"{scheme}://{host}{self.port}{final}", self.response_headers, self.fault_set)
 
 
 def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tuple[str, int], ...] | None:
@@ -1286,9 +1295,13 @@ def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | N
                         else None)
     response_headers = _outer(mutations[1], vh.response_headers, vh.most_specific_last)
     if kind == "redirect":
-        return _redirect(sink, f"{rpath}.redirect", route.redirect, response_headers)
+        redirect = _redirect(sink, f"{rpath}.redirect", route.redirect, response_headers)
+        return replace(redirect, fault_set=True) if redirect is not None and fault is not None else redirect
     if kind == "direct_response":
-        return _direct(sink, f"{rpath}.direct_response", route.direct_response, vh.max_body, response_headers)
+        direct = _direct(sink, f"{rpath}.direct_response", route.direct_response, vh.max_body, response_headers)
+        if direct is not None and fault is not None:
+            return _Fixed(replace(direct.decision, fault_set=True))
+        return direct
     return None     # filter_action, non_forwarding_action: reported with the other fields
 
 
