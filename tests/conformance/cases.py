@@ -255,9 +255,11 @@ DIRECT = Case(
          req("/ok", method="POST", body="data"), req("/none")))
 
 DIRECT_201 = Case(
-    "direct_response 201: Envoy adds a Location (kmesh warns it does not)",
-    [vh([dr({"path": "/created"}, "made", 201)])],
-    seqs(req("/created"), req("/created?q=1", host="h:81")))
+    "direct_response 201 and 3xx: a Location with the request's URL",
+    [vh([dr({"path": "/created"}, "made", 201), dr({"path": "/moved"}, "moved", 302),
+         {**dr({"path": "/h"}, "h", 301), "response_headers_to_add": [
+             {"header": {"key": "location", "value": "/elsewhere"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}])],
+    seqs(req("/created"), req("/created?q=1", host="h:81"), req("/moved?a=b"), req("http://abs/moved"), req("/h")))
 
 TIMEOUTS = Case(
     "route timeout: 504 when the upstream is later",

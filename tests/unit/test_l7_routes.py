@@ -756,7 +756,6 @@ def test_problems_name_the_field(cfg, path, reason):
     (rc(vhost(route({"safe_regex": {"regex": "/", "google_re2": {"max_program_size": 100}}, "case_sensitive": True}))),
      f"{R}.match.safe_regex.google_re2.max_program_size"),
     (rc(vhost(route({"safe_regex": {"regex": "/"}, "case_sensitive": False}))), f"{R}.match.case_sensitive"),
-    (rc(vhost(route(direct_response={"status": 302}))), f"{R}.direct_response.status"),
     (rc(vhost(route(redirect={"path_redirect": "/"}, typed_per_filter_config=fault(
         abort={"http_status": 503})))), f"{R}.redirect"),
 ])
@@ -897,3 +896,9 @@ def test_a_weighted_clusters_host_rewrite_unless_the_route_has_one():
     assert (to.host_for("c0"), to.host_for("c1")) == ("wc.example", None)
     to = table_of(rc(vhost(route(action={**wc, "host_rewrite_literal": "route.example"})))).match(req())
     assert (to.host_for("c0"), to.host_for("c1")) == ("route.example", "route.example")
+
+
+@pytest.mark.parametrize("status, location", [(200, False), (201, True), (302, True), (404, False)])
+def test_direct_responses_that_name_the_request_url(status, location):
+    d = table_of(rc(vhost(route(direct_response={"status": status})))).match(req())
+    assert d.location is location

@@ -775,7 +775,8 @@ class Handoff:
         if decision is None:
             return 404, b"", (), True
         if isinstance(decision, rt.DirectResponse):
-            return local(decision.status, decision.body)
+            where = (("location", f"http://{req.host}{req.path}"),) if decision.location else ()
+            return local(decision.status, decision.body, where)
         if isinstance(decision, rt.Redirect):
             return local(decision.status, b"", (("location", decision.location),))
         return routed

@@ -172,6 +172,7 @@ class DirectResponse:
     # A level of the route configuration configures the fault filter: kmesh
     # injects no fault here (warned), and the filter's own does not apply.
     fault_set: bool = False
+    location: bool = False      # a Location header with the request's URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -1259,10 +1260,11 @@ def _direct(sink: _Sink, path: str, dr, max_body: int, response_headers: tuple[H
     if not 200 <= dr.status < 600:
         sink.problem(f"{path}.status", "must be in [200, 600)")
         return None
-    if dr.status == 201 or 300 <= dr.status < 400:
-        sink.note(f"{path}.status", "Envoy adds a Location header (the request's URL) to this status; kmesh does not")
     body = _body(sink, f"{path}.body", dr.body, max_body) if dr.HasField("body") else b""
-    return _Fixed(DirectResponse(dr.status, body, response_headers)) if body is not None else None
+    if body is None:
+        return None
+    # Envoy names the request's URL in a Location for 201 and 3xx (RFC 9110 10.2.2).
+    return _Fixed(DirectResponse(dr.status, body, response_headers, location=dr.status == 201 or 300 <= dr.status < 400))
 
 
 # --------------------------------------------------------------------------
