@@ -181,6 +181,23 @@ def _envoy(cases: list[Case], clusters: list[dict], tmp: Path):
         return
 
 
+def run_batch_own_daemon(cases: list[Case], cgroup: harness.Cgroup, tmp: Path) -> list[Outcome]:
+    """run_batch with a daemon of its own on ``cgroup`` (a child cgroup),
+    torn down before this returns, as the kmesh fixture does."""
+    made: list[harness.Kmesh] = []
+
+    def start(cfg):
+        k = harness.Kmesh(cgroup, tmp / "kmesh.yaml")
+        made.append(k)
+        k.write_config(cfg)
+        return k.start()
+    try:
+        return run_batch(cases, start, cgroup, tmp)
+    finally:
+        for k in made:
+            k.teardown()
+
+
 def run_batch(cases: list[Case], start_kmesh, cgroup: harness.Runner, tmp: Path) -> list[Outcome]:
     """``start_kmesh(bootstrap_dict)`` starts a daemon governing ``cgroup``
     and returns it (the ``kmesh`` fixture, or a daemon the caller tears

@@ -148,20 +148,9 @@ def cases(draw) -> Case:
 def test_generated_tables_as_envoy(cgroup, tmp_path, batch):
     """A daemon of its own per example (on the test's child cgroup, torn
     down before the next one, as the kmesh fixture does)."""
-    made: list[harness.Kmesh] = []
     tmp = tmp_path / f"example-{harness.unique('x')}"
     tmp.mkdir()
-
-    def start(cfg):
-        k = harness.Kmesh(cgroup, tmp / "kmesh.yaml")
-        made.append(k)
-        k.write_config(cfg)
-        return k.start()
-    try:
-        outcomes = oracle.run_batch(batch, start, cgroup, tmp)
-    finally:
-        for k in made:
-            k.teardown()
+    outcomes = oracle.run_batch_own_daemon(batch, cgroup, tmp)
     failures = []
     for o in outcomes:
         try:
