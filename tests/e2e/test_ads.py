@@ -53,14 +53,14 @@ def test_traffic_follows_pushes(kmesh, cgroup, backends, xds):
     assert st["mode"] == "ads" and st["xds"]["connection"]["state"] == "connected" and st["xds"]["synced"]
     assert xds.requests[0].node_id.startswith("sidecar~")
     got = collections.Counter(cgroup.curl(f"http://{v}:{PORT}/[1-1000]"))
-    assert abs(share(got, "A") - 0.8) <= 0.05, got
+    assert abs(share(got, "A") - 0.8) <= 0.065, got   # binomial, n=1000: P(fail) < 5e-7
 
     # weights 80/20 -> 20/80
     ver = xds.set(rt.RDS, [istio.route_config(str(PORT), [
         {"host": REVIEWS, "vip": v, "port": PORT, "weighted": [(R1, 20), (R2, 80)]}])])
     xds.wait_ack(rt.RDS, ver)
     got = collections.Counter(cgroup.curl(f"http://{v}:{PORT}/[1-1000]"))
-    assert abs(share(got, "A") - 0.2) <= 0.05, got
+    assert abs(share(got, "A") - 0.2) <= 0.065, got   # binomial, n=1000: P(fail) < 4e-7
 
     # add a service (TCP listener of its own) and an endpoint to v2
     details = istio.outbound(PORT, "details.default.svc.cluster.local")
@@ -88,7 +88,8 @@ def test_traffic_follows_pushes(kmesh, cgroup, backends, xds):
     # SIGTERM in ADS mode: the stream is closed; the programs fail static
     assert k.stop() == 0
     assert sorted(k.attached_programs()) == harness.PROGRAMS
-    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-20]")) == {"A", "B"}
+    # the kernel's catch-all, 20/80: both seen in 70 draws but with P = 0.8^70 + 0.2^70 < 2e-7
+    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-70]")) == {"A", "B"}
 
 
 def test_bad_resource_nacked_old_config_serves(kmesh, cgroup, backends, xds):
@@ -173,7 +174,8 @@ def test_layout_migration_in_ads_mode_waits_for_the_control_plane(kmesh, cgroup,
     report = load.report(stop=False)
     assert report["failed"] == 0 and set(report["bodies"]) == {"A", "B"}, report
     assert k.pinned_layout() == records.KMESH_LAYOUT_VERSION and not (k.pin_root / "staging").exists()
-    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-20]")) == {"A", "B"}
+    # 50/50: one backend alone in 25 draws with P = 2 * 0.5^25 < 6e-8
+    assert set(cgroup.curl(f"http://{v}:{PORT}/[1-25]")) == {"A", "B"}
 
 
 def test_ready_after_timeout_without_control_plane(kmesh, cgroup):

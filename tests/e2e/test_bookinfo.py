@@ -9,9 +9,9 @@ import pytest
 
 from tests.support import bookinfo, pods
 
-# P(reviews-v2 share of 200 draws at p = 0.2 falls outside [0.08, 0.34]) < 1e-6
-# (binomial tails: P(X <= 16) ~ 4e-7, P(X >= 68) ~ 2e-7).
-N, LOW, HIGH = 200, 0.08, 0.34
+# P(reviews-v2 share of 200 draws at p = 0.2 falls outside [0.07, 0.35]) < 1e-6
+# (binomial tails: P(X <= 13) + P(X >= 71) = 3.2e-7).
+N, LOW, HIGH = 200, 0.07, 0.35
 
 
 @pytest.fixture

@@ -111,10 +111,11 @@ def test_weighted_per_request_fault_abort_and_delay(kmesh, cgroup, backends):
                     [cluster("a", lb_ep(*a.addr)), cluster("b", lb_ep(*b.addr))]))
     n = 1000
     got = cgroup.curl(f"http://{v}/[1-{n}]", ("-H", "Connection: close"))
-    assert len(got) == n and abs(got.count("B") / n - 0.20) <= 0.05, got.count("B")
+    assert len(got) == n and abs(got.count("B") / n - 0.20) <= 0.065, got.count("B")   # P(fail) < 4e-7
     codes = cgroup.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n", "-H", "Connection: close",
                         f"http://{v}:81/[1-{n}]"]).stdout.split()
-    assert len(codes) == n and set(codes) == {"200", "503"} and abs(codes.count("503") / n - 0.5) <= 0.05
+    # binomial, n=1000, p=1/2: P(outside 0.5 +- 0.08) < 5e-7
+    assert len(codes) == n and set(codes) == {"200", "503"} and abs(codes.count("503") / n - 0.5) <= 0.08
 
     def seconds(path: str) -> float:
         r = cgroup.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"http://{v}:82{path}"])
@@ -122,8 +123,9 @@ def test_weighted_per_request_fault_abort_and_delay(kmesh, cgroup, backends):
         assert code == "200", r.stdout
         return float(t)
     delayed, plain = [seconds("/slow") for _ in range(3)], [seconds("/fast") for _ in range(3)]
-    assert all(0.25 <= t < 0.25 + 0.2 for t in delayed), delayed
-    assert all(t < 0.1 for t in plain), plain
+    # once, not twice; the other route not delayed (margins for a loaded machine)
+    assert all(0.25 <= t < 2 * 0.25 for t in delayed), delayed
+    assert all(t < 0.25 for t in plain), plain
 
 
 def test_errors_431_and_503(kmesh, cgroup):

@@ -139,7 +139,8 @@ def test_local_rate_limit(kmesh, cgroup, sink):
     got = json.loads(r.stdout)
     admitted, refused = got["80"]
     # 10 at once, then 10 per second: 50 to 60 in 5 s, whatever the attempts
-    assert 50 <= admitted <= 60 and refused > 100, got
+    # (about 240 of them; a loaded machine makes fewer: refused is only checked to be many)
+    assert 50 <= admitted <= 60 and refused >= 20, got
     assert got["81"][1] == 0, got   # another listener is not limited
     m = metrics(k)
     assert m[("kmesh_listener_rate_limited_total", (("listener", f"{v}:80"),))] == refused

@@ -109,7 +109,7 @@ def test_weighted_clusters(lb):
     lb.add_listener("127.0.0.1", 80, [(1, 70), (2, 20), (3, 10)])
     got = collections.Counter(lb.ports("127.0.0.1", 80, 10000))
     for port, share in ((1001, 0.7), (1002, 0.2), (1003, 0.1)):
-        assert abs(got[port] / 10000 - share) < 0.02, got
+        assert abs(got[port] / 10000 - share) < 0.025, got   # multinomial, n=10000: P(any fails) < 5e-8
 
 
 def test_least_request_uses_counts_and_weights(lb):
