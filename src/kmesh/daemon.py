@@ -28,8 +28,8 @@ from kmesh.bpf import features as kfeatures, libbpf, loader, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import FILTER_ORDER, MeshConfig
-from kmesh.config.translate import translate_bootstrap
-from kmesh.dataplane import policy_state, sockmap as sockmap_mod
+from kmesh.config.builder import translate_bootstrap
+from kmesh.dataplane import pins, policy_state, sockmap as sockmap_mod
 from kmesh.dataplane.kconfig import KernelConfig
 from kmesh.dataplane.maps import ConfigMaps
 from kmesh.dataplane.plan import CapacityError, MapState, plan, plan_changes
@@ -222,7 +222,7 @@ class Daemon:
             attached = dp.attach()
         except OSError as e:
             if not dp.took_over:
-                loader.cleanup(self.opts.bpf_fs_path)
+                pins.cleanup(self.opts.bpf_fs_path)
             raise StartError(f"attach to cgroup {self.opts.cgroup2_path}: {e}") from None
         dp.finish()
         return attached

@@ -236,7 +236,7 @@ def check(text: str) -> str:
     AssertionError for anything but a well-formed refusal."""
     from kmesh.config import bootstrap
     from kmesh.config.errors import ConfigError
-    from kmesh.config.translate import translate_bootstrap
+    from kmesh.config.builder import translate_bootstrap
     from kmesh.dataplane.plan import CapacityError, MapState, plan
 
     try:

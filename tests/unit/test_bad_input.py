@@ -57,7 +57,7 @@ def _cluster(**kw) -> str:
         "x": json.loads("[" * 200 + "]" * 200)}}}]}}), "static_resources.clusters[0].metadata", "nested deeper"),
 ])
 def test_odd_values_found_by_the_fuzzer_are_refused_with_a_path(text, path, reason):
-    from kmesh.config.translate import translate_bootstrap
+    from kmesh.config.builder import translate_bootstrap
 
     with pytest.raises(ConfigError) as e:
         translate_bootstrap(bootstrap.parse_text(text, "odd.json"))

@@ -15,8 +15,8 @@ from google.protobuf.descriptor import FieldDescriptor as FD
 from kmesh.config import fields
 from kmesh.config.bootstrap import LoadedConfig
 from kmesh.config.errors import ConfigError
-from kmesh.config.translate import translate_bootstrap
-from kmesh.l7 import rbac, routes
+from kmesh.config.builder import translate_bootstrap
+from kmesh.config.http import rbac, routes
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ import pytest
 
 from kmesh.l7 import http1
 from kmesh.l7.handoff import BadRequest, Routed, parse_head
-from kmesh.l7.headers import Context
-from kmesh.l7.routes import RouteTo
+from kmesh.config.http.headers import Context
+from kmesh.config.http.routes import RouteTo
 
 
 def head(target: str, *hosts: str, version: str = "HTTP/1.1") -> bytes:

@@ -1,5 +1,5 @@
 """HTTP/1.1 route decisions with Envoy's RouteConfiguration semantics
-(kmesh.l7.routes): virtual host selection, path/header/query matching, route
+(kmesh.config.http.routes): virtual host selection, path/header/query matching, route
 actions, and which fields are refused (problems) or accepted unenforced
 (notes), each named by its exact field path."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import empty_pb2, json_format
 
-from kmesh.l7.routes import (DirectResponse, Fault, Redirect, Request, Retry, RouteTo, TableOptions, compile_routes,
+from kmesh.config.http.routes import (DirectResponse, Fault, Redirect, Request, Retry, RouteTo, TableOptions, compile_routes,
                              compile_virtual_hosts, needs_l7, pick_weighted)
 
 # Types that the configs below name in "@type" (ParseDict resolves them from the imported modules).
@@ -816,7 +816,7 @@ def _hv(key: str, value: str, action: str | None = None, **extra) -> dict:
 
 
 def test_header_mutations_apply_from_the_weighted_cluster_out_to_the_route_configuration():
-    from kmesh.l7 import headers
+    from kmesh.config.http import headers
 
     cfg = rc(vhost(route(action={"weighted_clusters": {"clusters": [
         {"name": "c0", "weight": 1, "request_headers_to_add": [_hv("x-a", "wc")],
@@ -842,7 +842,7 @@ def test_header_mutations_apply_from_the_weighted_cluster_out_to_the_route_confi
 
 
 def test_most_specific_header_mutations_win_puts_the_route_last():
-    from kmesh.l7 import headers
+    from kmesh.config.http import headers
 
     cfg = rc(vhost(route(request_headers_to_add=[_hv("x", "route", "OVERWRITE_IF_EXISTS_OR_ADD")]),
                    request_headers_to_add=[_hv("x", "vh", "OVERWRITE_IF_EXISTS_OR_ADD")]),
@@ -854,7 +854,7 @@ def test_most_specific_header_mutations_win_puts_the_route_last():
 
 
 def test_a_weighted_clusters_mutations_go_first_whatever_the_order():
-    from kmesh.l7 import headers
+    from kmesh.config.http import headers
 
     wc = {"weighted_clusters": {"clusters": [{"name": "c0", "weight": 1, "request_headers_to_add": [
         _hv("x", "wc", "OVERWRITE_IF_EXISTS_OR_ADD"), _hv("y", "wc", "ADD_IF_ABSENT")]}]}}
@@ -871,7 +871,7 @@ def test_direct_responses_and_redirects_carry_the_response_mutations():
                          response_headers_to_add=[_hv("r", "route")]),
                    route({"prefix": "/"}, redirect={"path_redirect": "/x"}, name="r"),
                    response_headers_to_add=[_hv("v", "vh")]))
-    from kmesh.l7 import headers
+    from kmesh.config.http import headers
     ctx = headers.Context(("10.0.0.1", 1), ("10.96.0.1", 80))
     d, r = table_of(cfg).match(req("/d")), table_of(cfg).match(req("/e"))
     assert headers.apply(d.response_headers, [], ctx) == [("r", "route"), ("v", "vh")]

@@ -118,12 +118,12 @@ def test_http_local_rate_limit_filter():
     from google.protobuf import any_pb2, json_format
     from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as m
     from kmesh.config import policies
-    from kmesh.config.translate import _Ctx
+    from kmesh.config.translate import Ctx
 
     def translate_rl(d):
         a = any_pb2.Any()
         a.Pack(json_format.ParseDict(d, m.LocalRateLimit()))
-        ctx = _Ctx("t.yaml", "static_resources", False)
+        ctx = Ctx("t.yaml", "static_resources", False)
         return policies.http_rate_limit(ctx, "f", a), ctx
 
     bucket = {"max_tokens": 10, "tokens_per_fill": 2, "fill_interval": "1s"}

@@ -9,7 +9,7 @@ from kmesh.bpf.records import LbPolicy
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import Endpoint, WeightedCluster
-from kmesh.config.translate import translate_bootstrap
+from kmesh.config.builder import translate_bootstrap
 
 from tests.support.envoy import HCM, cluster, hcm_listener, lb_ep, sock, tcp_listener  # noqa: F401
 
@@ -337,7 +337,7 @@ def test_rbac_from_a_control_plane_that_cannot_be_enforced_denies_everything():
     from envoy.config.listener.v3 import listener_pb2
     from envoy.config.cluster.v3 import cluster_pb2
 
-    from kmesh.config.translate import translate as translate_resources
+    from kmesh.config.builder import translate as translate_resources
 
     lst = json_format.ParseDict(_rbac_listener(MTLS_DENY), listener_pb2.Listener())
     c = json_format.ParseDict(base()["static_resources"]["clusters"][0], cluster_pb2.Cluster())

@@ -302,7 +302,7 @@ class Accepted:
 
     def full_translation(self):
         """What translating every accepted resource from scratch gives."""
-        from kmesh.config.translate import translate
+        from kmesh.config.builder import translate
 
         res = {t.short: {n: (f"{t.short}[{n}]", t.message.FromString(raw)) for n, raw in self.raw[t].items()}
                for t in rt.ALL}

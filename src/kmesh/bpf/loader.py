@@ -373,45 +373,6 @@ class Dataplane:
             self._lock_fd = -1
 
 
-def cleanup(bpf_fs_path: str) -> list[str]:
-    """Detach every pinned kmesh link and remove every kmesh pin.
-
-    Works without loading anything, so it also cleans up after a daemon that
-    died or after a version whose object no longer matches.
-    """
-    root = Path(bpf_fs_path) / PIN_DIR
-    removed: list[str] = []
-    link_dir = root / "link"
-    from kmesh.dataplane.sockmap import quiesce_pinned
-
-    try:
-        quiesce_pinned(root)
-    except OSError as e:
-        log.warning("could not turn same-host acceleration off first", extra={"kv": {"error": str(e)}})
-    if link_dir.is_dir():
-        for pin in sorted(link_dir.iterdir()):
-            try:
-                detach_pinned_link(pin)
-            except OSError as e:
-                log.warning("could not detach pinned link", extra={"kv": {"pin": str(pin), "error": str(e)}})
-            pin.unlink(missing_ok=True)
-            removed.append(str(pin))
-    map_dirs = [root / "map", root / "staging"]
-    for map_dir in map_dirs:
-        if map_dir.is_dir():
-            for pin in sorted(map_dir.iterdir()):
-                pin.unlink(missing_ok=True)
-                removed.append(str(pin))
-    for d in (link_dir, *map_dirs, root):
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("left a directory that is not empty", extra={"kv": {"path": str(d), "error": e.strerror}})
-    return removed
-
-
 def in_use(bpf_fs_path: str) -> bool:
     """True while a running daemon holds the pins under ``bpf_fs_path``."""
     root = Path(bpf_fs_path) / PIN_DIR

@@ -115,7 +115,8 @@ def cleanup(opts: options.Options, force: bool, unmount: bool):
     """Detach kmesh's programs and remove its pins (to turn kmesh off after a
     stop that kept them, after a crash, or to uninstall)."""
     kmlog.setup(opts.log_level)
-    from kmesh.bpf.loader import cleanup as do_cleanup, in_use
+    from kmesh.bpf.loader import in_use
+    from kmesh.dataplane.pins import cleanup as do_cleanup
 
     if in_use(opts.bpf_fs_path) and not force:
         click.echo(f"kmesh-daemon: a running daemon holds {opts.bpf_fs_path}/bpf_kmesh: stop it "

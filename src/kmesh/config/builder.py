@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from kmesh.config.errors import ConfigError
 from kmesh.config.model import Cluster, Listener, MeshConfig
@@ -261,8 +261,8 @@ class MeshBuilder:
         elif isinstance(st, _ClusterState):
             t["clusters"] += sign * st.governed
 
-    def _ctx(self, base: str = "") -> "tr._Ctx":
-        return tr._Ctx(self.source, self.cluster_origin, self.lenient, base)
+    def _ctx(self, base: str = "") -> "tr.Ctx":
+        return tr.Ctx(self.source, self.cluster_origin, self.lenient, base)
 
     # -- prepare ------------------------------------------------------------
     def prepare(self, inputs: Inputs) -> Change:
@@ -335,7 +335,7 @@ class MeshBuilder:
         for name, (path, res) in redo.items():
             pb = _msg(listener_pb2.Listener, res)
             ctx = self._ctx(path)
-            entries = _decoding(ctx, path, tr._listener, lambda: pb, routes) or []
+            entries = _decoding(ctx, path, tr.translate_listener, lambda: pb, routes) or []
             used = (_decoding(ctx, path, lambda _c, _p, x: tuple(filters.rds_names([x])), lambda: pb) or ()) \
                 if self.rds else ()
             problems += ctx.problems
@@ -374,7 +374,7 @@ class MeshBuilder:
                 change.keys[key] = None
                 continue
             ctx = self._ctx()
-            lst, referenced = tr._resolve_key(ctx, key, [e for _, e in entries], outcome_of)
+            lst, referenced = tr.resolve_key(ctx, key, [e for _, e in entries], outcome_of)
             problems += ctx.problems
             change.keys[key] = _KeyState(lst, tuple(referenced), entries[0][0], *ctx.notes())
         return problems
@@ -471,7 +471,7 @@ class MeshBuilder:
         return dict(self._totals)
 
 
-def _decoding(ctx: "tr._Ctx", path: str, translate, resource, *args):
+def _decoding(ctx: "tr.Ctx", path: str, translate, resource, *args):
     """``translate(ctx, path, resource(), *args)``; a typed_config inside
     that does not decode (bytes from a control plane) is a problem of the
     resource, as Envoy refuses it, not an exception."""
@@ -494,3 +494,55 @@ def _put(states: dict, name, st):
     old = states.get(name)
     states[name] = st
     return old
+
+
+# -- the whole pipeline at once ---------------------------------------------
+
+def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],
+              clusters: Sequence[tuple[str, cluster_pb2.Cluster]],
+              *, endpoints: Mapping[str, tuple[str, Message]] | None = None,
+              routes: Mapping[str, tuple[str, Message]] | None = None,
+              lenient: bool = False, cluster_origin: str = "static_resources.clusters") -> MeshConfig:
+    """Translate resources; raises ConfigError listing every problem found.
+
+    ``listeners``/``clusters`` are (field path, proto) pairs and
+    ``endpoints``/``routes`` map a resource name to one, so that problems
+    point into the source each resource came from. ``endpoints`` and
+    ``routes`` are None where EDS / RDS do not exist (standalone).
+    """
+    dup = tr.Ctx(source, cluster_origin, lenient)
+    cmap: dict[str, tuple[str, Message]] = {}
+    for path, pb in clusters:
+        if not pb.name:
+            cmap[f"\0{path}"] = (path, pb)   # cluster_head reports the missing name
+        elif pb.name in cmap:
+            dup.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {cmap[pb.name][0]})")
+        else:
+            cmap[pb.name] = (path, pb)
+    lmap: dict[str, tuple[str, Message]] = {}
+    for path, pb in listeners:
+        if not pb.name:
+            lmap[f"\0{path}"] = (path, pb)
+        elif pb.name in lmap:
+            dup.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {lmap[pb.name][0]})")
+        else:
+            lmap[pb.name] = (path, pb)
+    builder = MeshBuilder(source, lenient, cluster_origin, eds=endpoints is not None, rds=routes is not None)
+    try:
+        change = builder.prepare(Inputs(cmap, dict(endpoints or {}), lmap, dict(routes or {})))
+    except ConfigError as e:
+        raise ConfigError(dup.problems + e.problems) from None
+    if dup.problems:
+        raise ConfigError(dup.problems)
+    builder.commit(change)
+    return builder.mesh()
+
+
+def translate_bootstrap(cfg) -> MeshConfig:
+    """Standalone mode: a Bootstrap's static_resources."""
+    sr = cfg.bootstrap.static_resources
+    return translate(
+        cfg.source,
+        [(f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)],
+        [(f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)],
+    )

@@ -35,10 +35,10 @@ class WeightedCluster:
 class HttpFilters:
     """HTTP filters of a connection manager, applied to the request that
     routes a connection: local_ratelimit (policies.HttpRateLimit) and RBAC
-    (kmesh.l7.rbac.Rbac), each None when absent."""
+    (kmesh.config.http.rbac.Rbac), each None when absent."""
     rate_limit: object | None = None
     rbac: object | None = None
-    fault: object | None = None    # the fault filter's own fault (kmesh.l7.routes.FilterFault)
+    fault: object | None = None    # the fault filter's own fault (kmesh.config.http.routes.FilterFault)
     # The order they run in, as listed in http_filters: "rbac", "rate_limit",
     # "fault" (Envoy runs the filters in the order given: a rate limit before
     # RBAC takes a token from a request RBAC then denies).
@@ -55,7 +55,7 @@ class Listener:
     port: int
     clusters: tuple[WeightedCluster, ...]
     rate_limit: RateLimit = NO_RATE_LIMIT   # new connections (network local_ratelimit)
-    # HTTP routes that need the request (kmesh.l7.routes.RouteTable), decided
+    # HTTP routes that need the request (kmesh.config.http.routes.RouteTable), decided
     # by the daemon's hand-off listener; ``clusters`` then hold the catch-all
     # route, used when the daemon runs without L7.
     routes: object | None = field(default=None, compare=False)

@@ -103,7 +103,7 @@ def _share(notes: list) -> tuple:
 
 
 @dataclass
-class _Ctx:
+class Ctx:
     source: str
     cluster_origin: str
     lenient: bool
@@ -172,14 +172,14 @@ def _set_fields(msg: Message) -> list[str]:
     return [f.name for f, _ in msg.ListFields()]
 
 
-def _warn_unenforced(ctx: _Ctx, path: str, msg: Message, applied: set[str],
+def _warn_unenforced(ctx: Ctx, path: str, msg: Message, applied: set[str],
                      set_fields: list[str] | None = None) -> None:
     for name in set_fields if set_fields is not None else _set_fields(msg):
         if name not in applied:
             ctx.warn(f"{path}.{name}", "accepted but not enforced by kmesh yet")
 
 
-def _socket_address(ctx: _Ctx, path: str, addr: address_pb2.Address, what: str) -> tuple[str, int] | None:
+def _socket_address(ctx: Ctx, path: str, addr: address_pb2.Address, what: str) -> tuple[str, int] | None:
     kind = addr.WhichOneof("address")
     if kind != "socket_address":
         ctx.unsupported(path, f"{what} needs a socket_address" + (f", not {kind}" if kind else ""))
@@ -251,7 +251,7 @@ class _ClusterOutcome:
     reason: str = ""  # why it is not governed (skipped, warming)
 
 
-def cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: bool) -> ClusterHead:
+def cluster_head(ctx: Ctx, path: str, pb: cluster_pb2.Cluster, eds: bool) -> ClusterHead:
     """The head of the cluster at ``path`` (``ctx``: fresh, based at ``path``;
     ``eds``: whether EDS exists, i.e. ADS mode)."""
     reason, service, endpoints = _cluster_head(ctx, path, pb, eds)
@@ -260,7 +260,7 @@ def cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster, eds: bool) -> Cl
                        *ctx.notes(), tuple(ctx.problems))
 
 
-def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
+def _cluster_head(ctx: Ctx, path: str, pb: cluster_pb2.Cluster,
                   eds: bool) -> tuple[str, str | None, tuple[Endpoint, ...] | None]:
     """(reason, EDS service, inline endpoints)."""
     if not pb.name:
@@ -303,13 +303,13 @@ def _cluster_head(ctx: _Ctx, path: str, pb: cluster_pb2.Cluster,
     return "", None, tuple(endpoints)
 
 
-def service_endpoints(ctx: _Ctx, path: str, cla) -> ServiceEndpoints:
+def service_endpoints(ctx: Ctx, path: str, cla) -> ServiceEndpoints:
     """A ClusterLoadAssignment at ``path`` (``ctx``: fresh, based nowhere)."""
     got = _endpoints(ctx, path, cla)
     return ServiceEndpoints(None if got is None else tuple(got), *ctx.notes(), tuple(ctx.problems))
 
 
-def compose_cluster(ctx: _Ctx, path: str, head: ClusterHead,
+def compose_cluster(ctx: Ctx, path: str, head: ClusterHead,
                     eds: Mapping[str, ServiceEndpoints]) -> _ClusterOutcome:
     """The cluster at ``path`` from its head and, for EDS, its service's
     endpoints; ``ctx`` (fresh, based at ``path``) gets the notes and problems
@@ -337,7 +337,7 @@ def compose_cluster(ctx: _Ctx, path: str, head: ClusterHead,
     return _ClusterOutcome(Cluster(head.name, head.policy, got.endpoints, head.traffic))
 
 
-def _endpoints(ctx: _Ctx, path: str, cla) -> list[Endpoint] | None:
+def _endpoints(ctx: Ctx, path: str, cla) -> list[Endpoint] | None:
     """Endpoints of the highest-priority (lowest number) level that has a
     healthy endpoint, as Envoy routes with no further health information."""
     by_priority: dict[int, list[Endpoint]] = {}
@@ -397,13 +397,13 @@ class _Entry:
     path: str
     listener: str
     rate_limit: RateLimit = NO_RATE_LIMIT
-    routes: object = None   # kmesh.l7.routes.RouteTable when the routes need the request
+    routes: object = None   # kmesh.config.http.routes.RouteTable when the routes need the request
     http_filters: object = None   # model.HttpFilters, with routes
     accept_http_10: bool = False  # the connection manager's http_protocol_options
     route_faults: bool = True     # the fault filter is in its chain
 
 
-def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
+def _weighted(ctx: Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_Ref] | None:
     refs = [_Ref(f"{path}[{i}].name", sys.intern(n), w) for i, (n, w) in enumerate(items)]
     if not refs:
         ctx.error(path, "weighted clusters need at least one cluster")
@@ -421,7 +421,7 @@ def _weighted(ctx: _Ctx, path: str, items: Iterable[tuple[str, int]]) -> list[_R
     return refs
 
 
-def _tcp_proxy(ctx: _Ctx, path: str, tp) -> list[_Ref] | None:
+def _tcp_proxy(ctx: Ctx, path: str, tp) -> list[_Ref] | None:
     _warn_unenforced(ctx, path, tp, _TCP_PROXY_APPLIED)
     which = tp.WhichOneof("cluster_specifier")
     if which == "cluster":
@@ -452,7 +452,7 @@ def _l7_conditions(match: route_components_pb2.RouteMatch) -> list[str]:
     return needs
 
 
-def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
+def _route_action(ctx: Ctx, path: str, route) -> list[_Ref] | None:
     kind = route.WhichOneof("action")
     if kind != "route":
         if kind:
@@ -472,7 +472,7 @@ def _route_action(ctx: _Ctx, path: str, route) -> list[_Ref] | None:
     return None
 
 
-def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_Ref] | None:
+def _virtual_host_refs(ctx: Ctx, vpath: str, vhost, l7: bool = False) -> list[_Ref] | None:
     """The route a connection takes in a virtual host at L4: the first
     catch-all route (no L7 condition), else the first route; the clusters
     of the other routes come along with weight 0, to be checked. With
@@ -509,13 +509,13 @@ def _virtual_host_refs(ctx: _Ctx, vpath: str, vhost, l7: bool = False) -> list[_
 
 
 # The HTTP filters kmesh applies (the router; RBAC and the local rate limit
-# here; the fault filter through its per-route configs, kmesh.l7.routes).
+# here; the fault filter through its per-route configs, kmesh.config.http.routes).
 _FAULT_FILTER_TYPE = "envoy.extensions.filters.http.fault.v3.HTTPFault"
 _HTTP_FILTERS_KNOWN = {"envoy.extensions.filters.http.router.v3.Router", filters.RBAC_TYPE,
                        policies.HTTP_LOCAL_RATELIMIT_TYPE, _FAULT_FILTER_TYPE}
 
 
-def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bool, tuple[str, ...]]:
+def _http_filters(ctx: Ctx, path: str, hcm) -> tuple[object, object, object, bool, tuple[str, ...]]:
     """The HTTP local rate limit, RBAC and the fault filter's own fault among
     the connection manager's filters (applied by the L7 hand-off listener):
     (HttpRateLimit | None, Rbac | None, FilterFault | None, whether per-route
@@ -541,10 +541,10 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bo
             if fault_filter and hcm.http_filters:
                 ctx.unsupported(fpath, "kmesh applies one fault filter per connection manager")
                 continue
-            from kmesh.l7 import routes as l7   # late: only configs with HTTP routes pay for it
+            from kmesh.config.http import routes as http_routes   # late: only configs with HTTP routes pay for it
 
             fault_filter = True
-            fault = l7.filter_fault(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
+            fault = http_routes.filter_fault(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn)
             order.append("fault")
         if kind == policies.HTTP_LOCAL_RATELIMIT_TYPE and rate_limit is None:
             rate_limit = policies.http_rate_limit(ctx, fpath, f.typed_config)
@@ -553,8 +553,8 @@ def _http_filters(ctx: _Ctx, path: str, hcm) -> tuple[object, object, object, bo
             if rbac is not None:
                 ctx.unsupported(fpath, "kmesh applies one RBAC filter per connection manager")
                 continue
-            from kmesh.l7 import rbac as l7rbac   # late: only configs with RBAC pay for it
-            rbac = l7rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn,
+            from kmesh.config.http import rbac as http_rbac   # late: only configs with RBAC pay for it
+            rbac = http_rbac.compile_rbac(f.typed_config, fpath, problem=ctx.unsupported, note=ctx.warn,
                                        fail_closed=ctx.lenient)
             order.append("rbac")
     return rate_limit, rbac, fault, fault_filter, tuple(order) if hcm.http_filters else FILTER_ORDER
@@ -578,7 +578,7 @@ _HCM_OWN = frozenset({"scoped_routes"})   # reported with the route specifier
 _HCM = fields.HCM
 
 
-def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, int, int]], listener: str,
+def _http_connection_manager(ctx: Ctx, path: str, hcm, keys: list[tuple[str, int, int]], listener: str,
                              routes: Mapping | None) -> list[_Entry] | None:
     fields.check(hcm, path, ctx.unsupported, ctx.warn, skip=_HCM_OWN)
     if hcm.codec_type not in (_HCM.AUTO, _HCM.HTTP1):
@@ -607,7 +607,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     if not vhosts:
         ctx.unsupported(f"{rc_path}.virtual_hosts", "route_config has no virtual_hosts")
         return None
-    from kmesh.l7 import routes as l7   # late: only configs with HTTP routes pay for it
+    from kmesh.config.http import routes as http_routes   # late: only configs with HTTP routes pay for it
 
     # Each (VIP, port) is decided by the virtual host it addresses: the one
     # whose domains name the VIP (a wildcard listener: each such VIP; an
@@ -639,7 +639,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
     # Compiled whatever the listener's shape: its fields are checked (and
     # noted) alike, and the compiled routes say exactly which virtual hosts
     # a connection-level decision gives every request what Envoy gives it.
-    compiled = l7.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn)
+    compiled = http_routes.compile_routes(rc, rc_path, problem=ctx.unsupported, note=ctx.warn)
     needs = [http_filters is not None or compiled is None or compiled.needs_request(i) for i in range(len(vhosts))]
     table = compiled if any(needs[i] for *_, i, _ in chosen) else None
     if len(vhosts) > 1 and table is None:
@@ -673,7 +673,7 @@ def _http_connection_manager(ctx: _Ctx, path: str, hcm, keys: list[tuple[str, in
 _TERMINAL = {filters.TCP_PROXY_TYPE, filters.HCM_TYPE}
 
 
-def _chain_keys(ctx: _Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]]) -> list[tuple[str, int, int]] | None:
+def _chain_keys(ctx: Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]]) -> list[tuple[str, int, int]] | None:
     """(ip, port, priority) keys a filter chain serves, or None to skip it."""
     m = chain.filter_chain_match
     mpath = f"{cpath}.filter_chain_match"
@@ -716,14 +716,14 @@ def _chain_keys(ctx: _Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]])
     return [(ip, port, prio + bonus) for ip, prio in ips for port in ports]
 
 
-def _filter_chain(ctx: _Ctx, cpath: str, chain, keys, listener: str, routes) -> list[_Entry] | None:
+def _filter_chain(ctx: Ctx, cpath: str, chain, keys, listener: str, routes) -> list[_Entry] | None:
     entries, rate_limit = _chain_filters(ctx, cpath, chain, keys, listener, routes)
     if entries and rate_limit != NO_RATE_LIMIT:
         entries = [replace(e, rate_limit=rate_limit) for e in entries]
     return entries
 
 
-def _chain_filters(ctx: _Ctx, cpath: str, chain, keys, listener: str,
+def _chain_filters(ctx: Ctx, cpath: str, chain, keys, listener: str,
                    routes) -> tuple[list[_Entry] | None, RateLimit]:
     """The chain's entries, and the rate limit of a local_ratelimit filter
     before its terminal filter."""
@@ -769,7 +769,7 @@ def _chain_filters(ctx: _Ctx, cpath: str, chain, keys, listener: str,
     return None, rate_limit
 
 
-def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping | None) -> list[_Entry] | None:
+def translate_listener(ctx: Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping | None) -> list[_Entry] | None:
     if not pb.name:
         ctx.error(f"{path}.name", "a listener needs a name")
         return None
@@ -818,7 +818,7 @@ def _listener(ctx: _Ctx, path: str, pb: listener_pb2.Listener, routes: Mapping |
 
 # --- the whole config ------------------------------------------------------------
 
-def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
+def resolve_key(ctx: Ctx, key: tuple[str, int], entries: list[_Entry],
                  outcome_of) -> tuple[Listener | None, set[str]]:
     """The most specific entry for one (ip, port), its references checked.
     Returns the listener (None: leave the key untouched) and every cluster
@@ -864,55 +864,3 @@ def _resolve_key(ctx: _Ctx, key: tuple[str, int], entries: list[_Entry],
     return Listener(chosen.listener, key[0], key[1], weighted, chosen.rate_limit, chosen.routes,
                     chosen.http_filters if chosen.routes is not None else None,
                     chosen.accept_http_10, chosen.route_faults), referenced
-
-
-def translate(source: str, listeners: Sequence[tuple[str, listener_pb2.Listener]],
-              clusters: Sequence[tuple[str, cluster_pb2.Cluster]],
-              *, endpoints: Mapping[str, tuple[str, Message]] | None = None,
-              routes: Mapping[str, tuple[str, Message]] | None = None,
-              lenient: bool = False, cluster_origin: str = "static_resources.clusters") -> MeshConfig:
-    """Translate resources; raises ConfigError listing every problem found.
-
-    ``listeners``/``clusters`` are (field path, proto) pairs and
-    ``endpoints``/``routes`` map a resource name to one, so that problems
-    point into the source each resource came from. ``endpoints`` and
-    ``routes`` are None where EDS / RDS do not exist (standalone).
-    """
-    from kmesh.config.builder import Inputs, MeshBuilder
-
-    dup = _Ctx(source, cluster_origin, lenient)
-    cmap: dict[str, tuple[str, Message]] = {}
-    for path, pb in clusters:
-        if not pb.name:
-            cmap[f"\0{path}"] = (path, pb)   # cluster_head reports the missing name
-        elif pb.name in cmap:
-            dup.error(f"{path}.name", f"duplicate cluster name '{pb.name}' (first at {cmap[pb.name][0]})")
-        else:
-            cmap[pb.name] = (path, pb)
-    lmap: dict[str, tuple[str, Message]] = {}
-    for path, pb in listeners:
-        if not pb.name:
-            lmap[f"\0{path}"] = (path, pb)
-        elif pb.name in lmap:
-            dup.error(f"{path}.name", f"duplicate listener name '{pb.name}' (first at {lmap[pb.name][0]})")
-        else:
-            lmap[pb.name] = (path, pb)
-    builder = MeshBuilder(source, lenient, cluster_origin, eds=endpoints is not None, rds=routes is not None)
-    try:
-        change = builder.prepare(Inputs(cmap, dict(endpoints or {}), lmap, dict(routes or {})))
-    except ConfigError as e:
-        raise ConfigError(dup.problems + e.problems) from None
-    if dup.problems:
-        raise ConfigError(dup.problems)
-    builder.commit(change)
-    return builder.mesh()
-
-
-def translate_bootstrap(cfg) -> MeshConfig:
-    """Standalone mode: a Bootstrap's static_resources."""
-    sr = cfg.bootstrap.static_resources
-    return translate(
-        cfg.source,
-        [(f"static_resources.listeners[{i}]", pb) for i, pb in enumerate(sr.listeners)],
-        [(f"static_resources.clusters[{i}]", pb) for i, pb in enumerate(sr.clusters)],
-    )

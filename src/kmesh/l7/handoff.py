@@ -3,7 +3,7 @@
 connect4 sends every connection to an L7 listener's VIP here, and sockops
 publishes where it was going (km_orig_dst, by the client socket's address,
 which is the peer of the socket accepted here). This side reads the request
-head, lets the listener's route table decide (kmesh.l7.routes), answers
+head, lets the listener's route table decide (kmesh.config.http.routes), answers
 itself (404, direct response, redirect, fault abort, 431, 503) or connects
 to an endpoint of the chosen cluster, writes the head there and relays the
 rest of the connection both ways.
@@ -32,11 +32,12 @@ import httptools
 
 from kmesh import limits
 from kmesh.bpf import records
+from kmesh.config.http import headers
+from kmesh.config.http import routes as rt
+from kmesh.config.http.rbac import DENIED
 from kmesh.config.model import FILTER_ORDER, Cluster
-from kmesh.l7 import routes as rt
-from kmesh.l7 import fdstore, headers, http1, netns, splice
+from kmesh.l7 import fdstore, http1, netns, splice
 from kmesh.l7.balancer import Balancer
-from kmesh.l7.rbac import DENIED
 from kmesh.l7.splice import Splicer
 
 log = logging.getLogger("kmesh.l7")
@@ -82,10 +83,10 @@ class Target:
     clusters: Mapping[str, Cluster]
     rate_limit: object = None          # policies.HttpRateLimit
     bucket: TokenBucket | None = None  # its bucket, kept across config updates
-    rbac: object = None                # kmesh.l7.rbac.Rbac
+    rbac: object = None                # kmesh.config.http.rbac.Rbac
     accept_http_10: bool = False       # else an HTTP/1.0 request gets 426, as in Envoy
     route_faults: bool = True          # the fault filter is in the chain: per-route faults apply
-    filter_fault: object = None        # kmesh.l7.routes.FilterFault: where no per-route config says
+    filter_fault: object = None        # kmesh.config.http.routes.FilterFault: where no per-route config says
     order: tuple[str, ...] = FILTER_ORDER   # "rbac", "rate_limit", "fault" as http_filters lists them
 
 

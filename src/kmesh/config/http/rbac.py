@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from kmesh.config import fields
-from kmesh.l7 import routes as rt
+from kmesh.config.http import routes as rt
 
 DENIED = b"RBAC: access denied"
 ALLOW, DENY, LOG = 0, 1, 2   # envoy.config.rbac.v3.RBAC.Action

@@ -42,8 +42,8 @@ from google.protobuf.message import Message
 import re2
 
 from kmesh.config import fields
-from kmesh.l7 import headers as hdr
-from kmesh.l7.headers import HeaderOps
+from kmesh.config.http import headers as hdr
+from kmesh.config.http.headers import HeaderOps
 
 Report = Callable[[str, str], None]
 
@@ -1511,7 +1511,7 @@ def needs_l7(rc: route_pb2.RouteConfiguration, vhost: int = 0) -> bool | None:
     return None if table is None else table.needs_request(vhost)
 
 
-# Shared with the HTTP filters the hand-off listener applies (kmesh.l7.rbac).
+# Shared with the HTTP filters the hand-off listener applies (kmesh.config.http.rbac).
 View = _View
 Sink = _Sink
 check_fields = _check_fields
