@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import sdnotify
 
 from kmesh import __version__, log as kmlog, mounts
-from kmesh.bpf import features as kfeatures, libbpf, loader, records
+from kmesh.bpf import features as kfeatures, libbpf, loader, mapnames, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import FILTER_ORDER, MeshConfig
@@ -166,8 +166,8 @@ class Daemon:
         from kmesh.accesslog import AccessLog
 
         # The access log writes km_config (close tracking and the log switch).
-        self.kconfig = KernelConfig(dp.maps["km_config"])
-        self.accesslog = AccessLog(dp.map_fds["km_events"], self.kconfig, dp.maps["km_stats"],
+        self.kconfig = KernelConfig(dp.maps[mapnames.CONFIG])
+        self.accesslog = AccessLog(dp.map_fds[mapnames.EVENTS], self.kconfig, dp.maps[mapnames.STATS],
                                    self.cluster_names, self.opts.access_log_file, self.opts.access_log_rate,
                                    self.opts.track_connections)
         self.accesslog.set(self.opts.access_log)
@@ -178,7 +178,7 @@ class Daemon:
         else:
             self.sockmap_state = {"none": "off", "removed": "off"}.get(
                 sockmap_mod.turn_off_pinned(dp.pin_root), "draining")
-        self._maps = ConfigMaps(dp.maps["km_listener"], dp.maps["km_cluster"], dp.maps["km_ep_active"],
+        self._maps = ConfigMaps(dp.maps[mapnames.LISTENER], dp.maps[mapnames.CLUSTER], dp.maps[mapnames.EP_ACTIVE],
                                 {n: dp.maps[n] for n in loader.POLICY_STATE_MAPS})
         self._state = self._maps.read_state()
 
@@ -312,7 +312,7 @@ class Daemon:
         from kmesh.dataplane import workloads as wl
 
         self._workloads = wl.WorkloadStore(
-            dp.maps["km_workloads"], lambda: self.kconfig.set(workloads_gen=wl.next_gen(self.kconfig.record)))
+            dp.maps[mapnames.WORKLOADS], lambda: self.kconfig.set(workloads_gen=wl.next_gen(self.kconfig.record)))
         if dp.migrating:
             for w in wl.carried_over(dp.map_dir):
                 self._workloads.put(w)
@@ -607,9 +607,9 @@ class Daemon:
         splicer = None
         # Without the splice verdict (an older kernel) the daemon relays.
         if self.opts.l7_splice_budget and self.features.on("l7_splice"):
-            splicer = Splicer(dp.maps["km_splice"], dp.maps["km_splice_dir"], dp.maps["km_splice_relayed"],
+            splicer = Splicer(dp.maps[mapnames.SPLICE], dp.maps[mapnames.SPLICE_DIR], dp.maps[mapnames.SPLICE_RELAYED],
                               self.opts.l7_splice_budget)
-        self.l7 = Handoff((ip, port), dp.maps["km_orig_dst"], self.l7_target, splicer,
+        self.l7 = Handoff((ip, port), dp.maps[mapnames.ORIG_DST], self.l7_target, splicer,
                           max_waiting=self.opts.l7_max_waiting_heads)
         try:
             self.l7.start()
@@ -672,8 +672,8 @@ class Daemon:
     def map_entries(self) -> dict[str, tuple[int, int]]:
         """Config map -> (records, capacity), from what the daemon wrote."""
         st = self._state
-        return {"km_listener": (len(st.listeners), records.KMESH_MAX_LISTENERS),
-                "km_cluster": (len(st.clusters), records.KMESH_MAX_CLUSTERS)}
+        return {mapnames.LISTENER: (len(st.listeners), records.KMESH_MAX_LISTENERS),
+                mapnames.CLUSTER: (len(st.clusters), records.KMESH_MAX_CLUSTERS)}
 
     def programs_attached(self) -> dict[str, bool]:
         return self._dataplane.attached() if self._dataplane else {}

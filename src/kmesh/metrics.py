@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kmesh import limits
-from kmesh.bpf import records
+from kmesh.bpf import mapnames, records
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_listener",
@@ -38,10 +38,10 @@ class DaemonCollector:
         yield from self._health()
         maps = self.d.bpf_maps()
         if maps:
-            yield from self._decisions(maps["km_stats"])
+            yield from self._decisions(maps[mapnames.STATS])
             closes = self.d.opts.track_connections
-            yield from self._listeners(maps["km_stats_listener"], closes)
-            yield from self._endpoints(maps["km_stats_endpoint"], closes)
+            yield from self._listeners(maps[mapnames.STATS_LISTENER], closes)
+            yield from self._endpoints(maps[mapnames.STATS_ENDPOINT], closes)
             yield from self._policies()
 
     # -- the daemon -----------------------------------------------------------

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmesh.bpf import features as kfeatures, libbpf, records
+from kmesh.bpf import features as kfeatures, libbpf, mapnames, records
 
 log = logging.getLogger("kmesh.loader")
 
@@ -42,34 +42,31 @@ PIN_DIR = "bpf_kmesh"
 
 # Maps whose records the daemon reads or writes: name -> (key, value) ctypes.
 MAP_TYPES = {
-    "km_listener": (records.KmeshAddr, records.KmeshListener),
-    "km_cluster": (records.ClusterId, records.KmeshCluster),
-    "km_ep_active": (records.KmeshAddr, records.KmeshEpStats),
-    "km_meta": (ctypes.c_uint32, records.KmeshMeta),
-    "km_config": (ctypes.c_uint32, records.KmeshConfig),
-    "km_stats": (ctypes.c_uint32, ctypes.c_uint64),
-    "km_stats_listener": (records.KmeshAddr, records.KmeshConnCounters),
-    "km_stats_endpoint": (records.KmeshEpKey, records.KmeshConnCounters),
-    "km_stats_cluster": (ctypes.c_uint32, records.KmeshClusterCounters),
-    "km_rate_limit": (records.KmeshAddr, records.KmeshBucket),
-    "km_cluster_state": (ctypes.c_uint32, records.KmeshClusterState),
-    "km_outlier": (records.KmeshEpKey, records.KmeshOutlier),
-    "km_orig_dst": (records.KmeshHandoffKey, records.KmeshAddr),
-    "km_workloads": (records.KmeshWorkloadKey, records.KmeshWorkload),
-    "km_splice": (ctypes.c_uint64, ctypes.c_uint64),
-    "km_splice_dir": (ctypes.c_uint64, records.KmeshSpliceDir),
-    "km_splice_relayed": (ctypes.c_uint64, ctypes.c_uint64),
+    mapnames.LISTENER: (records.KmeshAddr, records.KmeshListener),
+    mapnames.CLUSTER: (records.ClusterId, records.KmeshCluster),
+    mapnames.EP_ACTIVE: (records.KmeshAddr, records.KmeshEpStats),
+    mapnames.META: (ctypes.c_uint32, records.KmeshMeta),
+    mapnames.CONFIG: (ctypes.c_uint32, records.KmeshConfig),
+    mapnames.STATS: (ctypes.c_uint32, ctypes.c_uint64),
+    mapnames.STATS_LISTENER: (records.KmeshAddr, records.KmeshConnCounters),
+    mapnames.STATS_ENDPOINT: (records.KmeshEpKey, records.KmeshConnCounters),
+    mapnames.STATS_CLUSTER: (ctypes.c_uint32, records.KmeshClusterCounters),
+    mapnames.RATE_LIMIT: (records.KmeshAddr, records.KmeshBucket),
+    mapnames.CLUSTER_STATE: (ctypes.c_uint32, records.KmeshClusterState),
+    mapnames.OUTLIER: (records.KmeshEpKey, records.KmeshOutlier),
+    mapnames.ORIG_DST: (records.KmeshHandoffKey, records.KmeshAddr),
+    mapnames.WORKLOADS: (records.KmeshWorkloadKey, records.KmeshWorkload),
+    mapnames.SPLICE: (ctypes.c_uint64, ctypes.c_uint64),
+    mapnames.SPLICE_DIR: (ctypes.c_uint64, records.KmeshSpliceDir),
+    mapnames.SPLICE_RELAYED: (ctypes.c_uint64, ctypes.c_uint64),
 }
-PERCPU_MAPS = {"km_stats", "km_stats_listener", "km_stats_endpoint", "km_stats_cluster"}
-POLICY_STATE_MAPS = ("km_rate_limit", "km_cluster_state", "km_stats_cluster", "km_outlier")
+PERCPU_MAPS = {mapnames.STATS, mapnames.STATS_LISTENER, mapnames.STATS_ENDPOINT, mapnames.STATS_CLUSTER}
+POLICY_STATE_MAPS = (mapnames.RATE_LIMIT, mapnames.CLUSTER_STATE, mapnames.STATS_CLUSTER, mapnames.OUTLIER)
 SOCKMAP_MAP_TYPES = {
-    "km_sock_hash": (records.KmeshSockKey, ctypes.c_uint64),
-    "km_local_ip": (ctypes.c_uint32, ctypes.c_uint32),
-    "km_sockmap_cfg": (ctypes.c_uint32, records.KmeshSockmapCfg),
+    mapnames.SOCK_HASH: (records.KmeshSockKey, ctypes.c_uint64),
+    mapnames.LOCAL_IP: (ctypes.c_uint32, ctypes.c_uint32),
+    mapnames.SOCKMAP_CFG: (ctypes.c_uint32, records.KmeshSockmapCfg),
 }
-META_MAP = "km_meta"
-SOCK_HASH = "km_sock_hash"
-SPLICE_HASH = "km_splice"
 # The objects' __kconfig externs (bpf/include/endpoint.h), each as 0: what
 # they read where the kernel's config cannot be found.
 NO_KCONFIG = "CONFIG_HZ=0\n"
@@ -78,7 +75,7 @@ NO_KCONFIG = "CONFIG_HZ=0\n"
 # what each attaches to: the governed cgroup, or a map of its object.
 CORE_PROGRAMS = ("kmesh_splice", "kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4")
 SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
-PROGRAM_TARGETS = {"kmesh_sk_msg": SOCK_HASH, "kmesh_splice": SPLICE_HASH}
+PROGRAM_TARGETS = {"kmesh_sk_msg": mapnames.SOCK_HASH, "kmesh_splice": mapnames.SPLICE}
 CGROUP_PROGRAMS = tuple(p for p in CORE_PROGRAMS if p not in PROGRAM_TARGETS)
 
 
@@ -181,11 +178,11 @@ class Dataplane:
     def _read_pinned_layout(self) -> int | None:
         if not self.map_dir.is_dir() or not any(self.map_dir.iterdir()):
             return None
-        pin = self.map_dir / META_MAP
+        pin = self.map_dir / mapnames.META
         if not pin.exists():
             return 0   # pinned before km_meta existed
         try:
-            with pinned_map(pin, META_MAP) as meta:
+            with pinned_map(pin, mapnames.META) as meta:
                 got = meta.lookup(ctypes.c_uint32(0))
         except OSError:
             return 0
@@ -212,7 +209,7 @@ class Dataplane:
             log.warning("pinned maps have another record layout: migrating", extra={"kv": {
                 "pinned_layout": self.pinned_layout, "layout": records.KMESH_LAYOUT_VERSION}})
         self._load_object(self.object_path, MAP_TYPES, pin_dir)
-        self.maps[META_MAP].update(ctypes.c_uint32(0), records.KmeshMeta(records.KMESH_LAYOUT_VERSION, 0))
+        self.maps[mapnames.META].update(ctypes.c_uint32(0), records.KmeshMeta(records.KMESH_LAYOUT_VERSION, 0))
         if self.sockmap:
             self._load_object(str(self.object_dir / SOCKMAP_OBJECT_NAME), SOCKMAP_MAP_TYPES, pin_dir)
         log.info("BPF objects loaded", extra={"kv": {"object": self.object_path, "takeover": self.took_over,

@@ -26,6 +26,7 @@ import click
 
 from kmesh import __version__, options
 from kmesh.admin import client
+from kmesh.bpf import mapnames
 
 
 class AdminError(click.ClickException):
@@ -90,11 +91,11 @@ def dump(obj):
     if obj["output"] == "json":
         click.echo(json.dumps({"status": status, "maps": maps}, indent=2, sort_keys=True))
         return
-    clusters = maps.get("km_cluster", {})
+    clusters = maps.get(mapnames.CLUSTER, {})
     click.echo(f"config version {status.get('config_version')} ({status.get('mode')}), "
                f"{status.get('listeners')} listener addresses, {status.get('clusters')} clusters\n")
     rows = []
-    for addr, rec in sorted(maps.get("km_listener", {}).items()):
+    for addr, rec in sorted(maps.get(mapnames.LISTENER, {}).items()):
         total = rec["total_weight"] or 1
         rows.append([addr, ", ".join(
             f"{clusters.get(str(c['cluster_id']), {}).get('name') or c['cluster_id']} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kmesh.bpf import records
+from kmesh.bpf import mapnames, records
 from kmesh.bpf.libbpf import Map
 from kmesh.dataplane.plan import MapState, Plan
 
@@ -52,8 +52,8 @@ class ConfigMaps:
             self.listener.update_batch([(records.addr_key(*k), records.listener_record(*spec)) for k, spec in batch])
         for k in plan.listener_deletes:
             self.listener.delete(records.addr_key(*k))
-            if "km_rate_limit" in self.policy:
-                self.policy["km_rate_limit"].delete(records.addr_key(*k))
+            if mapnames.RATE_LIMIT in self.policy:
+                self.policy[mapnames.RATE_LIMIT].delete(records.addr_key(*k))
         if plan.cluster_deletes:
             time.sleep(DELETE_GRACE_SECONDS)
             for cid in plan.cluster_deletes:
@@ -61,12 +61,12 @@ class ConfigMaps:
             self._forget_clusters(set(plan.cluster_deletes))
 
     def _forget_clusters(self, ids: set[int]) -> None:
-        for name in ("km_cluster_state", "km_stats_cluster"):
+        for name in (mapnames.CLUSTER_STATE, mapnames.STATS_CLUSTER):
             if name in self.policy:
                 for cid in ids:
                     self.policy[name].delete(records.ClusterId(cid))
-        if "km_outlier" in self.policy:
-            m = self.policy["km_outlier"]
+        if mapnames.OUTLIER in self.policy:
+            m = self.policy[mapnames.OUTLIER]
             for k in [k for k in m.keys() if k.cluster_id in ids]:
                 m.delete(k)
 
@@ -78,7 +78,7 @@ class ConfigMaps:
             d["name"] = names.get(int(k.value))
             clusters[str(int(k.value))] = d
         listeners = {records.addr_text(k): records.decode_listener(v) for k, v in self.listener.items()}
-        out = {"km_listener": listeners, "km_cluster": clusters}
+        out = {mapnames.LISTENER: listeners, mapnames.CLUSTER: clusters}
         if self.ep_active is not None:
-            out["km_ep_active"] = {records.addr_text(k): v.active for k, v in self.ep_active.items()}
+            out[mapnames.EP_ACTIVE] = {records.addr_text(k): v.active for k, v in self.ep_active.items()}
         return out

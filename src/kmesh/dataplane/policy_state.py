@@ -11,7 +11,7 @@ import ctypes
 import time
 from dataclasses import dataclass, field
 
-from kmesh.bpf import records
+from kmesh.bpf import mapnames, records
 from kmesh.config.model import MeshConfig
 
 
@@ -55,15 +55,15 @@ def read(mesh: MeshConfig, cluster_ids: dict[str, int], maps: dict,
             continue
         st = ClusterPolicyState(c.name, c.policy)
         key = ctypes.c_uint32(cid)
-        state = maps["km_cluster_state"].lookup(key)
+        state = maps[mapnames.CLUSTER_STATE].lookup(key)
         st.active = max(0, state.active) if state is not None else 0
-        counters = maps["km_stats_cluster"].sum(key)
+        counters = maps[mapnames.STATS_CLUSTER].sum(key)
         if counters is not None:
             st.overflow, st.ejections = counters.overflow, counters.ejections
         clusters.append(st)
         by_id[cid] = st
     if any(st.policy.outlier_failures for st in clusters):
-        for k, o in maps["km_outlier"].items():
+        for k, o in maps[mapnames.OUTLIER].items():
             st = by_id.get(k.cluster_id)
             if st is not None and o.ejected_until_ns > now_ns:
                 st.ejected.append(records.addr_text(k.ep))
@@ -71,7 +71,7 @@ def read(mesh: MeshConfig, cluster_ids: dict[str, int], maps: dict,
     for lst in mesh.listeners:
         if lst.rate_limit == records.NO_RATE_LIMIT:
             continue
-        bucket = maps["km_rate_limit"].lookup(records.addr_key(lst.ip, lst.port))
+        bucket = maps[mapnames.RATE_LIMIT].lookup(records.addr_key(lst.ip, lst.port))
         listeners.append(ListenerPolicyState(f"{lst.ip}:{lst.port}", lst.rate_limit,
                                              tokens_now(bucket, lst.rate_limit, now_ns)))
     return clusters, listeners

@@ -17,12 +17,12 @@ import socket
 import time
 from pathlib import Path
 
-from kmesh.bpf import libbpf, loader, records
+from kmesh.bpf import libbpf, loader, mapnames, records
 
 log = logging.getLogger("kmesh.sockmap")
 
 _ZERO = ctypes.c_uint32(0)
-_MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + ("km_listen_flags", "km_sock_turn")
+_MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + (mapnames.LISTEN_FLAGS, mapnames.SOCK_TURN)
 
 
 def host_ipv4_addresses() -> set[str]:
@@ -43,9 +43,9 @@ class Sockmap:
     """The running feature: maps of a loaded kmesh_sockmap object."""
 
     def __init__(self, maps: dict[str, libbpf.Map]):
-        self.hash = maps[loader.SOCK_HASH]
-        self.local_ip = maps["km_local_ip"]
-        self.cfg = maps["km_sockmap_cfg"]
+        self.hash = maps[mapnames.SOCK_HASH]
+        self.local_ip = maps[mapnames.LOCAL_IP]
+        self.cfg = maps[mapnames.SOCKMAP_CFG]
         self._local: set[str] | None = None
 
     def set_redirect(self, on: bool) -> None:
@@ -70,10 +70,10 @@ class Sockmap:
 
 def pinned_sockets(map_dir: Path) -> int | None:
     """Sockets in a pinned km_sock_hash; None when none is pinned."""
-    pin = map_dir / loader.SOCK_HASH
+    pin = map_dir / mapnames.SOCK_HASH
     if not pin.exists():
         return None
-    with loader.pinned_map(pin, loader.SOCK_HASH) as m:
+    with loader.pinned_map(pin, mapnames.SOCK_HASH) as m:
         return sum(1 for _ in m.keys())
 
 
@@ -93,10 +93,10 @@ def turn_off_pinned(pin_root: Path) -> str:
     enrolling and redirecting now, remove it once no socket uses it.
     Returns "none" (nothing pinned), "draining" or "removed"."""
     map_dir, link_dir = pin_root / "map", pin_root / "link"
-    cfg_pin = map_dir / "km_sockmap_cfg"
+    cfg_pin = map_dir / mapnames.SOCKMAP_CFG
     if not cfg_pin.exists():
         return "none"
-    with loader.pinned_map(cfg_pin, "km_sockmap_cfg") as cfg:
+    with loader.pinned_map(cfg_pin, mapnames.SOCKMAP_CFG) as cfg:
         cfg.update(_ZERO, records.KmeshSockmapCfg(0, 0))
     _detach_if_pinned(link_dir / "kmesh_sockops")
     left = pinned_sockets(map_dir) or 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kmesh.bpf import libbpf, loader, records
+from kmesh.bpf import libbpf, loader, mapnames, records
 
 Kind = records.WorkloadKind
 Mode = records.WorkloadMode
@@ -221,19 +221,19 @@ def still_there(w: Workload) -> bool:
 def carried_over(old_map_dir: Path) -> list[Workload]:
     """What an older layout's pinned km_workloads holds: layout 7 knew only
     namespaces (inode -> path), enrolled; later ones have this record."""
-    pin = old_map_dir / "km_workloads"
+    pin = old_map_dir / mapnames.WORKLOADS
     if not pin.exists():
         return []
     fd = libbpf.obj_get(str(pin))
     try:
         sizes = libbpf.map_sizes(fd)
         if sizes == (ctypes.sizeof(records.KmeshWorkloadKey), ctypes.sizeof(records.KmeshWorkload)):
-            return WorkloadStore(libbpf.Map("km_workloads", fd, records.KmeshWorkloadKey,
+            return WorkloadStore(libbpf.Map(mapnames.WORKLOADS, fd, records.KmeshWorkloadKey,
                                             records.KmeshWorkload), lambda: None).all()
         if sizes == (4, records.KMESH_WORKLOAD_PATH_MAX):
             class V7(ctypes.Structure):
                 _fields_ = [("path", ctypes.c_char * records.KMESH_WORKLOAD_PATH_MAX)]
-            m = libbpf.Map("km_workloads", fd, ctypes.c_uint32, V7)
+            m = libbpf.Map(mapnames.WORKLOADS, fd, ctypes.c_uint32, V7)
             return [Workload(Kind.NETNS, int(k.value), v.path.decode(errors="replace")) for k, v in m.items()]
         return []
     finally:
@@ -247,18 +247,18 @@ def pinned_store(bpf_fs_path: str):
     nothing: it fails to lock and says so). ValueError when there is nothing
     pinned to write or it is of another layout."""
     root = Path(bpf_fs_path) / loader.PIN_DIR
-    pin = root / "map" / "km_workloads"
+    pin = root / "map" / mapnames.WORKLOADS
     if not pin.exists():
         raise ValueError(f"no kmesh pins under {root}: start kmesh-daemon (it keeps what it finds enrolled there)")
     lock = loader.lock_pins(root)   # LoaderError: a daemon holds them
     try:
-        with loader.pinned_map(root / "map" / loader.META_MAP, loader.META_MAP) as meta:
+        with loader.pinned_map(root / "map" / mapnames.META, mapnames.META) as meta:
             got = meta.lookup(ctypes.c_uint32(0))
         if got is None or got.layout_version != records.KMESH_LAYOUT_VERSION:
             raise ValueError(f"the maps pinned under {root} are of another kmesh version: start kmesh-daemon "
                              "(it migrates them) and enroll through it")
-        with loader.pinned_map(pin, "km_workloads") as m, \
-                loader.pinned_map(root / "map" / "km_config", "km_config") as cfg:
+        with loader.pinned_map(pin, mapnames.WORKLOADS) as m, \
+                loader.pinned_map(root / "map" / mapnames.CONFIG, mapnames.CONFIG) as cfg:
             def changed() -> None:
                 rec = cfg.lookup(ctypes.c_uint32(0)) or records.KmeshConfig()
                 rec.workloads_gen = next_gen(rec)
