@@ -27,7 +27,7 @@ from kmesh import __version__, log as kmlog, mounts
 from kmesh.bpf import features as kfeatures, libbpf, loader, mapnames, records
 from kmesh.config import bootstrap
 from kmesh.config.errors import ConfigError, Problem
-from kmesh.config.model import FILTER_ORDER, MeshConfig
+from kmesh.config.model import MeshConfig
 from kmesh.config.builder import translate_bootstrap
 from kmesh.dataplane import pins, policy_state, sockmap as sockmap_mod
 from kmesh.dataplane.kconfig import KernelConfig
@@ -98,8 +98,6 @@ class Daemon:
         self._state = MapState()
         self._dataplane: loader.Dataplane | None = None
         self.l7 = None   # kmesh.l7.handoff.Handoff
-        self._l7_index: tuple = (None, {}, {})
-        self._l7_buckets: dict[tuple, tuple] = {}
         self._maps: ConfigMaps | None = None
         self._signals: queue.Queue[int] = queue.Queue()
         self.admin = None
@@ -586,7 +584,53 @@ class Daemon:
         return {"listeners": len(m.listeners), "clusters": len(m.clusters), "warnings": len(m.warnings),
                 "skipped": len(m.skipped)}
 
-    # -- views for the admin API --------------------------------------------
+    # -- what the admin API and /metrics read (kmesh.status.DaemonView) --------
+    def summary(self) -> dict:
+        counts = self.counts()
+        return {
+            "ready": self.ready, "config_version": self.version,
+            "config_source": self.active.source if self.active else None,
+            "listeners": counts["listeners"], "clusters": counts["clusters"],
+            "mode": "ads" if self.ads else "standalone",
+            "warnings": list(self.current_mesh().warnings) if counts["warnings"] else [],
+            "skipped": counts["skipped"],
+            "xds_connection": self.ads.connection["state"] if self.ads else None,
+            "sockmap": self.sockmap_state,
+            "kernel": self.features.as_dict() if self.features else None,
+            "last_update": self.last_update.as_dict() if self.last_update else None,
+        }
+
+    def envoy_config(self) -> dict:
+        static = self.active.to_json() if self.active else {}
+        if not self.ads:
+            return static
+        return {"mode": "ads", "xds": self.xds_status(), "skipped": list(self.current_mesh().skipped),
+                "static": static}
+
+    def xds_connection(self) -> tuple[str, bool] | None:
+        if not self.ads:
+            return None
+        return self.ads.target.address, self.ads.connection["state"] == "connected"
+
+    def l7_status(self) -> dict:
+        if not self.l7:
+            return {"enabled": False}
+        return {"enabled": True, "address": self.opts.l7_address, **self.l7.status()}
+
+    def l7_stats(self) -> tuple | None:
+        if not self.l7:
+            return None
+        return self.l7.stats, self.l7.splicer.stats if self.l7.splicer else None
+
+    def accesslog_status(self) -> dict:
+        return self.accesslog.status() if self.accesslog else {"enabled": False}
+
+    def set_accesslog(self, on: bool) -> dict | None:
+        if not self.accesslog:
+            return None
+        self.accesslog.set(on)
+        return self.accesslog.status()
+
     def cluster_names(self) -> dict[int, str]:
         return {cid: name for name, cid in self._state.cluster_ids.items()}
 
@@ -602,6 +646,7 @@ class Daemon:
             return
         from kmesh.l7.handoff import Handoff   # late: httptools and asyncio only when used
         from kmesh.l7.splice import Splicer
+        from kmesh.l7.targets import Targets
 
         ip, port = split_address(self.opts.l7_address)
         splicer = None
@@ -609,7 +654,9 @@ class Daemon:
         if self.opts.l7_splice_budget and self.features.on("l7_splice"):
             splicer = Splicer(dp.maps[mapnames.SPLICE], dp.maps[mapnames.SPLICE_DIR], dp.maps[mapnames.SPLICE_RELAYED],
                               self.opts.l7_splice_budget)
-        self.l7 = Handoff((ip, port), dp.maps[mapnames.ORIG_DST], self.l7_target, splicer,
+        targets = Targets(self.current_mesh, lambda: self.ads is not None and not self.ads.state.synced.is_set()
+                          and not self._ads_gave_up)
+        self.l7 = Handoff((ip, port), dp.maps[mapnames.ORIG_DST], targets, splicer,
                           max_waiting=self.opts.l7_max_waiting_heads)
         try:
             self.l7.start()
@@ -622,40 +669,6 @@ class Daemon:
         self.l7.adopt(fdstore.received())
         self._open_workload_listeners()
         self.kconfig.set(l7_handoff=records.addr_key(ip, port))
-
-    def l7_target(self, vip: tuple[str, int]):
-        """The routes of the L7 listener a handed-off connection was going to
-        (an exact address first, then the wildcard on its port)."""
-        from kmesh.l7.handoff import Target
-
-        if self.ads is not None and not self.ads.state.synced.is_set() and not self._ads_gave_up:
-            from kmesh.l7.handoff import WARMING
-            return WARMING   # the routes come with the control plane's first full config
-        mesh = self.current_mesh()
-        if self._l7_index[0] is not mesh:
-            listeners = {(x.ip, x.port): x for x in mesh.listeners if x.routes is not None}
-            self._l7_index = (mesh, listeners, {c.name: c for c in mesh.clusters})
-        _, listeners, clusters = self._l7_index
-        lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
-        if lst is None:
-            return None
-        filters = lst.http_filters
-        return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._l7_bucket(lst), lst.rbac,
-                      lst.accept_http_10, lst.route_faults, filters.fault if filters else None,
-                      filters.order if filters else FILTER_ORDER)
-
-    def _l7_bucket(self, lst):
-        """The listener's HTTP rate-limit bucket, kept while its settings stay."""
-        from kmesh.l7.handoff import TokenBucket
-
-        rl = lst.http_rate_limit
-        if rl is None:
-            return None
-        key = (lst.name, lst.ip, lst.port)
-        got = self._l7_buckets.get(key)
-        if got is None or got[0] != rl.bucket:
-            got = self._l7_buckets[key] = (rl.bucket, TokenBucket(*rl.bucket))
-        return got[1]
 
     def policy_state(self) -> tuple[list, list]:
         """(clusters, listeners) with a traffic policy, and what it holds now."""

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kmesh import limits
 from kmesh.bpf import mapnames, records
+from kmesh.status import DaemonView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_listener",
@@ -31,7 +32,7 @@ _DECISIONS = {records.Stat.REDIRECTS: "redirect", records.Stat.NO_LISTENER: "no_
 class DaemonCollector:
     """Reads a running Daemon at scrape time."""
 
-    def __init__(self, daemon):
+    def __init__(self, daemon: DaemonView):
         self.d = daemon
 
     def collect(self) -> Iterator:
@@ -67,9 +68,10 @@ class DaemonCollector:
         g = GaugeMetricFamily("kmesh_ready", "1 once the programs are attached and the config applied.")
         g.add_metric([], 1 if d.ready else 0)
         yield g
-        if d.ads:
+        xds = d.xds_connection()
+        if xds is not None:
             g = GaugeMetricFamily("kmesh_xds_connected", "1 while the xDS stream is up.", labels=["server"])
-            g.add_metric([d.ads.target.address], 1 if d.ads.connection["state"] == "connected" else 0)
+            g.add_metric([xds[0]], 1 if xds[1] else 0)
             yield g
         counts = d.map_entries()
         g = GaugeMetricFamily("kmesh_map_entries", "Records in a config map.", labels=["map"])
@@ -93,10 +95,11 @@ class DaemonCollector:
             secs.add_metric([prog], ns / 1e9)
         yield runs
         yield secs
-        if d.l7:
-            yield from _l7_families(d.l7.stats, d.l7.splicer.stats if d.l7.splicer else None)
-        if d.accesslog:
-            st = d.accesslog.status()
+        l7 = d.l7_stats()
+        if l7 is not None:
+            yield from _l7_families(*l7)
+        st = d.accesslog_status()
+        if "written" in st:   # the access log is loaded
             c = CounterMetricFamily("kmesh_access_log_lines", "Access log lines written.")
             c.add_metric([], st["written"])
             yield c
@@ -234,7 +237,7 @@ def destination_service(cluster: str) -> str:
     return parts[3] if len(parts) == 4 and parts[3] else cluster
 
 
-def registry_for(daemon) -> CollectorRegistry:
+def registry_for(daemon: DaemonView) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(DaemonCollector(daemon))
     return reg

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # The layer of a module is its first name under kmesh (kmesh.config.http.routes: "config").
 # What each layer may import besides itself and the small helpers every layer uses.
-HELPERS = {"kmesh", "limits", "log", "options", "memory", "mounts"}
+HELPERS = {"kmesh", "limits", "log", "options", "memory", "mounts", "status"}
 MAY_IMPORT = {
     "bpf": set(),                                  # libbpf, loader, records, features
     "config": {"bpf.records"},                     # Envoy protos -> the model -> record layouts

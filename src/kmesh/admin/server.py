@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from kmesh import __version__, limits, memory, metrics
 from kmesh.admin import peer as peers
 from kmesh.options import split_address
+from kmesh.status import DaemonView
 
 log = logging.getLogger("kmesh.admin")
 
@@ -71,7 +72,7 @@ def _query(path: str) -> dict[str, str]:
 class _Base(BaseHTTPRequestHandler):
     server_version = f"kmesh-admin/{__version__}"
     timeout = limits.ADMIN_IDLE.value   # a silent client loses its connection (and its slot)
-    daemon = None  # set per server class
+    daemon: DaemonView   # set per server class
 
     def address_string(self) -> str:
         return self.client_address[0] if self.client_address else "unix"
@@ -181,19 +182,7 @@ class _Handler(_Base):
             else:
                 self._send(503, "not ready\n", "text/plain")
         elif path == "/status":
-            counts = d.counts()
-            self._send(200, {
-                "ready": d.ready, "config_version": d.version,
-                "config_source": d.active.source if d.active else None,
-                "listeners": counts["listeners"], "clusters": counts["clusters"],
-                "mode": "ads" if d.ads else "standalone",
-                "warnings": list(d.current_mesh().warnings) if counts["warnings"] else [],
-                "skipped": counts["skipped"],
-                "xds_connection": d.ads.connection["state"] if d.ads else None,
-                "sockmap": d.sockmap_state,
-                "kernel": d.features.as_dict() if d.features else None,
-                "last_update": d.last_update.as_dict() if d.last_update else None,
-            })
+            self._send(200, d.summary())
         elif path == "/bpf/kmesh/maps":
             self._send(200, d.dump_maps())
         elif path == "/policies":
@@ -201,23 +190,17 @@ class _Handler(_Base):
             self._send(200, {"clusters": {c.name: c.as_dict() for c in clusters},
                              "listeners": {x.address: x.as_dict() for x in listeners}})
         elif path == "/l7":
-            self._send(200, {"enabled": True, "address": d.opts.l7_address, **d.l7.status()} if d.l7
-                       else {"enabled": False})
+            self._send(200, d.l7_status())
         elif path == "/sockmap":
             self._send(200, d.sockmap_status())
         elif path == "/workloads":
             self._send(200, d.workloads())
         elif path == "/accesslog":
-            self._send(200, d.accesslog.status() if d.accesslog else {"enabled": False})
+            self._send(200, d.accesslog_status())
         elif path == "/metrics":
             self._metrics()
         elif path == "/controller/envoy":
-            static = d.active.to_json() if d.active else {}
-            if d.ads:
-                self._send(200, {"mode": "ads", "xds": d.xds_status(), "skipped": list(d.current_mesh().skipped),
-                                 "static": static})
-            else:
-                self._send(200, static)
+            self._send(200, d.envoy_config())
         else:
             self._send(404, {"error": f"no such endpoint {path}; see /help"})
 
@@ -232,11 +215,11 @@ class _Handler(_Base):
                 self._send(400, {"error": str(e)})
             return
         if path in ("/accesslog/on", "/accesslog/off"):
-            if not self.daemon.accesslog:
+            st = self.daemon.set_accesslog(path.endswith("/on"))
+            if st is None:
                 self._send(503, {"error": "the data path is not loaded yet"})
-                return
-            self.daemon.accesslog.set(path.endswith("/on"))
-            self._send(200, self.daemon.accesslog.status())
+            else:
+                self._send(200, st)
             return
         if path in ("/workloads/enroll", "/workloads/bypass", "/workloads/unenroll"):
             query = _query(self.path)
@@ -355,7 +338,7 @@ class AdminServer:
     """The admin listeners: loopback TCP, the Unix socket, /metrics; each
     optional ("" turns it off), each with its own thread and request slots."""
 
-    def __init__(self, daemon, address: str, socket_path: str = "", group: str = "", metrics_address: str = ""):
+    def __init__(self, daemon: DaemonView, address: str, socket_path: str = "", group: str = "", metrics_address: str = ""):
         gid = resolve_group(group)
         handler = type("Handler", (_Handler,), {"daemon": daemon, "group": gid})
         self._servers = []
