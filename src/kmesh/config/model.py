@@ -6,8 +6,14 @@ translated into these records, and only these records reach the BPF maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kmesh.bpf.records import NO_POLICY, NO_RATE_LIMIT, ClusterPolicy, LbPolicy, RateLimit
+
+if TYPE_CHECKING:   # the HTTP compile steps load only where a config has HTTP routes
+    from kmesh.config.http.rbac import Rbac
+    from kmesh.config.http.routes import FilterFault, RouteTable
+    from kmesh.config.policies import HttpRateLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +42,9 @@ class HttpFilters:
     """HTTP filters of a connection manager, applied to the request that
     routes a connection: local_ratelimit (policies.HttpRateLimit) and RBAC
     (kmesh.config.http.rbac.Rbac), each None when absent."""
-    rate_limit: object | None = None
-    rbac: object | None = None
-    fault: object | None = None    # the fault filter's own fault (kmesh.config.http.routes.FilterFault)
+    rate_limit: HttpRateLimit | None = None
+    rbac: Rbac | None = None
+    fault: FilterFault | None = None    # the fault filter's own fault
     # The order they run in, as listed in http_filters: "rbac", "rate_limit",
     # "fault" (Envoy runs the filters in the order given: a rate limit before
     # RBAC takes a token from a request RBAC then denies).
@@ -58,7 +64,7 @@ class Listener:
     # HTTP routes that need the request (kmesh.config.http.routes.RouteTable), decided
     # by the daemon's hand-off listener; ``clusters`` then hold the catch-all
     # route, used when the daemon runs without L7.
-    routes: object | None = field(default=None, compare=False)
+    routes: RouteTable | None = field(default=None, compare=False)
     # the HTTP connection manager's filters the hand-off listener applies
     http_filters: HttpFilters | None = field(default=None, compare=False)
     # HTTP/1.0 requests: refused with 426 unless the connection manager

@@ -28,7 +28,7 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
@@ -41,6 +41,11 @@ from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS,
 from kmesh.config import fields, filters, policies
 from kmesh.config.errors import ConfigError, Problem
 from kmesh.config.model import FILTER_ORDER, Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
+
+if TYPE_CHECKING:   # loaded late, where a config has HTTP routes
+    from kmesh.config.http.rbac import Rbac
+    from kmesh.config.http.routes import FilterFault, RouteTable
+    from kmesh.config.policies import HttpRateLimit
 
 _Cluster = cluster_pb2.Cluster
 _LB = {
@@ -397,8 +402,8 @@ class _Entry:
     path: str
     listener: str
     rate_limit: RateLimit = NO_RATE_LIMIT
-    routes: object = None   # kmesh.config.http.routes.RouteTable when the routes need the request
-    http_filters: object = None   # model.HttpFilters, with routes
+    routes: RouteTable | None = None   # when the routes need the request
+    http_filters: HttpFilters | None = None   # with routes
     accept_http_10: bool = False  # the connection manager's http_protocol_options
     route_faults: bool = True     # the fault filter is in its chain
 
@@ -515,7 +520,8 @@ _HTTP_FILTERS_KNOWN = {"envoy.extensions.filters.http.router.v3.Router", filters
                        policies.HTTP_LOCAL_RATELIMIT_TYPE, _FAULT_FILTER_TYPE}
 
 
-def _http_filters(ctx: Ctx, path: str, hcm) -> tuple[object, object, object, bool, tuple[str, ...]]:
+def _http_filters(ctx: Ctx, path: str, hcm) -> tuple[HttpRateLimit | None, Rbac | None, FilterFault | None, bool,
+                                                     tuple[str, ...]]:
     """The HTTP local rate limit, RBAC and the fault filter's own fault among
     the connection manager's filters (applied by the L7 hand-off listener):
     (HttpRateLimit | None, Rbac | None, FilterFault | None, whether per-route
