@@ -13,6 +13,7 @@ systemd, `systemctl stop` through kmesh-stop-post.sh) removes them.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -493,10 +494,13 @@ class Daemon:
         """A new static config: with the accepted xDS resources in ADS mode,
         alone in standalone mode. Raises ConfigError."""
         if self.ads:
-            return self.ads.state.replace_static(cfg, lambda change: self._write(
-                cfg.source, lambda: plan_changes(self._state, change.cluster_models(), change.listener_models()),
-                cfg=cfg))
+            return self.ads.state.replace_static(cfg, functools.partial(self._write_change, cfg))
         return self._apply(cfg, translate_bootstrap(cfg))
+
+    def _write_change(self, cfg: bootstrap.LoadedConfig, change) -> UpdateResult:
+        """A static config's change (beside the accepted xDS resources) written."""
+        return self._write(cfg.source, lambda: plan_changes(self._state, change.cluster_models(),
+                                                            change.listener_models()), cfg=cfg)
 
     def _apply_xds(self, change, full_mesh) -> None:
         """Called by the ADS state with each accepted push; raising NACKs it.

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
@@ -38,6 +38,13 @@ from kmesh.config.errors import ConfigError
 from kmesh.config.model import MeshConfig
 from kmesh.config.builder import Change, Inputs, MeshBuilder
 from kmesh.xds import resources as rt
+
+
+class _Outcome(Protocol):
+    ok: bool
+
+
+_Applied = TypeVar("_Applied", bound=_Outcome)
 
 log = logging.getLogger("kmesh.xds")
 
@@ -176,14 +183,15 @@ class AdsState:
         return [w for group in (change.clusters, change.listeners, change.keys)
                 for st in group.values() if st for w in self.builder.notes(st, "warnings")]
 
-    def replace_static(self, static, apply_fn):
+    def replace_static(self, static, apply_fn: Callable[[Change], _Applied]) -> _Applied:
         """A new static config (SIGHUP, admin API), applied with the accepted
         xDS resources under the same lock as pushes, so neither undoes the
-        other. Raises ConfigError; returns what ``apply_fn(change)`` returns."""
+        other. Raises ConfigError; returns what ``apply_fn(change)`` returns
+        (kept only if it says ok)."""
         with self.lock:
             change = self._prepare(static)
             res = apply_fn(change)
-            if getattr(res, "ok", True):
+            if res.ok:
                 self.builder.commit(change)
                 self.static = self._static_in = static
             return res
