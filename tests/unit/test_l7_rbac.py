@@ -6,7 +6,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from google.protobuf import any_pb2, json_format
 
 from kmesh.config.http import rbac
-from kmesh.config.http.routes import Request
+from kmesh.config.http.match import Request
 
 
 def compile_(cfg: dict, fail_closed: bool = False):

@@ -14,8 +14,9 @@ from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import empty_pb2, json_format
 
-from kmesh.config.http.routes import (DirectResponse, Fault, Redirect, Request, Retry, RouteTo, TableOptions, compile_routes,
-                             compile_virtual_hosts, needs_l7, pick_weighted)
+from kmesh.config.http.match import Request
+from kmesh.config.http.routes import (DirectResponse, Fault, Redirect, Retry, RouteTo, TableOptions, compile_routes,
+                                      compile_virtual_hosts, needs_l7, pick_weighted)
 
 # Types that the configs below name in "@type" (ParseDict resolves them from the imported modules).
 CORS = f"type.googleapis.com/{cors_pb2.CorsPolicy.DESCRIPTOR.full_name}"

@@ -28,7 +28,7 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2
@@ -39,8 +39,8 @@ from google.protobuf.message import Message
 from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS, NO_POLICY, NO_RATE_LIMIT,
                                ClusterPolicy, LbPolicy, RateLimit)
 from kmesh.config import fields, filters, policies
-from kmesh.config.errors import ConfigError, Problem
-from kmesh.config.model import FILTER_ORDER, Cluster, Endpoint, HttpFilters, Listener, MeshConfig, WeightedCluster
+from kmesh.config.errors import Problem
+from kmesh.config.model import FILTER_ORDER, Cluster, Endpoint, HttpFilters, Listener, WeightedCluster
 
 if TYPE_CHECKING:   # loaded late, where a config has HTTP routes
     from kmesh.config.http.rbac import Rbac

@@ -34,6 +34,7 @@ from kmesh import limits
 from kmesh.bpf import records
 from kmesh.config.http import headers
 from kmesh.config.http import routes as rt
+from kmesh.config.http.match import Request
 from kmesh.config.http.rbac import DENIED
 from kmesh.config.model import FILTER_ORDER, Cluster
 from kmesh.l7 import fdstore, http1, netns, splice
@@ -137,7 +138,7 @@ class BadRequest(Exception):
     pass
 
 
-def parse_head(head: bytes) -> rt.Request:
+def parse_head(head: bytes) -> Request:
     """A complete request head (up to and including the blank line)."""
     h = _Head()
     parser = httptools.HttpRequestParser(h)
@@ -163,7 +164,7 @@ def parse_head(head: bytes) -> rt.Request:
         host, path, normalised = rest[:cut], rest[cut:] or "/", True
     elif not hosts:
         raise BadRequest("no Host header")   # Envoy: 400, also for HTTP/1.0
-    return rt.Request(method=parser.get_method().decode("latin-1"), path=path, host=host,
+    return Request(method=parser.get_method().decode("latin-1"), path=path, host=host,
                       headers=tuple(h.headers), normalised=normalised)
 
 
@@ -718,7 +719,7 @@ class Handoff:
         await self._requests(target, peer, vip, conn, inode, (head, framed, decision, req))
 
     @staticmethod
-    def _fault(target: Target, decision, req: rt.Request) -> rt.Fault | None:
+    def _fault(target: Target, decision, req: Request) -> rt.Fault | None:
         """The fault for this request, as Envoy's fault filter decides it:
         none without the filter in the chain; the route configuration's
         (route, then virtual host, then configuration) when one sets it (on a
@@ -730,7 +731,7 @@ class Handoff:
             return decision.fault if isinstance(decision, rt.RouteTo) else None
         return target.filter_fault.for_request(req) if target.filter_fault else None
 
-    async def _decide(self, target: Target, req: rt.Request, framed: http1.Head, peer: tuple, vip: tuple):
+    async def _decide(self, target: Target, req: Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The request's Routed, or the local answer (status, body, extra
         headers, whether the connection may go on after it). Envoy's codec
         answers first: a fragment in the target is 400, HTTP/1.0 is 426
@@ -847,7 +848,7 @@ class Handoff:
         except OSError:
             pass
 
-    async def _exchange(self, target: Target, routed: Routed, req: rt.Request, head: bytes, framed: http1.Head,
+    async def _exchange(self, target: Target, routed: Routed, req: Request, head: bytes, framed: http1.Head,
                         reader: http1.Reader, conn: socket.socket, ns: netns.Netns | None, pool: dict) -> bool:
         """One request to its upstream (retried as its route's retry policy
         says) and its response back; whether the connection goes on."""
@@ -1058,7 +1059,7 @@ class Handoff:
         return ep, *pool[ep]
 
     async def _forward(self, target: Target, routed: Routed, head: bytes, framed: http1.Head, conn: socket.socket,
-                       ns: netns.Netns | None, req: rt.Request) -> None:
+                       ns: netns.Netns | None, req: Request) -> None:
         cluster = target.clusters.get(routed.cluster)
         upstream, ep = await self._connect(cluster, routed.route.retries, ns) if cluster else (None, None)
         if upstream is None:

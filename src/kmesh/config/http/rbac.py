@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 
 from kmesh.config import fields
-from kmesh.config.http import routes as rt
+from kmesh.config.http import match
 
 DENIED = b"RBAC: access denied"
 ALLOW, DENY, LOG = 0, 1, 2   # envoy.config.rbac.v3.RBAC.Action
@@ -32,7 +32,7 @@ NOT_APPLIED = "not applied by kmesh (no per-policy stats or audit log yet)"
 @dataclass(frozen=True, slots=True)
 class Subject:
     """What one request is matched on."""
-    view: rt.View
+    view: match.View
     source: ipaddress.IPv4Address
     destination: ipaddress.IPv4Address
     port: int
@@ -46,14 +46,14 @@ class Rbac:
     action: int
     policies: tuple[tuple[str, Matcher], ...]
 
-    def allows(self, req: rt.Request, source: str, destination: tuple[str, int]) -> bool:
-        s = Subject(rt.View(req, False), ipaddress.IPv4Address(source),
+    def allows(self, req: match.Request, source: str, destination: tuple[str, int]) -> bool:
+        s = Subject(match.View(req, False), ipaddress.IPv4Address(source),
                     ipaddress.IPv4Address(destination[0]), destination[1])
         matched = any(m(s) for _, m in self.policies)
         return matched if self.action == ALLOW else not matched
 
 
-def _net(sink: rt.Sink, path: str, c) -> ipaddress.IPv4Network | None:
+def _net(sink: match.Sink, path: str, c) -> ipaddress.IPv4Network | None:
     try:
         net = ipaddress.ip_network(f"{c.address_prefix}/{c.prefix_len.value if c.HasField('prefix_len') else 32}",
                                    strict=False)
@@ -74,7 +74,7 @@ def _all_of(ms: list[Matcher]) -> Matcher:
     return lambda s: all(m(s) for m in ms)
 
 
-def _list(sink: rt.Sink, path: str, items, one) -> list[Matcher] | None:
+def _list(sink: match.Sink, path: str, items, one) -> list[Matcher] | None:
     got = [one(sink, f"{path}[{i}]", x) for i, x in enumerate(items)]
     return None if any(m is None for m in got) else got
 
@@ -85,7 +85,7 @@ _NOTS = ("not_rule", "not_id")
 _SHARED = ("any", "header", "url_path", *_SETS, *_NOTS)
 
 
-def _shared(sink: rt.Sink, path: str, msg, kind: str, one) -> Matcher | None:
+def _shared(sink: match.Sink, path: str, msg, kind: str, one) -> Matcher | None:
     """The matchers permissions and principals share: the leaves they have
     in common and and/or/not over ``one`` (the permission or principal
     compiler)."""
@@ -96,11 +96,11 @@ def _shared(sink: rt.Sink, path: str, msg, kind: str, one) -> Matcher | None:
             return None
         return lambda s: True
     if kind == "header":
-        hc = rt.header_cond(sink, f"{path}.header", value)
+        hc = match.header_cond(sink, f"{path}.header", value)
         return (lambda s: hc(s.view)) if hc else None
     if kind == "url_path":
-        rt.check_fields(sink, f"{path}.url_path", value, ("path",), strict=True)
-        test = rt.string_matcher(sink, f"{path}.url_path.path", value.path)
+        match.check_fields(sink, f"{path}.url_path", value, ("path",), strict=True)
+        test = match.string_matcher(sink, f"{path}.url_path.path", value.path)
         return (lambda s: test(s.view.path)) if test else None
     if kind in _SETS:
         field, every = _SETS[kind]
@@ -110,7 +110,7 @@ def _shared(sink: rt.Sink, path: str, msg, kind: str, one) -> Matcher | None:
     return None if m is None else (lambda s: not m(s))
 
 
-def _permission(sink: rt.Sink, path: str, p) -> Matcher | None:
+def _permission(sink: match.Sink, path: str, p) -> Matcher | None:
     kind = p.WhichOneof("rule")
     if kind in _SHARED:
         return _shared(sink, path, p, kind, _permission)
@@ -128,7 +128,7 @@ def _permission(sink: rt.Sink, path: str, p) -> Matcher | None:
     return None
 
 
-def _principal(sink: rt.Sink, path: str, p) -> Matcher | None:
+def _principal(sink: match.Sink, path: str, p) -> Matcher | None:
     kind = p.WhichOneof("identifier")
     if kind in _SHARED:
         return _shared(sink, path, p, kind, _principal)
@@ -141,8 +141,8 @@ def _principal(sink: rt.Sink, path: str, p) -> Matcher | None:
     return None
 
 
-def _policy(sink: rt.Sink, path: str, pol) -> Matcher | None:
-    rt.check_fields(sink, path, pol, ("permissions", "principals"), strict=True)
+def _policy(sink: match.Sink, path: str, pol) -> Matcher | None:
+    match.check_fields(sink, path, pol, ("permissions", "principals"), strict=True)
     if not pol.permissions or not pol.principals:
         sink.problem(path, "a policy needs at least one permission and one principal")
         return None
@@ -157,14 +157,14 @@ def _policy(sink: rt.Sink, path: str, pol) -> Matcher | None:
 DENY_ALL = Rbac(ALLOW, ())
 
 
-def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report,
+def compile_rbac(typed_config, path: str, problem: match.Report, note: match.Report,
                  fail_closed: bool = False) -> Rbac | None:
     """The filter's config at ``path``: an Rbac, or None when it lets every
     request through (no rules, or LOG). A config with a problem (reported)
     gives None, or DENY_ALL with ``fail_closed`` (from a control plane, where
     the rest of the listener is still applied: a policy that cannot be
     enforced must not turn into no policy)."""
-    sink = rt.Sink(problem, note)
+    sink = match.Sink(problem, note)
     msg = http_rbac_pb2.RBAC()
     typed_config.Unpack(msg)
     fields.check(msg, path, sink.problem, sink.note)
@@ -173,7 +173,7 @@ def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report,
     if not msg.HasField("rules"):
         return None
     rules = msg.rules
-    rt.check_fields(sink, f"{path}.rules", rules, ("action", "policies"),
+    match.check_fields(sink, f"{path}.rules", rules, ("action", "policies"),
                     notes={"audit_logging_options": NOT_APPLIED})
     if rules.action == LOG:
         sink.note(f"{path}.rules.action", "LOG only logs in Envoy: every request goes through")
@@ -188,7 +188,7 @@ def compile_rbac(typed_config, path: str, problem: rt.Report, note: rt.Report,
     return Rbac(rules.action, tuple(pols))
 
 
-def _failed(sink: rt.Sink, path: str, fail_closed: bool) -> Rbac | None:
+def _failed(sink: match.Sink, path: str, fail_closed: bool) -> Rbac | None:
     if not fail_closed:
         return None
     sink.note(path, "this RBAC filter cannot be enforced as written: the listener denies every request (403)")

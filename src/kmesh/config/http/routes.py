@@ -28,60 +28,32 @@ when absent, as Envoy sets it on a plaintext connection).
 """
 from __future__ import annotations
 
-import operator
-import re
-import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
+from google.protobuf import any_pb2
 import re2
 
 from kmesh.config import fields
 from kmesh.config.http import headers as hdr
+from kmesh.config.http import match as m
 from kmesh.config.http.headers import HeaderOps
-
-Report = Callable[[str, str], None]
 
 DEFAULT_TIMEOUT_MS = 15_000            # RouteAction.timeout when unset
 DEFAULT_MAX_BODY = 4096                # RouteConfiguration.max_direct_response_body_size_bytes
 FAULT_FILTER = "envoy.filters.http.fault"
-NOT_ENFORCED = "accepted but not enforced by kmesh"
 
 _FAULT_TYPE = fault_pb2.HTTPFault.DESCRIPTOR.full_name
 _FILTER_CONFIG_TYPE = route_components_pb2.FilterConfig.DESCRIPTOR.full_name
-_INT64 = (-2**63, 2**63)
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
-_DENOMINATORS = {0: 100, 1: 10_000, 2: 1_000_000}
 _TLS_NONE, _TLS_EXTERNAL_ONLY, _TLS_ALL = 0, 1, 2
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-# absl::SimpleAtoi: optional ASCII white space around an optionally signed decimal.
-_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*")
-_GRPC = "application/grpc"
-_EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 # --------------------------------------------------------------------------
 # What the caller sees
 # --------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request as received. ``path`` is the request target in origin
-    form (with the query); ``host`` the authority: the Host header, or the
-    URL's of an absolute-form target, or every Host sent joined by ','
-    (Envoy's :authority); header names are as sent. ``normalised``: the
-    head as sent says otherwise (the head sent upstream must say this)."""
-    method: str
-    path: str
-    host: str
-    headers: tuple[tuple[str, str], ...] = ()
-    normalised: bool = False
-
 
 @dataclass(frozen=True, slots=True)
 class Fault:
@@ -196,71 +168,8 @@ class TableOptions:
 
 
 # --------------------------------------------------------------------------
-# Reporting
+# Drawing a weighted cluster
 # --------------------------------------------------------------------------
-
-class _Sink:
-    """The caller's problem/note callbacks, remembering whether a problem came."""
-    __slots__ = ("_problem", "failed", "note")
-
-    def __init__(self, problem: Report, note: Report):
-        self._problem, self.note, self.failed = problem, note, False
-
-    def problem(self, path: str, reason: str) -> None:
-        self.failed = True
-        self._problem(path, reason)
-
-
-def _check_fields(sink: _Sink, path: str, msg: Message, handled: Iterable[str],
-                  problems: Mapping[str, str] = _EMPTY, notes: Mapping[str, str] = _EMPTY,
-                  strict: bool = False) -> None:
-    """Report each set field of ``msg`` that the caller does not apply itself:
-    a problem if listed in ``problems``, else a note. ``strict``: a field known
-    to no list (a newer proto) is a problem, for messages whose every field
-    changes which requests match."""
-    for f, _ in msg.ListFields():
-        name = f.name
-        if name in handled:
-            continue
-        if name in problems:
-            sink.problem(f"{path}.{name}", problems[name])
-        elif strict and name not in notes:
-            sink.problem(f"{path}.{name}", "not supported by kmesh")
-        else:
-            sink.note(f"{path}.{name}", notes.get(name, NOT_ENFORCED))
-
-
-# --------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------
-
-def _lower(text: str) -> str:
-    """ASCII lowercase, as Envoy's (absl) case-insensitive compares."""
-    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
-
-
-def _query_start(path: str) -> int:
-    """Where the query or fragment starts (Envoy's removeQueryAndFragment)."""
-    ends = [i for i in (path.find("?"), path.find("#")) if i >= 0]
-    return min(ends) if ends else len(path)
-
-
-def _duration_ms(sink: _Sink, path: str, d: duration_pb2.Duration) -> int | None:
-    if d.seconds < 0 or d.nanos < 0 or d.nanos > 999_999_999:
-        sink.problem(path, "must be a non-negative duration")
-        return None
-    return d.seconds * 1000 + d.nanos // 1_000_000
-
-
-def _percent(sink: _Sink, path: str, fp) -> float:
-    """A FractionalPercent as 0..100 (a numerator over the denominator is 100 %)."""
-    denominator = _DENOMINATORS.get(fp.denominator)
-    if denominator is None:
-        sink.problem(f"{path}.denominator", f"unknown denominator {fp.denominator}")
-        return 0.0
-    return min(fp.numerator / denominator, 1.0) * 100
-
-
 def pick_weighted(clusters: Sequence[tuple[str, int]], rnd: float) -> str:
     """The cluster that ``rnd`` (in [0, 1)) falls on, each cluster owning a
     share of [0, 1) in proportion to its weight, in order (as Envoy does with
@@ -279,394 +188,6 @@ def pick_weighted(clusters: Sequence[tuple[str, int]], rnd: float) -> str:
 
 
 # --------------------------------------------------------------------------
-# Regular expressions: RE2 itself (google-re2), as in Envoy. Linear time: no
-# pattern a control plane sends can stall the hand-off (Python's re
-# backtracks: "(a+)+$" against a long header would).
-# --------------------------------------------------------------------------
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False   # the error comes back as re2.error; nothing on stderr
-# Envoy refuses a bigger program (the re2.max_program_size.error_level
-# runtime key, 100 by default): the same patterns load in both.
-RE2_MAX_PROGRAM_SIZE = 100
-
-
-def _compile_re2(pattern: str) -> tuple[re2._Regexp | None, str]:
-    """``pattern`` compiled, or None and why RE2 (so Envoy) refuses it."""
-    try:
-        rx = re2.compile(pattern, _RE2_OPTIONS)
-    except re2.error as e:
-        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        return None, f"not RE2 syntax: {why}"
-    if rx.programsize > RE2_MAX_PROGRAM_SIZE:
-        return None, (f"RE2 program size of {rx.programsize} > max program size of {RE2_MAX_PROGRAM_SIZE} "
-                      "(Envoy's re2.max_program_size.error_level): simplify the pattern")
-    return rx, ""
-
-
-def _regex(sink: _Sink, path: str, rm) -> re2._Regexp | None:
-    """A RegexMatcher, compiled; matched in full, as RE2::FullMatch."""
-    _check_fields(sink, path, rm, ("regex", "google_re2"))
-    if rm.google_re2.HasField("max_program_size"):
-        sink.note(f"{path}.google_re2.max_program_size", f"deprecated: {NOT_ENFORCED}")
-    if not rm.regex:
-        sink.problem(f"{path}.regex", "must not be empty")
-        return None
-    rx, why = _compile_re2(rm.regex)
-    if rx is None:
-        sink.problem(f"{path}.regex", why)
-    return rx
-
-
-def _substitution(text: str, groups: int) -> tuple[tuple[str | int, ...] | None, str]:
-    """An RE2 rewrite string as literal parts and group numbers: ``\\0``..``\\9``
-    name groups, ``\\\\`` is a backslash, any other escape is invalid."""
-    parts: list[str | int] = []
-    literal: list[str] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c != "\\":
-            literal.append(c)
-            i += 1
-            continue
-        nxt = text[i + 1:i + 2]
-        if nxt == "\\":
-            literal.append("\\")
-        elif nxt and nxt in string.digits:
-            if int(nxt) > groups:
-                return None, f"\\{nxt} names a group the pattern does not have"
-            parts += ["".join(literal), int(nxt)]
-            literal = []
-        else:
-            return None, f"invalid escape '\\{nxt}' (RE2 allows \\0 to \\9 and \\\\)"
-        i += 2
-    parts.append("".join(literal))
-    return tuple(p for p in parts if p != ""), ""
-
-
-def _replace_all(rx: re2._Regexp, parts: tuple[str | int, ...], text: str) -> str:
-    """RE2::GlobalReplace: like re.sub, but an empty match right where the
-    previous match ended is not replaced."""
-    out, pos, last_end = [], 0, -1
-    for m in rx.finditer(text):
-        start, end = m.span()
-        if start == end == last_end:
-            continue
-        out.append(text[pos:start])
-        out.extend(p if isinstance(p, str) else (m.group(p) or "") for p in parts)
-        pos = last_end = end
-    out.append(text[pos:])
-    return "".join(out)
-
-
-# --------------------------------------------------------------------------
-# The request as matchers see it
-# --------------------------------------------------------------------------
-
-class _View:
-    """One request's derived forms, each computed on first use."""
-    __slots__ = ("_headers", "_values", "_query", "path", "req")
-
-    def __init__(self, req: Request, ignore_path_parameters: bool):
-        self.req = req
-        path = req.path[:_query_start(req.path)]
-        if ignore_path_parameters:
-            path = path.split(";", 1)[0]
-        self.path = path        # what path specifiers match
-        self._headers: dict[str, str] | None = None
-        self._values: dict[str, tuple[str, ...]] | None = None
-        self._query: dict[str, str] | None = None
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """Lowercased names -> values, repeated headers joined with ',' (as
-        Envoy's getAllOfHeaderAsString), plus the pseudo-headers. ``host`` is
-        an alias of ``:authority``, as in Envoy's header map."""
-        if self._headers is None:
-            req, out = self.req, {}
-            for name, value in req.headers:
-                key, value = _lower(name), value.strip(" \t")
-                if key != "host":
-                    prev = out.get(key)
-                    out[key] = value if prev is None else f"{prev},{value}"
-            out.setdefault("x-forwarded-proto", "http")
-            out.update({":authority": req.host, "host": req.host, ":path": req.path,
-                        ":method": req.method, ":scheme": "http"})
-            self._headers = out
-        return self._headers
-
-    @property
-    def header_values(self) -> dict[str, tuple[str, ...]]:
-        """Lowercased names -> each value as sent: a header matcher matches
-        when any one of a repeated header's values does (Envoy 1.40: `x: foo`
-        and `x: bar` match `exact: foo`, not `exact: "foo,bar"`)."""
-        if self._values is None:
-            out: dict[str, tuple[str, ...]] = {}
-            for name, value in self.req.headers:
-                key = _lower(name)
-                if key != "host":
-                    out[key] = out.get(key, ()) + (value.strip(" \t"),)
-            self._values = {**{k: (v,) for k, v in self.headers.items()}, **out}
-        return self._values
-
-    @property
-    def query(self) -> dict[str, str]:
-        """Query parameters, not percent-decoded, the first of a repeated name
-        winning (Envoy's parseQueryString)."""
-        if self._query is None:
-            out: dict[str, str] = {}
-            path = self.req.path
-            q = path.find("?")
-            if q >= 0:
-                for param in path[q + 1:].split("&"):
-                    name, _, value = param.partition("=")
-                    out.setdefault(name, value)
-            self._query = out
-        return self._query
-
-
-# --------------------------------------------------------------------------
-# Path specifiers
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class _Prefix:
-    prefix: str             # lowercased when ignore_case
-    ignore_case: bool
-
-    def matches(self, path: str) -> bool:
-        if self.ignore_case:
-            return _lower(path[:len(self.prefix)]) == self.prefix
-        return path.startswith(self.prefix)
-
-    def matched_len(self, target: str) -> int:
-        return len(self.prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class _Exact:
-    path: str
-    ignore_case: bool
-
-    def matches(self, path: str) -> bool:
-        return (_lower(path) if self.ignore_case else path) == self.path
-
-    def matched_len(self, target: str) -> int:
-        return len(self.path)
-
-
-@dataclass(frozen=True, slots=True)
-class _SeparatedPrefix:
-    """A prefix followed by '/' or the end of the path (the query is gone)."""
-    prefix: _Prefix
-
-    def matches(self, path: str) -> bool:
-        n = len(self.prefix.prefix)
-        return self.prefix.matches(path) and (len(path) == n or path[n:n + 1] == "/")
-
-    def matched_len(self, target: str) -> int:
-        return len(self.prefix.prefix)
-
-
-@dataclass(frozen=True, slots=True)
-class _Regex:
-    rx: re2._Regexp
-
-    def matches(self, path: str) -> bool:
-        return self.rx.fullmatch(path) is not None
-
-    def matched_len(self, target: str) -> int:
-        return _query_start(target)       # a rewrite replaces the whole path
-
-
-_PathMatch = _Prefix | _Exact | _SeparatedPrefix | _Regex
-_SEPARATED_PREFIX = re.compile(r"[^?#]+[^?#/]")
-
-_MATCH_APPLIED = ("prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
-                  "query_parameters", "grpc")
-_MATCH_PROBLEMS = {
-    "connect_matcher": "CONNECT requests are not routed by kmesh",
-    "path_match_policy": "path match extensions (URI templates) are not supported by kmesh",
-    "runtime_fraction": "runtime-fraction matching is not supported by kmesh",
-    "tls_context": "kmesh routes plaintext HTTP only: TLS context matching is not supported",
-    "dynamic_metadata": "dynamic metadata is not available to kmesh's router",
-    "filter_state": "filter state is not available to kmesh's router",
-}
-
-
-def _path_match(sink: _Sink, path: str, m) -> _PathMatch | None:
-    kind = m.WhichOneof("path_specifier")
-    ignore_case = m.HasField("case_sensitive") and not m.case_sensitive.value
-    if kind == "prefix":
-        return _Prefix(_lower(m.prefix) if ignore_case else m.prefix, ignore_case)
-    if kind == "path":
-        return _Exact(_lower(m.path) if ignore_case else m.path, ignore_case)
-    if kind == "path_separated_prefix":
-        value = m.path_separated_prefix
-        if not _SEPARATED_PREFIX.fullmatch(value):
-            sink.problem(f"{path}.path_separated_prefix",
-                         "must be at least 2 characters, without '?' or '#', and must not end with '/'")
-            return None
-        return _SeparatedPrefix(_Prefix(_lower(value) if ignore_case else value, ignore_case))
-    if kind == "safe_regex":
-        if m.HasField("case_sensitive"):
-            sink.note(f"{path}.case_sensitive", "has no effect on safe_regex (as in Envoy)")
-        rx = _regex(sink, f"{path}.safe_regex", m.safe_regex)
-        return _Regex(rx) if rx else None
-    if kind is None:
-        sink.problem(path, "a route match needs prefix, path, safe_regex or path_separated_prefix")
-    return None     # connect_matcher, path_match_policy: reported with the other fields
-
-
-# --------------------------------------------------------------------------
-# Header, query parameter and gRPC conditions
-# --------------------------------------------------------------------------
-
-_TEXT_OPS = {"exact": operator.eq, "prefix": str.startswith, "suffix": str.endswith, "contains": operator.contains}
-
-
-def _text_test(kind: str, value: str, ignore_case: bool) -> Callable[[str], bool]:
-    op = _TEXT_OPS[kind]
-    if ignore_case:
-        value = _lower(value)
-        return lambda v: op(_lower(v), value)
-    return lambda v: op(v, value)
-
-
-def _regex_test(rx: re2._Regexp) -> Callable[[str], bool]:
-    return lambda v: rx.fullmatch(v) is not None
-
-
-def _range_test(start: int, end: int) -> Callable[[str], bool]:
-    """Int64Range [start, end) over a value that parses as an int64."""
-    def test(v: str) -> bool:
-        m = _ATOI.fullmatch(v)
-        if m is None:
-            return False
-        n = int(m.group(1))
-        return _INT64[0] <= n < _INT64[1] and start <= n < end
-    return test
-
-
-def _string_matcher(sink: _Sink, path: str, sm) -> Callable[[str], bool] | None:
-    """An envoy.type.matcher.v3.StringMatcher as a test of a value."""
-    _check_fields(sink, path, sm, ("exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"),
-                  {"custom": "custom string matcher extensions are not supported by kmesh"}, strict=True)
-    kind = sm.WhichOneof("match_pattern")
-    if kind == "safe_regex":
-        if sm.ignore_case:
-            sink.problem(f"{path}.ignore_case", "ignore_case has no effect for safe_regex (Envoy refuses it)")
-        rx = _regex(sink, f"{path}.safe_regex", sm.safe_regex)
-        return _regex_test(rx) if rx else None
-    if kind in _TEXT_OPS:
-        value = getattr(sm, kind)
-        if kind != "exact" and not value:
-            sink.problem(f"{path}.{kind}", "must not be empty")
-            return None
-        return _text_test(kind, value, sm.ignore_case)
-    if kind is None:
-        sink.problem(path, "a string matcher needs exact, prefix, suffix, contains or safe_regex")
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class _HeaderCond:
-    """One HeaderMatcher. ``test`` None is a presence match (``present``)."""
-    name: str
-    test: Callable[[str], bool] | None
-    present: bool
-    invert: bool
-    missing_as_empty: bool
-
-    def __call__(self, view: _View) -> bool:
-        values = view.header_values.get(self.name)
-        if values is None:
-            if not self.missing_as_empty:
-                # An absent header fails every matcher but a presence match.
-                return self.test is None and self.present == self.invert
-            values = ("",)
-        test = self.test
-        matched = self.present if test is None else any(test(v) for v in values)
-        return matched != self.invert
-
-
-_LEGACY_TEXT = {"prefix_match": "prefix", "suffix_match": "suffix", "contains_match": "contains"}
-
-
-def _header_test(sink: _Sink, path: str, kind: str, value) -> Callable[[str], bool] | None:
-    if kind == "exact_match":
-        # Envoy's legacy exact_match: an empty value matches any value.
-        return (lambda v: True) if not value else _text_test("exact", value, False)
-    if kind in _LEGACY_TEXT:
-        if not value:
-            sink.problem(path, "must not be empty")
-            return None
-        return _text_test(_LEGACY_TEXT[kind], value, False)
-    if kind == "safe_regex_match":
-        rx = _regex(sink, path, value)
-        return _regex_test(rx) if rx else None
-    if kind == "range_match":
-        return _range_test(value.start, value.end)
-    return _string_matcher(sink, path, value)       # string_match
-
-
-def _header_cond(sink: _Sink, path: str, h) -> _HeaderCond | None:
-    _check_fields(sink, path, h, ("name", "exact_match", "safe_regex_match", "range_match", "present_match",
-                                  "prefix_match", "suffix_match", "contains_match", "string_match",
-                                  "invert_match", "treat_missing_header_as_empty"), strict=True)
-    if not h.name:
-        sink.problem(f"{path}.name", "a header matcher needs a name")
-        return None
-    kind = h.WhichOneof("header_match_specifier")
-    test, present = None, True      # no specifier: the header must be present
-    if kind == "present_match":
-        present = h.present_match
-    elif kind is not None:
-        test = _header_test(sink, f"{path}.{kind}", kind, getattr(h, kind))
-        if test is None:
-            return None
-    return _HeaderCond(_lower(h.name), test, present, h.invert_match, h.treat_missing_header_as_empty)
-
-
-@dataclass(frozen=True, slots=True)
-class _QueryCond:
-    """One QueryParameterMatcher; ``test`` None: the parameter must be present
-    (Envoy reads ``present_match: false`` the same way)."""
-    name: str
-    test: Callable[[str], bool] | None
-
-    def __call__(self, view: _View) -> bool:
-        value = view.query.get(self.name)
-        return value is not None and (self.test is None or self.test(value))
-
-
-def _query_cond(sink: _Sink, path: str, q) -> _QueryCond | None:
-    _check_fields(sink, path, q, ("name", "string_match", "present_match"), strict=True)
-    if not q.name:
-        sink.problem(f"{path}.name", "a query parameter matcher needs a name")
-        return None
-    if q.WhichOneof("query_parameter_match_specifier") != "string_match":
-        return _QueryCond(q.name, None)
-    test = _string_matcher(sink, f"{path}.string_match", q.string_match)
-    return _QueryCond(q.name, test) if test else None
-
-
-def _is_grpc(view: _View) -> bool:
-    """Envoy's isGrpcRequestHeaders: content-type application/grpc or application/grpc+..."""
-    ct = view.headers.get("content-type", "")
-    return ct.startswith(_GRPC) and (len(ct) == len(_GRPC) or ct[len(_GRPC)] == "+")
-
-
-def _conditions(sink: _Sink, path: str, m) -> tuple[Callable[[_View], bool], ...]:
-    """The non-path conditions of a RouteMatch, in Envoy's order."""
-    conds: list = [_is_grpc] if m.HasField("grpc") else []
-    conds += [_header_cond(sink, f"{path}.headers[{i}]", h) for i, h in enumerate(m.headers)]
-    conds += [_query_cond(sink, f"{path}.query_parameters[{i}]", q) for i, q in enumerate(m.query_parameters)]
-    return tuple(c for c in conds if c is not None)
-
-
-# --------------------------------------------------------------------------
 # Faults (typed_per_filter_config)
 # --------------------------------------------------------------------------
 
@@ -676,16 +197,16 @@ class _FaultRule:
     configuration); the most specific level wins whole, as in Envoy.
     ``fault`` None: the filter is disabled there or configures nothing."""
     fault: Fault | None
-    headers: tuple[_HeaderCond, ...] = ()
+    headers: tuple[m.HeaderCond, ...] = ()
 
-    def applies(self, view: _View) -> bool:
+    def applies(self, view: m.View) -> bool:
         return all(h(view) for h in self.headers)
 
 
-def _fault_abort(sink: _Sink, path: str, a) -> tuple[int | None, float]:
-    _check_fields(sink, path, a, ("http_status", "percentage"),
+def _fault_abort(sink: m.Sink, path: str, a) -> tuple[int | None, float]:
+    m.check_fields(sink, path, a, ("http_status", "percentage"),
                   {"grpc_status": "gRPC aborts need HTTP/2; kmesh routes HTTP/1.1"},
-                  {"header_abort": f"aborts asked for by a request header are {NOT_ENFORCED}"})
+                  {"header_abort": f"aborts asked for by a request header are {fields.NOT_ENFORCED}"})
     kind = a.WhichOneof("error_type")
     if kind is None:
         sink.problem(path, "an abort needs http_status, grpc_status or header_abort")
@@ -693,28 +214,28 @@ def _fault_abort(sink: _Sink, path: str, a) -> tuple[int | None, float]:
         return None, 0.0
     if not 200 <= a.http_status < 600:
         sink.problem(f"{path}.http_status", "must be in [200, 600)")
-    return a.http_status, _percent(sink, f"{path}.percentage", a.percentage)
+    return a.http_status, m.percent(sink, f"{path}.percentage", a.percentage)
 
 
-def _fault_delay(sink: _Sink, path: str, d) -> tuple[int | None, float]:
-    _check_fields(sink, path, d, ("fixed_delay", "percentage"),
-                  notes={"header_delay": f"delays asked for by a request header are {NOT_ENFORCED}"})
+def _fault_delay(sink: m.Sink, path: str, d) -> tuple[int | None, float]:
+    m.check_fields(sink, path, d, ("fixed_delay", "percentage"),
+                  notes={"header_delay": f"delays asked for by a request header are {fields.NOT_ENFORCED}"})
     kind = d.WhichOneof(d.DESCRIPTOR.oneofs[0].name)
     if kind is None:
         sink.problem(path, "a delay needs fixed_delay or header_delay")
     if kind != "fixed_delay":
         return None, 0.0
-    ms = _duration_ms(sink, f"{path}.fixed_delay", d.fixed_delay)
+    ms = m.duration_ms(sink, f"{path}.fixed_delay", d.fixed_delay)
     if ms is not None and d.fixed_delay.seconds == d.fixed_delay.nanos == 0:
         sink.problem(f"{path}.fixed_delay", "must be greater than 0")
-    return ms, _percent(sink, f"{path}.percentage", d.percentage)
+    return ms, m.percent(sink, f"{path}.percentage", d.percentage)
 
 
-def _fault_rule(sink: _Sink, path: str, hf: fault_pb2.HTTPFault) -> _FaultRule:
+def _fault_rule(sink: m.Sink, path: str, hf: fault_pb2.HTTPFault) -> _FaultRule:
     fields.check(hf, path, sink.problem, sink.note)
     status, abort_pct = _fault_abort(sink, f"{path}.abort", hf.abort) if hf.HasField("abort") else (None, 0.0)
     delay, delay_pct = _fault_delay(sink, f"{path}.delay", hf.delay) if hf.HasField("delay") else (None, 0.0)
-    headers = tuple(c for i, h in enumerate(hf.headers) if (c := _header_cond(sink, f"{path}.headers[{i}]", h)))
+    headers = tuple(c for i, h in enumerate(hf.headers) if (c := m.header_cond(sink, f"{path}.headers[{i}]", h)))
     if status is None and delay is None:
         return _FaultRule(None)
     return _FaultRule(Fault(status, abort_pct, delay, delay_pct), headers)
@@ -730,7 +251,7 @@ def _unwrap_filter_config(any_: any_pb2.Any) -> tuple[any_pb2.Any, bool]:
     return fc.config, fc.disabled
 
 
-def _per_filter(sink: _Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _FaultRule | None:
+def _per_filter(sink: m.Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _FaultRule | None:
     """The fault rule of one level's typed_per_filter_config (None: none at
     this level); every other filter's config is noted."""
     rule = None
@@ -740,7 +261,7 @@ def _per_filter(sink: _Sink, path: str, configs: Mapping[str, any_pb2.Any]) -> _
         config, disabled = _unwrap_filter_config(configs[key])
         is_fault = config.TypeName() == _FAULT_TYPE
         if not is_fault and not (disabled and key == FAULT_FILTER):
-            sink.note(kpath, f"per-route config of filter '{key}' ({config.TypeName() or 'no type'}): {NOT_ENFORCED}")
+            sink.note(kpath, f"per-route config of filter '{key}' ({config.TypeName() or 'no type'}): {fields.NOT_ENFORCED}")
             continue
         if rule is not None:
             sink.problem(kpath, "more than one fault filter config: kmesh applies one fault filter")
@@ -764,15 +285,15 @@ class FilterFault:
     for requests whose route configuration sets none at any level."""
     rule: _FaultRule
 
-    def for_request(self, req: Request) -> Fault | None:
+    def for_request(self, req: m.Request) -> Fault | None:
         rule = self.rule
-        return rule.fault if not rule.headers or rule.applies(_View(req, False)) else None
+        return rule.fault if not rule.headers or rule.applies(m.View(req, False)) else None
 
 
-def filter_fault(config: any_pb2.Any, path: str, problem: Report, note: Report) -> FilterFault | None:
+def filter_fault(config: any_pb2.Any, path: str, problem: m.Report, note: m.Report) -> FilterFault | None:
     """The fault filter's own config (``config``: its typed_config), or None
     when it injects nothing."""
-    sink = _Sink(problem, note)
+    sink = m.Sink(problem, note)
     hf = fault_pb2.HTTPFault()
     if not config.Unpack(hf):
         sink.problem(path, "cannot decode the HTTPFault config")
@@ -824,18 +345,18 @@ class Retry:
     statuses: frozenset[int] = frozenset()  # retriable-status-codes, retriable-4xx (409)
     grpc: frozenset[int] = frozenset()      # grpc-status values
     on_ratelimited: bool = False            # x-envoy-ratelimited in the response
-    retriable_headers: tuple = ()           # _HeaderCond over the response (retriable-headers)
-    request_headers: tuple = ()             # _HeaderCond: only requests matching one are retried
+    retriable_headers: tuple = ()           # m.HeaderCond over the response (retriable-headers)
+    request_headers: tuple = ()             # m.HeaderCond: only requests matching one are retried
     per_try_timeout_ms: int | None = None
     base_ms: int = DEFAULT_RETRY_BASE_MS
     max_ms: int = 10 * DEFAULT_RETRY_BASE_MS
     other_hosts: bool = False               # previous_hosts: a retry goes to another endpoint
 
-    def applies(self, req: Request) -> bool:
+    def applies(self, req: m.Request) -> bool:
         """Whether this request may be retried at all."""
         if not self.request_headers:
             return True
-        view = _View(req, False)
+        view = m.View(req, False)
         return any(c(view) for c in self.request_headers)
 
     def on_response(self, status: int, headers: Sequence[tuple[str, str]]) -> bool:
@@ -851,7 +372,7 @@ class Retry:
                                  for n, v in lower):
                 return True
             if self.retriable_headers:
-                view = _View(Request("", "/", "", tuple(lower)), False)
+                view = m.View(m.Request("", "/", "", tuple(lower)), False)
                 return any(c(view) for c in self.retriable_headers)
         return False
 
@@ -869,7 +390,7 @@ class Retry:
 
 
 class _Recorder:
-    """A _Sink that records what is reported, relative to a path."""
+    """A m.Sink that records what is reported, relative to a path."""
     __slots__ = ("said", "failed")
 
     def __init__(self):
@@ -889,7 +410,7 @@ _RETRY_MEMO: dict[bytes, tuple[Retry | None, tuple]] = {}
 _RETRY_MEMO_MAX = 256
 
 
-def _retry(sink: _Sink, path: str, rp) -> Retry | None:
+def _retry(sink: m.Sink, path: str, rp) -> Retry | None:
     """The retry policy (compiled once per distinct policy); None when no
     condition of it can ever fire."""
     key = rp.SerializeToString(deterministic=True)
@@ -906,7 +427,7 @@ def _retry(sink: _Sink, path: str, rp) -> Retry | None:
 
 
 def _retry_uncached(sink, path: str, rp) -> Retry | None:
-    _check_fields(sink, path, rp, _RETRY_APPLIED)
+    m.check_fields(sink, path, rp, _RETRY_APPLIED)
     conds = {c.strip() for c in rp.retry_on.split(",") if c.strip()}
     for cond in sorted(conds - _RETRY_KNOWN):
         sink.note(f"{path}.retry_on", f"'{cond}': unknown retry condition (Envoy ignores it)")
@@ -920,9 +441,9 @@ def _retry_uncached(sink, path: str, rp) -> Retry | None:
                   "not used (as in Envoy)")
     conds_hdr = ()
     if "retriable-headers" in conds:
-        conds_hdr = tuple(_header_cond(sink, f"{path}.retriable_headers[{i}]", h)
+        conds_hdr = tuple(m.header_cond(sink, f"{path}.retriable_headers[{i}]", h)
                           for i, h in enumerate(rp.retriable_headers))
-    req_hdr = tuple(_header_cond(sink, f"{path}.retriable_request_headers[{i}]", h)
+    req_hdr = tuple(m.header_cond(sink, f"{path}.retriable_request_headers[{i}]", h)
                     for i, h in enumerate(rp.retriable_request_headers))
     other_hosts = False
     for i, pred in enumerate(rp.retry_host_predicate):
@@ -930,18 +451,18 @@ def _retry_uncached(sink, path: str, rp) -> Retry | None:
         if tname == _PREVIOUS_HOSTS or pred.name == "envoy.retry_host_predicates.previous_hosts":
             other_hosts = True
         else:
-            sink.note(f"{path}.retry_host_predicate[{i}]", NOT_ENFORCED)
-    per_try = _duration_ms(sink, f"{path}.per_try_timeout", rp.per_try_timeout) \
+            sink.note(f"{path}.retry_host_predicate[{i}]", fields.NOT_ENFORCED)
+    per_try = m.duration_ms(sink, f"{path}.per_try_timeout", rp.per_try_timeout) \
         if rp.HasField("per_try_timeout") else None
     base, top = DEFAULT_RETRY_BASE_MS, None
     if rp.HasField("retry_back_off"):
         bo = rp.retry_back_off
-        _check_fields(sink, f"{path}.retry_back_off", bo, ("base_interval", "max_interval"))
-        base = _duration_ms(sink, f"{path}.retry_back_off.base_interval", bo.base_interval) or 0
+        m.check_fields(sink, f"{path}.retry_back_off", bo, ("base_interval", "max_interval"))
+        base = m.duration_ms(sink, f"{path}.retry_back_off.base_interval", bo.base_interval) or 0
         if base <= 0:
             sink.problem(f"{path}.retry_back_off.base_interval", "must be greater than 0 (as in Envoy)")
         if bo.HasField("max_interval"):
-            top = _duration_ms(sink, f"{path}.retry_back_off.max_interval", bo.max_interval) or 0
+            top = m.duration_ms(sink, f"{path}.retry_back_off.max_interval", bo.max_interval) or 0
             if top < base:
                 sink.problem(f"{path}.retry_back_off.max_interval", "must be at least base_interval (as in Envoy)")
     num = rp.num_retries.value if rp.HasField("num_retries") else 1
@@ -966,11 +487,11 @@ class _PathRewrite:
     def apply(self, target: str, matched_len: int) -> str:
         if self.rx is None:
             return self.prefix + target[matched_len:]
-        end = _query_start(target)
-        return _replace_all(self.rx, self.substitution, target[:end]) + target[end:]
+        end = m.query_start(target)
+        return m.replace_all(self.rx, self.substitution, target[:end]) + target[end:]
 
 
-def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> _PathRewrite | None:
+def _path_rewrite(sink: m.Sink, path: str, prefix: str, msg, has_regex: bool) -> _PathRewrite | None:
     """The path rewrite of a RouteAction or RedirectAction (``msg``); None: none."""
     if prefix and has_regex:
         sink.problem(path, "specify only one of prefix_rewrite, regex_rewrite or path_rewrite_policy")
@@ -980,14 +501,14 @@ def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> 
     if not has_regex:
         return None
     rpath = f"{path}.regex_rewrite"
-    _check_fields(sink, rpath, msg.regex_rewrite, ("pattern", "substitution"))
+    m.check_fields(sink, rpath, msg.regex_rewrite, ("pattern", "substitution"))
     if not msg.regex_rewrite.HasField("pattern"):
         sink.problem(f"{rpath}.pattern", "required")
         return None
-    rx = _regex(sink, f"{rpath}.pattern", msg.regex_rewrite.pattern)
+    rx = m.regex(sink, f"{rpath}.pattern", msg.regex_rewrite.pattern)
     if rx is None:
         return None
-    parts, why = _substitution(msg.regex_rewrite.substitution, rx.groups)
+    parts, why = m.substitution(msg.regex_rewrite.substitution, rx.groups)
     if parts is None:
         sink.problem(f"{rpath}.substitution", why)
         return None
@@ -999,7 +520,7 @@ def _path_rewrite(sink: _Sink, path: str, prefix: str, msg, has_regex: bool) -> 
 # --------------------------------------------------------------------------
 
 
-def _mutations(sink: _Sink, path: str, msg) -> tuple[HeaderOps | None, HeaderOps | None]:
+def _mutations(sink: m.Sink, path: str, msg) -> tuple[HeaderOps | None, HeaderOps | None]:
     """The request and response header mutations ``msg`` (a route, virtual
     host, route configuration or weighted cluster) sets at its own level."""
     if not (msg.request_headers_to_add or msg.request_headers_to_remove or msg.response_headers_to_add
@@ -1021,7 +542,7 @@ def _outer(level: HeaderOps | None, outer: tuple[HeaderOps, ...], most_specific_
 
 
 # --------------------------------------------------------------------------
-# Request mirroring
+# m.Request mirroring
 # --------------------------------------------------------------------------
 
 _MIRROR_APPLIED = ("cluster", "runtime_fraction", "disable_shadow_host_suffix_append",
@@ -1029,7 +550,7 @@ _MIRROR_APPLIED = ("cluster", "runtime_fraction", "disable_shadow_host_suffix_ap
 _MIRROR_PROBLEMS = {"cluster_header": "choosing the mirror cluster from a request header is not supported by kmesh"}
 
 
-def _mirrors(sink: _Sink, path: str, policies) -> tuple[Mirror, ...] | None:
+def _mirrors(sink: m.Sink, path: str, policies) -> tuple[Mirror, ...] | None:
     """request_mirror_policies at ``path``; None when none is set (the level
     around applies: Envoy takes the most specific non-empty list)."""
     if not policies:
@@ -1037,7 +558,7 @@ def _mirrors(sink: _Sink, path: str, policies) -> tuple[Mirror, ...] | None:
     out = []
     for i, mp in enumerate(policies):
         mpath = f"{path}[{i}]"
-        _check_fields(sink, mpath, mp, _MIRROR_APPLIED, _MIRROR_PROBLEMS)
+        m.check_fields(sink, mpath, mp, _MIRROR_APPLIED, _MIRROR_PROBLEMS)
         if mp.cluster_header:
             continue
         if not mp.cluster:
@@ -1049,7 +570,7 @@ def _mirrors(sink: _Sink, path: str, policies) -> tuple[Mirror, ...] | None:
             if rf.runtime_key:
                 sink.note(f"{mpath}.runtime_fraction.runtime_key", "runtime overrides are not enforced by kmesh; "
                           "default_value applies")
-            percent = _percent(sink, f"{mpath}.runtime_fraction.default_value", rf.default_value)
+            percent = m.percent(sink, f"{mpath}.runtime_fraction.default_value", rf.default_value)
         out.append(Mirror(mp.cluster, percent, not mp.disable_shadow_host_suffix_append))
     return tuple(out)
 
@@ -1089,7 +610,7 @@ class _Forward:
                     or b.rewrite_host is not None or b.request_headers or b.response_headers or b.cluster_headers
                     or b.retry is not None or b.mirrors or b.attempt_count_request or b.attempt_count_response)
 
-    def decide(self, view: _View, pm: _PathMatch) -> RouteTo:
+    def decide(self, view: m.View, pm: m.PathMatch) -> RouteTo:
         changes = {}
         if self.rewrite is not None:
             target = view.req.path
@@ -1103,7 +624,7 @@ class _Forward:
 class _Fixed:
     decision: DirectResponse | Redirect
 
-    def decide(self, view: _View, pm: _PathMatch) -> DirectResponse | Redirect:
+    def decide(self, view: m.View, pm: m.PathMatch) -> DirectResponse | Redirect:
         return self.decision
 
 
@@ -1138,7 +659,7 @@ class _Redirect:
     strip_query: bool
     fault_set: bool = False
 
-    def decide(self, view: _View, pm: _PathMatch) -> Redirect:
+    def decide(self, view: m.View, pm: m.PathMatch) -> Redirect:
         target = view.req.path
         if self.rewrite is not None:
             target = self.rewrite.apply(target, pm.matched_len(target))
@@ -1157,7 +678,7 @@ class _Redirect:
         return Redirect(self.status, f"{scheme}://{host}{self.port}{final}", self.response_headers, self.fault_set)
 
 
-def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tuple[str, int], ...] | None:
+def _weighted(sink: m.Sink, path: str, wc, own: dict | None = None) -> tuple[tuple[str, int], ...] | None:
     """The (name, weight) of each cluster; ``own``: gets each one's header
     mutations by name."""
     fields.check(wc, path, sink.problem, sink.note)
@@ -1185,7 +706,7 @@ def _weighted(sink: _Sink, path: str, wc, own: dict | None = None) -> tuple[tupl
     return tuple(out)
 
 
-def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], ...] | None:
+def _clusters(sink: m.Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], ...] | None:
     which = ra.WhichOneof("cluster_specifier")
     if which == "cluster":
         if ra.cluster:
@@ -1198,12 +719,12 @@ def _clusters(sink: _Sink, path: str, ra, own: dict) -> tuple[tuple[str, int], .
     return None     # the other specifiers are reported with the other fields
 
 
-def _forward(sink: _Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
+def _forward(sink: m.Sink, path: str, ra, route_name: str, vh: _VHostCtx, fault: _FaultRule | None,
              mutations: tuple[HeaderOps | None, HeaderOps | None], buffer_limit: int | None) -> _Forward | None:
     fields.check(ra, path, sink.problem, sink.note)
     own: dict = {}
     clusters = _clusters(sink, path, ra, own)
-    timeout = _duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
+    timeout = m.duration_ms(sink, f"{path}.timeout", ra.timeout) if ra.HasField("timeout") else DEFAULT_TIMEOUT_MS
     retry = _retry(sink, f"{path}.retry_policy", ra.retry_policy) if ra.HasField("retry_policy") else vh.retry
     mirrors = _mirrors(sink, f"{path}.request_mirror_policies", ra.request_mirror_policies)
     retries = retry.num_retries if retry is not None and retry.on_connect_failure else 0
@@ -1226,8 +747,8 @@ _REDIRECT_APPLIED = ("https_redirect", "scheme_redirect", "host_redirect", "port
                      "prefix_rewrite", "regex_rewrite", "response_code", "strip_query")
 
 
-def _redirect(sink: _Sink, path: str, ra, response_headers: tuple[HeaderOps, ...]) -> _Redirect | None:
-    _check_fields(sink, path, ra, _REDIRECT_APPLIED)
+def _redirect(sink: m.Sink, path: str, ra, response_headers: tuple[HeaderOps, ...]) -> _Redirect | None:
+    m.check_fields(sink, path, ra, _REDIRECT_APPLIED)
     status = _REDIRECT_CODES.get(ra.response_code)
     if status is None:
         sink.problem(f"{path}.response_code", f"unknown response code {ra.response_code}")
@@ -1238,8 +759,8 @@ def _redirect(sink: _Sink, path: str, ra, response_headers: tuple[HeaderOps, ...
                      ra.path_redirect, rewrite, ra.strip_query)
 
 
-def _body(sink: _Sink, path: str, ds, max_body: int) -> bytes | None:
-    _check_fields(sink, path, ds, ("inline_string", "inline_bytes"), {
+def _body(sink: m.Sink, path: str, ds, max_body: int) -> bytes | None:
+    m.check_fields(sink, path, ds, ("inline_string", "inline_bytes"), {
         "filename": "response bodies from files are not supported by kmesh; use inline_string or inline_bytes",
         "environment_variable": "response bodies from the environment are not supported by kmesh; "
                                 "use inline_string or inline_bytes",
@@ -1255,8 +776,8 @@ def _body(sink: _Sink, path: str, ds, max_body: int) -> bytes | None:
     return body
 
 
-def _direct(sink: _Sink, path: str, dr, max_body: int, response_headers: tuple[HeaderOps, ...]) -> _Fixed | None:
-    _check_fields(sink, path, dr, ("status", "body"))
+def _direct(sink: m.Sink, path: str, dr, max_body: int, response_headers: tuple[HeaderOps, ...]) -> _Fixed | None:
+    m.check_fields(sink, path, dr, ("status", "body"))
     if not 200 <= dr.status < 600:
         sink.problem(f"{path}.status", "must be in [200, 600)")
         return None
@@ -1273,17 +794,17 @@ def _direct(sink: _Sink, path: str, dr, max_body: int, response_headers: tuple[H
 
 @dataclass(frozen=True, slots=True, eq=False)
 class _Route:
-    path: _PathMatch
-    conditions: tuple[Callable[[_View], bool], ...]
+    path: m.PathMatch
+    conditions: tuple[Callable[[m.View], bool], ...]
     action: _Forward | _Fixed | _Redirect
 
-    def decide(self, view: _View) -> Decision | None:
+    def decide(self, view: m.View) -> Decision | None:
         if self.path.matches(view.path) and all(c(view) for c in self.conditions):
             return self.action.decide(view, self.path)
         return None
 
 
-def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | None):
+def _action(sink: m.Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | None):
     mutations = _mutations(sink, rpath, route)
     kind = route.WhichOneof("action")
     if kind is None:
@@ -1307,12 +828,12 @@ def _action(sink: _Sink, rpath: str, route, vh: _VHostCtx, fault: _FaultRule | N
     return None     # filter_action, non_forwarding_action: reported with the other fields
 
 
-def _route(sink: _Sink, rpath: str, route, vh: _VHostCtx) -> _Route | None:
+def _route(sink: m.Sink, rpath: str, route, vh: _VHostCtx) -> _Route | None:
     fields.check(route, rpath, sink.problem, sink.note)
     mpath = f"{rpath}.match"
-    _check_fields(sink, mpath, route.match, _MATCH_APPLIED, _MATCH_PROBLEMS, strict=True)
-    pm = _path_match(sink, mpath, route.match)
-    conditions = _conditions(sink, mpath, route.match)
+    m.check_fields(sink, mpath, route.match, m.MATCH_APPLIED, m.MATCH_PROBLEMS, strict=True)
+    pm = m.path_match(sink, mpath, route.match)
+    conditions = m.conditions(sink, mpath, route.match)
     fault = _per_filter(sink, f"{rpath}.typed_per_filter_config", route.typed_per_filter_config)
     action = _action(sink, rpath, route, vh, fault if fault is not None else vh.fault)
     if pm is None or action is None:
@@ -1333,10 +854,10 @@ class _VHost:
         if self.require_tls or not self.routes:
             return False
         first = self.routes[0]
-        return (isinstance(first.path, _Prefix) and first.path.prefix in ("", "/") and not first.conditions
+        return (isinstance(first.path, m.Prefix) and first.path.prefix in ("", "/") and not first.conditions
                 and isinstance(first.action, _Forward) and not first.action.per_request())
 
-    def decide(self, view: _View) -> Decision | None:
+    def decide(self, view: m.View) -> Decision | None:
         if self.require_tls and view.headers["x-forwarded-proto"] != "https" and (
                 self.require_tls == _TLS_ALL or view.headers.get("x-envoy-internal") != "true"):
             req = view.req
@@ -1348,7 +869,7 @@ class _VHost:
         return None
 
 
-def _vhost(sink: _Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None,
+def _vhost(sink: m.Sink, vpath: str, vh, options: TableOptions, rc_fault: _FaultRule | None,
            rc_mutations: tuple[HeaderOps | None, HeaderOps | None], rc_mirrors: tuple[Mirror, ...]) -> _VHost | None:
     fields.check(vh, vpath, sink.problem, sink.note)
     if not vh.name:
@@ -1395,7 +916,7 @@ class _HostIndex:
             return self.default
         if self.ignore_port and (p := _port_start(host)) >= 0:
             host = host[:p]
-        host = _lower(host)
+        host = m.lower(host)
         vhost = self.exact.get(host)
         if vhost is not None:
             return vhost
@@ -1410,7 +931,7 @@ class _HostIndex:
         return self.default
 
 
-def _host_index(sink: _Sink, path: str, vhosts: Sequence, compiled: Sequence[_VHost | None],
+def _host_index(sink: m.Sink, path: str, vhosts: Sequence, compiled: Sequence[_VHost | None],
                 ignore_port: bool) -> _HostIndex:
     exact: dict[str, _VHost] = {}
     suffixes: dict[int, dict[str, _VHost]] = {}
@@ -1418,7 +939,7 @@ def _host_index(sink: _Sink, path: str, vhosts: Sequence, compiled: Sequence[_VH
     default, seen = None, {}
     for i, (pb, vhost) in enumerate(zip(vhosts, compiled)):
         for j, domain in enumerate(pb.domains):
-            d = _lower(domain)
+            d = m.lower(domain)
             if d in seen:
                 first = "{}[{}].domains[{}]".format(path, *seen[d])
                 sink.problem(f"{path}[{i}].domains[{j}]", f"duplicate domain '{domain}' (also at {first}): Envoy "
@@ -1458,7 +979,7 @@ class RouteTable:
         domains do not count: at L4 the virtual host is chosen by address."""
         return not self.vhosts[vhost].decided_at_connect()
 
-    def match(self, req: Request) -> Decision | None:
+    def match(self, req: m.Request) -> Decision | None:
         """The decision for ``req``; None when no virtual host or no route
         matches (Envoy answers 404)."""
         if req.method == "CONNECT":
@@ -1466,10 +987,10 @@ class RouteTable:
         vhost = self.hosts.find(req.host)
         if vhost is None:
             return None
-        return vhost.decide(_View(req, self.ignore_path_parameters))
+        return vhost.decide(m.View(req, self.ignore_path_parameters))
 
 
-def _compile(sink: _Sink, vhosts: Sequence, path: str, options: TableOptions,
+def _compile(sink: m.Sink, vhosts: Sequence, path: str, options: TableOptions,
              rc_fault: _FaultRule | None, rc_mutations: tuple = (None, None),
              rc_mirrors: tuple[Mirror, ...] = ()) -> RouteTable | None:
     compiled = [_vhost(sink, f"{path}[{i}]", vh, options, rc_fault, rc_mutations, rc_mirrors)
@@ -1478,17 +999,17 @@ def _compile(sink: _Sink, vhosts: Sequence, path: str, options: TableOptions,
     return None if sink.failed else RouteTable(hosts, options.ignore_path_parameters, tuple(compiled))
 
 
-def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], path: str, problem: Report,
-                          note: Report, options: TableOptions = TableOptions()) -> RouteTable | None:
+def compile_virtual_hosts(vhosts: Sequence[route_components_pb2.VirtualHost], path: str, problem: m.Report,
+                          note: m.Report, options: TableOptions = TableOptions()) -> RouteTable | None:
     """A table for virtual hosts alone; ``path`` names the list of them (e.g.
     ``...route_config.virtual_hosts``). None if a problem was reported."""
-    return _compile(_Sink(problem, note), vhosts, path, options, None)
+    return _compile(m.Sink(problem, note), vhosts, path, options, None)
 
 
-def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: Report, note: Report) -> RouteTable | None:
+def compile_routes(rc: route_pb2.RouteConfiguration, path: str, problem: m.Report, note: m.Report) -> RouteTable | None:
     """A table for ``rc`` (at field path ``path`` in its source). Each problem
     and note names the field; None if a problem was reported."""
-    sink = _Sink(problem, note)
+    sink = m.Sink(problem, note)
     fields.check(rc, path, sink.problem, sink.note)
     if rc.validate_clusters.value:
         sink.note(f"{path}.validate_clusters", "cluster references are checked by kmesh's translator, not here")
@@ -1512,8 +1033,8 @@ def needs_l7(rc: route_pb2.RouteConfiguration, vhost: int = 0) -> bool | None:
 
 
 # Shared with the HTTP filters the hand-off listener applies (kmesh.config.http.rbac).
-View = _View
-Sink = _Sink
-check_fields = _check_fields
-header_cond = _header_cond
-string_matcher = _string_matcher
+View = m.View
+Sink = m.Sink
+check_fields = m.check_fields
+header_cond = m.header_cond
+string_matcher = m.string_matcher
