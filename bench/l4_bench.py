@@ -244,6 +244,17 @@ def nginx_conf(tmp: Path, port: int, port2: int | None = None, ip: str = "127.0.
     """A self-contained nginx answering "ok" on ip:port (and :port2),
     everything it writes under ``tmp``."""
     second = f"listen {ip}:{port2} backlog=4096;" if port2 else ""
+    return nginx_servers_conf(tmp, f"""server {{
+        listen {ip}:{port} backlog=4096;
+        {second}
+        location = /nginx_status {{ stub_status; }}
+        location / {{ return 200 "ok\\n"; }}
+    }}""")
+
+
+def nginx_servers_conf(tmp: Path, servers: str) -> str:
+    """A self-contained nginx with these ``server`` blocks, everything it
+    writes under ``tmp``."""
     return f"""daemon off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -259,12 +270,7 @@ http {{
     # keep-alive runs measure the data path, not nginx's periodic reconnect
     keepalive_requests 100000000;
     keepalive_timeout 120s;
-    server {{
-        listen {ip}:{port} backlog=4096;
-        {second}
-        location = /nginx_status {{ stub_status; }}
-        location / {{ return 200 "ok\\n"; }}
-    }}
+    {servers}
 }}
 """
 

@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.l4_bench import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, free_port, log,  # noqa: E402
-                            nginx_conf, parse_wrk, spawn, stop_process, wait_ready)
+                            nginx_conf, nginx_servers_conf, parse_wrk, spawn, stop_process, wait_ready)
 from tests.support.envoy import HCM, bootstrap, cluster, lb_ep, sock  # noqa: E402
 
 VIP = "127.100.0.20"
@@ -364,24 +364,8 @@ int main(int argc, char **argv)
 
 def route_nginx_conf(tmp: Path, v1: int, v2: int) -> str:
     """nginx_conf's shape with two servers answering "v1" and "v2"."""
-    return f"""daemon off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    server {{ listen 127.0.0.1:{v1} backlog=4096; location / {{ return 200 "v1\\n"; }} }}
-    server {{ listen 127.0.0.1:{v2} backlog=4096; location / {{ return 200 "v2\\n"; }} }}
-}}
-"""
+    return nginx_servers_conf(tmp, f"""server {{ listen 127.0.0.1:{v1} backlog=4096; location / {{ return 200 "v1\\n"; }} }}
+    server {{ listen 127.0.0.1:{v2} backlog=4096; location / {{ return 200 "v2\\n"; }} }}""")
 
 
 def http_listener(name: str, ip: str, port: int, routes: list[dict]) -> dict:
