@@ -55,8 +55,8 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.l4_bench import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, free_port, log,  # noqa: E402
-                            nginx_conf, nginx_servers_conf, parse_wrk, spawn, stop_process, wait_ready)
+from bench.lib import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, free_port, log,  # noqa: E402
+                       nginx_conf, nginx_servers_conf, parse_wrk, spawn, stop_process, wait_ready)
 from tests.support.envoy import HCM, bootstrap, cluster, lb_ep, sock  # noqa: E402
 
 VIP = "127.100.0.20"

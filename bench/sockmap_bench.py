@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.l4_bench import nginx_conf, parse_wrk  # noqa: E402
+from bench.lib import nginx_conf, parse_wrk  # noqa: E402
 from tests.support import harness  # noqa: E402
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener  # noqa: E402
 
