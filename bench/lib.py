@@ -241,7 +241,9 @@ class Daemon:
         self.admin = f"127.0.0.1:{free_port()}"
         self.proc = spawn([str(DAEMON), "-enable-ads=false", "-config-file", str(config),
                            "-cgroup2-path", str(self.cgroup), "-bpf-fs-path", str(self.pin_path),
-                           "-admin-address", self.admin, "-l7-address=", *self.flags], self.log_file)
+                           "-admin-address", self.admin, "-admin-socket", str(self.log_file.with_suffix(".sock")),
+                           "-metrics-address", f"127.0.0.1:{free_port()}",
+                           "-l7-address=", *self.flags], self.log_file)
         wait_ready(self.proc, f"kmesh-daemon {self.name}", f"http://{self.admin}/ready", 30, (self.log_file,))
         # every program the daemon attached (connect4, sock_release, ...), by its pinned link
         links = sorted((self.pin_path / "bpf_kmesh" / "link").iterdir())
