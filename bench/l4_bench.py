@@ -62,8 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.lib import (BPF_OBJECT, BPF_STATS, BPFFS, CGROUP2_ROOT, DAEMON, ENVOY_CONCURRENCY, BenchError,  # noqa: E402
                        Daemon, Envoy, _in_cgroup, daemon_cleanup, find_envoy, free_port, http_get, log, nginx_conf,
-                       owner_pid, parse_wrk, prog_stats, proxy_config, remove_cgroup, spawn, stop_process, tail,
-                       version_of, wait_ready)
+                       new_figure, owner_pid, parse_wrk, prog_stats, proxy_config, remove_cgroup, save_figure,
+                       spawn, stop_process, tail, version_of, wait_ready, write_plot)
 
 
 RESULTS = HERE / "results" / "l4.json"
@@ -654,15 +654,12 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Keep-alive p50 and p99 vs connections, a line per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import ticker
 
     conns, med = result["settings"]["conns"], result["keepalive_medians"]
     styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-on": ("P", "--"), "kmesh-obs-off": ("^", ":"),
               "kmesh-policies": ("v", "-."), "kmesh-unenrolled": ("x", ":"), "envoy": ("D", "-")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(2)
     for ax, pct in zip(axes, ("p50", "p99")):
         for mode, fields in med.items():
             marker, line = styles[mode]
@@ -676,25 +673,16 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("keep-alive connections (wrk -c)")
         ax.set_ylabel("latency (µs)")
         ax.set_title(f"wrk → nginx, keep-alive {pct} latency")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"{result['date'][:10]}, {result['machine']['cpus']} vCPU, kernel {result['machine']['kernel']}; "
-                 f"median of {s['rounds']} x {s['duration_s']:g} s", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['date'][:10]}, {result['machine']['cpus']} vCPU, kernel "
+                f"{result['machine']['kernel']}; median of {s['rounds']} x {s['duration_s']:g} s")
 
 
 def write_outputs(result: dict, args) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     png = args.output.with_name(f"{args.output.stem}-latency.png")
-    try:
-        plot(result, png)
-    except ImportError:
-        log("matplotlib not installed (pip install -e '.[bench]'): no plot")
+    if not write_plot(plot, png, result):
         return
     if args.plot_out:
         args.plot_out.parent.mkdir(parents=True, exist_ok=True)

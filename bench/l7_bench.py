@@ -55,8 +55,9 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.lib import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, free_port, log,  # noqa: E402
-                       nginx_conf, nginx_servers_conf, parse_wrk, spawn, stop_process, wait_ready)
+from bench.lib import (BenchError, Daemon, Envoy, _in_cgroup, find_envoy, free_port, log, new_figure,  # noqa: E402
+                       nginx_conf, nginx_servers_conf, parse_wrk, save_figure, spawn, stop_process, wait_ready,
+                       write_plot)
 from tests.support.envoy import HCM, bootstrap, cluster, lb_ep, sock  # noqa: E402
 
 VIP = "127.100.0.20"
@@ -658,20 +659,14 @@ def table(s: dict) -> str:
 
 
 def plot(s: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modes = list(s)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = new_figure(3, width=4.4)
     for ax, (key, title) in zip(axes, (("first_p50_us", "first request p50 (µs)"),
                                        ("conn_per_s", "new connections/s"), ("ka16_rps", "keep-alive req/s, c=16"))):
         ax.bar([LABELS[m] for m in modes], [s[m][key] for m in modes],
                color=["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"][:len(modes)])
         ax.set_title(title)
-        ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, which="major", axis="y")
 
 
 def main() -> int:
@@ -706,7 +701,7 @@ def main() -> int:
                                                   for m, a in result["route_answers"].items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({**result, "summary": s}, indent=2))
-    plot(s, args.output.with_suffix(".png"))
+    write_plot(plot, args.output.with_suffix(".png"), s)
     log(f"wrote {args.output} and {args.output.with_suffix('.png')}")
     return 0
 

@@ -16,11 +16,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support import harness  # noqa: E402
 from tests.support.envoy import bootstrap, cluster, lb_ep, rate_limited, sock, tcp_listener  # noqa: E402
 
 
@@ -218,35 +220,49 @@ def owner_pid(name: str) -> int | None:
 # -- the processes ----------------------------------------------------------
 class Daemon:
     """One kmesh-daemon governing its own child cgroup, with its own pin dir
-    and admin port."""
+    and admin port: the tests' harness.Kmesh, in a cgroup named for the bench
+    (so a later run can clean up after a killed one) and dying with it."""
 
     def __init__(self, name: str, flags: list[str], tmp: Path):
         self.name = name
         self.cgroup = CGROUP2_ROOT / name
         self.pin_path = BPFFS / name
         self.flags = flags
-        self.log_file = tmp / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.admin = ""
+        self.tmp = tmp
+        self.kmesh: harness.Kmesh | None = None
         self.prog_ids: dict[str, int] = {}
         self.cgroup_created = False
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.kmesh.proc if self.kmesh else None
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.kmesh.admin_port}" if self.kmesh else ""
+
+    @property
+    def log_file(self) -> Path:
+        return self.kmesh.log_path if self.kmesh and self.kmesh.log_path else self.tmp / f"{self.name}.log"
+
     def start(self, config: Path) -> None:
+        harness.ensure_bpffs()
         if self.cgroup.exists() or self.pin_path.exists():
             raise BenchError(f"{self.cgroup} or {self.pin_path} already exists")
         # the attach target must be a child cgroup we made, never a root
         assert self.cgroup.parent == CGROUP2_ROOT and self.cgroup != CGROUP2_ROOT
         self.cgroup.mkdir()
         self.cgroup_created = True
-        self.admin = f"127.0.0.1:{free_port()}"
-        self.proc = spawn([str(DAEMON), "-enable-ads=false", "-config-file", str(config),
-                           "-cgroup2-path", str(self.cgroup), "-bpf-fs-path", str(self.pin_path),
-                           "-admin-address", self.admin, "-admin-socket", str(self.log_file.with_suffix(".sock")),
-                           "-metrics-address", f"127.0.0.1:{free_port()}",
-                           "-l7-address=", *self.flags], self.log_file)
-        wait_ready(self.proc, f"kmesh-daemon {self.name}", f"http://{self.admin}/ready", 30, (self.log_file,))
+        # L7 off unless the flags turn it on (a later -l7-address wins)
+        self.kmesh = harness.Kmesh(cgroup=SimpleNamespace(path=self.cgroup), config_path=config,
+                                   bpf_fs_path=self.pin_path, extra_args=("-l7-address=", *self.flags),
+                                   die_with_parent=True)
+        try:
+            self.kmesh.start()
+        except AssertionError as e:
+            raise BenchError(f"kmesh-daemon {self.name}: {str(e)[-4000:]}") from None
         # every program the daemon attached (connect4, sock_release, ...), by its pinned link
-        links = sorted((self.pin_path / "bpf_kmesh" / "link").iterdir())
+        links = sorted((self.kmesh.pin_root / "link").iterdir())
         self.prog_ids = {p.name.removeprefix("kmesh_"): int(_bpftool_json("link", "show", "pinned", str(p))["prog_id"])
                          for p in links}
         if "connect4" not in self.prog_ids:
@@ -262,13 +278,10 @@ class Daemon:
 
     def teardown(self, attempt) -> None:
         """Stop the daemon (a stopped daemon leaves its programs attached), detach
-        them and remove the pins (`kmesh-daemon cleanup`), then rmdir the pin dir
-        and the cgroup (once no process is left in it)."""
-        attempt(f"stop kmesh-daemon {self.name}", lambda: stop_process(self.proc, f"kmesh-daemon {self.name}"))
-        if self.proc is not None or self.pin_path.exists():
-            attempt(f"kmesh-daemon cleanup {self.pin_path}", lambda: daemon_cleanup(self.pin_path))
-        if self.pin_path.exists():
-            attempt(f"rmdir {self.pin_path}", self.pin_path.rmdir)
+        them and remove the pins, then the cgroup (once no process is left in it)."""
+        if self.kmesh:
+            attempt(f"stop kmesh-daemon {self.name}", self.kmesh.stop)
+            attempt(f"kmesh-daemon cleanup {self.pin_path}", self.kmesh.teardown)
         if self.cgroup_created and self.cgroup.exists():
             attempt(f"rmdir {self.cgroup}", lambda: remove_cgroup(self.cgroup))
 
@@ -367,3 +380,38 @@ def version_of(cmd: list[str]) -> str:
         return (out.stdout + out.stderr).strip().splitlines()[0]
     except Exception:  # noqa: BLE001
         return "?"
+
+
+# -- plots ------------------------------------------------------------------
+def new_figure(panels: int, width: float = 5.5, height: float = 4.0):
+    """A row of `panels` axes on matplotlib's file-only backend: (fig, [axes])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path, suptitle: str = "", which: str = "both", axis: str = "both") -> None:
+    """A grid on every axes and a legend where lines are labelled, then write `path`."""
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        ax.grid(True, which=which, axis=axis, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plot(draw, path: Path, *args) -> bool:
+    """draw(*args, path) when matplotlib is installed; say so and go on when not."""
+    try:
+        draw(*args, path)
+    except ImportError:
+        log("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return False
+    return True

@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.lib import nginx_conf, parse_wrk  # noqa: E402
+from bench.lib import new_figure, nginx_conf, parse_wrk, save_figure, write_plot  # noqa: E402
 from tests.support import harness  # noqa: E402
 from tests.support.envoy import bootstrap, cluster, lb_ep, tcp_listener  # noqa: E402
 
@@ -211,11 +211,7 @@ def table(plain: dict, fast: dict) -> str:
 
 
 def plot(plain: dict, fast: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(2)
     for ax, conns in zip(axes, CONNS):
         for data, label in ((plain, "plain loopback"), (fast, "kmesh sockmap")):
             ax.plot(SIZES, [data[f"rr {s} B x{conns}"]["p50_us"] for s in SIZES], marker="o", label=f"{label} p50")
@@ -225,10 +221,7 @@ def plot(plain: dict, fast: dict, path: Path) -> None:
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("round-trip latency (µs)")
         ax.set_title(f"request/response, {conns} connection{'s' if conns > 1 else ''}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, which="major")
 
 
 def main() -> int:
@@ -262,7 +255,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"plain": plain, "sockmap": fast, "rounds": {"plain": plain_rounds,
                                                                            "sockmap": fast_rounds}}, indent=2))
-    plot(plain, fast, out.with_suffix(".png"))
+    write_plot(plot, out.with_suffix(".png"), plain, fast)
     log(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import mesh_gen  # noqa: E402
+from bench.lib import new_figure, save_figure, write_plot  # noqa: E402
 from kmesh.xds import resources as rt  # noqa: E402
 from tests.support import harness  # noqa: E402
 from tests.support.xds_server import XdsServer  # noqa: E402
@@ -153,12 +154,8 @@ def start_consecutive_backends(n: int, attempts: int = 20) -> list:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = [r["services"] for r in rows]
-    fig, (push, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (push, mem) = new_figure(2)
     push.plot(n, [r["push_to_consistent_s"] * 1000 for r in rows], marker="o", label="push → consistent maps")
     push.plot(n, [r["update_ms_median"] for r in rows], marker="x", label="one-endpoint update (median)")
     push.axhline(TARGETS["apply_10000_s"] * 1000, color="gray", linestyle=":", label="target at 10 000: 1 s")
@@ -172,10 +169,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("services (Istio-shaped, 3 endpoints each)")
         ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, which="major")
 
 
 def main() -> int:
@@ -187,7 +181,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.output)
     if args.plot_only:
-        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        write_plot(plot, out.with_suffix(".png"), json.loads(out.read_text()))
         return 0
     if os.geteuid() != 0:
         sys.exit("run as root (it loads BPF programs into a child cgroup)")
@@ -215,7 +209,7 @@ def main() -> int:
               f"RSS ≤ {TARGETS['rss_mb']} MB: {big['rss_mb']} MB")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
-    plot(rows, out.with_suffix(".png"))
+    write_plot(plot, out.with_suffix(".png"), rows)
     print(f"[xds-bench] wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ teardown, also when the test fails.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -43,6 +44,9 @@ SLOW = float(os.environ.get("KMESH_TEST_SLOW", "1"))
 PROGRAMS = sorted(CGROUP_PROGRAMS)
 
 _counter = 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
 
 
 def unique(prefix: str) -> str:
@@ -221,6 +225,7 @@ class Kmesh:
     env: dict | None = None           # extra environment for the daemon
     listen_fds: tuple[tuple[str, int], ...] = ()   # (name, fd) passed as systemd passes its fd store
     nofile: int | None = None          # RLIMIT_NOFILE (soft and hard) for the daemon
+    die_with_parent: bool = False      # SIGTERM when the process that started it dies (benches)
 
     @property
     def admin(self) -> str:
@@ -251,13 +256,24 @@ class Kmesh:
         if fds:
             argv = [sys.executable, str(ROOT / "tests" / "support" / "listen_fds.py"), ",".join(map(str, fds)),
                     ":".join(n for n, _ in self.listen_fds), "--", *argv]
-        limit = None if self.nofile is None else \
-            (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
         self.proc = subprocess.Popen(argv, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     pass_fds=fds, preexec_fn=limit)
+                                     pass_fds=fds, preexec_fn=self._preexec())
         if wait:
             self.wait_ready()
         return self
+
+    def _preexec(self):
+        """What runs between fork and exec, or None (the tests' usual case:
+        Python there is unsafe next to gRPC's threads)."""
+        if self.nofile is None and not self.die_with_parent:
+            return None
+
+        def preexec() -> None:
+            if self.nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+            if self.die_with_parent:
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return preexec
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
