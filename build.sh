@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kmesh build script. Kmesh's flags:
 #   -b  build: vmlinux.h from the running kernel's BTF, bpf/*.bpf.c -> CO-RE
-#       objects in build/bpf/, and the Python wheel in build/dist/
+#       objects in build/bpf/, the native L7 engine in build/native/, and the
+#       Python wheel in build/dist/
 #   -i  install CLIs, objects, unit and default config (same files as the RPM)
 #   -c  clean build outputs
 #   -u  uninstall (detaches and unpins first)
@@ -82,6 +83,12 @@ build_bpf() {
     sh "$ROOT/bpf/compile.sh" "$ROOT" "$BUILD" "$arch" "$clang" "$(llvm_objdump_bin)"
 }
 
+build_native() {
+    # The native L7 engine (src/native): a shared library the daemon loads with ctypes.
+    say "compiling src/native/l7engine.c"
+    sh "$ROOT/src/native/compile.sh" "$ROOT" "$BUILD" "${CC:-cc}"
+}
+
 build_python() {
     say "building the Python wheel"
     mkdir -p "$BUILD/dist"
@@ -90,7 +97,7 @@ build_python() {
         || "$py" -m pip wheel -q --no-deps -w "$BUILD/dist" "$ROOT"
 }
 
-do_build() { build_bpf; build_python; }
+do_build() { build_bpf; build_native; build_python; }
 
 do_clean() { rm -rf "$BUILD" "$ROOT"/src/*.egg-info; say "cleaned"; }
 

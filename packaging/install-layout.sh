@@ -19,6 +19,7 @@
 #   /usr/lib/kmesh/scripts/kmesh-*.sh              the unit's ExecStartPre/ExecStopPost helpers
 #   /usr/lib/kmesh/bpf/*.bpf.o                     CO-RE BPF objects (per architecture)
 #   /usr/lib/kmesh/bpf/legacy/*.bpf.o              the same for kernels before 5.12
+#   /usr/lib/kmesh/native/libkmesh_l7.so           the native L7 engine (-l7-engine=native)
 #   /usr/lib/systemd/system/kmesh.service          the unit
 #   /etc/kmesh/kmesh.yaml, /etc/sysconfig/kmesh    config and the unit's environment
 #   /usr/share/doc/kmesh/README.md                 the README (the unit's Documentation=)
@@ -28,15 +29,16 @@ set -eu
 files() {
     dest=$1 prefix=$2 src=$3 build=$4
     lib="$dest$prefix/lib/kmesh"
-    install -d "$lib/bpf/legacy" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
+    install -d "$lib/bpf/legacy" "$lib/native" "$dest$prefix/bin" "$dest$prefix/lib/systemd/system" \
         "$dest/etc/kmesh" "$dest/etc/sysconfig" "$lib/scripts" "$dest$prefix/share/doc/kmesh" \
         "$dest$prefix/share/licenses/kmesh"
     install -m 0644 "$build"/bpf/*.bpf.o "$lib/bpf/"
     install -m 0644 "$build"/bpf/legacy/*.bpf.o "$lib/bpf/legacy/"
+    install -m 0755 "$build"/native/libkmesh_l7.so "$lib/native/"
     for b in kmesh-daemon kmesh-cmd kmeshctl; do
-        # shellcheck disable=SC2016  # the wrapper expands $KMESH_BPF_DIR and $@ itself
-        printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/lib/kmesh/bpf} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
-            "$prefix" "$prefix" "$b" > "$dest$prefix/bin/$b"
+        # shellcheck disable=SC2016  # the wrapper expands $KMESH_*_DIR and $@ itself
+        printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/lib/kmesh/bpf} KMESH_NATIVE_DIR=${KMESH_NATIVE_DIR:-%s/lib/kmesh/native} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
+            "$prefix" "$prefix" "$prefix" "$b" > "$dest$prefix/bin/$b"
         chmod 0755 "$dest$prefix/bin/$b"
     done
     install -m 0755 "$src"/systemd/kmesh-start-pre.sh "$src"/systemd/kmesh-stop-post.sh "$lib/scripts/"

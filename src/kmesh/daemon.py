@@ -624,7 +624,7 @@ class Daemon:
     def l7_stats(self) -> tuple | None:
         if not self.l7:
             return None
-        return self.l7.stats, self.l7.splicer.stats if self.l7.splicer else None
+        return self.l7.totals(), self.l7.splicer.stats if self.l7.splicer else None
 
     def accesslog_status(self) -> dict:
         return self.accesslog.status() if self.accesslog else {"enabled": False}
@@ -661,7 +661,7 @@ class Daemon:
         targets = Targets(self.current_mesh, lambda: self.ads is not None and not self.ads.state.synced.is_set()
                           and not self._ads_gave_up)
         self.l7 = Handoff((ip, port), dp.maps[mapnames.ORIG_DST], targets, splicer,
-                          max_waiting=self.opts.l7_max_waiting_heads)
+                          max_waiting=self.opts.l7_max_waiting_heads, native=self.opts.l7_engine == "native")
         try:
             self.l7.start()
         except OSError as e:

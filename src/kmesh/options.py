@@ -37,6 +37,7 @@ class Options:
     l7_address: str = DEFAULT_L7_ADDRESS   # hand-off listener for routes that need HTTP; "" turns L7 off
     l7_splice_budget: int = 256 * 1024     # bytes per direction ahead of a slow peer; 0: relay in the daemon
     l7_max_waiting_heads: int = limits.L7_PENDING_HEADS.value   # waiting for a request head; past it the oldest closes
+    l7_engine: str = "python"              # "native": the C engine carries L7 connections (kmesh.l7.engine)
     # ADS mode
     xds_address: str = ""          # else $XDS_ADDRESS, the bootstrap's ads_config, istiod's default
     xds_ca_file: str = ""          # TLS to the control plane when set

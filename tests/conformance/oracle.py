@@ -181,13 +181,14 @@ def _envoy(cases: list[Case], clusters: list[dict], tmp: Path):
         return
 
 
-def run_batch_own_daemon(cases: list[Case], cgroup: harness.Cgroup, tmp: Path) -> list[Outcome]:
+def run_batch_own_daemon(cases: list[Case], cgroup: harness.Cgroup, tmp: Path,
+                         daemon_args: tuple[str, ...] = ()) -> list[Outcome]:
     """run_batch with a daemon of its own on ``cgroup`` (a child cgroup),
     torn down before this returns, as the kmesh fixture does."""
     made: list[harness.Kmesh] = []
 
     def start(cfg):
-        k = harness.Kmesh(cgroup, tmp / "kmesh.yaml")
+        k = harness.Kmesh(cgroup, tmp / "kmesh.yaml", extra_args=daemon_args)
         made.append(k)
         k.write_config(cfg)
         return k.start()

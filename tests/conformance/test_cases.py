@@ -1,6 +1,7 @@
 """Hand-written cases (cases.py), each compared between Envoy 1.40 and
-kmesh on the same config and bytes. Cases run in batches: one kmesh start
-and one Envoy start serve BATCH cases; each case is then its own test."""
+kmesh on the same config and bytes, with each L7 engine (-l7-engine).
+Cases run in batches: one kmesh start and one Envoy start serve BATCH
+cases; each case is then its own test."""
 from __future__ import annotations
 
 import pytest
@@ -18,17 +19,20 @@ def _batch_of(case) -> int:
 
 @pytest.fixture(scope="module")
 def outcome_of(tmp_path_factory, bpf_object):
-    """outcome_of(case): its batch run once (a child cgroup and a daemon of
-    its own, torn down at once, as the kmesh fixture does), then looked up."""
-    done: dict[int, dict] = {}
+    """outcome_of(case, engine): its batch run once per engine (a child
+    cgroup and a daemon of its own, torn down at once, as the kmesh fixture
+    does), then looked up."""
+    done: dict[tuple[int, str], dict] = {}
 
-    def get(case) -> oracle.Outcome:
-        b = _batch_of(case)
+    def get(case, engine: str) -> oracle.Outcome:
+        b = (_batch_of(case), engine)
         if b not in done:
-            tmp = tmp_path_factory.mktemp(f"batch{b}")
+            tmp = tmp_path_factory.mktemp(f"batch{b[0]}-{engine}")
             cg = harness.Cgroup()
+            cases = CASES[b[0] * BATCH:(b[0] + 1) * BATCH]
             try:
-                done[b] = {id(o.case): o for o in oracle.run_batch_own_daemon(CASES[b * BATCH:(b + 1) * BATCH], cg, tmp)}
+                done[b] = {id(o.case): o for o in oracle.run_batch_own_daemon(cases, cg, tmp,
+                                                                                (f"-l7-engine={engine}",))}
             except Exception as e:   # every case of the batch reports it
                 done[b] = e
             finally:
@@ -45,9 +49,10 @@ def _param(case):
     return pytest.param(case, id=case.name.split(":")[0].replace(" ", "-"), marks=marks)
 
 
+@pytest.mark.parametrize("engine", ["python", "native"])
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
-def test_case_as_envoy(outcome_of, case):
-    oracle.check(outcome_of(case))
+def test_case_as_envoy(outcome_of, case, engine):
+    oracle.check(outcome_of(case, engine))
 
 
 def test_only_a_warning_on_the_case_listener_excuses():

@@ -1,6 +1,7 @@
 """Fixtures for end-to-end tests on the real kernel (root needed)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -43,21 +44,31 @@ def backends():
         b.proc.wait()
 
 
-@pytest.fixture
-def kmesh(cgroup, tmp_path, bpf_object):
-    """Factory: kmesh(config_dict) -> a started daemon governing ``cgroup``."""
+@contextlib.contextmanager
+def daemons(cgroup, tmp_path, args: tuple[str, ...] = ()):
+    """Factory start(config_dict, ...) -> a started daemon governing
+    ``cgroup`` (with ``args`` before the caller's); all torn down at exit."""
     made: list[harness.Kmesh] = []
 
     def start(config, wait: bool = True, ads: str | None = None, extra_args: tuple[str, ...] = (),
               env: dict | None = None, **kw) -> harness.Kmesh:
-        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=extra_args, env=env, **kw)
+        k = harness.Kmesh(cgroup, tmp_path / "kmesh.yaml", ads=ads, extra_args=(*args, *extra_args), env=env, **kw)
         made.append(k)
         k.write_config(config)
         return k.start(wait=wait)
 
-    yield start
-    for k in made:
-        k.teardown()
+    try:
+        yield start
+    finally:
+        for k in made:
+            k.teardown()
+
+
+@pytest.fixture
+def kmesh(cgroup, tmp_path, bpf_object):
+    """Factory: kmesh(config_dict) -> a started daemon governing ``cgroup``."""
+    with daemons(cgroup, tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

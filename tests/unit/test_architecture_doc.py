@@ -18,12 +18,13 @@ def named() -> set[str]:
 def test_every_module_and_bpf_source_is_in_the_pieces_table():
     files = [p for p in (ROOT / "src" / "kmesh").rglob("*.py") if p.name != "__init__.py"]
     files += [*(ROOT / "bpf").glob("*.bpf.c"), *(ROOT / "bpf" / "include").glob("*.h")]
+    files += [*(ROOT / "src" / "native").glob("*.[ch]")]
     missing = sorted(str(p.relative_to(ROOT)) for p in files if p.name not in named())
     assert not missing, missing
 
 
 def test_the_table_names_no_file_that_is_gone():
     exists = {p.name for p in [*ROOT.glob("src/kmesh/**/*.py"), *ROOT.glob("bpf/**/*"), *ROOT.glob("tests/**/*.py"),
-                               *ROOT.glob("*/*.sh"), *ROOT.glob("*.sh")]}
+                               *ROOT.glob("src/native/*"), *ROOT.glob("*/*.sh"), *ROOT.glob("*.sh")]}
     gone = sorted(n for n in named() if n.endswith((".py", ".h", ".c", ".sh")) and n not in exists)
     assert not gone, gone

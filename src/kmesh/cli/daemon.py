@@ -58,6 +58,9 @@ def _opt(name: str, **kw):
       "spliced in the kernel; this many bytes per direction may wait for a slow reader there before the daemon "
       "takes the excess with TCP backpressure (kernel memory per connection); 0 relays every L7 connection in "
       "the daemon instead")
+@_opt("l7-engine", default="python", type=click.Choice(["python", "native"]), help="what carries L7 "
+      "connections: native, a C thread of the daemon (Python decides each request; what needs more is handed to "
+      "the Python side: docs/l7.md), or python, the daemon's asyncio loop for all of them")
 @_opt("l7-max-waiting-heads", default=limits.L7_PENDING_HEADS.value, type=click.IntRange(min=1),
       help="hand-off connections that may wait for their request head at once; past it the one waiting longest "
       "is closed (slow clients cannot crowd out others; kmesh_limit_hits_total{limit=\"l7_pending_heads\"})")

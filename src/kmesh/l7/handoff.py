@@ -16,6 +16,7 @@ needs nothing of the daemon after its head is spliced whole in the kernel
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import random
@@ -37,7 +38,7 @@ from kmesh.config.http import routes as rt
 from kmesh.config.http.match import Request
 from kmesh.config.http.rbac import DENIED
 from kmesh.config.model import FILTER_ORDER, Cluster
-from kmesh.l7 import fdstore, http1, netns, splice
+from kmesh.l7 import engine, fdstore, http1, netns, splice
 from kmesh.l7.balancer import Balancer
 from kmesh.l7.splice import Splicer
 
@@ -243,6 +244,14 @@ class Routed:
         return status, body, tuple(self._response_headers(extra, attempt))
 
     @property
+    def carried_as_is_back(self) -> bool:
+        """The response goes back as the upstream sends it and nothing but
+        a failed connect is retried: what the native engine carries."""
+        r = self.route
+        return not (r.response_levels(self.cluster) or r.mirrors or r.attempt_count_response
+                    or r.retry is not None and not r.retry.connect_only)
+
+    @property
     def spliceable(self) -> bool:
         """Nothing to change in either direction's heads (the kernel can
         carry a one-request connection whole)."""
@@ -268,6 +277,17 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             426: "Upgrade Required", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+def _native_answers() -> dict[tuple[int, bool], bytes]:
+    """The engine's own answers to a forward's failures, keep-alive or not."""
+    out = {}
+    for keep in (False, True):
+        out[engine.A_RESET, keep] = response(503, UPSTREAM_RESET, close=not keep)
+        out[engine.A_TIMEOUT, keep] = response(504, UPSTREAM_TIMEOUT, close=not keep)
+        out[engine.A_BAD, keep] = response(400, close=not keep)
+        out[engine.A_TOO_LARGE, keep] = response(431, close=not keep)
+    return out
+
+
 # Envoy 1.40's bodies for the same failures.
 UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
 UPSTREAM_RESET = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
@@ -323,7 +343,7 @@ class Handoff:
 
     def __init__(self, address: tuple[str, int], orig_dst, targets: Callable[[tuple[str, int]], Target | None],
                  splicer: Splicer | None = None, head_limit: int = HEAD_LIMIT,
-                 max_waiting: int = limits.L7_PENDING_HEADS.value):
+                 max_waiting: int = limits.L7_PENDING_HEADS.value, native: bool = False):
         self.address = address
         self.orig_dst = orig_dst   # km_orig_dst: (netns, client address) -> VIP
         self.targets = targets
@@ -350,12 +370,33 @@ class Handoff:
         # Workloads' namespaces (by inode): the listener opened there.
         self._netns: dict[int, tuple[netns.Netns, socket.socket]] = {}
         self._thread: threading.Thread | None = None
+        # The native engine (kmesh.l7.engine) serves the listeners when on;
+        # this loop then runs only what the engine hands back.
+        self.native = native
+        self.engine: engine.Engine | None = None
+        self._hold = b""   # the last upstream head given to the engine, alive until it copies it
 
     def status(self) -> dict:
-        out = self.stats.as_dict()
+        out = self.totals().as_dict()
         out["splice"] = asdict(self.splicer.stats) if self.splicer else None
         out["namespaces"] = self.namespaces()
+        out["engine"] = "native" if self.engine else "python"
+        if self.engine:
+            out["native"] = self.engine.stats()
         return out
+
+    def totals(self) -> Stats:
+        """The hand-off's counters, the native engine's added."""
+        if not self.engine:
+            return self.stats
+        n = self.engine.stats()
+        st = replace(self.stats, answered=dict(self.stats.answered))
+        for key in ("accepted", "routed", "upstream_failures", "connect_failures", "no_destination",
+                    "bad_requests", "per_request"):
+            setattr(st, key, getattr(st, key) + n[key])
+        for status, count in n["answered"].items():
+            st.answered[int(status)] = st.answered.get(int(status), 0) + count
+        return st
 
     def namespaces(self) -> list[dict]:
         """The workload namespaces with a listener of their own."""
@@ -378,7 +419,7 @@ class Handoff:
 
         def add():
             self._netns[ns.inode] = (ns, sock)
-            self._loop.add_reader(sock.fileno(), self._accept, sock, ns)
+            self._serve_listener(sock, ns)
         self._in_loop(add)
         return {"netns": path, "inode": ns.inode, "added": True}
 
@@ -389,7 +430,7 @@ class Handoff:
             if got is None:
                 return False
             ns, sock = got
-            self._loop.remove_reader(sock.fileno())
+            self._unserve_listener(sock)
             sock.close()
             ns.close()
             return True
@@ -421,11 +462,32 @@ class Handoff:
         return sock
 
     # -- life cycle -----------------------------------------------------------
+    def _serve_listener(self, sock: socket.socket, ns: netns.Netns | None) -> None:
+        """Accept on ``sock`` (of namespace ``ns``, None: the daemon's own):
+        in the native engine when on, else in this loop."""
+        if self.engine:
+            self.engine.add_listener(sock.fileno(), ns.inode if ns else self._host_netns, ns.fd if ns else -1)
+        else:
+            self._loop.add_reader(sock.fileno(), self._accept, sock, ns)
+
+    def _unserve_listener(self, sock: socket.socket) -> None:
+        if self.engine:
+            self.engine.remove_listener(sock.fileno())
+        else:
+            self._loop.remove_reader(sock.fileno())
+
     def start(self) -> None:
         """Bind now (a port in use fails the daemon's start), serve in a thread."""
         sock = self._listen(socket.socket())
         self._listener = sock
-        self._loop.add_reader(sock.fileno(), self._accept, sock, None)
+        if self.native:
+            self.engine = engine.Engine(
+                self.orig_dst.fd, self._native_decide, head_limit=self.head_limit, head_timeout=HEAD_TIMEOUT,
+                idle_timeout=KEEPALIVE_IDLE, max_waiting=self.max_waiting, fd_ceiling=self._fd_ceiling,
+                drain=DRAIN_SECONDS, fixed=_native_answers())
+            self._loop.add_reader(self.engine.ready, self._taken)
+            self.engine.start()
+        self._serve_listener(sock, None)
         self._thread = threading.Thread(target=self._loop.run_forever, name="l7-handoff", daemon=True)
         self._thread.start()
 
@@ -437,10 +499,10 @@ class Handoff:
             return 0
 
         async def close():
-            self._loop.remove_reader(self._listener.fileno())
+            self._unserve_listener(self._listener)
             self._listener.close()
             for ns, sock in self._netns.values():
-                self._loop.remove_reader(sock.fileno())
+                self._unserve_listener(sock)
                 sock.close()
                 ns.close()
             self._netns.clear()
@@ -448,6 +510,10 @@ class Handoff:
             # only peeked; a later one: nothing buffered) is parked for the
             # next daemon; one inside an exchange finishes it first.
             self._stopping = True
+            # The engine's idle connections come back to be parked with the
+            # rest; its exchanges finish first (within DRAIN_SECONDS).
+            engine_stopped = asyncio.get_running_loop().run_in_executor(None, self.engine.stop) \
+                if self.engine else None
             waiting = list(self._waiting)
             for t in waiting:
                 t.cancel()
@@ -464,9 +530,15 @@ class Handoff:
             if self._exchanging:
                 log.warning("keep-alive L7 connections still inside a request at stop are closed",
                             extra={"kv": {"connections": self._exchanging, "waited_s": DRAIN_SECONDS}})
+            if engine_stopped is not None:
+                await engine_stopped
+                self._taken()
+                self._loop.remove_reader(self.engine.ready)
             if self.splicer:
                 await self.splicer.quiesce()
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        if self.engine:
+            self.engine.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._thread = None
@@ -603,10 +675,16 @@ class Handoff:
             return None
         return records.ip_of(vip.ip), records.port_of(vip.port)
 
-    async def _serve(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None) -> None:
-        self.stats.accepted += 1
+    async def _serve(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None, counted: bool = False) -> None:
+        if not counted:   # else the engine counted it
+            self.stats.accepted += 1
+        await self._guarded(conn, self._route(conn, peer, ns))
+
+    async def _guarded(self, conn: socket.socket, work) -> None:
+        """One connection's ``work``: whatever happens, the connection ends
+        closed (unless parked for the next daemon)."""
         try:
-            await self._route(conn, peer, ns)
+            await work
         except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         except Exception:   # noqa: BLE001 - one connection must not take the listener down
@@ -733,13 +811,33 @@ class Handoff:
 
     async def _decide(self, target: Target, req: Request, framed: http1.Head, peer: tuple, vip: tuple):
         """The request's Routed, or the local answer (status, body, extra
-        headers, whether the connection may go on after it). Envoy's codec
-        answers first: a fragment in the target is 400, HTTP/1.0 is 426
-        unless the connection manager accepts it. Then the HTTP filters in
-        their order (RBAC, the local rate limit, the fault filter's delay and
-        abort), then the router (no route: 404; a direct response; a
-        redirect; else upstream). The route is found first: local answers
-        carry its response header mutations, as Envoy's do."""
+        headers, whether the connection may go on after it): _steps, with
+        the fault filter's delays slept."""
+        steps = self._steps(target, req, framed, peer, vip)
+        try:
+            while True:
+                await asyncio.sleep(next(steps))
+        except StopIteration as done:
+            return done.value
+
+    def _decide_now(self, target: Target, req: Request, framed: http1.Head, peer: tuple, vip: tuple):
+        """_decide without waiting: None when the fault filter delays this
+        request (the caller leaves it to _decide, which draws again)."""
+        try:
+            next(self._steps(target, req, framed, peer, vip))
+        except StopIteration as done:
+            return done.value
+        return None
+
+    def _steps(self, target: Target, req: Request, framed: http1.Head, peer: tuple, vip: tuple):
+        """The decision, as a generator that yields each delay (seconds) the
+        fault filter puts before the rest. Envoy's codec answers first: a
+        fragment in the target is 400, HTTP/1.0 is 426 unless the connection
+        manager accepts it. Then the HTTP filters in their order (RBAC, the
+        local rate limit, the fault filter's delay and abort), then the
+        router (no route: 404; a direct response; a redirect; else
+        upstream). The route is found first: local answers carry its
+        response header mutations, as Envoy's do."""
         if "#" in req.path:
             self.stats.bad_requests += 1
             return 400, b"", (), False
@@ -771,7 +869,7 @@ class Handoff:
                     return local(rl.status, b"local_rate_limited")
             elif (fault := self._fault(target, decision, req)) is not None:
                 if fault.delay_ms and random.random() * 100 < fault.delay_percent:
-                    await asyncio.sleep(fault.delay_ms / 1000)
+                    yield fault.delay_ms / 1000
                 if fault.abort_status and random.random() * 100 < fault.abort_percent:
                     return local(fault.abort_status, b"fault filter abort")
         if decision is None:
@@ -783,15 +881,101 @@ class Handoff:
             return local(decision.status, b"", (("location", decision.location),))
         return routed
 
+    # -- the native engine's side ------------------------------------------------
+    def _native_decide(self, r: engine.Request, d: engine.Decision) -> None:
+        """One request head the engine read (in the engine's thread): what
+        the engine does with it (``d``). The engine carries plain forwards
+        and local answers; what needs more of the daemon (HTTP filters with
+        state, faults, retries beyond failed connects, mirrors, response
+        rewrites, Expect, Upgrade, HTTP/1.0, outlier-aware or least-request
+        balancing) is handed to this loop, before any of it was decided."""
+        vip = (records.ip_of(r.vip_ip), r.vip_port)
+        target = self.targets(vip)
+        if target is None:
+            d.kind = engine.CLOSE
+            return
+        d.kind = engine.HANDOFF
+        if target is WARMING or target.rate_limit is not None:
+            return
+        head = ctypes.string_at(r.head, r.head_len)
+        try:
+            req, framed = parse_head(head), http1.parse(head)
+            framing = http1.request_framing(framed)
+        except (BadRequest, http1.FramingError):
+            self.stats.bad_requests += 1
+            self._native_answer(d, 400, b"", (), False)
+            return
+        if framed.version != "HTTP/1.1" or framed.get("upgrade") or framed.get("expect"):
+            return
+        peer = (records.ip_of(r.peer_ip), r.peer_port)
+        got = self._decide_now(target, req, framed, peer, vip)
+        if got is None:   # a fault delay: the loop's path sleeps it
+            return
+        if not isinstance(got, Routed):
+            status, body, extra, keepable = got
+            self._native_answer(d, status, body, extra, keepable and self._may_keep(framed))
+            return
+        cluster = target.clusters.get(got.cluster)
+        if cluster is None or not got.carried_as_is_back or cluster.policy.outlier_failures \
+                or cluster.lb_policy == records.LbPolicy.LEAST_REQUEST:
+            return
+        order = self.balancer.order(cluster)
+        if not order:
+            return
+        up = got.upstream_head(head, framed, 1)
+        d.kind = engine.FORWARD
+        d.keep = self._may_keep(framed)
+        d.req_keep = framed.keep_alive()
+        if up is not head:
+            self._hold = up
+            d.data, d.data_len = ctypes.cast(ctypes.c_char_p(up), ctypes.c_void_p), len(up)
+        d.n_eps = 1
+        d.eps[0].ip, d.eps[0].port = records.addr_key(*order[0]).ip, order[0][1]
+        d.timeout_ms = got.route.timeout_ms or 0
+        d.connect_timeout_ms = cluster.policy.connect_timeout_ms or int(DEFAULT_CONNECT_TIMEOUT * 1000)
+        d.body = {"none": engine.BODY_NONE, "length": engine.BODY_LENGTH, "chunked": engine.BODY_CHUNKED}[framing.kind]
+        d.body_len = framing.length
+        d.head_request = framed.start[0] == "HEAD"
+
+    def _native_answer(self, d: engine.Decision, status: int, body: bytes, extra: tuple, keep: bool) -> None:
+        data = response(status, body, extra, close=not keep)
+        self._hold = data
+        d.kind, d.status, d.keep = engine.ANSWER, status, keep
+        d.data, d.data_len = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data)
+
+    def _taken(self) -> None:
+        """The connections the engine handed back: parked at stop, else
+        served here from where the engine left them."""
+        for h in self.engine.take():
+            conn = socket.socket(fileno=h.fd)
+            conn.setblocking(False)
+            ns = self._netns.get(h.netns, (None,))[0]
+            if h.reason == engine.R_PARK:
+                self._park(conn, h.netns, h.vip, h.peer)
+            elif h.first:   # untouched: the whole path, from the peek
+                self._loop.create_task(self._serve(conn, h.peer, ns, counted=True))
+            else:
+                self._loop.create_task(self._serve_rest(conn, h, ns))
+
+    async def _serve_rest(self, conn: socket.socket, h: engine.Handoff, ns: netns.Netns | None) -> None:
+        """A keep-alive connection the engine carried until now: its next
+        request (in ``h.buffered``) and the rest, request by request."""
+        target = self.targets(h.vip)
+        if target is None or target is WARMING:
+            conn.close()
+            return
+        await self._guarded(conn, self._requests(target, h.peer, h.vip, conn, h.netns, None, h.buffered))
+
     # -- a keep-alive connection, request by request ---------------------------
     async def _requests(self, target: Target, peer: tuple, vip: tuple, conn: socket.socket, inode: int,
-                        first: tuple | None) -> None:
+                        first: tuple | None, buffered: bytes = b"") -> None:
         """Every request on the connection routed, authorized and answered on
         its own, as Envoy does; responses in request order (a pipelined
         request is read once the one before it is answered). Upstream
         connections are kept per endpoint for the client connection.
-        ``first``: the (head, parsed head, route) of a request already read."""
-        reader = http1.Reader(conn)
+        ``first``: the (head, parsed head, route) of a request already read;
+        ``buffered``: bytes read from ``conn`` already (by the native engine)."""
+        reader = http1.Reader(conn, buffered)
         pool: dict[tuple, tuple[socket.socket, http1.Reader]] = {}
         task = asyncio.current_task()
         self.stats.per_request += 1
@@ -956,9 +1140,17 @@ class Handoff:
         loop = asyncio.get_running_loop()
         upload = None
 
-        def drop() -> None:
+        async def drop(reset: bool = False) -> None:
+            """Let the upstream connection go: the body's upload first (its
+            watcher on the socket must be gone before the socket is: the
+            event loop aborts on a closed descriptor it still polls)."""
+            nonlocal upload
             pool.pop(ep, None)
-            upstream.close()
+            if upload is not None:
+                upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
+                upload = None
+            splice.reset(upstream) if reset else upstream.close()
         try:
             await splice.sendall(loop, upstream, routed.upstream_head(head, framed, attempt) + body)
             if not whole and framing.kind != "none":
@@ -974,19 +1166,20 @@ class Handoff:
                     async with asyncio.timeout(wait):
                         rhead = await ureader.head(self.head_limit)
                 except TimeoutError:
-                    pool.pop(ep, None)
-                    splice.reset(upstream)   # as on a spliced connection: the upstream sees the request cancelled
+                    had_upload = upload is not None
+                    await drop(reset=True)   # as on a spliced connection: the upstream sees the request cancelled
                     if retry is not None and retry.on_reset and (deadline is None or loop.time() < deadline):
                         return None          # a per-try timeout
                     return await self._answer(conn, b"", *routed.answer(504, UPSTREAM_TIMEOUT, attempt=attempt),
-                                              keep=keep and upload is None)
+                                              keep=keep and not had_upload)
                 if rhead is None:   # reset or closed before a response
-                    drop()
+                    had_upload = upload is not None
+                    await drop()
                     if retry is not None and retry.on_reset:
                         return None
                     self.stats.upstream_failures += 1
                     return await self._answer(conn, b"", *routed.answer(503, UPSTREAM_RESET, attempt=attempt),
-                                              keep=keep and upload is None)
+                                              keep=keep and not had_upload)
                 resp = http1.parse(rhead)
                 if not 100 <= resp.status < 200:
                     break
@@ -1007,7 +1200,7 @@ class Handoff:
             else:
                 self.balancer.succeeded(cluster, ep)
             if retry is not None and retry.on_response(resp.status, resp.headers):
-                drop()
+                await drop()
                 return None
             rframing = http1.response_framing(resp, framed.start[0])
             # The head and what is already here of a sized body in one send:
@@ -1022,11 +1215,11 @@ class Handoff:
                 await upload
                 upload = None
             if rframing.kind == "close" or not resp.keep_alive():
-                drop()
+                await drop()
                 return False
             return framed.keep_alive()
         except (OSError, http1.FramingError):
-            drop()
+            await drop()
             return False
         finally:
             if upload is not None:
@@ -1109,8 +1302,9 @@ class Handoff:
         except OSError:
             pass   # a reset on either side ends both (the caller closes the client)
         finally:
-            if upload is not None:
+            if upload is not None:   # gone before the socket it watches (the loop aborts otherwise)
                 upload.cancel()
+                await asyncio.gather(upload, return_exceptions=True)
             upstream.close()
 
     async def _connect(self, cluster: Cluster, retries: int,

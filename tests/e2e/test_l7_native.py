@@ -1,0 +1,248 @@
+"""The native L7 engine (-l7-engine=native, kmesh.l7.engine): every test of
+test_l7.py again with the engine carrying the connections, and what only
+the engine does: message framings carried byte for byte on keep-alive
+connections, its own failure answers, hand-backs to the Python side, and
+parking at a restart. Real kernel, a child cgroup, loopback VIPs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.e2e import test_l7
+from tests.e2e.conftest import daemons
+from tests.e2e.test_l4 import vip
+from tests.e2e.test_l7 import *  # noqa: F401,F403 - test_l7's tests, collected again with the engine on
+from tests.support import harness
+from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
+
+NATIVE = ("-l7-engine=native",)
+RAWCLIENT = harness.ROOT / "tests" / "conformance" / "rawclient.py"
+
+
+@pytest.fixture
+def kmesh(cgroup, tmp_path, bpf_object):
+    """conftest's kmesh, with the native engine."""
+    with daemons(cgroup, tmp_path, NATIVE) as start:
+        yield start
+
+
+# -- a backend that answers in every framing ------------------------------------
+class Shapes:
+    """HTTP/1.1 on 127.0.0.1, keep-alive, answering by path: /len/N (N bytes,
+    Content-Length), /chunked (chunked with an extension and a trailer),
+    /close (no length: until close), /204, /304, /continue (a 100 first),
+    /reset (closes without an answer), /slow/MS; a request body is answered
+    with its length and sha256. Counts the connections it accepted."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.addr = self.sock.getsockname()
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_body(f, headers: dict) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", ""):
+            out = []
+            while True:
+                size = int(f.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while f.readline() not in (b"\r\n", b""):
+                        pass
+                    return b"".join(out)
+                out.append(f.read(size))
+                f.read(2)
+        return f.read(int(headers.get("content-length", "0")))
+
+    def _serve(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    k, _, v = h.decode().partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = self._read_body(f, headers)
+                out = self._answer(method, path, body)
+                if out is None:
+                    return
+                conn.sendall(out)
+                if path == "/close":
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            f.close()
+            conn.close()
+
+    @staticmethod
+    def _answer(method: str, path: str, body: bytes) -> bytes | None:
+        if body:
+            text = json.dumps({"len": len(body), "sha256": hashlib.sha256(body).hexdigest()}).encode()
+            return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(text), text)
+        if path.startswith("/len/"):
+            n = int(path[5:])
+            data = b"x" * n if method != "HEAD" else b""
+            return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (n, data)
+        if path == "/chunked":
+            return (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n")
+        if path == "/close":
+            return b"HTTP/1.1 200 OK\r\n\r\nuntil the end"
+        if path in ("/204", "/304"):
+            return b"HTTP/1.1 %s X\r\n\r\n" % path[1:].encode()
+        if path == "/continue":
+            return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        if path.startswith("/slow/"):
+            time.sleep(int(path[6:]) / 1000)
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow"
+        if path == "/reset":
+            return None
+        return b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def shapes():
+    s = Shapes()
+    yield s
+    s.close()
+
+
+def raw(cgroup, v: str, requests: list[str], pipelined: bool = False, port: int = 80) -> list[dict]:
+    jobs = [{"host": v, "port": port, "requests": requests, "pipelined": pipelined}]
+    r = cgroup.run([sys.executable, str(RAWCLIENT)], input=json.dumps(jobs))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+def get(path: str, method: str = "GET", extra: str = "") -> str:
+    return f"{method} {path} HTTP/1.1\r\nHost: shapes\r\n{extra}\r\n"
+
+
+def routed(shapes, v: str, timeout: str | None = None) -> dict:
+    """Shapes behind VIP v; a request with x-python is mirrored (which the engine leaves to Python)."""
+    route = {"cluster": "shapes", **({"timeout": timeout} if timeout else {})}
+    return bootstrap([hcm_listener("shapes", v, 80, [
+        {"match": {"prefix": "/", "headers": [{"name": "x-python", "present_match": True}]},
+         "route": {**route, "request_mirror_policies": [{"cluster": "shapes"}]}},
+        {"match": {"prefix": "/"}, "route": route}])], [cluster("shapes", lb_ep(*shapes.addr))])
+
+
+def start(kmesh, shapes, timeout: str | None = None) -> tuple[harness.Kmesh, str]:
+    v = vip()
+    return kmesh(routed(shapes, v, timeout)), v
+
+
+def test_every_framing_on_one_keep_alive_connection(kmesh, cgroup, shapes):
+    k, v = start(kmesh, shapes)
+    chunked = "POST /up HTTP/1.1\r\nHost: shapes\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"
+    sized = "POST /up HTTP/1.1\r\nHost: shapes\r\ncontent-length: 5\r\n\r\nabcde"
+    got = raw(cgroup, v, [get("/len/10"), get("/chunked"), get("/len/7", "HEAD"), get("/204"), get("/304"),
+                          get("/continue"), chunked, sized, get("/len/0"), get("/close")])
+    want_body = json.dumps({"len": 5, "sha256": hashlib.sha256(b"abcde").hexdigest()})
+    assert [(r["status"], r["body"]) for r in got] == [
+        (200, "x" * 10), (200, "hello world"), (200, ""), (204, ""), (304, ""), (200, "ok"),
+        (200, want_body), (200, want_body), (200, ""), (200, "until the end")], got
+    st = k.get("/l7")
+    assert st["engine"] == "native" and st["native"]["handed_off"] == 0, st
+    assert st["native"]["routed"] == 10 and shapes.accepted == 1, (st, shapes.accepted)   # one pooled upstream
+
+
+def test_pipelined_and_large_bodies_both_ways(kmesh, cgroup, shapes):
+    k, v = start(kmesh, shapes)
+    assert [r["body"] for r in raw(cgroup, v, [get("/len/3"), get("/chunked"), get("/len/4")], pipelined=True)] \
+        == ["xxx", "hello world", "xxxx"]
+    # 64 MiB up (curl's body, chunked) and down (Content-Length): nothing lost or repeated
+    size = 64 << 20
+    r = cgroup.run(["sh", "-c", f"head -c {size} /dev/urandom | tee /tmp/kmesh-native-$$ | "
+                    f"curl -sS --max-time 60 -H 'Expect:' -H 'transfer-encoding: chunked' --data-binary @- http://{v}/up "
+                    f"&& sha256sum /tmp/kmesh-native-$$; rm -f /tmp/kmesh-native-$$"])
+    assert r.returncode == 0, r.stderr
+    assert "}" in r.stdout, (r.stdout[:2000], r.stderr, k.get("/l7"))
+    answer, digest = r.stdout.split("}", 1)
+    assert json.loads(answer + "}") == {"len": size, "sha256": digest.split()[0]}
+    r = cgroup.run(["sh", "-c", f"curl -sS --max-time 60 http://{v}/len/{size} | wc -c"])
+    assert r.stdout.strip() == str(size), r.stderr
+    assert k.get("/l7")["native"]["handed_off"] == 0
+
+
+def test_failures_answered_by_the_engine(kmesh, cgroup, shapes):
+    k, v = start(kmesh, shapes, timeout="0.3s")
+    got = raw(cgroup, v, [get("/reset"), get("/slow/1000"), get("/len/2")])
+    assert [r.get("status") for r in got] == [503, 504, 200], got
+    assert "connection termination" in got[0]["body"] and got[1]["body"] == "upstream request timeout"
+    n = k.get("/l7")["native"]
+    assert n["upstream_failures"] == 1 and n["timeouts"] == 1 and n["handed_off"] == 0, n
+
+
+def test_what_the_engine_does_not_carry_goes_to_python(kmesh, cgroup, shapes, backends):
+    k, v = start(kmesh, shapes)
+    # a mirror (the first route, by header), Expect and HTTP/1.0: the Python side, from that request on
+    got = raw(cgroup, v, [get("/len/1"), get("/len/2", extra="x-python: 1\r\n"), get("/len/3")])
+    assert [r["body"] for r in got] == ["x", "xx", "xxx"], got
+    expect = "POST /up HTTP/1.1\r\nHost: shapes\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\nhi"
+    got = raw(cgroup, v, [expect])
+    assert got[0]["status"] == 200 and json.loads(got[0]["body"])["len"] == 2, got
+    n = k.get("/l7")["native"]
+    assert n["handed_off"] == 2, n
+    # no endpoint that connects: handed back, and Python answers as the route says
+    dead = vip()
+    port = harness.dead_port()   # (a header route: the listener is L7)
+    status, body = k.post_config(bootstrap([hcm_listener("dead", dead, 80, [test_l7.JASON, test_l7.DEFAULT])],
+                                           [cluster(c, lb_ep("127.0.0.1", port)) for c in ("reviews-v1", "reviews-v2")]))
+    assert status == 200, body
+    got = raw(cgroup, dead, [get("/")])
+    assert got[0]["status"] == 503 and "remote connection failure" in got[0]["body"], got
+    n = k.get("/l7")["native"]
+    assert n["connect_failures"] == 1 and n["handed_off"] == 3, n
+
+
+def test_idle_connections_are_parked_for_the_next_daemon(kmesh, cgroup, shapes):
+    """At a restart the engine gives its idle keep-alive connections back to
+    be parked in the fd store (test_lifecycle has the systemd side): here,
+    without one, they close cleanly and a new connection is served."""
+    k, v = start(kmesh, shapes)
+    client = cgroup.popen([sys.executable, "-c", KEEP_OPEN, v], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert client.stdout.readline().strip() == "xx"
+    assert k.get("/l7")["native"]["active"] == 1
+    k.stop()
+    assert client.stdout.readline().strip() == "closed"
+    client.wait(10)
+    assert "idle keep-alive L7 connections" in k.log(), k.log()[-2000:]
+
+
+KEEP_OPEN = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET /len/2 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+data = b""
+while not data.endswith(b"xx"):
+    data += s.recv(100)
+print("xx", flush=True)
+print("closed" if s.recv(100) == b"" else "more", flush=True)
+"""
