@@ -50,7 +50,7 @@
 #define OUT_HIGH (256 * 1024)  /* stop reading the source while this much waits for the sink */
 #define EVENTS 256
 
-enum state { S_HEAD, S_CONNECT, S_EXCHANGE, S_ANSWER, S_DEAD };
+enum state { S_HEAD, S_CONNECT, S_EXCHANGE, S_ANSWER };
 enum side { SIDE_CLIENT = 0 }; /* 1..POOL: pool slot + 1 */
 enum { TAG_CONN = 0, TAG_LISTENER = 1, TAG_WAKE = 2 };
 enum { T_NONE, T_HEAD, T_CONNECT, T_RESPONSE };
@@ -97,6 +97,7 @@ struct conn {
 	struct buf out;      /* to the client */
 	struct upstream pool[POOL];
 	int up;              /* pool slot of the exchange, -1 */
+	int evict;           /* the slot the next new upstream takes when all are busy */
 	struct buf uout;     /* to the upstream */
 	struct body req, resp;
 	bool resp_head_seen, resp_keep, head_request;
@@ -107,7 +108,8 @@ struct conn {
 	uint64_t deadline;   /* the response head's, 0: none */
 	const char *fwd_head; /* the decided upstream head (owned), NULL: as received */
 	uint32_t fwd_head_len;
-	uint32_t timer_seq;
+	uint64_t timer_at;   /* the armed deadline (ms), 0: none */
+	uint64_t heap_at;    /* the deadline of this connection's entry in the heap, 0: none */
 	struct conn *wprev, *wnext; /* waiting for a head, oldest first */
 	bool waiting;
 	bool kept;           /* has gone on after a request (a keep-alive connection) */
@@ -122,7 +124,7 @@ struct listener {
 
 struct timer {
 	uint64_t at;
-	uint32_t idx, gen, seq;
+	uint32_t idx, gen;
 };
 
 struct engine {
@@ -279,41 +281,28 @@ static const char *find_end(const char *p, size_t n)
 
 static bool ws(char c) { return c == ' ' || c == '\t'; }
 
-/* Whether the comma-separated header value [v, v+n) has token tok (case-insensitive). */
-static bool has_token(const char *v, size_t n, const char *tok)
+/* The next comma-separated element of the header value [v, v+n) from *i,
+ * trimmed: [*a, *b). False once past the end (an empty value has one, empty). */
+static bool next_token(const char *v, size_t n, size_t *i, size_t *a, size_t *b)
 {
-	size_t tl = strlen(tok);
-	size_t i = 0;
-
-	while (i < n) {
-		size_t j = i;
-		while (j < n && v[j] != ',')
-			j++;
-		size_t a = i, b = j;
-		while (a < b && ws(v[a]))
-			a++;
-		while (b > a && ws(v[b - 1]))
-			b--;
-		if (b - a == tl && strncasecmp(v + a, tok, tl) == 0)
-			return true;
-		i = j + 1;
-	}
-	return false;
+	if (*i > n)
+		return false;
+	size_t j = *i;
+	while (j < n && v[j] != ',')
+		j++;
+	*a = *i;
+	*b = j;
+	while (*a < *b && ws(v[*a]))
+		(*a)++;
+	while (*b > *a && ws(v[*b - 1]))
+		(*b)--;
+	*i = j + 1;
+	return true;
 }
 
-/* The last comma-separated token of [v, v+n), trimmed. */
-static void last_token(const char *v, size_t n, const char **t, size_t *tn)
+static bool token_is(const char *v, size_t a, size_t b, const char *tok)
 {
-	size_t b = n;
-	while (b > 0 && ws(v[b - 1]))
-		b--;
-	size_t a = b;
-	while (a > 0 && v[a - 1] != ',')
-		a--;
-	while (a < b && ws(v[a]))
-		a++;
-	*t = v + a;
-	*tn = b - a;
+	return b - a == strlen(tok) && strncasecmp(v + a, tok, b - a) == 0;
 }
 
 struct resp_head {
@@ -361,24 +350,13 @@ static int parse_response(const char *p, size_t n, bool head_request, struct res
 			v++, vn--;
 		while (vn && ws(v[vn - 1]))
 			vn--;
+		size_t i = 0, a, b;
 		if (nl == 17 && strncasecmp(line, "transfer-encoding", 17) == 0) {
-			const char *t;
-			size_t tn;
-			last_token(v, vn, &t, &tn);
 			te = true;
-			te_chunked = tn == 7 && strncasecmp(t, "chunked", 7) == 0;
+			while (next_token(v, vn, &i, &a, &b)) /* the last coding counts */
+				te_chunked = token_is(v, a, b, "chunked");
 		} else if (nl == 14 && strncasecmp(line, "content-length", 14) == 0) {
-			/* every comma-separated value the same number */
-			size_t i = 0;
-			while (i <= vn) {
-				size_t j = i;
-				while (j < vn && v[j] != ',')
-					j++;
-				size_t a = i, b = j;
-				while (a < b && ws(v[a]))
-					a++;
-				while (b > a && ws(v[b - 1]))
-					b--;
+			while (next_token(v, vn, &i, &a, &b)) { /* every element the same number */
 				if (a == b || b - a > 18)
 					return -1;
 				uint64_t x = 0;
@@ -391,11 +369,12 @@ static int parse_response(const char *p, size_t n, bool head_request, struct res
 					return -1;
 				length = x;
 				cl = true;
-				i = j + 1;
 			}
 		} else if (nl == 10 && strncasecmp(line, "connection", 10) == 0) {
-			conn_close |= has_token(v, vn, "close");
-			conn_keep |= has_token(v, vn, "keep-alive");
+			while (next_token(v, vn, &i, &a, &b)) {
+				conn_close |= token_is(v, a, b, "close");
+				conn_keep |= token_is(v, a, b, "keep-alive");
+			}
 		}
 	}
 	r->keep = r->http10 ? conn_keep : !conn_close;
@@ -525,8 +504,12 @@ static void body_init(struct body *b, int kind, uint64_t len)
 	b->done = kind == B_NONE || (kind == B_LENGTH && len == 0);
 }
 
-/* -- timers (a binary heap; stale entries are skipped by their seq) ------------- */
-static void heap_push(struct engine *e, uint64_t at, uint32_t idx, uint32_t gen, uint32_t seq)
+/* -- timers ------------------------------------------------------------------------
+ * A binary heap with at most one entry per connection: arming a later
+ * deadline than the one in the heap only records it (every request re-arms
+ * its connection's timer; the heap must not grow per request), and the entry,
+ * when it comes due, is pushed again for the later deadline. */
+static void heap_push(struct engine *e, uint64_t at, uint32_t idx, uint32_t gen)
 {
 	if (e->nheap == e->capheap) {
 		uint32_t cap = e->capheap ? e->capheap * 2 : 1024;
@@ -544,7 +527,7 @@ static void heap_push(struct engine *e, uint64_t at, uint32_t idx, uint32_t gen,
 		e->heap[i] = e->heap[parent];
 		i = parent;
 	}
-	e->heap[i] = (struct timer){at, idx, gen, seq};
+	e->heap[i] = (struct timer){at, idx, gen};
 }
 
 static void heap_pop(struct engine *e)
@@ -570,9 +553,11 @@ static void heap_pop(struct engine *e)
 
 static void set_timer(struct engine *e, struct conn *c, uint32_t ms)
 {
-	c->timer_seq++;
-	if (ms)
-		heap_push(e, now_ms() + ms, c->idx, c->gen, c->timer_seq);
+	c->timer_at = ms ? now_ms() + ms : 0;
+	if (c->timer_at && (!c->heap_at || c->heap_at > c->timer_at)) {
+		heap_push(e, c->timer_at, c->idx, c->gen);
+		c->heap_at = c->timer_at;
+	}
 }
 
 
@@ -738,17 +723,12 @@ static void conn_handoff(struct engine *e, struct conn *c, int reason)
 	conn_release(e, c);
 }
 
-static void count_status(struct engine *e, int status)
-{
-	if (status >= 100 && status < 600)
-		e->stats.status[status]++;
-}
-
 /* A local answer (data: a whole response); keep: HEAD follows, else close. */
 static void answer(struct engine *e, struct conn *c, const char *data, size_t n, int status, bool keep)
 {
 	e->stats.answers++;
-	count_status(e, status);
+	if (status >= 100 && status < 600)
+		e->stats.status[status]++;
 	buf_put(&c->out, data, n);
 	c->answer_keep = keep;
 	c->st = S_ANSWER;
@@ -944,19 +924,11 @@ static int pool_slot(struct engine *e, struct conn *c)
 	for (int i = 0; i < POOL; i++)
 		if (c->pool[i].fd < 0)
 			return i;
-	/* all taken: the oldest idle one goes (slot 0), the rest move down */
-	pool_close(e, &c->pool[0], false);
-	struct upstream first = c->pool[0];
-	memmove(&c->pool[0], &c->pool[1], (POOL - 1) * sizeof(c->pool[0]));
-	c->pool[POOL - 1] = first;
-	/* the epoll tags name slots: re-tag the moved ones */
-	for (int i = 0; i < POOL - 1; i++) {
-		struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-					 .data.u64 = tag(TAG_CONN, c->idx, c->gen, i + 1)};
-		if (c->pool[i].fd >= 0)
-			epoll_ctl(e->ep, EPOLL_CTL_MOD, c->pool[i].fd, &ev);
-	}
-	return POOL - 1;
+	/* all taken (by idle ones: none is in an exchange now): one goes, in turn */
+	int i = c->evict;
+	c->evict = (c->evict + 1) % POOL;
+	pool_close(e, &c->pool[i], false);
+	return i;
 }
 
 /* A socket in the client's namespace (the backend sees the workload's address). */
@@ -1226,8 +1198,6 @@ static void drive(struct engine *e, struct conn *c)
 		case S_ANSWER:
 			more = step_answer(e, c);
 			break;
-		case S_DEAD:
-			break;
 		}
 		if (!more)
 			break;
@@ -1384,8 +1354,18 @@ static void run_timers(struct engine *e)
 		if (t.idx >= e->nconns)
 			continue;
 		struct conn *c = e->conns[t.idx];
-		if (c->used && c->gen == t.gen && c->timer_seq == t.seq)
-			on_timeout(e, c);
+		if (!c->used || c->gen != t.gen || c->heap_at != t.at)
+			continue; /* closed, or an entry a sooner deadline replaced */
+		c->heap_at = 0;
+		if (!c->timer_at)
+			continue;
+		if (c->timer_at > now) { /* re-armed later since: due then */
+			heap_push(e, c->timer_at, c->idx, c->gen);
+			c->heap_at = c->timer_at;
+			continue;
+		}
+		c->timer_at = 0;
+		on_timeout(e, c);
 	}
 }
 
@@ -1499,6 +1479,10 @@ void *kl7_new(const struct kl7_config *cfg)
 			close(e->wake);
 		if (e->own_ns >= 0)
 			close(e->own_ns);
+		for (int i = 0; i < KL7_A_N; i++)
+			for (int k = 0; k < 2; k++)
+				free(e->fixed[i][k]);
+		free(e->peek);
 		free(e);
 		return NULL;
 	}

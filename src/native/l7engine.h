@@ -82,7 +82,7 @@ struct kl7_handoff {
 
 /* Counters: the engine's own (kmesh.l7 adds them to /l7). */
 struct kl7_stats {
-	uint64_t accepted, handed_off, routed, requests, answers, bad_requests, no_destination;
+	uint64_t accepted, handed_off, routed, answers, bad_requests, no_destination;
 	uint64_t connect_failures, upstream_failures, timeouts, head_timeouts, refused, evicted;
 	uint64_t per_request; /* connections that went on after a request */
 	uint64_t active, waiting, upstreams;

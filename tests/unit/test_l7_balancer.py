@@ -104,3 +104,14 @@ def test_without_outlier_detection_failures_change_nothing():
     for _ in range(10):
         b.failed(c, A)
     assert b.ejected(c) == []
+
+
+def test_first_is_orders_first_with_the_same_draws():
+    """first() (the native engine's one try) draws and steps exactly as
+    order()[0]: two balancers fed the same seeds agree request by request."""
+    for lb in (LbPolicy.ROUND_ROBIN, LbPolicy.RANDOM, LbPolicy.LEAST_REQUEST):
+        for weights in ((1, 1, 1), (3, 1, 0), (1, 5, 2)):
+            c = cluster(lb, weights)
+            one, other = Balancer(rng=random.Random(3)), Balancer(rng=random.Random(3))
+            assert [one.first(c) for _ in range(50)] == [other.order(c)[0] for _ in range(50)], (lb, weights)
+    assert Balancer().first(Cluster("empty", LbPolicy.ROUND_ROBIN, (), ClusterPolicy())) is None

@@ -67,6 +67,28 @@ class Balancer:
             start = self.rng.randrange(len(slots))
         return list(dict.fromkeys(slots[start:] + slots[:start]))
 
+    def first(self, c: Cluster) -> Address | None:
+        """order(c)[0] (the same draw, the same cursor step) without the
+        others: what the native engine tries for a request."""
+        if self._outliers or c.lb_policy == records.LbPolicy.LEAST_REQUEST:
+            order = self.order(c)
+            return order[0] if order else None
+        if not c.endpoints:
+            return None
+        total = sum(max(1, e.weight) for e in c.endpoints)
+        if c.lb_policy == records.LbPolicy.ROUND_ROBIN:
+            cursor = self._cursors.get(c.name, 0)
+            self._cursors[c.name] = cursor + 1
+            k = cursor % total
+        else:
+            k = self.rng.randrange(total)
+        for e in c.endpoints:   # the k-th slot of the weighted schedule
+            w = max(1, e.weight)
+            if k < w:
+                return e.ip, e.port
+            k -= w
+        return None   # pragma: no cover - k < total
+
     def _least_request(self, cluster: str, eps: list[tuple[str, int, int]]) -> list[Address]:
         cursor = self._cursors.get(cluster, 0)
         self._cursors[cluster] = cursor + 1

@@ -10,6 +10,7 @@ eventfd ``ready`` is readable). docs/l7.md, "native engine", has the split.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmesh.bpf.records import ip_of
+
+log = logging.getLogger("kmesh.l7")
 
 LIBRARY = "libkmesh_l7.so"
 MAX_EPS = 8
@@ -57,7 +60,7 @@ class Handed(ctypes.Structure):   # struct kl7_handoff
                 ("buf", ctypes.c_void_p)]
 
 
-_COUNTERS = ("accepted", "handed_off", "routed", "requests", "answers", "bad_requests", "no_destination",
+_COUNTERS = ("accepted", "handed_off", "routed", "answers", "bad_requests", "no_destination",
              "connect_failures", "upstream_failures", "timeouts", "head_timeouts", "refused", "evicted",
              "per_request", "active", "waiting", "upstreams")
 
@@ -160,14 +163,12 @@ class Engine:
                 decide(req.contents, out.contents)
                 return 0
             except Exception:   # noqa: BLE001 - the engine hands the connection to the Python path
-                import logging
-                logging.getLogger("kmesh.l7").exception("native L7 decision failed")
+                log.exception("native L7 decision failed")
                 return 1
         self._decide = DECIDE(call)   # kept: the engine calls it for its whole life
         cfg = Config(orig_dst_fd=orig_dst_fd, head_limit=head_limit, head_timeout_ms=int(head_timeout * 1000),
                      idle_timeout_ms=int(idle_timeout * 1000), max_waiting=max_waiting, fd_ceiling=fd_ceiling,
                      drain_ms=int(drain * 1000), decide=self._decide, handoff_eventfd=self.ready)
-        self._fixed = fixed   # the engine copies them; kept for the record
         for (which, keep), data in fixed.items():
             cfg.fixed[which][int(keep)] = data
             cfg.fixed_len[which][int(keep)] = len(data)

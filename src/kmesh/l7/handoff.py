@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import logging
 import random
 import resource
@@ -256,9 +257,7 @@ class Routed:
         """Nothing to change in either direction's heads (the kernel can
         carry a one-request connection whole)."""
         r = self.route
-        return not (r.request_levels(self.cluster) or r.response_levels(self.cluster) or r.mirrors
-                    or r.retry is not None and not r.retry.connect_only
-                    or r.attempt_count_request or r.attempt_count_response)
+        return self.carried_as_is_back and not (r.request_levels(self.cluster) or r.attempt_count_request)
 
 
 def response(status: int, body: bytes = b"", extra: tuple[tuple[str, str], ...] = (), close: bool = True) -> bytes:
@@ -277,6 +276,20 @@ _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other",
             308: "Permanent Redirect", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             426: "Upgrade Required", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+_BODY = {"none": engine.BODY_NONE, "length": engine.BODY_LENGTH, "chunked": engine.BODY_CHUNKED}
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_text(field: int) -> str:
+    """A VIP or endpoint address as the maps store it, as text (cached: few)."""
+    return records.ip_of(field)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_field(ip: str) -> int:
+    return records.addr_key(ip, 0).ip
+
+
 def _native_answers() -> dict[tuple[int, bool], bytes]:
     """The engine's own answers to a forward's failures, keep-alive or not."""
     out = {}
@@ -889,7 +902,7 @@ class Handoff:
         state, faults, retries beyond failed connects, mirrors, response
         rewrites, Expect, Upgrade, HTTP/1.0, outlier-aware or least-request
         balancing) is handed to this loop, before any of it was decided."""
-        vip = (records.ip_of(r.vip_ip), r.vip_port)
+        vip = (_ip_text(r.vip_ip), r.vip_port)
         target = self.targets(vip)
         if target is None:
             d.kind = engine.CLOSE
@@ -905,35 +918,38 @@ class Handoff:
             self.stats.bad_requests += 1
             self._native_answer(d, 400, b"", (), False)
             return
-        if framed.version != "HTTP/1.1" or framed.get("upgrade") or framed.get("expect"):
+        names = {n.lower() for n, _ in framed.headers}
+        if framed.start[2] != "HTTP/1.1" or "upgrade" in names or "expect" in names:
             return
         peer = (records.ip_of(r.peer_ip), r.peer_port)
         got = self._decide_now(target, req, framed, peer, vip)
         if got is None:   # a fault delay: the loop's path sleeps it
             return
+        req_keep = "connection" not in names or framed.keep_alive()
+        may_keep = req_keep and framing.kind == "none"   # _may_keep (no Upgrade here)
         if not isinstance(got, Routed):
             status, body, extra, keepable = got
-            self._native_answer(d, status, body, extra, keepable and self._may_keep(framed))
+            self._native_answer(d, status, body, extra, keepable and may_keep)
             return
         cluster = target.clusters.get(got.cluster)
         if cluster is None or not got.carried_as_is_back or cluster.policy.outlier_failures \
                 or cluster.lb_policy == records.LbPolicy.LEAST_REQUEST:
             return
-        order = self.balancer.order(cluster)
-        if not order:
+        ep = self.balancer.first(cluster)
+        if ep is None:
             return
         up = got.upstream_head(head, framed, 1)
         d.kind = engine.FORWARD
-        d.keep = self._may_keep(framed)
-        d.req_keep = framed.keep_alive()
+        d.keep = may_keep
+        d.req_keep = req_keep
         if up is not head:
             self._hold = up
             d.data, d.data_len = ctypes.cast(ctypes.c_char_p(up), ctypes.c_void_p), len(up)
         d.n_eps = 1
-        d.eps[0].ip, d.eps[0].port = records.addr_key(*order[0]).ip, order[0][1]
+        d.eps[0].ip, d.eps[0].port = _ip_field(ep[0]), ep[1]
         d.timeout_ms = got.route.timeout_ms or 0
         d.connect_timeout_ms = cluster.policy.connect_timeout_ms or int(DEFAULT_CONNECT_TIMEOUT * 1000)
-        d.body = {"none": engine.BODY_NONE, "length": engine.BODY_LENGTH, "chunked": engine.BODY_CHUNKED}[framing.kind]
+        d.body = _BODY[framing.kind]
         d.body_len = framing.length
         d.head_request = framed.start[0] == "HEAD"
 

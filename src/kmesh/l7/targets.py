@@ -20,6 +20,7 @@ class Targets:
         self._mesh = mesh
         self._warming = warming
         self._index: tuple = (None, {}, {})
+        self._made: dict[tuple, Target] = {}   # this mesh's Targets, by listener address
         self._buckets: dict[tuple, tuple] = {}
 
     def __call__(self, vip: tuple[str, int]):
@@ -29,10 +30,18 @@ class Targets:
         if self._index[0] is not mesh:
             listeners = {(x.ip, x.port): x for x in mesh.listeners if x.routes is not None}
             self._index = (mesh, listeners, {c.name: c for c in mesh.clusters})
+            self._made = {}
         _, listeners, clusters = self._index
         lst = listeners.get(vip) or listeners.get(("0.0.0.0", vip[1]))
         if lst is None:
             return None
+        key = (lst.ip, lst.port)
+        target = self._made.get(key)
+        if target is None:
+            target = self._made[key] = self._target(lst, clusters)
+        return target
+
+    def _target(self, lst: Listener, clusters: dict) -> Target:
         filters = lst.http_filters
         return Target(lst.name, lst.routes, clusters, lst.http_rate_limit, self._bucket(lst), lst.rbac,
                       lst.accept_http_10, lst.route_faults, filters.fault if filters else None,
