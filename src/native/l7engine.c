@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "l7engine.h"
+#include "l7route.h"
 
 #define MAX_LISTENERS 1024
 #define POOL 4                 /* idle upstream connections kept per client connection */
@@ -127,6 +128,16 @@ struct timer {
 	uint32_t idx, gen;
 };
 
+/* A VIP's route table (NULL: the Python side decides its requests), of
+ * config generation gen. */
+struct vip_table {
+	uint32_t ip;
+	uint16_t port;
+	bool used;
+	uint32_t gen;
+	struct kr_table *t;
+};
+
 struct engine {
 	struct kl7_config cfg;
 	char *fixed[KL7_A_N][2];
@@ -150,6 +161,10 @@ struct engine {
 	uint64_t stop_deadline;
 	struct kl7_stats stats;
 	char *peek;                  /* head_limit bytes: where first heads are peeked into */
+	uint32_t gen;                /* the config generation (kl7_invalidate; atomic) */
+	struct vip_table *vips;      /* open addressing, cap a power of two */
+	uint32_t nvips, capvips;
+	uint64_t rng;
 };
 
 static uint64_t now_ms(void)
@@ -773,18 +788,73 @@ static int consume_first(struct conn *c)
 	return 0;
 }
 
-/* -- one request head: decided by Python -------------------------------------------- */
+/* -- one request head: decided here (l7route.c) or by Python ------------------------ */
+static struct vip_table *vip_slot(struct vip_table *v, uint32_t cap, uint32_t ip, uint16_t port)
+{
+	uint32_t h = (ip * 2654435761u) ^ (port * 40503u);
+
+	for (uint32_t i = 0;; i++) {
+		struct vip_table *s = &v[(h + i) & (cap - 1)];
+		if (!s->used || (s->ip == ip && s->port == port))
+			return s;
+	}
+}
+
+/* The VIP's entry, made (stale: generation 0) when new; NULL without memory. */
+static struct vip_table *vip_table(struct engine *e, uint32_t ip, uint16_t port)
+{
+	if ((e->nvips + 1) * 2 > e->capvips) {
+		uint32_t cap = e->capvips ? e->capvips * 2 : 64;
+		struct vip_table *v = calloc(cap, sizeof(*v));
+		if (!v)
+			return NULL;
+		for (uint32_t i = 0; i < e->capvips; i++)
+			if (e->vips[i].used)
+				*vip_slot(v, cap, e->vips[i].ip, e->vips[i].port) = e->vips[i];
+		free(e->vips);
+		e->vips = v;
+		e->capvips = cap;
+	}
+	struct vip_table *s = vip_slot(e->vips, e->capvips, ip, port);
+	if (!s->used) {
+		*s = (struct vip_table){.ip = ip, .port = port, .used = true};
+		e->nvips++;
+	}
+	return s;
+}
+
+static void take_table(struct engine *e, struct vip_table *v, const struct kl7_decision *d)
+{
+	struct kr_table *t = NULL;
+
+	if (d->table_len && !(t = kr_table_new(d->table, d->table_len)))
+		return; /* malformed (cannot happen): asked again next time */
+	kr_table_free(v->t);
+	v->t = t;
+	v->gen = d->table_gen;
+	e->stats.tables++;
+}
+
 static bool decide(struct engine *e, struct conn *c, const char *head)
 {
 	struct kl7_request rq = {
 		.head = head, .head_len = c->head_len, .vip_ip = c->vip_ip, .peer_ip = c->peer_ip,
 		.vip_port = c->vip_port, .peer_port = c->peer_port, .netns = c->netns, .first = c->first,
+		.gen = __atomic_load_n(&e->gen, __ATOMIC_ACQUIRE),
 	};
 	struct kl7_decision d;
+	struct vip_table *v = vip_table(e, c->vip_ip, c->vip_port);
 
-	memset(&d, 0, sizeof(d));
-	if (e->cfg.decide(&rq, &d) != 0)
-		d.kind = KL7_HANDOFF;
+	if (v && v->gen == rq.gen && kr_decide(v->t, head, c->head_len, &e->rng, &d)) {
+		e->stats.decided++;
+	} else {
+		memset(&d, 0, sizeof(d));
+		rq.want_table = v && v->gen != rq.gen;
+		if (e->cfg.decide(&rq, &d) != 0)
+			d.kind = KL7_HANDOFF;
+		else if (rq.want_table && d.table_given)
+			take_table(e, v, &d);
+	}
 	switch (d.kind) {
 	case KL7_ANSWER:
 		if (c->first ? consume_first(c) : (buf_drop(&c->in, c->head_len), 0)) {
@@ -1466,6 +1536,8 @@ void *kl7_new(const struct kl7_config *cfg)
 		}
 	for (int i = 0; i < MAX_LISTENERS; i++)
 		e->ls[i].fd = -1;
+	e->gen = 1;
+	e->rng = ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)e ^ now_ms() ^ 0x9e3779b97f4a7c15ull;
 	pthread_mutex_init(&e->mu, NULL);
 	pthread_cond_init(&e->cond, NULL);
 	e->ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1588,6 +1660,10 @@ int kl7_take(struct engine *e, struct kl7_handoff *out, int max)
 
 void kl7_free_buf(char *p) { free(p); }
 
+/* The config changed: every VIP's table is stale from now on (asked again
+ * with its next request). Any thread. */
+void kl7_invalidate(struct engine *e) { __atomic_add_fetch(&e->gen, 1, __ATOMIC_RELEASE); }
+
 void kl7_stats(struct engine *e, struct kl7_stats *out)
 {
 	*out = e->stats;
@@ -1612,6 +1688,9 @@ void kl7_free(struct engine *e)
 	for (int i = 0; i < KL7_A_N; i++)
 		for (int k = 0; k < 2; k++)
 			free(e->fixed[i][k]);
+	for (uint32_t i = 0; i < e->capvips; i++)
+		kr_table_free(e->vips[i].t);
+	free(e->vips);
 	free(e->hq);
 	free(e->conns);
 	free(e->free_idx);
@@ -1646,6 +1725,35 @@ ssize_t kl7_test_body(int kind, uint64_t len, const char *p, size_t n, size_t st
 	}
 	*done = b.done;
 	return used;
+}
+
+/* kr_decide with the table [t, t+tn) on the head [h, h+hn): 1 decided
+ * (*d), 0 left to Python, -1 a table kr_table_new refuses. */
+int kl7_test_decide(const char *t, size_t tn, const char *h, size_t hn, uint64_t *rng, struct kl7_decision *d)
+{
+	struct kr_table *tab = kr_table_new(t, tn);
+
+	if (!tab)
+		return -1;
+	int got = kr_decide(tab, h, hn, rng, d);
+	kr_table_free(tab);
+	return got;
+}
+
+/* kl7_test_decide with one table kept across calls (its round-robin
+ * cursors with it) until a call with t NULL frees it. */
+int kl7_test_decide_many(const char *t, size_t tn, const char *h, size_t hn, uint64_t *rng, struct kl7_decision *d)
+{
+	static struct kr_table *kept;
+
+	if (!t) {
+		kr_table_free(kept);
+		kept = NULL;
+		return 0;
+	}
+	if (!kept && !(kept = kr_table_new(t, tn)))
+		return -1;
+	return kr_decide(kept, h, hn, rng, d);
 }
 
 /* A response head as the engine reads it: 0, or -1 when it is no valid head. */

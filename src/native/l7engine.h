@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define KL7_ABI 1
+#define KL7_ABI 2
 #define KL7_MAX_EPS 8
 
 /* What the decide callback answers for one request head. */
@@ -48,6 +48,8 @@ struct kl7_request {
 	uint16_t peer_port;
 	uint64_t netns;     /* inode of the listener's namespace */
 	uint32_t first;     /* the connection's first request (its head only peeked) */
+	uint32_t gen;       /* want_table: the config generation a table must be of */
+	uint32_t want_table; /* the engine has no table of this generation for the VIP */
 	uint32_t pad;
 };
 
@@ -65,6 +67,13 @@ struct kl7_decision {
 	int32_t body;                   /* enum kl7_body */
 	int32_t head_request;           /* a HEAD request: its response has no body */
 	uint64_t body_len;
+	/* With want_table: the VIP's route table (l7route.h; table_len 0: the
+	 * Python side decides every request to it) for generation table_gen. */
+	int32_t table_given;
+	uint32_t table_gen;
+	const char *table;
+	uint32_t table_len;
+	uint32_t pad;
 };
 
 struct kl7_handoff {
@@ -86,6 +95,8 @@ struct kl7_stats {
 	uint64_t connect_failures, upstream_failures, timeouts, head_timeouts, refused, evicted;
 	uint64_t per_request; /* connections that went on after a request */
 	uint64_t active, waiting, upstreams;
+	uint64_t decided; /* request heads the engine decided itself (l7route.c) */
+	uint64_t tables;  /* route tables it took */
 	uint64_t status[600]; /* answers and responses by status */
 };
 

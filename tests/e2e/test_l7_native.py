@@ -171,6 +171,9 @@ def test_every_framing_on_one_keep_alive_connection(kmesh, cgroup, shapes):
     st = k.get("/l7")
     assert st["engine"] == "native" and st["native"]["handed_off"] == 0, st
     assert st["native"]["routed"] == 10 and shapes.accepted == 1, (st, shapes.accepted)   # one pooled upstream
+    # The first head went to Python, which gave the engine the VIP's route
+    # table; the engine decided the other nine itself.
+    assert st["native"]["tables"] == 1 and st["native"]["decided"] == 9, st
 
 
 def test_pipelined_and_large_bodies_both_ways(kmesh, cgroup, shapes):
@@ -234,6 +237,52 @@ def test_idle_connections_are_parked_for_the_next_daemon(kmesh, cgroup, shapes):
     assert client.stdout.readline().strip() == "closed"
     client.wait(10)
     assert "idle keep-alive L7 connections" in k.log(), k.log()[-2000:]
+
+
+def test_a_config_update_reaches_the_engines_own_decisions(kmesh, cgroup, shapes):
+    """The engine decides with a table of the config in force: after an
+    update the next request on the same keep-alive connection follows the
+    new routes (here a direct response, which the Python side answers), and
+    the one after the update back follows the table made from it."""
+    k, v = start(kmesh, shapes)
+    client = cgroup.popen([sys.executable, "-c", STEPPED, v], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert [client.stdout.readline().strip() for _ in range(2)] == ["x", "xx"]
+        status, body = k.post_config(bootstrap([hcm_listener("shapes", v, 80, [
+            {"match": {"prefix": "/len/1"}, "direct_response": {"status": 200, "body": {"inline_string": "new"}}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "shapes"}}])], [cluster("shapes", lb_ep(*shapes.addr))]))
+        assert status == 200, body
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert [client.stdout.readline().strip() for _ in range(2)] == ["new", "xx"]
+        client.wait(10)
+    finally:
+        client.kill()
+    n = k.get("/l7")["native"]
+    # one table per config; of the four requests the engine decided the
+    # second and the fourth; the one connection was never handed back
+    assert n["tables"] == 2 and n["decided"] == 2 and n["handed_off"] == 0, n
+
+
+STEPPED = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+def get(n):
+    s.sendall(b"GET /len/%d HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" % n)
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += s.recv(1000)
+    head, body = data.split(b"\\r\\n\\r\\n", 1)
+    size = int([l.split(b":")[1] for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < size:
+        body += s.recv(1000)
+    print(body.decode(), flush=True)
+get(1)
+get(2)
+sys.stdin.readline()
+get(1)
+get(2)
+"""
 
 
 KEEP_OPEN = """

@@ -33,7 +33,7 @@ def body(lib, kind: int, length: int, data: bytes, step: int = 0) -> tuple[int, 
 
 def test_the_abi_matches():
     lib = engine.load()
-    assert lib.kl7_abi() == 1
+    assert lib.kl7_abi() == engine.ABI
     assert [lib.kl7_sizeof(i) for i in range(5)] == [ctypes.sizeof(s) for s in engine._SIZES]
 
 

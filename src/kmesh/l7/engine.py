@@ -22,6 +22,7 @@ from kmesh.bpf.records import ip_of
 log = logging.getLogger("kmesh.l7")
 
 LIBRARY = "libkmesh_l7.so"
+ABI = 2
 MAX_EPS = 8
 
 # enum kl7_kind, kl7_body, kl7_reason, kl7_fixed (l7engine.h)
@@ -38,7 +39,8 @@ class EngineError(RuntimeError):
 class Request(ctypes.Structure):
     _fields_ = [("head", ctypes.c_void_p), ("head_len", ctypes.c_uint32), ("vip_ip", ctypes.c_uint32),
                 ("peer_ip", ctypes.c_uint32), ("vip_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16),
-                ("netns", ctypes.c_uint64), ("first", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+                ("netns", ctypes.c_uint64), ("first", ctypes.c_uint32), ("gen", ctypes.c_uint32),
+                ("want_table", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class Ep(ctypes.Structure):
@@ -50,7 +52,8 @@ class Decision(ctypes.Structure):
                 ("status", ctypes.c_int32), ("data", ctypes.c_void_p), ("data_len", ctypes.c_uint32),
                 ("n_eps", ctypes.c_uint32), ("eps", Ep * MAX_EPS), ("timeout_ms", ctypes.c_uint32),
                 ("connect_timeout_ms", ctypes.c_uint32), ("body", ctypes.c_int32), ("head_request", ctypes.c_int32),
-                ("body_len", ctypes.c_uint64)]
+                ("body_len", ctypes.c_uint64), ("table_given", ctypes.c_int32), ("table_gen", ctypes.c_uint32),
+                ("table", ctypes.c_void_p), ("table_len", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class Handed(ctypes.Structure):   # struct kl7_handoff
@@ -62,7 +65,7 @@ class Handed(ctypes.Structure):   # struct kl7_handoff
 
 _COUNTERS = ("accepted", "handed_off", "routed", "answers", "bad_requests", "no_destination",
              "connect_failures", "upstream_failures", "timeouts", "head_timeouts", "refused", "evicted",
-             "per_request", "active", "waiting", "upstreams")
+             "per_request", "active", "waiting", "upstreams", "decided", "tables")
 
 
 class Stats(ctypes.Structure):
@@ -128,11 +131,18 @@ def load() -> ctypes.CDLL:
     lib.kl7_stats.restype = None
     lib.kl7_free.argtypes = [ctypes.c_void_p]
     lib.kl7_free.restype = None
+    lib.kl7_invalidate.argtypes = [ctypes.c_void_p]
+    lib.kl7_invalidate.restype = None
+    lib.kl7_test_decide.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
+                                    ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(Decision)]
+    lib.kl7_test_decide.restype = ctypes.c_int
+    lib.kl7_test_decide_many.argtypes = lib.kl7_test_decide.argtypes
+    lib.kl7_test_decide_many.restype = ctypes.c_int
     sizes = [lib.kl7_sizeof(i) for i in range(len(_SIZES))]
     want = [ctypes.sizeof(s) for s in _SIZES]
-    if lib.kl7_abi() != 1 or sizes != want:
+    if lib.kl7_abi() != ABI or sizes != want:
         raise EngineError(f"{path} is another build of the engine (ABI {lib.kl7_abi()}, struct sizes {sizes}, "
-                          f"this kmesh expects 1, {want}): rebuild with ./build.sh -b")
+                          f"this kmesh expects {ABI}, {want}): rebuild with ./build.sh -b")
     _lib = lib
     return lib
 
@@ -210,6 +220,11 @@ class Engine:
             if n < len(batch):
                 return
 
+    def invalidate(self) -> None:
+        """The config changed: the engine asks again for each VIP's route table."""
+        if self._e:
+            self._lib.kl7_invalidate(self._e)
+
     def stats(self) -> dict:
         s = Stats()
         self._lib.kl7_stats(self._e, ctypes.byref(s))
@@ -232,3 +247,16 @@ class Engine:
             self._lib.kl7_free(self._e)
             self._e = None
             os.close(self.ready)
+
+
+def test_decide(table: bytes, head: bytes, rng: int = 1) -> Decision | None:
+    """What the engine decides itself for ``head`` with ``table``
+    (l7route.c), None when it leaves the head to the Python side; -1 raises
+    (a table the engine refuses). For tests."""
+    lib = load()
+    state = ctypes.c_uint64(rng)
+    d = Decision()
+    got = lib.kl7_test_decide(table, len(table), head, len(head), ctypes.byref(state), ctypes.byref(d))
+    if got < 0:
+        raise EngineError("the engine refuses this route table")
+    return d if got else None

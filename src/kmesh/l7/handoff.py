@@ -34,7 +34,7 @@ import httptools
 
 from kmesh import limits
 from kmesh.bpf import records
-from kmesh.config.http import headers
+from kmesh.config.http import headers, native
 from kmesh.config.http import routes as rt
 from kmesh.config.http.match import Request
 from kmesh.config.http.rbac import DENIED
@@ -388,6 +388,8 @@ class Handoff:
         self.native = native
         self.engine: engine.Engine | None = None
         self._hold = b""   # the last upstream head given to the engine, alive until it copies it
+        self._hold_table = b""   # likewise the last route table
+        self._tables: dict[int, tuple[Target, bytes]] = {}   # route tables given to the engine, by target
 
     def status(self) -> dict:
         out = self.totals().as_dict()
@@ -908,7 +910,11 @@ class Handoff:
             d.kind = engine.CLOSE
             return
         d.kind = engine.HANDOFF
-        if target is WARMING or target.rate_limit is not None:
+        if target is WARMING:
+            return
+        if r.want_table:
+            self._give_table(target, r.gen, d)
+        if target.rate_limit is not None:
             return
         head = ctypes.string_at(r.head, r.head_len)
         try:
@@ -952,6 +958,31 @@ class Handoff:
         d.body = _BODY[framing.kind]
         d.body_len = framing.length
         d.head_request = framed.start[0] == "HEAD"
+
+    def _give_table(self, target: Target, gen: int, d: engine.Decision) -> None:
+        """The route table the engine decides requests to this target with
+        (kmesh.config.http.native), for config generation ``gen``: empty
+        when every request needs this side (RBAC, a rate limit)."""
+        got = self._tables.get(id(target))
+        if got is None or got[0] is not target:
+            if target.rbac is not None or target.rate_limit is not None:
+                raw = b""
+            else:
+                raw = native.table(target.routes, target.clusters, int(DEFAULT_CONNECT_TIMEOUT * 1000),
+                                   target.route_faults, target.filter_fault)
+            tables = self._tables if len(self._tables) < 1024 else {}
+            tables[id(target)] = got = (target, raw)
+            self._tables = tables
+        self._hold_table = got[1]
+        d.table_given, d.table_gen, d.table_len = 1, gen, len(got[1])
+        d.table = ctypes.cast(ctypes.c_char_p(got[1]), ctypes.c_void_p) if got[1] else None
+
+    def config_changed(self) -> None:
+        """The mesh changed (any thread, after it is in force): the engine's
+        route tables are stale."""
+        self._tables = {}
+        if self.engine is not None:
+            self.engine.invalidate()
 
     def _native_answer(self, d: engine.Decision, status: int, body: bytes, extra: tuple, keep: bool) -> None:
         data = response(status, body, extra, close=not keep)

@@ -279,7 +279,7 @@ class Prefix:
 
 
 @dataclass(frozen=True, slots=True)
-class _Exact:
+class Exact:
     path: str
     ignore_case: bool
 
@@ -291,7 +291,7 @@ class _Exact:
 
 
 @dataclass(frozen=True, slots=True)
-class _SeparatedPrefix:
+class SeparatedPrefix:
     """A prefix followed by '/' or the end of the path (the query is gone)."""
     prefix: Prefix
 
@@ -314,7 +314,7 @@ class _Regex:
         return query_start(target)       # a rewrite replaces the whole path
 
 
-PathMatch = Prefix | _Exact | _SeparatedPrefix | _Regex
+PathMatch = Prefix | Exact | SeparatedPrefix | _Regex
 _SEPARATED_PREFIX = re.compile(r"[^?#]+[^?#/]")
 
 MATCH_APPLIED = ("prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
@@ -335,14 +335,14 @@ def path_match(sink: Sink, path: str, m) -> PathMatch | None:
     if kind == "prefix":
         return Prefix(lower(m.prefix) if ignore_case else m.prefix, ignore_case)
     if kind == "path":
-        return _Exact(lower(m.path) if ignore_case else m.path, ignore_case)
+        return Exact(lower(m.path) if ignore_case else m.path, ignore_case)
     if kind == "path_separated_prefix":
         value = m.path_separated_prefix
         if not _SEPARATED_PREFIX.fullmatch(value):
             sink.problem(f"{path}.path_separated_prefix",
                          "must be at least 2 characters, without '?' or '#', and must not end with '/'")
             return None
-        return _SeparatedPrefix(Prefix(lower(value) if ignore_case else value, ignore_case))
+        return SeparatedPrefix(Prefix(lower(value) if ignore_case else value, ignore_case))
     if kind == "safe_regex":
         if m.HasField("case_sensitive"):
             sink.note(f"{path}.case_sensitive", "has no effect on safe_regex (as in Envoy)")
@@ -360,12 +360,25 @@ def path_match(sink: Sink, path: str, m) -> PathMatch | None:
 _TEXT_OPS = {"exact": operator.eq, "prefix": str.startswith, "suffix": str.endswith, "contains": operator.contains}
 
 
+@dataclass(frozen=True, slots=True)
+class TextTest:
+    """exact / prefix / suffix / contains ``value`` (lowercased with
+    ``ignore_case``): a test the native engine can run too (l7route.c)."""
+    kind: str
+    value: str
+    ignore_case: bool
+
+    def __call__(self, v: str) -> bool:
+        return _TEXT_OPS[self.kind](lower(v) if self.ignore_case else v, self.value)
+
+
+def any_value(v: str) -> bool:
+    """Envoy's legacy exact_match with an empty value: any value matches."""
+    return True
+
+
 def _text_test(kind: str, value: str, ignore_case: bool) -> Callable[[str], bool]:
-    op = _TEXT_OPS[kind]
-    if ignore_case:
-        value = lower(value)
-        return lambda v: op(lower(v), value)
-    return lambda v: op(v, value)
+    return TextTest(kind, lower(value) if ignore_case else value, ignore_case)
 
 
 def _regex_test(rx: re2._Regexp) -> Callable[[str], bool]:
@@ -431,7 +444,7 @@ _LEGACY_TEXT = {"prefix_match": "prefix", "suffix_match": "suffix", "contains_ma
 def _header_test(sink: Sink, path: str, kind: str, value) -> Callable[[str], bool] | None:
     if kind == "exact_match":
         # Envoy's legacy exact_match: an empty value matches any value.
-        return (lambda v: True) if not value else _text_test("exact", value, False)
+        return any_value if not value else _text_test("exact", value, False)
     if kind in _LEGACY_TEXT:
         if not value:
             sink.problem(path, "must not be empty")
