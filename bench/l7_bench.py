@@ -24,7 +24,8 @@ rounds whose mode order alternates:
   connect + request + response + close): p50/p99 latency;
 * new connections/s: `wrk -t2 -c16` with `Connection: close`;
 * keep-alive requests/s at 1 and 16 connections;
-* daemon CPU (user + system) per 1000 new connections in the L7 modes;
+* proxy CPU (user + system: the daemon's, Envoy's for Envoy) per 1000 new
+  connections;
 * keep-alive with a request-dependent route, at 1 and 16 connections, for
   direct, both kmesh L7 modes and Envoy: a header route (`end-user: jason` -> cluster
   v2, else v1) on VIP port 82 (and a second Envoy listener), to a second
@@ -82,7 +83,8 @@ ROUTE = [{"match": {"prefix": "/", "headers": [{"name": "end-user", "string_matc
          {"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]
 ROUTE_TESTS = {"route1": (1, 1), "route16": (16, 2)}   # connections, client threads (as wrk -t1 -c1, -t2 -c16)
 ROUTE_MODES = ("direct", "l7", "l7n", "envoy")
-L7_MODES = ("l7", "l7n")   # through a daemon's hand-off listener: its CPU is reported
+# through a daemon's hand-off listener, or Envoy: its CPU is reported
+PROXY_MODES = ("l7", "l7n", "envoy")
 
 
 KACLIENT_C = r"""/*
@@ -521,7 +523,7 @@ class Run:
             cmd += ["-s", str(self.close_lua)]
         cmd.append(self.urls[mode])
         daemon = self.daemon_of(mode)
-        cpu0 = cpu_seconds(daemon.proc.pid)
+        cpu0 = cpu_seconds(self.proxy_pid(mode))
         if mode.startswith("pod-"):
             p = self.client_pod.run(cmd, timeout=seconds + 30)
         else:
@@ -530,7 +532,7 @@ class Run:
         if p.returncode != 0:
             raise BenchError(f"{' '.join(cmd)}: {p.stdout}{p.stderr}")
         res = parse_wrk(p.stdout)
-        res["daemon_cpu_s"] = cpu_seconds(daemon.proc.pid) - cpu0
+        res["daemon_cpu_s"] = cpu_seconds(self.proxy_pid(mode)) - cpu0
         if sum(res["socket_errors"].values()) + res["non_2xx"]:
             log(f"  warning: {mode} {test}: errors {res['socket_errors']} non-2xx {res['non_2xx']}")
         return res
@@ -539,20 +541,23 @@ class Run:
         """The daemon whose cgroup a mode's client runs in (and whose CPU counts)."""
         return self.native if mode == "l7n" else self.daemon
 
+    def proxy_pid(self, mode: str) -> int:
+        """The process whose CPU a mode's requests cost: Envoy's, else the daemon's."""
+        return self.envoy.proc.pid if mode == "envoy" else self.daemon_of(mode).proc.pid
+
     def route(self, mode: str, test: str, seconds: float) -> dict:
         """One run of the routed keep-alive client; every answer checked."""
         ip, port, plain, jason = self.route_targets[mode]
         conns, threads = ROUTE_TESTS[test]
         cmd = [str(self.kaclient), ip, str(port), str(conns), str(threads), f"{seconds:g}", plain, jason]
-        daemon = self.daemon_of(mode)
-        cpu0 = cpu_seconds(daemon.proc.pid)
+        cpu0 = cpu_seconds(self.proxy_pid(mode))
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30,
-                           preexec_fn=_in_cgroup(daemon.cgroup))
+                           preexec_fn=_in_cgroup(self.daemon_of(mode).cgroup))
         try:
             res = json.loads(p.stdout)
         except ValueError:
             raise BenchError(f"{mode} {test}: {' '.join(cmd)}: {p.stdout}{p.stderr}") from None
-        res["daemon_cpu_s"] = cpu_seconds(daemon.proc.pid) - cpu0
+        res["daemon_cpu_s"] = cpu_seconds(self.proxy_pid(mode)) - cpu0
         a, sent = res["answers"], res["sent"]
         # requests still in flight at the deadline are sent, not counted: at most one per connection
         v2_expected = sent["jason"] if jason == "v2" else 0
@@ -634,7 +639,7 @@ def summary(result: dict) -> dict:
             rr = result["route_runs"][t][m]
             out[m].update({f"{t}_rps": med(r["rps"] for r in rr), f"{t}_p50_us": med(r["p50_us"] for r in rr),
                            f"{t}_p99_us": med(r["p99_us"] for r in rr), f"{t}_mean_us": med(r["mean_us"] for r in rr)})
-            if m in L7_MODES:
+            if m in PROXY_MODES:
                 out[m][f"{t}_daemon_cpu_us_per_req"] = med(1e6 * r["daemon_cpu_s"] / max(1, r["requests"])
                                                            for r in rr)
     return out
@@ -646,7 +651,7 @@ def table(s: dict) -> str:
             ("new connections/s (Connection: close, 16 conns)", "conn_per_s", "/s"),
             ("keep-alive requests/s, 1 conn", "ka1_rps", "/s"),
             ("keep-alive requests/s, 16 conns", "ka16_rps", "/s"),
-            ("kmesh-daemon CPU per 1000 new connections", "daemon_cpu_ms_per_1000_conns", "ms"),
+            ("proxy CPU per 1000 new connections (kmesh-daemon; Envoy)", "daemon_cpu_ms_per_1000_conns", "ms"),
             ("header route per request, keep-alive requests/s, 1 conn", "route1_rps", "/s"),
             ("header route per request, keep-alive p50, 1 conn", "route1_p50_us", "µs"),
             ("header route per request, keep-alive p99, 1 conn", "route1_p99_us", "µs"),
@@ -655,8 +660,8 @@ def table(s: dict) -> str:
             ("header route per request, keep-alive p50, 16 conns", "route16_p50_us", "µs"),
             ("header route per request, keep-alive p99, 16 conns", "route16_p99_us", "µs"),
             ("header route per request, keep-alive mean latency, 16 conns", "route16_mean_us", "µs"),
-            ("kmesh-daemon CPU per routed request, 1 conn", "route1_daemon_cpu_us_per_req", "µs"),
-            ("kmesh-daemon CPU per routed request, 16 conns", "route16_daemon_cpu_us_per_req", "µs")]
+            ("proxy CPU per routed request, 1 conn", "route1_daemon_cpu_us_per_req", "µs"),
+            ("proxy CPU per routed request, 16 conns", "route16_daemon_cpu_us_per_req", "µs")]
     modes = list(s)
     pairs = [("l7", "direct"), ("l7", "envoy"), ("l7n", "direct"), ("l7n", "l4"), ("l7n", "envoy"),
              ("pod-l7", "pod-direct"), ("pod-l7", "l7"), ("pod-l7", "envoy")]
@@ -670,7 +675,7 @@ def table(s: dict) -> str:
         vals = " | ".join(f"{s[m][key]:,.0f} {unit}" if key in s[m] else "" for m in modes)
 
         def ratio(num: str, den: str) -> str:
-            if "daemon_cpu" in key and den not in L7_MODES:
+            if "daemon_cpu" in key and den not in PROXY_MODES:
                 return "-"   # only the L7 modes run through the daemon
             if key not in s[num] or key not in s[den]:
                 return ""

@@ -50,10 +50,12 @@
 #define READ_CHUNK (64 * 1024)
 #define OUT_HIGH (256 * 1024)  /* stop reading the source while this much waits for the sink */
 #define EVENTS 256
+#define SPARES 256
+#define CLOSE_LINE "connection: close\r\n\r\n"             /* idle upstream connections kept for any client (of the same namespace) */
 
 enum state { S_HEAD, S_CONNECT, S_EXCHANGE, S_ANSWER };
 enum side { SIDE_CLIENT = 0 }; /* 1..POOL: pool slot + 1 */
-enum { TAG_CONN = 0, TAG_LISTENER = 1, TAG_WAKE = 2 };
+enum { TAG_CONN = 0, TAG_LISTENER = 1, TAG_WAKE = 2, TAG_SPARE = 3 };
 enum { T_NONE, T_HEAD, T_CONNECT, T_RESPONSE };
 
 struct buf {
@@ -78,7 +80,18 @@ struct upstream {
 	int fd;
 	struct kl7_ep ep;
 	bool rd, wr, eof;
+	bool reused; /* served an earlier exchange: it may have been closed since */
 	struct buf in;
+};
+
+/* An idle upstream connection no client holds: the next client of the same
+ * namespace forwarding to ep takes it (as Envoy's connection pool). */
+struct spare {
+	int fd; /* -1: free */
+	uint32_t gen;
+	struct kl7_ep ep;
+	uint64_t netns;
+	uint64_t since;
 };
 
 struct conn {
@@ -109,11 +122,14 @@ struct conn {
 	uint64_t deadline;   /* the response head's, 0: none */
 	const char *fwd_head; /* the decided upstream head (owned), NULL: as received */
 	uint32_t fwd_head_len;
+	char *replay;        /* the request head sent over a reused upstream connection (owned) */
+	uint32_t replay_len;
 	uint64_t timer_at;   /* the armed deadline (ms), 0: none */
 	uint64_t heap_at;    /* the deadline of this connection's entry in the heap, 0: none */
 	struct conn *wprev, *wnext; /* waiting for a head, oldest first */
 	bool waiting;
 	bool kept;           /* has gone on after a request (a keep-alive connection) */
+	bool fresh;          /* the next connect: a new connection, no pooled one */
 };
 
 struct listener {
@@ -165,6 +181,9 @@ struct engine {
 	struct vip_table *vips;      /* open addressing, cap a power of two */
 	uint32_t nvips, capvips;
 	uint64_t rng;
+	char *scratch;               /* head_limit bytes: a head kr_decide rewrote */
+	struct spare spares[SPARES];
+	uint32_t nspares;
 };
 
 static uint64_t now_ms(void)
@@ -670,15 +689,83 @@ static void pool_close(struct engine *e, struct upstream *u, bool reset)
 	e->stats.upstreams--;
 }
 
+/* -- upstream connections no client holds -------------------------------------------- */
+static void spare_close(struct engine *e, struct spare *s)
+{
+	close(s->fd);
+	s->fd = -1;
+	s->gen++;
+	e->nspares--;
+	e->stats.upstreams--;
+}
+
+/* u, idle in a client connection that goes away, kept for the next client
+ * of namespace netns: true; false when it cannot be (the caller closes it). */
+static bool spare_put(struct engine *e, struct upstream *u, uint64_t netns)
+{
+	if (u->fd < 0 || u->eof || buf_avail(&u->in) || e->stopping || e->nspares == SPARES)
+		return false;
+	for (int i = 0; i < SPARES; i++) {
+		struct spare *s = &e->spares[i];
+		if (s->fd >= 0)
+			continue;
+		/* re-armed: bytes or a FIN already there report at once (and close it) */
+		struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET,
+					 .data.u64 = tag(TAG_SPARE, i, s->gen, 0)};
+		if (epoll_ctl(e->ep, EPOLL_CTL_MOD, u->fd, &ev) != 0)
+			return false;
+		*s = (struct spare){.fd = u->fd, .gen = s->gen, .ep = u->ep, .netns = netns, .since = now_ms()};
+		e->nspares++;
+		u->fd = -1;
+		u->rd = u->wr = u->eof = false;
+		buf_free(&u->in);
+		return true;
+	}
+	return false;
+}
+
+/* A spare connection to ep of namespace netns (idle for less than the idle
+ * timeout), taken out of the spares; -1 when there is none. */
+static int spare_take(struct engine *e, uint64_t netns, struct kl7_ep ep)
+{
+	uint64_t now = now_ms();
+
+	for (int i = 0; i < SPARES && e->nspares; i++) {
+		struct spare *s = &e->spares[i];
+		if (s->fd < 0 || s->netns != netns || s->ep.ip != ep.ip || s->ep.port != ep.port)
+			continue;
+		if (e->cfg.idle_timeout_ms && now - s->since >= e->cfg.idle_timeout_ms) {
+			spare_close(e, s);
+			continue;
+		}
+		int fd = s->fd;
+		s->fd = -1;
+		s->gen++;
+		e->nspares--;
+		return fd;
+	}
+	return -1;
+}
+
+/* An event on a spare: the upstream sent something or went away (an idle
+ * HTTP/1.1 connection has nothing to say): it goes. */
+static void on_spare(struct engine *e, uint32_t idx, uint32_t gen)
+{
+	if (idx < SPARES && e->spares[idx].fd >= 0 && e->spares[idx].gen == gen)
+		spare_close(e, &e->spares[idx]);
+}
+
 static void conn_release(struct engine *e, struct conn *c)
 {
 	waiting_unlink(e, c);
 	for (int i = 0; i < POOL; i++)
-		pool_close(e, &c->pool[i], false);
+		if (i == c->up || !spare_put(e, &c->pool[i], c->netns))
+			pool_close(e, &c->pool[i], false);
 	buf_free(&c->in);
 	buf_free(&c->out);
 	buf_free(&c->uout);
 	free((void *)c->fwd_head);
+	free(c->replay);
 	uint32_t gen = c->gen + 1, idx = c->idx;
 	memset(c, 0, sizeof(*c));
 	c->gen = gen; /* events and timers of the old connection are skipped */
@@ -845,7 +932,7 @@ static bool decide(struct engine *e, struct conn *c, const char *head)
 	struct kl7_decision d;
 	struct vip_table *v = vip_table(e, c->vip_ip, c->vip_port);
 
-	if (v && v->gen == rq.gen && kr_decide(v->t, head, c->head_len, &e->rng, &d)) {
+	if (v && v->gen == rq.gen && kr_decide(v->t, head, c->head_len, &e->rng, e->scratch, e->cfg.head_limit, &d)) {
 		e->stats.decided++;
 	} else {
 		memset(&d, 0, sizeof(d));
@@ -1050,7 +1137,7 @@ static bool step_connect(struct engine *e, struct conn *c)
 	}
 	struct kl7_ep ep = c->eps[c->next_ep++];
 	int slot = pool_find(c, ep);
-	if (slot >= 0 && !c->pool[slot].eof) {
+	if (slot >= 0 && !c->pool[slot].eof && !c->fresh) {
 		c->up = slot;
 		return start_exchange(e, c);
 	}
@@ -1058,6 +1145,19 @@ static bool step_connect(struct engine *e, struct conn *c)
 		pool_close(e, &c->pool[slot], false);
 	slot = pool_slot(e, c);
 	struct upstream *u = &c->pool[slot];
+	int sfd = c->fresh ? -1 : spare_take(e, c->netns, ep);
+	if (sfd >= 0) {
+		struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+					 .data.u64 = tag(TAG_CONN, c->idx, c->gen, slot + 1)};
+		*u = (struct upstream){.fd = sfd, .ep = ep, .reused = true};
+		if (epoll_ctl(e->ep, EPOLL_CTL_MOD, sfd, &ev) == 0) {
+			e->stats.pooled++;
+			c->up = slot;
+			return start_exchange(e, c);
+		}
+		pool_close(e, u, false);
+	}
+	c->fresh = false;
 	int fd = upstream_socket(e, c);
 	if (fd < 0) {
 		e->stats.connect_failures++;
@@ -1086,15 +1186,32 @@ static bool step_connect(struct engine *e, struct conn *c)
 static bool start_exchange(struct engine *e, struct conn *c)
 {
 	struct upstream *u = &c->pool[c->up];
-	int ok;
+	bool replaying = c->replay != NULL;
+	const char *h = c->fwd_head;
+	uint32_t hl = c->fwd_head_len;
+	int ok = 1;
 
-	if (c->first) {
-		ok = consume_first(c) == 0 && buf_put(&c->uout, c->fwd_head, c->fwd_head_len) == 0;
-	} else {
-		ok = buf_put(&c->uout, c->fwd_head ? c->fwd_head : c->in.p + c->in.off,
-			     c->fwd_head ? c->fwd_head_len : c->head_len) == 0;
-		buf_drop(&c->in, c->head_len);
+	if (replaying) {
+		h = c->replay;
+		hl = c->replay_len;
+	} else if (c->first) {
+		ok = consume_first(c) == 0;
+	} else if (!h) {
+		h = c->in.p + c->in.off;
+		hl = c->head_len;
 	}
+	ok = ok && buf_put(&c->uout, h, hl) == 0;
+	if (ok && !replaying && u->reused && c->req.kind == B_NONE) {
+		/* a reused connection may have been closed by now: keep the head
+		 * to send again over a new one (replay_elsewhere) */
+		ok = (c->replay = malloc(hl ? hl : 1)) != NULL;
+		if (ok) {
+			memcpy(c->replay, h, hl);
+			c->replay_len = hl;
+		}
+	}
+	if (!replaying && !c->first)
+		buf_drop(&c->in, c->head_len);
 	if (!ok) {
 		conn_close(e, c);
 		return false;
@@ -1105,7 +1222,8 @@ static bool start_exchange(struct engine *e, struct conn *c)
 	c->resp.done = false;
 	c->resp_head_seen = false;
 	c->st = S_EXCHANGE;
-	e->stats.routed++;
+	if (!replaying)
+		e->stats.routed++;
 	uint64_t now = now_ms();
 	if (c->deadline && c->deadline <= now) {
 		c->deadline = now + 1;
@@ -1123,6 +1241,27 @@ static bool exchange_broken(struct engine *e, struct conn *c)
 	return false;
 }
 
+/* A reused upstream connection failed before any of its response: the
+ * upstream had closed it while idle. The request (its head only: c->replay)
+ * goes again over a new connection to the same endpoint. */
+static bool replay_elsewhere(struct engine *e, struct conn *c)
+{
+	pool_close(e, &c->pool[c->up], true);
+	c->up = -1;
+	buf_drop(&c->uout, buf_avail(&c->uout));
+	c->next_ep--;
+	c->fresh = true;
+	c->st = S_CONNECT;
+	e->stats.replayed++;
+	return true;
+}
+
+/* Nothing of the response came yet and the request can go again. */
+static bool may_replay(const struct conn *c)
+{
+	return c->replay && !c->resp_head_seen && !buf_avail(&c->pool[c->up].in);
+}
+
 static bool step_exchange(struct engine *e, struct conn *c)
 {
 	struct upstream *u = &c->pool[c->up];
@@ -1130,7 +1269,7 @@ static bool step_exchange(struct engine *e, struct conn *c)
 	/* the request: head (in uout) and body, client -> upstream */
 	for (;;) {
 		if (flush(u->fd, &c->uout, &u->wr) < 0)
-			return exchange_broken(e, c);
+			return may_replay(c) ? replay_elsewhere(e, c) : exchange_broken(e, c);
 		if (c->req.done || buf_avail(&c->uout) >= OUT_HIGH)
 			break;
 		if (buf_avail(&c->in)) {
@@ -1170,7 +1309,11 @@ static bool step_exchange(struct engine *e, struct conn *c)
 					buf_drop(&u->in, hl);
 					continue;
 				}
-				if (buf_put(&c->out, start, hl))
+				/* a client that asked to close is told so (as Envoy does;
+				 * its Connection line did not go up: kr_decide) */
+				bool tell = !c->req_keep && r.keep;
+				if (tell ? buf_put(&c->out, start, hl - 2) || buf_put(&c->out, CLOSE_LINE, sizeof(CLOSE_LINE) - 1)
+					 : buf_put(&c->out, start, hl))
 					return exchange_broken(e, c);
 				buf_drop(&u->in, hl);
 				c->resp_head_seen = true;
@@ -1197,6 +1340,8 @@ static bool step_exchange(struct engine *e, struct conn *c)
 			}
 			if (avail) /* ended inside a head */
 				return exchange_broken(e, c);
+			if (may_replay(c))
+				return replay_elsewhere(e, c);
 			/* closed before a response: 503 */
 			e->stats.upstream_failures++;
 			pool_close(e, u, false);
@@ -1210,7 +1355,7 @@ static bool step_exchange(struct engine *e, struct conn *c)
 		if (r == 0)
 			u->eof = true;
 		else if (r == -2)
-			return exchange_broken(e, c); /* a reset: both go */
+			return may_replay(c) ? replay_elsewhere(e, c) : exchange_broken(e, c); /* a reset: both go */
 		else if (r == -1)
 			break;
 	}
@@ -1224,8 +1369,11 @@ static bool step_exchange(struct engine *e, struct conn *c)
 		return false;
 	}
 	c->up = -1;
+	u->reused = true;
+	free(c->replay);
+	c->replay = NULL;
 	if (!c->req_keep) {
-		conn_close(e, c);
+		conn_close(e, c); /* its upstream connections become spares */
 		return false;
 	}
 	buf_trim(&u->in);
@@ -1459,6 +1607,9 @@ static bool stop_step(struct engine *e)
 	for (uint32_t i = 0; i < e->nconns; i++)
 		if (e->conns[i]->used)
 			conn_close(e, e->conns[i]);
+	for (int i = 0; i < SPARES; i++)
+		if (e->spares[i].fd >= 0)
+			spare_close(e, &e->spares[i]);
 	return true;
 }
 
@@ -1488,6 +1639,9 @@ static void *run(void *arg)
 			}
 			case TAG_LISTENER:
 				on_listener(e, (t >> 8) & 0xffffff, t >> 32);
+				break;
+			case TAG_SPARE:
+				on_spare(e, (t >> 8) & 0xffffff, t >> 32);
 				break;
 			default:
 				on_conn(e, t, evs[i].events);
@@ -1523,10 +1677,15 @@ void *kl7_new(const struct kl7_config *cfg)
 		return NULL;
 	e->cfg = *cfg;
 	e->peek = malloc(cfg->head_limit);
-	if (!e->peek) {
+	e->scratch = malloc(cfg->head_limit);
+	if (!e->peek || !e->scratch) {
+		free(e->peek);
+		free(e->scratch);
 		free(e);
 		return NULL;
 	}
+	for (int i = 0; i < SPARES; i++)
+		e->spares[i].fd = -1;
 	for (int i = 0; i < KL7_A_N; i++)
 		for (int k = 0; k < 2; k++) {
 			e->fixed_len[i][k] = cfg->fixed_len[i][k];
@@ -1555,6 +1714,7 @@ void *kl7_new(const struct kl7_config *cfg)
 			for (int k = 0; k < 2; k++)
 				free(e->fixed[i][k]);
 		free(e->peek);
+		free(e->scratch);
 		free(e);
 		return NULL;
 	}
@@ -1668,6 +1828,7 @@ void kl7_stats(struct engine *e, struct kl7_stats *out)
 {
 	*out = e->stats;
 	out->waiting = e->nwaiting;
+	out->spares = e->nspares;
 }
 
 /* After kl7_stop: close what is left and free the engine. */
@@ -1696,6 +1857,10 @@ void kl7_free(struct engine *e)
 	free(e->free_idx);
 	free(e->heap);
 	free(e->peek);
+	free(e->scratch);
+	for (int i = 0; i < SPARES; i++)
+		if (e->spares[i].fd >= 0)
+			spare_close(e, &e->spares[i]);
 	close(e->ep);
 	close(e->wake);
 	close(e->own_ns);
@@ -1727,15 +1892,17 @@ ssize_t kl7_test_body(int kind, uint64_t len, const char *p, size_t n, size_t st
 	return used;
 }
 
-/* kr_decide with the table [t, t+tn) on the head [h, h+hn): 1 decided
- * (*d), 0 left to Python, -1 a table kr_table_new refuses. */
-int kl7_test_decide(const char *t, size_t tn, const char *h, size_t hn, uint64_t *rng, struct kl7_decision *d)
+/* kr_decide with the table [t, t+tn) on the head [h, h+hn) (a rewritten
+ * head into out, cap bytes): 1 decided (*d), 0 left to Python, -1 a table
+ * kr_table_new refuses. */
+int kl7_test_decide(const char *t, size_t tn, const char *h, size_t hn, uint64_t *rng, struct kl7_decision *d,
+		    char *out, size_t cap)
 {
 	struct kr_table *tab = kr_table_new(t, tn);
 
 	if (!tab)
 		return -1;
-	int got = kr_decide(tab, h, hn, rng, d);
+	int got = kr_decide(tab, h, hn, rng, out, cap, d);
 	kr_table_free(tab);
 	return got;
 }
@@ -1753,7 +1920,7 @@ int kl7_test_decide_many(const char *t, size_t tn, const char *h, size_t hn, uin
 	}
 	if (!kept && !(kept = kr_table_new(t, tn)))
 		return -1;
-	return kr_decide(kept, h, hn, rng, d);
+	return kr_decide(kept, h, hn, rng, NULL, 0, d);
 }
 
 /* A response head as the engine reads it: 0, or -1 when it is no valid head. */

@@ -97,6 +97,9 @@ struct kl7_stats {
 	uint64_t active, waiting, upstreams;
 	uint64_t decided; /* request heads the engine decided itself (l7route.c) */
 	uint64_t tables;  /* route tables it took */
+	uint64_t pooled;  /* exchanges over an upstream connection another client left */
+	uint64_t replayed; /* requests sent again after a reused upstream connection failed */
+	uint64_t spares;  /* idle upstream connections no client holds, now */
 	uint64_t status[600]; /* answers and responses by status */
 };
 

@@ -244,6 +244,8 @@ bad:
 struct kr_hdr {
 	const char *name, *value;
 	uint32_t nlen, vlen;
+	uint32_t line_len; /* the whole line, from name to CRLF */
+	bool connection;
 };
 
 struct kr_req {
@@ -253,6 +255,7 @@ struct kr_req {
 	int body;
 	uint64_t body_len;
 	bool req_keep;
+	bool conn_other; /* a Connection token other than close / keep-alive */
 };
 
 /* RFC 9110 tchar */
@@ -332,6 +335,7 @@ static bool read_head(const char *p, size_t n, struct kr_req *q)
 		h->value = p + v;
 		h->vlen = i - v;
 		i += 2;
+		h->line_len = p + i - h->name;
 		if (is(h, "host")) {
 			hosts++;
 			q->host = (struct kr_str){h->value, h->vlen};
@@ -350,6 +354,7 @@ static bool read_head(const char *p, size_t n, struct kr_req *q)
 			if (h->vlen != 7 || !eq_ci(h->value, "chunked", 7))
 				return false;
 		} else if (is(h, "connection")) {
+			h->connection = true;
 			for (uint32_t k = 0, a2 = 0; k <= h->vlen; k++) {
 				if (k < h->vlen && h->value[k] != ',')
 					continue;
@@ -360,6 +365,8 @@ static bool read_head(const char *p, size_t n, struct kr_req *q)
 					e--;
 				if (e - s == 5 && eq_ci(h->value + s, "close", 5))
 					q->req_keep = false;
+				else if (e > s && !(e - s == 10 && eq_ci(h->value + s, "keep-alive", 10)))
+					q->conn_other = true;
 				a2 = k + 1;
 			}
 		} else if (is(h, "upgrade") || is(h, "expect")) {
@@ -520,7 +527,28 @@ static uint64_t next_rand(uint64_t *s)
 	return x * 0x2545f4914f6cdd1dull;
 }
 
-bool kr_decide(struct kr_table *t, const char *head, size_t n, uint64_t *rng, struct kl7_decision *d)
+/* The head without its Connection lines into out (cap bytes): its length. */
+static size_t without_connection(const char *head, size_t n, const struct kr_req *q, char *out, size_t cap)
+{
+	size_t k = 0, at = 0;
+
+	if (n > cap)
+		return 0;
+	for (uint32_t i = 0; i < q->n_hdrs; i++) {
+		const struct kr_hdr *h = &q->hdrs[i];
+		if (!h->connection)
+			continue;
+		size_t start = h->name - head;
+		memcpy(out + k, head + at, start - at);
+		k += start - at;
+		at = start + h->line_len;
+	}
+	memcpy(out + k, head + at, n - at);
+	return k + n - at;
+}
+
+bool kr_decide(struct kr_table *t, const char *head, size_t n, uint64_t *rng, char *scratch, size_t cap,
+	       struct kl7_decision *d)
 {
 	struct kr_req q;
 
@@ -576,5 +604,14 @@ bool kr_decide(struct kr_table *t, const char *head, size_t n, uint64_t *rng, st
 	d->body = q.body;
 	d->body_len = q.body == KL7_BODY_LENGTH ? q.body_len : 0;
 	d->head_request = q.method.n == 4 && memcmp(q.method.p, "HEAD", 4) == 0;
+	if (!q.req_keep && !q.conn_other && scratch) {
+		/* As Envoy: the upstream connection outlives this client's (the
+		 * engine tells the client it closes: Connection: close). */
+		size_t k = without_connection(head, n, &q, scratch, cap);
+		if (k) {
+			d->data = scratch;
+			d->data_len = k;
+		}
+	}
 	return true;
 }

@@ -49,8 +49,12 @@ struct kr_table *kr_table_new(const char *p, size_t n);
 void kr_table_free(struct kr_table *t);
 
 /* A forward for the request head [head, head+n) filled into *d (kind
- * KL7_FORWARD, head as received): true. False: the Python side decides.
- * *rng: the caller's random state (xorshift64*). */
-bool kr_decide(struct kr_table *t, const char *head, size_t n, uint64_t *rng, struct kl7_decision *d);
+ * KL7_FORWARD): true. False: the Python side decides. *rng: the caller's
+ * random state (xorshift64*). The head goes up as received, but for a
+ * request that closes its connection (Connection: close, no other option):
+ * without its Connection lines, written into scratch (cap bytes; NULL:
+ * as received), so that the upstream connection can serve later clients. */
+bool kr_decide(struct kr_table *t, const char *head, size_t n, uint64_t *rng, char *scratch, size_t cap,
+	       struct kl7_decision *d);
 
 #endif

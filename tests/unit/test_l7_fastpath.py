@@ -59,12 +59,26 @@ FIELDS = ("kind", "keep", "req_keep", "n_eps", "timeout_ms", "connect_timeout_ms
           "head_request")
 
 
-def same_forward(c: engine.Decision, p: engine.Decision) -> list[str]:
+def without_connection(head: bytes) -> bytes:
+    lines = head[:-4].split(b"\r\n")
+    return b"\r\n".join(x for x in lines if not x.lower().startswith(b"connection:")) + b"\r\n\r\n"
+
+
+def same_forward(head: bytes, got: tuple[engine.Decision, bytes | None], p: engine.Decision) -> list[str]:
+    """The engine's forward is Python's, but for the head of a request that
+    closes its connection: without its Connection lines (Envoy's hop-by-hop
+    rule, so that the upstream connection can serve later clients)."""
+    c, up = got
     out = [f"{f}: engine {getattr(c, f)} python {getattr(p, f)}" for f in FIELDS if getattr(c, f) != getattr(p, f)]
     if (c.eps[0].ip, c.eps[0].port) != (p.eps[0].ip, p.eps[0].port):
         out.append(f"endpoint: engine {c.eps[0].ip}:{c.eps[0].port} python {p.eps[0].ip}:{p.eps[0].port}")
     if p.data:
         out.append("python rewrote the head")
+    tokens = {t.strip().lower() for x in head[:-4].split(b"\r\n")[1:] if x.lower().startswith(b"connection:")
+              for t in x.split(b":", 1)[1].split(b",") if t.strip()}
+    stripped = not p.req_keep and tokens <= {b"close", b"keep-alive"}
+    if (up is not None) != stripped or (up is not None and up != without_connection(head)):
+        out.append(f"head sent up: {up!r}")
     return out
 
 
@@ -189,7 +203,7 @@ def test_every_head_the_engine_decides_gets_the_python_sides_forward():
             if c is None:
                 continue
             decided += 1
-            diff = same_forward(c, p)
+            diff = same_forward(head, c, p)
             assert not diff, f"{cfg}\n{head!r}\n{diff}"
     # Not vacuous: the engine takes a good share of what Python forwards.
     print(f"engine decided {decided} of {python_forwards} heads Python forwards")
@@ -203,8 +217,8 @@ def test_the_engine_leaves_what_it_cannot_evaluate_before_a_match_to_python():
     blob = native.table(table_of(cfg), CLUSTERS, 5000)
     assert engine.test_decide(blob, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n") is None
     cfg["virtual_hosts"][0]["routes"].reverse()
-    d = engine.test_decide(native.table(table_of(cfg), CLUSTERS, 5000), b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert d is not None and d.eps[0].port == 8002 and d.connect_timeout_ms == 750
+    d, up = engine.test_decide(native.table(table_of(cfg), CLUSTERS, 5000), b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert d.eps[0].port == 8002 and d.connect_timeout_ms == 750 and up is None
 
 
 def test_weights_and_round_robin_are_drawn_as_the_python_side_draws_them():

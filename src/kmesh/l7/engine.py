@@ -65,7 +65,7 @@ class Handed(ctypes.Structure):   # struct kl7_handoff
 
 _COUNTERS = ("accepted", "handed_off", "routed", "answers", "bad_requests", "no_destination",
              "connect_failures", "upstream_failures", "timeouts", "head_timeouts", "refused", "evicted",
-             "per_request", "active", "waiting", "upstreams", "decided", "tables")
+             "per_request", "active", "waiting", "upstreams", "decided", "tables", "pooled", "replayed", "spares")
 
 
 class Stats(ctypes.Structure):
@@ -134,9 +134,10 @@ def load() -> ctypes.CDLL:
     lib.kl7_invalidate.argtypes = [ctypes.c_void_p]
     lib.kl7_invalidate.restype = None
     lib.kl7_test_decide.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
-                                    ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(Decision)]
+                                    ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(Decision), ctypes.c_void_p,
+                                    ctypes.c_size_t]
     lib.kl7_test_decide.restype = ctypes.c_int
-    lib.kl7_test_decide_many.argtypes = lib.kl7_test_decide.argtypes
+    lib.kl7_test_decide_many.argtypes = lib.kl7_test_decide.argtypes[:6]
     lib.kl7_test_decide_many.restype = ctypes.c_int
     sizes = [lib.kl7_sizeof(i) for i in range(len(_SIZES))]
     want = [ctypes.sizeof(s) for s in _SIZES]
@@ -249,14 +250,21 @@ class Engine:
             os.close(self.ready)
 
 
-def test_decide(table: bytes, head: bytes, rng: int = 1) -> Decision | None:
+def test_decide(table: bytes, head: bytes, rng: int = 1) -> tuple[Decision, bytes | None] | None:
     """What the engine decides itself for ``head`` with ``table``
-    (l7route.c), None when it leaves the head to the Python side; -1 raises
-    (a table the engine refuses). For tests."""
+    (l7route.c): the decision and the head it sends up when not the one
+    received; None when it leaves the head to the Python side. Raises on a
+    table the engine refuses. For tests."""
     lib = load()
     state = ctypes.c_uint64(rng)
     d = Decision()
-    got = lib.kl7_test_decide(table, len(table), head, len(head), ctypes.byref(state), ctypes.byref(d))
+    out = ctypes.create_string_buffer(len(head) + 1)
+    got = lib.kl7_test_decide(table, len(table), head, len(head), ctypes.byref(state), ctypes.byref(d), out,
+                              len(out))
     if got < 0:
         raise EngineError("the engine refuses this route table")
-    return d if got else None
+    if not got:
+        return None
+    up = ctypes.string_at(d.data, d.data_len) if d.data else None
+    d.data = None
+    return d, up
