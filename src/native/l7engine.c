@@ -1266,19 +1266,21 @@ static bool step_exchange(struct engine *e, struct conn *c)
 {
 	struct upstream *u = &c->pool[c->up];
 
-	/* the request: head (in uout) and body, client -> upstream */
+	/* the request: head (in uout) and body, client -> upstream; what is
+	 * there is framed first and then sent in one write */
 	for (;;) {
-		if (flush(u->fd, &c->uout, &u->wr) < 0)
-			return may_replay(c) ? replay_elsewhere(e, c) : exchange_broken(e, c);
-		if (c->req.done || buf_avail(&c->uout) >= OUT_HIGH)
-			break;
-		if (buf_avail(&c->in)) {
+		if (!c->req.done && buf_avail(&c->uout) < OUT_HIGH && buf_avail(&c->in)) {
 			ssize_t k = body_take(&c->req, c->in.p + c->in.off, buf_avail(&c->in));
 			if (k < 0 || buf_put(&c->uout, c->in.p + c->in.off, k))
 				return exchange_broken(e, c);
 			buf_drop(&c->in, k);
-			continue;
 		}
+		if (flush(u->fd, &c->uout, &u->wr) < 0)
+			return may_replay(c) ? replay_elsewhere(e, c) : exchange_broken(e, c);
+		if (c->req.done || buf_avail(&c->uout) >= OUT_HIGH)
+			break;
+		if (buf_avail(&c->in))
+			continue;
 		if (c->eof)
 			return exchange_broken(e, c); /* the client ended inside its body */
 		if (!c->rd)
@@ -1291,14 +1293,11 @@ static bool step_exchange(struct engine *e, struct conn *c)
 		else if (r == -1)
 			break;
 	}
-	/* the response, upstream -> client */
+	/* the response, upstream -> client: likewise framed, then sent */
 	for (;;) {
-		if (flush(c->fd, &c->out, &c->wr) < 0)
-			return exchange_broken(e, c);
-		if ((c->resp_head_seen && c->resp.done) || buf_avail(&c->out) >= OUT_HIGH)
-			break;
 		size_t avail = buf_avail(&u->in);
-		if (!c->resp_head_seen && avail) {
+		bool room = !(c->resp_head_seen && c->resp.done) && buf_avail(&c->out) < OUT_HIGH;
+		if (room && !c->resp_head_seen && avail) {
 			const char *start = u->in.p + u->in.off, *end = find_end(start, avail);
 			if (end) {
 				struct resp_head r;
@@ -1324,13 +1323,18 @@ static bool step_exchange(struct engine *e, struct conn *c)
 			}
 			if (avail > e->cfg.head_limit)
 				return exchange_broken(e, c);
-		} else if (c->resp_head_seen && avail) {
+		} else if (room && c->resp_head_seen && avail) {
 			ssize_t k = body_take(&c->resp, u->in.p + u->in.off, avail);
 			if (k < 0 || buf_put(&c->out, u->in.p + u->in.off, k))
 				return exchange_broken(e, c);
 			buf_drop(&u->in, k);
-			continue;
+			if (k > 0)
+				continue;
 		}
+		if (flush(c->fd, &c->out, &c->wr) < 0)
+			return exchange_broken(e, c);
+		if ((c->resp_head_seen && c->resp.done) || buf_avail(&c->out) >= OUT_HIGH)
+			break;
 		if (u->eof) {
 			if (c->resp_head_seen) {
 				if (c->resp.kind != B_CLOSE)
