@@ -184,6 +184,8 @@ struct engine {
 	char *scratch;               /* head_limit bytes: a head kr_decide rewrote */
 	struct spare spares[SPARES];
 	uint32_t nspares;
+	uint64_t last_sweep;         /* of the spares (sweep_spares) */
+	int sweep_now;               /* a listener went: sweep at once (atomic) */
 };
 
 static uint64_t now_ms(void)
@@ -745,6 +747,35 @@ static int spare_take(struct engine *e, uint64_t netns, struct kl7_ep ep)
 		return fd;
 	}
 	return -1;
+}
+
+/* A listener's namespace: still served (e->mu held). */
+static bool netns_served(struct engine *e, uint64_t netns)
+{
+	for (int i = 0; i < MAX_LISTENERS; i++)
+		if (e->ls[i].fd >= 0 && e->ls[i].netns == netns)
+			return true;
+	return false;
+}
+
+/* Spares idle for the idle timeout, and those of a namespace no listener
+ * serves any more (a workload gone: its namespace must not be kept alive by
+ * our sockets), are closed. Every second while there are spares. */
+static void sweep_spares(struct engine *e)
+{
+	uint64_t now = now_ms();
+
+	e->last_sweep = now;
+	if (!e->nspares)
+		return;
+	pthread_mutex_lock(&e->mu);
+	for (int i = 0; i < SPARES; i++) {
+		struct spare *s = &e->spares[i];
+		if (s->fd >= 0 && ((e->cfg.idle_timeout_ms && now - s->since >= e->cfg.idle_timeout_ms) ||
+				   !netns_served(e, s->netns)))
+			spare_close(e, s);
+	}
+	pthread_mutex_unlock(&e->mu);
 }
 
 /* An event on a spare: the upstream sent something or went away (an idle
@@ -1630,6 +1661,8 @@ static void *run(void *arg)
 		}
 		if (e->stopping && (timeout < 0 || timeout > 20))
 			timeout = 20;
+		if (e->nspares && (timeout < 0 || timeout > 1000))
+			timeout = 1000;
 		int n = epoll_wait(e->ep, evs, EVENTS, timeout);
 		for (int i = 0; i < n; i++) {
 			uint64_t t = evs[i].data.u64;
@@ -1652,6 +1685,8 @@ static void *run(void *arg)
 			}
 		}
 		run_timers(e);
+		if (__atomic_exchange_n(&e->sweep_now, 0, __ATOMIC_ACQ_REL) || (e->nspares && now_ms() - e->last_sweep >= 1000))
+			sweep_spares(e);
 		if (e->stopping && stop_step(e))
 			break;
 	}
@@ -1766,6 +1801,13 @@ int kl7_remove_listener(struct engine *e, int fd)
 		break;
 	}
 	pthread_mutex_unlock(&e->mu);
+	if (ret == 0) { /* its namespace's spares go (sweep_spares) */
+		uint64_t one = 1;
+		__atomic_store_n(&e->sweep_now, 1, __ATOMIC_RELEASE);
+		if (write(e->wake, &one, sizeof(one)) < 0) {
+			/* the counter cannot overflow in practice */
+		}
+	}
 	return ret;
 }
 

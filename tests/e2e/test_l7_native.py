@@ -269,6 +269,36 @@ def test_upstream_connections_outlive_the_clients_that_close(kmesh, cgroup, shap
     assert n["replayed"] == 1 and n["upstream_failures"] == 0 and shapes.accepted == 2, n
 
 
+def test_a_deleted_pods_spare_upstream_connections_go_with_it(kmesh, cgroup):
+    """An enrolled pod's upstream connections are made in its namespace and
+    kept as spares for its next clients; when the pod is deleted they are
+    closed, so that nothing of the daemon keeps its namespace alive."""
+    from tests.e2e import test_pods
+    from tests.support import pods
+
+    with pods.Topology() as topo:
+        k = test_pods._reviews(kmesh, topo)
+        client = topo.pod("client", parent=cgroup)
+        time.sleep(0.3)   # the admin requests so far have let their sockets go
+        sockets_before = test_pods._sockets(k.proc.pid)
+        _, body = k.post(f"/workloads/enroll?netns=/run/netns/{client.netns}")
+        inode = body["workload"]["id"]
+        for _ in range(3):
+            assert test_l7.curl(client, f"http://{test_pods.VIP}/", "-H", "Connection: close") == (200, "v1")
+        n = k.get("/l7")["native"]
+        assert n["spares"] == 1 and n["pooled"] >= 1 and n["decided"] == 2, n
+        # the pod's listener and the spare (a socket in the pod's namespace)
+        assert test_pods._sockets_soon(k.proc.pid, sockets_before + 2) == sockets_before + 2
+        topo.delete(client)
+        deadline = time.monotonic() + 15   # the daemon looks every 5 s
+        while (k.get("/workloads")["namespaces"] or k.get("/l7")["native"]["spares"]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert k.get("/l7")["native"]["spares"] == 0
+        assert test_pods._sockets_soon(k.proc.pid, sockets_before) == sockets_before
+        assert inode not in test_pods._netns_held(k.proc.pid)
+
+
 def test_a_config_update_reaches_the_engines_own_decisions(kmesh, cgroup, shapes):
     """The engine decides with a table of the config in force: after an
     update the next request on the same keep-alive connection follows the
