@@ -42,6 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "http_tokens.h"
 #include "l7engine.h"
 #include "l7route.h"
 
@@ -50,8 +51,8 @@
 #define READ_CHUNK (64 * 1024)
 #define OUT_HIGH (256 * 1024)  /* stop reading the source while this much waits for the sink */
 #define EVENTS 256
-#define SPARES 256
-#define CLOSE_LINE "connection: close\r\n\r\n"             /* idle upstream connections kept for any client (of the same namespace) */
+#define SPARES 256             /* idle upstream connections kept for any client (of the same namespace) */
+#define CLOSE_LINE "connection: close\r\n\r\n"
 
 enum state { S_HEAD, S_CONNECT, S_EXCHANGE, S_ANSWER };
 enum side { SIDE_CLIENT = 0 }; /* 1..POOL: pool slot + 1 */
@@ -315,32 +316,6 @@ static const char *find_end(const char *p, size_t n)
 	return q ? q + 4 : NULL;
 }
 
-static bool ws(char c) { return c == ' ' || c == '\t'; }
-
-/* The next comma-separated element of the header value [v, v+n) from *i,
- * trimmed: [*a, *b). False once past the end (an empty value has one, empty). */
-static bool next_token(const char *v, size_t n, size_t *i, size_t *a, size_t *b)
-{
-	if (*i > n)
-		return false;
-	size_t j = *i;
-	while (j < n && v[j] != ',')
-		j++;
-	*a = *i;
-	*b = j;
-	while (*a < *b && ws(v[*a]))
-		(*a)++;
-	while (*b > *a && ws(v[*b - 1]))
-		(*b)--;
-	*i = j + 1;
-	return true;
-}
-
-static bool token_is(const char *v, size_t a, size_t b, const char *tok)
-{
-	return b - a == strlen(tok) && strncasecmp(v + a, tok, b - a) == 0;
-}
-
 struct resp_head {
 	int status;
 	bool http10;
@@ -377,14 +352,14 @@ static int parse_response(const char *p, size_t n, bool head_request, struct res
 		if (!eol)
 			return -1;
 		const char *colon = memchr(line, ':', eol - line);
-		if (!colon || colon == line || ws(line[0]) || ws(colon[-1]))
+		if (!colon || colon == line || http_ws(line[0]) || http_ws(colon[-1]))
 			return -1;
 		size_t nl = colon - line;
 		const char *v = colon + 1;
 		size_t vn = eol - v;
-		while (vn && ws(*v))
+		while (vn && http_ws(*v))
 			v++, vn--;
-		while (vn && ws(v[vn - 1]))
+		while (vn && http_ws(v[vn - 1]))
 			vn--;
 		size_t i = 0, a, b;
 		if (nl == 17 && strncasecmp(line, "transfer-encoding", 17) == 0) {
@@ -468,7 +443,7 @@ static ssize_t body_take(struct body *b, const char *p, size_t n)
 				i++;
 				break;
 			}
-			if (!b->digits && ws(c)) {
+			if (!b->digits && http_ws(c)) {
 				i++;
 				break;
 			}
@@ -477,7 +452,7 @@ static ssize_t body_take(struct body *b, const char *p, size_t n)
 			b->st = CH_SIZE_WS;
 			break;
 		case CH_SIZE_WS:
-			if (ws(c))
+			if (http_ws(c))
 				i++;
 			else if (c == ';')
 				b->st = CH_EXT, i++;
@@ -692,13 +667,33 @@ static void pool_close(struct engine *e, struct upstream *u, bool reset)
 }
 
 /* -- upstream connections no client holds -------------------------------------------- */
-static void spare_close(struct engine *e, struct spare *s)
+/* s's socket, s free again (events still queued for it are skipped by gen) */
+static int spare_release(struct engine *e, struct spare *s)
 {
-	close(s->fd);
+	int fd = s->fd;
+
 	s->fd = -1;
 	s->gen++;
 	e->nspares--;
+	return fd;
+}
+
+static void spare_close(struct engine *e, struct spare *s)
+{
+	close(spare_release(e, s));
 	e->stats.upstreams--;
+}
+
+static void spares_close_all(struct engine *e)
+{
+	for (int i = 0; i < SPARES && e->nspares; i++)
+		if (e->spares[i].fd >= 0)
+			spare_close(e, &e->spares[i]);
+}
+
+static bool spare_idle_too_long(const struct engine *e, const struct spare *s, uint64_t now)
+{
+	return e->cfg.idle_timeout_ms && now - s->since >= e->cfg.idle_timeout_ms;
 }
 
 /* u, idle in a client connection that goes away, kept for the next client
@@ -736,15 +731,11 @@ static int spare_take(struct engine *e, uint64_t netns, struct kl7_ep ep)
 		struct spare *s = &e->spares[i];
 		if (s->fd < 0 || s->netns != netns || s->ep.ip != ep.ip || s->ep.port != ep.port)
 			continue;
-		if (e->cfg.idle_timeout_ms && now - s->since >= e->cfg.idle_timeout_ms) {
+		if (spare_idle_too_long(e, s, now)) {
 			spare_close(e, s);
 			continue;
 		}
-		int fd = s->fd;
-		s->fd = -1;
-		s->gen++;
-		e->nspares--;
-		return fd;
+		return spare_release(e, s);
 	}
 	return -1;
 }
@@ -771,8 +762,7 @@ static void sweep_spares(struct engine *e)
 	pthread_mutex_lock(&e->mu);
 	for (int i = 0; i < SPARES; i++) {
 		struct spare *s = &e->spares[i];
-		if (s->fd >= 0 && ((e->cfg.idle_timeout_ms && now - s->since >= e->cfg.idle_timeout_ms) ||
-				   !netns_served(e, s->netns)))
+		if (s->fd >= 0 && (spare_idle_too_long(e, s, now) || !netns_served(e, s->netns)))
 			spare_close(e, s);
 	}
 	pthread_mutex_unlock(&e->mu);
@@ -1642,9 +1632,7 @@ static bool stop_step(struct engine *e)
 	for (uint32_t i = 0; i < e->nconns; i++)
 		if (e->conns[i]->used)
 			conn_close(e, e->conns[i]);
-	for (int i = 0; i < SPARES; i++)
-		if (e->spares[i].fd >= 0)
-			spare_close(e, &e->spares[i]);
+	spares_close_all(e);
 	return true;
 }
 
@@ -1904,9 +1892,7 @@ void kl7_free(struct engine *e)
 	free(e->heap);
 	free(e->peek);
 	free(e->scratch);
-	for (int i = 0; i < SPARES; i++)
-		if (e->spares[i].fd >= 0)
-			spare_close(e, &e->spares[i]);
+	spares_close_all(e);
 	close(e->ep);
 	close(e->wake);
 	close(e->own_ns);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "http_tokens.h"
 #include "l7route.h"
 
 struct kr_str {
@@ -63,11 +64,19 @@ struct kr_host {
 struct kr_table {
 	char *blob; /* the strings point into it */
 	uint32_t flags, n_clusters, n_hosts, n_vhosts;
+	uint32_t n_exact; /* hosts[0, n_exact): the exact domains, in byte order */
 	int32_t dflt;
 	struct kr_cluster *clusters;
 	struct kr_host *hosts;
 	struct kr_vhost *vhosts;
 };
+
+/* memcmp order, a prefix first (Python's order of bytes) */
+static int str_cmp(struct kr_str a, struct kr_str b)
+{
+	int r = memcmp(a.p, b.p, a.n < b.n ? a.n : b.n);
+	return r ? r : (a.n > b.n) - (a.n < b.n);
+}
 
 /* -- reading the table ------------------------------------------------------------ */
 struct rd {
@@ -222,6 +231,12 @@ struct kr_table *kr_table_new(const char *p, size_t n)
 		t->hosts[i].domain = rd_str(&r);
 		t->hosts[i].vhost = rd_u32(&r);
 		r.bad |= t->hosts[i].kind > KR_H_PREFIX || t->hosts[i].vhost >= t->n_vhosts;
+		if (t->hosts[i].kind == KR_H_EXACT && !r.bad) {
+			/* the exact ones first and sorted (find_vhost halves them) */
+			r.bad |= t->n_exact != i ||
+				 (i && str_cmp(t->hosts[i - 1].domain, t->hosts[i].domain) >= 0);
+			t->n_exact = i + 1;
+		}
 	}
 	t->vhosts = rd_array(&r, t->n_vhosts, sizeof(*t->vhosts), 5);
 	for (uint32_t i = 0; i < t->n_vhosts && !r.bad; i++) {
@@ -283,8 +298,6 @@ static bool is(const struct kr_hdr *h, const char *name)
 	return h->nlen == strlen(name) && strncasecmp(h->name, name, h->nlen) == 0;
 }
 
-static bool eq_ci(const char *a, const char *b, size_t n) { return strncasecmp(a, b, n) == 0; }
-
 /* The head in the form whose every reading the Python side agrees on: an
  * origin-form HTTP/1.1 request with one Host, printable ASCII only, no
  * folding, no white space before a line's end, plain framing, no Upgrade or
@@ -323,14 +336,14 @@ static bool read_head(const char *p, size_t n, struct kr_req *q)
 		h->name = p + a;
 		h->nlen = i - a;
 		i++;
-		while (i < n && (p[i] == ' ' || p[i] == '\t'))
+		while (i < n && http_ws(p[i]))
 			i++;
 		size_t v = i;
 		while (i < n && ((p[i] >= 0x20 && p[i] < 0x7f) || p[i] == '\t'))
 			i++;
 		if (n - i < 2 || p[i] != '\r' || p[i + 1] != '\n')
 			return false;
-		if (i > v && (p[i - 1] == ' ' || p[i - 1] == '\t'))
+		if (i > v && http_ws(p[i - 1]))
 			return false;
 		h->value = p + v;
 		h->vlen = i - v;
@@ -351,23 +364,16 @@ static bool read_head(const char *p, size_t n, struct kr_req *q)
 			}
 		} else if (is(h, "transfer-encoding")) {
 			codings++;
-			if (h->vlen != 7 || !eq_ci(h->value, "chunked", 7))
+			if (!token_is(h->value, 0, h->vlen, "chunked"))
 				return false;
 		} else if (is(h, "connection")) {
 			h->connection = true;
-			for (uint32_t k = 0, a2 = 0; k <= h->vlen; k++) {
-				if (k < h->vlen && h->value[k] != ',')
-					continue;
-				uint32_t s = a2, e = k;
-				while (s < e && (h->value[s] == ' ' || h->value[s] == '\t'))
-					s++;
-				while (e > s && (h->value[e - 1] == ' ' || h->value[e - 1] == '\t'))
-					e--;
-				if (e - s == 5 && eq_ci(h->value + s, "close", 5))
+			size_t k = 0, a, b;
+			while (next_token(h->value, h->vlen, &k, &a, &b)) {
+				if (token_is(h->value, a, b, "close"))
 					q->req_keep = false;
-				else if (e > s && !(e - s == 10 && eq_ci(h->value + s, "keep-alive", 10)))
+				else if (a < b && !token_is(h->value, a, b, "keep-alive"))
 					q->conn_other = true;
-				a2 = k + 1;
 			}
 		} else if (is(h, "upgrade") || is(h, "expect")) {
 			return false;
@@ -498,13 +504,22 @@ static int find_vhost(const struct kr_table *t, struct kr_str host)
 		return -2;
 	for (uint32_t i = 0; i < n; i++)
 		buf[i] = lower(host.p[i]);
-	for (uint32_t i = 0; i < t->n_hosts; i++) {
+	struct kr_str want = {buf, n};
+	for (uint32_t lo = 0, hi = t->n_exact; lo < hi;) { /* a mesh's tables have many domains */
+		uint32_t mid = lo + (hi - lo) / 2;
+		int r = str_cmp(want, t->hosts[mid].domain);
+		if (r == 0)
+			return t->hosts[mid].vhost;
+		if (r < 0)
+			hi = mid;
+		else
+			lo = mid + 1;
+	}
+	for (uint32_t i = t->n_exact; i < t->n_hosts; i++) {
 		const struct kr_host *h = &t->hosts[i];
 		uint32_t k = h->domain.n;
 		bool hit;
-		if (h->kind == KR_H_EXACT)
-			hit = k == n && memcmp(buf, h->domain.p, k) == 0;
-		else if (k >= n) /* a wildcard stands for one character or more */
+		if (k >= n) /* a wildcard stands for one character or more */
 			hit = false;
 		else if (h->kind == KR_H_SUFFIX)
 			hit = memcmp(buf + n - k, h->domain.p, k) == 0;

@@ -15,7 +15,7 @@
  *   cluster:  u8 lb (KR_LB_*), u32 connect_timeout_ms, u32 n_eps,
  *             n_eps × (u32 ip as the maps hold it, u32 port, u32 weight)
  *   host:     u8 kind (KR_H_*), str domain (lowercase, '*' removed), u32 vhost
- *             (exact first, then suffixes and prefixes longest first)
+ *             (exact first in byte order, then suffixes and prefixes longest first)
  *   vhost:    u8 python (every request: the Python side), u32 n_routes, routes
  *   route:    u8 path kind (KR_P_*; KR_P_PYTHON ends the route), u8 ignore_case,
  *             str path, u32 n_conds, conds, u8 action (KR_A_*),

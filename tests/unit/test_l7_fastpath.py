@@ -221,6 +221,29 @@ def test_the_engine_leaves_what_it_cannot_evaluate_before_a_match_to_python():
     assert d.eps[0].port == 8002 and d.connect_timeout_ms == 750 and up is None
 
 
+def test_a_mesh_sized_table_finds_each_domain_as_the_python_side_does():
+    """Many exact domains (a mesh's route table: each service by several
+    names) are found by halving; wildcards and the default still apply."""
+    vhosts = [{"name": f"s{i}", "domains": [f"svc{i}.ns.svc.cluster.local", f"svc{i}:9080", f"svc{i}"],
+               "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"c{i % 3}"}}]} for i in range(300)]
+    vhosts += [{"name": "wild", "domains": ["*.example.com"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": "c1"}}]},
+        {"name": "any", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c2"}}]}]
+    cfg = {"name": "rc", "virtual_hosts": vhosts}
+    routes = table_of(cfg)
+    target = Target("l", routes, CLUSTERS, route_faults=False)
+    blob = native.table(routes, CLUSTERS, 5000)
+    hosts = [h for i in range(0, 300, 7) for h in (f"svc{i}.ns.svc.cluster.local", f"SVC{i}:9080", f"svc{i}")]
+    hosts += ["svc3000", "svc1.ns", "a.example.com", "example.com", "", "zzz", "0"]
+    for host in hosts:
+        head = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        got, p = engine.test_decide(blob, head), python_decides(target, head)
+        if got is None:
+            assert host == "", host   # an empty Host: the Python side's
+            continue
+        assert not same_forward(head, got, p), (host, same_forward(head, got, p))
+
+
 def test_weights_and_round_robin_are_drawn_as_the_python_side_draws_them():
     cfg = {"name": "rc", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
         {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [

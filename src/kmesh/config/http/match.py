@@ -11,7 +11,7 @@ import operator
 import re
 import string
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from google.protobuf import duration_pb2
@@ -367,9 +367,13 @@ class TextTest:
     kind: str
     value: str
     ignore_case: bool
+    _op: Callable[[str, str], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_op", _TEXT_OPS[self.kind])   # looked up once, not per request
 
     def __call__(self, v: str) -> bool:
-        return _TEXT_OPS[self.kind](lower(v) if self.ignore_case else v, self.value)
+        return self._op(lower(v) if self.ignore_case else v, self.value)
 
 
 def any_value(v: str) -> bool:

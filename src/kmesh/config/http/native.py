@@ -130,7 +130,7 @@ def table(routes: rt.RouteTable, clusters: Mapping[str, Cluster], connect_timeou
     cluster_index = {n: i for i, n in enumerate(names)}
     vindex = {id(vh): i for i, vh in enumerate(routes.vhosts)}
     idx = routes.hosts
-    hosts = [(H_EXACT, d, vh) for d, vh in idx.exact.items()]
+    hosts = [(H_EXACT, d, vh) for d, vh in sorted(idx.exact.items(), key=lambda kv: kv[0].encode())]   # halved
     hosts += [(H_SUFFIX, d, vh) for _, t in idx.suffixes for d, vh in t.items()]
     hosts += [(H_PREFIX, d, vh) for _, t in idx.prefixes for d, vh in t.items()]
     host_entries = [h for h in (_host(kind, d, vindex[id(vh)]) for kind, d, vh in hosts) if h]
