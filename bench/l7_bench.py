@@ -34,7 +34,12 @@ rounds whose mode order alternates:
   keep-alive connection, one in flight, so every request is routed on its
   own, and checks every answer: a request with the header must get v2's,
   one without v1's (direct: v1's, the client talks to v1 itself); any wrong
-  answer, non-200 or closed connection fails the run. Requests/s, p50/p99.
+  answer, non-200 or closed connection fails the run. Requests/s, p50/p99;
+* bulk: curl downloads a 256 MiB file from the same nginx (sendfile) on one
+  connection, every mode: BULK_COUNT downloads each with `Connection: close`
+  (a new connection each: the python engine splices it whole in the kernel)
+  and BULK_COUNT on one keep-alive connection (every request routed on its
+  own); MB/s over the round's downloads, each download's size checked.
 
 Prints a markdown table (ratios to direct and to Envoy) and writes
 bench/results/l7.json and l7.png. Everything it made is removed at the end,
@@ -83,6 +88,9 @@ ROUTE = [{"match": {"prefix": "/", "headers": [{"name": "end-user", "string_matc
          {"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]
 ROUTE_TESTS = {"route1": (1, 1), "route16": (16, 2)}   # connections, client threads (as wrk -t1 -c1, -t2 -c16)
 ROUTE_MODES = ("direct", "l7", "l7n", "envoy")
+BULK_BYTES = 256 << 20
+BULK_COUNT = 4
+BULK_TESTS = ("bulk_close", "bulk_ka")
 # through a daemon's hand-off listener, or Envoy: its CPU is reported
 PROXY_MODES = ("l7", "l7n", "envoy")
 
@@ -433,7 +441,12 @@ class Run:
 
     def start(self) -> None:
         port = free_port()
-        (self.tmp / "nginx.conf").write_text(nginx_conf(self.tmp, port))
+        with open(self.tmp / "bulk.bin", "wb") as f:   # sparse: nginx sends it from the page cache
+            f.truncate(BULK_BYTES)
+        os.chmod(self.tmp / "bulk.bin", 0o644)   # for nginx's worker (nobody)
+        os.chmod(self.tmp, 0o711)
+        (self.tmp / "nginx.conf").write_text(nginx_conf(self.tmp, port, extra=f"location = /bulk {{ alias "
+                                                                              f"{self.tmp}/bulk.bin; }}"))
         self.nginx = spawn(["nginx", "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf"),
                             "-e", str(self.tmp / "nginx-error.log")], self.tmp / "nginx.out")
         wait_ready(self.nginx, "nginx", f"http://127.0.0.1:{port}/", 10, (self.tmp / "nginx.out",))
@@ -541,6 +554,28 @@ class Run:
             log(f"  warning: {mode} {test}: errors {res['socket_errors']} non-2xx {res['non_2xx']}")
         return res
 
+    def bulk(self, mode: str, test: str) -> dict:
+        """BULK_COUNT downloads of the bulk file, each on a connection of its
+        own (bulk_close) or all on one (bulk_ka): bytes and seconds."""
+        url = self.urls[mode] + "bulk"
+        cmd = ["curl", "-sS", "-w", "%{http_code} %{size_download} %{time_total}\\n"]
+        if test == "bulk_close":
+            cmd += ["-H", "Connection: close"]
+        for _ in range(BULK_COUNT):
+            cmd += ["-o", "/dev/null", url]
+        cpu0 = cpu_seconds(self.proxy_pid(mode))
+        if mode.startswith("pod-"):
+            p = self.client_pod.run(cmd, timeout=300)
+        else:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                               preexec_fn=_in_cgroup(self.daemon_of(mode).cgroup))
+        got = [line.split() for line in p.stdout.splitlines()]
+        if p.returncode != 0 or len(got) != BULK_COUNT or any(g[:2] != ["200", str(BULK_BYTES)] for g in got):
+            raise BenchError(f"{LABELS[mode]} {test}: {' '.join(cmd)}: rc {p.returncode} {p.stdout}{p.stderr}")
+        secs = sum(float(g[2]) for g in got)
+        return {"bytes": BULK_BYTES * BULK_COUNT, "seconds": secs, "mb_per_s": BULK_BYTES * BULK_COUNT / secs / 1e6,
+                "daemon_cpu_s": cpu_seconds(self.proxy_pid(mode)) - cpu0}
+
     def daemon_of(self, mode: str) -> Daemon:
         """The daemon whose cgroup a mode's client runs in (and whose CPU counts)."""
         return self.native if mode == "l7n" else self.daemon
@@ -577,27 +612,30 @@ class Run:
         route_modes = [m for m in ROUTE_MODES if m in self.route_targets]
         runs = {t: {m: [] for m in modes} for t in TESTS}
         route_runs = {t: {m: [] for m in route_modes} for t in ROUTE_TESTS}
+        bulk_runs = {t: {m: [] for m in modes} for t in BULK_TESTS}
         for m in modes:   # warm-up
             self.wrk(m, "close16", 1)
+        self.bulk("direct", "bulk_ka")   # the bulk file into the page cache
         for m in route_modes:   # warm-up, and the first check of the answers
             res = self.route(m, "route16", 1)
             log(f"warm-up route16 {m:6} answers {res['answers']} for {res['sent']} sent: right")
+        d = self.args.duration
+        groups = [(TESTS, modes, lambda m, t: self.wrk(m, t, d), runs,
+                   lambda x: f"{x['rps']:10.1f} req/s p50 {x['p50_us']:.0f}us"),
+                  (ROUTE_TESTS, route_modes, lambda m, t: self.route(m, t, d), route_runs,
+                   lambda x: f"{x['rps']:10.1f} req/s p50 {x['p50_us']:.0f}us p99 {x['p99_us']:.0f}us "
+                             f"answers {x['answers']}"),
+                  (BULK_TESTS, modes, self.bulk, bulk_runs, lambda x: f"{x['mb_per_s']:10.1f} MB/s")]
         for r in range(self.args.rounds):
-            for t in TESTS:
-                for m in (modes if r % 2 == 0 else modes[::-1]):
-                    res = runs[t][m]
-                    res.append(self.wrk(m, t, self.args.duration))
-                    log(f"round {r + 1}/{self.args.rounds} {t:7} {m:6} {res[-1]['rps']:10.1f} req/s "
-                        f"p50 {res[-1]['p50_us']:.0f}us")
-            for t in ROUTE_TESTS:
-                for m in (route_modes if r % 2 == 0 else route_modes[::-1]):
-                    res = route_runs[t][m]
-                    res.append(self.route(m, t, self.args.duration))
-                    log(f"round {r + 1}/{self.args.rounds} {t:7} {m:6} {res[-1]['rps']:10.1f} req/s "
-                        f"p50 {res[-1]['p50_us']:.0f}us p99 {res[-1]['p99_us']:.0f}us answers {res[-1]['answers']}")
+            for tests, ms, measure, into, show in groups:
+                for t in tests:
+                    for m in (ms if r % 2 == 0 else ms[::-1]):
+                        into[t][m].append(measure(m, t))
+                        log(f"round {r + 1}/{self.args.rounds} {t:10} {m:10} {show(into[t][m][-1])}")
         answers = {m: {k: sum(r["answers"][k] for t in ROUTE_TESTS for r in route_runs[t][m]) for k in ("v1", "v2")}
                    for m in route_modes}
         return {"modes": modes, "runs": runs, "route_modes": route_modes, "route_runs": route_runs,
+                "bulk_runs": bulk_runs,
                 "route_answers": answers, "l7": self.daemon.admin_json("/l7"),
                 "l7_native": self.native.admin_json("/l7") if self.native else None,
                 "envoy": self.envoy.version if self.envoy else None}
@@ -638,6 +676,9 @@ def summary(result: dict) -> dict:
                   "ka16_rps": med(r["rps"] for r in runs["ka16"][m]),
                   "daemon_cpu_ms_per_1000_conns": med(1e6 * r["daemon_cpu_s"] / max(1, r["requests"])
                                                       for r in close16)}
+    for t, runs in result.get("bulk_runs", {}).items():
+        for m, rr in runs.items():
+            out[m][f"{t}_mb_s"] = med(r["mb_per_s"] for r in rr)
     for m in result.get("route_modes", []):
         for t in ROUTE_TESTS:
             rr = result["route_runs"][t][m]
@@ -665,7 +706,9 @@ def table(s: dict) -> str:
             ("header route per request, keep-alive p99, 16 conns", "route16_p99_us", "µs"),
             ("header route per request, keep-alive mean latency, 16 conns", "route16_mean_us", "µs"),
             ("proxy CPU per routed request, 1 conn", "route1_daemon_cpu_us_per_req", "µs"),
-            ("proxy CPU per routed request, 16 conns", "route16_daemon_cpu_us_per_req", "µs")]
+            ("proxy CPU per routed request, 16 conns", "route16_daemon_cpu_us_per_req", "µs"),
+            ("bulk download, Connection: close (256 MiB per connection)", "bulk_close_mb_s", "MB/s"),
+            ("bulk download, keep-alive (4 × 256 MiB on 1 conn, each routed)", "bulk_ka_mb_s", "MB/s")]
     modes = list(s)
     pairs = [("l7", "direct"), ("l7", "envoy"), ("l7n", "direct"), ("l7n", "l4"), ("l7n", "envoy"),
              ("pod-l7", "pod-direct"), ("pod-l7", "l7"), ("pod-l7", "envoy")]

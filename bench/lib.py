@@ -177,15 +177,16 @@ def parse_wrk(out: str) -> dict:
     return res
 
 
-def nginx_conf(tmp: Path, port: int, port2: int | None = None, ip: str = "127.0.0.1") -> str:
+def nginx_conf(tmp: Path, port: int, port2: int | None = None, ip: str = "127.0.0.1", extra: str = "") -> str:
     """A self-contained nginx answering "ok" on ip:port (and :port2),
-    everything it writes under ``tmp``."""
+    everything it writes under ``tmp``; ``extra``: more ``location`` blocks."""
     second = f"listen {ip}:{port2} backlog=4096;" if port2 else ""
     return nginx_servers_conf(tmp, f"""server {{
         listen {ip}:{port} backlog=4096;
         {second}
         location = /nginx_status {{ stub_status; }}
         location / {{ return 200 "ok\\n"; }}
+        {extra}
     }}""")
 
 

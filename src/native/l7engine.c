@@ -53,6 +53,11 @@
 #define EVENTS 256
 #define SPARES 256             /* idle upstream connections kept for any client (of the same namespace) */
 #define CLOSE_LINE "connection: close\r\n\r\n"
+/* A response body with at least this much left (or read to the upstream's
+ * close) goes upstream -> pipe -> client with splice(2): its pages are moved,
+ * not copied through the engine. */
+#define PIPE_MIN (64 * 1024)
+#define PIPE_SIZE (1024 * 1024) /* asked of F_SETPIPE_SZ; the default 64 KiB is kept when refused */
 
 enum state { S_HEAD, S_CONNECT, S_EXCHANGE, S_ANSWER };
 enum side { SIDE_CLIENT = 0 }; /* 1..POOL: pool slot + 1 */
@@ -131,6 +136,10 @@ struct conn {
 	bool waiting;
 	bool kept;           /* has gone on after a request (a keep-alive connection) */
 	bool fresh;          /* the next connect: a new connection, no pooled one */
+	bool has_pipe;       /* pipe: the response body's splice(2) path (pipe_body) */
+	bool no_pipe;        /* pipe2 failed: bodies are copied */
+	int pipe[2];
+	uint32_t piped;      /* bytes in the pipe, not yet at the client */
 };
 
 struct listener {
@@ -779,6 +788,10 @@ static void on_spare(struct engine *e, uint32_t idx, uint32_t gen)
 static void conn_release(struct engine *e, struct conn *c)
 {
 	waiting_unlink(e, c);
+	if (c->has_pipe) {
+		close(c->pipe[0]);
+		close(c->pipe[1]);
+	}
 	for (int i = 0; i < POOL; i++)
 		if (i == c->up || !spare_put(e, &c->pool[i], c->netns))
 			pool_close(e, &c->pool[i], false);
@@ -1283,6 +1296,64 @@ static bool may_replay(const struct conn *c)
 	return c->replay && !c->resp_head_seen && !buf_avail(&c->pool[c->up].in);
 }
 
+/* The response body, spliced: pipe_body applies (the head is out, nothing
+ * of the body is buffered, and enough of it is left to be worth a pipe). */
+static bool pipe_wanted(const struct conn *c, const struct upstream *u)
+{
+	if (c->piped)
+		return true;
+	if (c->no_pipe || !c->resp_head_seen || c->resp.done || buf_avail(&u->in) || buf_avail(&c->out))
+		return false;
+	return c->resp.kind == B_CLOSE || (c->resp.kind == B_LENGTH && c->resp.rem >= PIPE_MIN);
+}
+
+/* Carry the response body upstream -> pipe -> client with splice(2) until
+ * it is done, or one side must wait: 0 go on (done, or waiting for an
+ * event), -1 the exchange is broken. Only an empty pipe is filled, so EAGAIN
+ * from the upstream means no data. */
+static int pipe_body(struct engine *e, struct conn *c, struct upstream *u)
+{
+	if (!c->has_pipe) {
+		if (pipe2(c->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+			c->no_pipe = true;
+			return 0;
+		}
+		c->has_pipe = true;
+		fcntl(c->pipe[1], F_SETPIPE_SZ, PIPE_SIZE); /* refused past pipe-max-size: 64 KiB it is */
+	}
+	for (;;) {
+		while (c->piped && c->wr) {
+			ssize_t n = splice(c->pipe[0], NULL, c->fd, NULL, c->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			if (n > 0) {
+				c->piped -= n;
+				e->stats.spliced += n;
+			} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+				c->wr = false;
+			} else if (!(n < 0 && errno == EINTR)) {
+				return -1;
+			}
+		}
+		if (c->piped || c->resp.done || !u->rd)
+			return 0;
+		size_t want = c->resp.kind == B_LENGTH && c->resp.rem < PIPE_SIZE ? c->resp.rem : PIPE_SIZE;
+		ssize_t n = splice(u->fd, NULL, c->pipe[1], NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (n > 0) {
+			c->piped += n;
+			if (c->resp.kind == B_LENGTH && (c->resp.rem -= n) == 0)
+				c->resp.done = true;
+		} else if (n == 0) {
+			u->eof = true;
+			if (c->resp.kind != B_CLOSE)
+				return -1; /* ended inside the body */
+			c->resp.done = true;
+		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+			u->rd = false;
+		} else if (errno != EINTR) {
+			return -1;
+		}
+	}
+}
+
 static bool step_exchange(struct engine *e, struct conn *c)
 {
 	struct upstream *u = &c->pool[c->up];
@@ -1316,6 +1387,12 @@ static bool step_exchange(struct engine *e, struct conn *c)
 	}
 	/* the response, upstream -> client: likewise framed, then sent */
 	for (;;) {
+		if (pipe_wanted(c, u)) {
+			if (pipe_body(e, c, u) < 0)
+				return exchange_broken(e, c);
+			if (c->piped || (!c->resp.done && !c->no_pipe))
+				break;
+		}
 		size_t avail = buf_avail(&u->in);
 		bool room = !(c->resp_head_seen && c->resp.done) && buf_avail(&c->out) < OUT_HIGH;
 		if (room && !c->resp_head_seen && avail) {
@@ -1376,6 +1453,8 @@ static bool step_exchange(struct engine *e, struct conn *c)
 		}
 		if (!u->rd)
 			break;
+		if (pipe_wanted(c, u))
+			continue; /* all buffered bytes are out: the rest of the body is spliced */
 		ssize_t r = read_into(u->fd, &u->in, &u->rd);
 		if (r == 0)
 			u->eof = true;
@@ -1384,7 +1463,7 @@ static bool step_exchange(struct engine *e, struct conn *c)
 		else if (r == -1)
 			break;
 	}
-	if (!(c->resp_head_seen && c->resp.done && c->req.done) || buf_avail(&c->out) || buf_avail(&c->uout))
+	if (!(c->resp_head_seen && c->resp.done && c->req.done) || buf_avail(&c->out) || buf_avail(&c->uout) || c->piped)
 		return false;
 	/* the exchange is over */
 	bool up_keep = c->resp_keep && c->resp.kind != B_CLOSE && !u->eof;

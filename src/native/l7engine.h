@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define KL7_ABI 2
+#define KL7_ABI 3
 #define KL7_MAX_EPS 8
 
 /* What the decide callback answers for one request head. */
@@ -100,6 +100,7 @@ struct kl7_stats {
 	uint64_t pooled;  /* exchanges over an upstream connection another client left */
 	uint64_t replayed; /* requests sent again after a reused upstream connection failed */
 	uint64_t spares;  /* idle upstream connections no client holds, now */
+	uint64_t spliced; /* response body bytes moved upstream -> client by splice(2), not copied */
 	uint64_t status[600]; /* answers and responses by status */
 };
 

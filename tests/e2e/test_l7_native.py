@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -38,8 +39,11 @@ class Shapes:
     """HTTP/1.1 on 127.0.0.1, keep-alive, answering by path: /len/N (N bytes,
     Content-Length), /chunked (chunked with an extension and a trailer),
     /close (no length: until close), /204, /304, /continue (a 100 first),
-    /reset (closes without an answer), /slow/MS; a request body is answered
-    with its length and sha256. Counts the connections it accepted."""
+    /reset (closes without an answer), /slow/MS, /blob (BLOB, Content-Length),
+    /blobclose (BLOB until close); a request body is answered with its length
+    and sha256. Counts the connections it accepted."""
+
+    BLOB = os.urandom(8 << 20)
 
     def __init__(self):
         self.sock = socket.socket()
@@ -92,7 +96,7 @@ class Shapes:
                 if out is None or path == "/once" and n > 1:   # /once: only a connection's first request
                     return
                 conn.sendall(out)
-                if path == "/close":
+                if path in ("/close", "/blobclose"):
                     return
         except (OSError, ValueError):
             return
@@ -114,6 +118,10 @@ class Shapes:
                     b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n")
         if path == "/close":
             return b"HTTP/1.1 200 OK\r\n\r\nuntil the end"
+        if path == "/blob":
+            return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(Shapes.BLOB), Shapes.BLOB)
+        if path == "/blobclose":
+            return b"HTTP/1.1 200 OK\r\n\r\n" + Shapes.BLOB
         if path in ("/204", "/304"):
             return b"HTTP/1.1 %s X\r\n\r\n" % path[1:].encode()
         if path == "/continue":
@@ -197,6 +205,23 @@ def test_pipelined_and_large_bodies_both_ways(kmesh, cgroup, shapes):
     r = cgroup.run(["sh", "-c", f"curl -sS --max-time 60 http://{v}/len/{size} | wc -c"])
     assert r.stdout.strip() == str(size), r.stderr
     assert k.get("/l7")["native"]["handed_off"] == 0
+
+
+def test_large_response_bodies_are_spliced_not_copied(kmesh, cgroup, shapes, tmp_path):
+    """A body of 64 KiB or more (or one read to the upstream's close) moves
+    upstream -> pipe -> client with splice(2): the same bytes, a slow reader
+    held back by the pipe, and the keep-alive connection goes on after it."""
+    k, v = start(kmesh, shapes)
+    r = cgroup.run(["sh", "-c", f"cd {tmp_path} && curl -sS --max-time 60 --limit-rate 16M "
+                    f"-o a http://{v}/blob -o b http://{v}/len/10 -o c http://{v}/blobclose && sha256sum a c && cat b"])
+    assert r.returncode == 0, r.stderr
+    want = hashlib.sha256(Shapes.BLOB).hexdigest()
+    assert r.stdout.split() == [want, "a", want, "c", "x" * 10], r.stdout
+    st = k.get("/l7")["native"]
+    assert st["routed"] == 3 and st["handed_off"] == 0 and shapes.accepted == 1, st   # one client connection
+    # Copied, not spliced: what came with the head and what the buffers held
+    # when the body started (at most OUT_HIGH + 2 * READ_CHUNK = 384 KiB each).
+    assert 2 * len(Shapes.BLOB) - 2 * (384 << 10) <= st["spliced"] <= 2 * len(Shapes.BLOB), st
 
 
 def test_failures_answered_by_the_engine(kmesh, cgroup, shapes):

@@ -22,7 +22,7 @@ from kmesh.bpf.records import ip_of
 log = logging.getLogger("kmesh.l7")
 
 LIBRARY = "libkmesh_l7.so"
-ABI = 2
+ABI = 3
 MAX_EPS = 8
 
 # enum kl7_kind, kl7_body, kl7_reason, kl7_fixed (l7engine.h)
@@ -65,7 +65,8 @@ class Handed(ctypes.Structure):   # struct kl7_handoff
 
 _COUNTERS = ("accepted", "handed_off", "routed", "answers", "bad_requests", "no_destination",
              "connect_failures", "upstream_failures", "timeouts", "head_timeouts", "refused", "evicted",
-             "per_request", "active", "waiting", "upstreams", "decided", "tables", "pooled", "replayed", "spares")
+             "per_request", "active", "waiting", "upstreams", "decided", "tables", "pooled", "replayed", "spares",
+             "spliced")
 
 
 class Stats(ctypes.Structure):
