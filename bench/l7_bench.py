@@ -413,6 +413,14 @@ def envoy_config(ip: str, port: int, backend_port: int, route: tuple[int, int, i
                      clusters(backend_port) + route_clusters(*route[1:]))
 
 
+def bulk_location(d: Path) -> str:
+    """nginx's /bulk: a sparse file of BULK_BYTES in d (sent from the page cache)."""
+    with open(d / "bulk.bin", "wb") as f:
+        f.truncate(BULK_BYTES)
+    os.chmod(d / "bulk.bin", 0o644)
+    return f"location = /bulk {{ alias {d}/bulk.bin; }}"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -441,12 +449,8 @@ class Run:
 
     def start(self) -> None:
         port = free_port()
-        with open(self.tmp / "bulk.bin", "wb") as f:   # sparse: nginx sends it from the page cache
-            f.truncate(BULK_BYTES)
-        os.chmod(self.tmp / "bulk.bin", 0o644)   # for nginx's worker (nobody)
-        os.chmod(self.tmp, 0o711)
-        (self.tmp / "nginx.conf").write_text(nginx_conf(self.tmp, port, extra=f"location = /bulk {{ alias "
-                                                                              f"{self.tmp}/bulk.bin; }}"))
+        os.chmod(self.tmp, 0o711)   # for nginx's worker (nobody): the bulk files
+        (self.tmp / "nginx.conf").write_text(nginx_conf(self.tmp, port, extra=bulk_location(self.tmp)))
         self.nginx = spawn(["nginx", "-p", str(self.tmp), "-c", str(self.tmp / "nginx.conf"),
                             "-e", str(self.tmp / "nginx-error.log")], self.tmp / "nginx.out")
         wait_ready(self.nginx, "nginx", f"http://127.0.0.1:{port}/", 10, (self.tmp / "nginx.out",))
@@ -525,7 +529,8 @@ class Run:
         web = self.topo.pod("web")
         d = self.tmp / "pod-nginx"
         d.mkdir()
-        (d / "nginx.conf").write_text(nginx_conf(d, POD_PORT, ip=web.ip))
+        os.chmod(d, 0o711)
+        (d / "nginx.conf").write_text(nginx_conf(d, POD_PORT, ip=web.ip, extra=bulk_location(d)))
         web.popen(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "nginx-error.log")],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
