@@ -4,6 +4,8 @@
  *   cgroup/connect4      rewrites a TCP connect of an enrolled workload
  *                        to a service VIP into a connect to the endpoint
  *                        its cluster chooses;
+ *   cgroup/connect6      the same for an AF_INET6 socket connecting to a
+ *                        VIP's IPv4-mapped address (::ffff:a.b.c.d);
  *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count
  *                        (and ends the tracking of a socket that never
  *                        sent a SYN);
@@ -31,22 +33,38 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-SEC("cgroup/connect4")
-int kmesh_connect4(struct bpf_sock_addr *ctx)
+/* A dual-stack (AF_INET6) socket reaches an IPv4 address as ::ffff:a.b.c.d:
+ * the IPv4 address in the last word, behind this prefix. */
+static __always_inline int ip6_is_v4_mapped(const struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff);
+}
+
+/* The destination a connect goes to instead: the IPv4 address itself for
+ * connect4, its mapped form's last word for connect6 (the prefix stays).
+ * ``v6`` is a constant at each call, so each program touches only the
+ * fields its hook allows. */
+static __always_inline void connect_rewrite(struct bpf_sock_addr *ctx, int v6, __u32 ip, __u16 port)
+{
+	if (v6)
+		ctx->user_ip6[3] = ip;
+	else
+		ctx->user_ip4 = ip;
+	ctx->user_port = port;
+}
+
+/* The whole connect hook, for a TCP connect to the IPv4 address ip:port. */
+static __always_inline int kmesh_connect(struct bpf_sock_addr *ctx, int v6, __u32 ip, __u16 port)
 {
 	const struct kmesh_endpoint *ep = 0;
 	const struct kmesh_addr *to = 0;
 	struct kmesh_cluster *c = 0;
-	__u32 cluster_id = 0, taken = 0, ip = ctx->user_ip4;
-	__u16 port = (__u16)ctx->user_port;
+	__u32 cluster_id = 0, taken = 0;
 	struct kmesh_listener *l;
 	struct kmesh_addr lkey;
 	enum kmesh_decision d;
 	int l7_here;
 
-	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
-	if (ctx->type != SOCK_STREAM)
-		return SOCK_ALLOW;
 	/* A connect to anything but a VIP costs one lookup (two with the
 	 * wildcard); only a VIP's asks whose workload connects. */
 	l = listener_lookup(ip, port, &lkey);
@@ -67,8 +85,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	case KMESH_HANDOFF:
 		stat_inc(KMESH_STAT_L7_HANDOFFS);
 		handoff_track(bpf_get_socket_cookie(ctx), to, ip, port);
-		ctx->user_ip4 = to->ip;
-		ctx->user_port = to->port;
+		connect_rewrite(ctx, v6, to->ip, to->port);
 		return SOCK_ALLOW;
 	case KMESH_RATE_LIMITED:
 	case KMESH_OVERFLOW:
@@ -84,9 +101,28 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	}
 	stat_inc(KMESH_STAT_REDIRECTS);
 	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, c, ep, taken, ip, port);
-	ctx->user_ip4 = ep->ip;
-	ctx->user_port = ep->port;
+	connect_rewrite(ctx, v6, ep->ip, ep->port);
 	return SOCK_ALLOW;
+}
+
+SEC("cgroup/connect4")
+int kmesh_connect4(struct bpf_sock_addr *ctx)
+{
+	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
+	if (ctx->type != SOCK_STREAM)
+		return SOCK_ALLOW;
+	return kmesh_connect(ctx, 0, ctx->user_ip4, (__u16)ctx->user_port);
+}
+
+/* An AF_INET6 socket: a connect to an IPv4 address in its mapped form is
+ * governed as connect4 governs it (the kernel then connects over IPv4, so
+ * sockops sees its IPv4 addresses); other IPv6 destinations are left alone. */
+SEC("cgroup/connect6")
+int kmesh_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || !ip6_is_v4_mapped(ctx))
+		return SOCK_ALLOW;
+	return kmesh_connect(ctx, 1, ctx->user_ip6[3], (__u16)ctx->user_port);
 }
 
 SEC("cgroup/sock_release")

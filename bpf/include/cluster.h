@@ -61,17 +61,28 @@ cluster_pick_random(const struct kmesh_cluster *c)
  * smallest (active + 1) / weight, compared without division. The scan starts
  * at a rotating offset so ties are spread instead of piling on endpoint 0.
  * With outlier detection, ejected endpoints are left out (a failing endpoint
- * has the fewest connections, so drawing again would find it again). */
-static __always_inline const struct kmesh_endpoint *
-cluster_pick_least_request(struct kmesh_cluster *c, __u32 cluster_id, bool skip_ejected)
+ * has the fewest connections, so drawing again would find it again); when
+ * all are ejected, the best of all of them (Envoy's panic routing).
+ *
+ * The scan is most of what the verifier walks in a connect program, so it
+ * is a global function: verified once on its own, not again for every path
+ * that reaches it (a global function takes and returns scalars only: the
+ * cluster's id in, the endpoint's index out, -1 for none). */
+__noinline int kmesh_least_request_index(__u32 cluster_id)
 {
-	__u32 n = c->endpoint_count;
-	__u32 start = kmesh_fetch_add(&c->rr_cursor, 1);
-	const struct kmesh_endpoint *best = 0;
-	__u64 best_load = 0, best_weight = 1;
+	struct kmesh_cluster *c = bpf_map_lookup_elem(&km_cluster, &cluster_id);
+	__u64 best_load = 0, best_weight = 1, any_load = 0, any_weight = 1;
+	int best = -1, any = -1;
+	bool skip_ejected;
+	__u32 n, start;
 
+	if (!c)
+		return -1;
+	n = c->endpoint_count;
 	if (n == 0 || n > KMESH_MAX_ENDPOINTS)
-		return 0;
+		return -1;
+	skip_ejected = c->policy.outlier_failures != 0;
+	start = kmesh_fetch_add(&c->rr_cursor, 1);
 	for (__u32 i = 0; i < KMESH_MAX_ENDPOINTS; i++) {
 		const struct kmesh_endpoint *ep;
 		__u64 load, weight;
@@ -81,17 +92,36 @@ cluster_pick_least_request(struct kmesh_cluster *c, __u32 cluster_id, bool skip_
 			break;
 		idx = kmesh_bound((start + i) % n, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS));
 		ep = &c->endpoints[idx];
-		if (skip_ejected && endpoint_ejected(cluster_id, ep))
-			continue;
 		weight = ep->weight ? ep->weight : 1;
 		load = endpoint_active(ep) + 1;
-		if (!best || load * best_weight < best_load * weight) {
-			best = ep;
+		if (any < 0 || load * any_weight < any_load * weight) {
+			any = idx;
+			any_load = load;
+			any_weight = weight;
+		}
+		if (skip_ejected && endpoint_ejected(cluster_id, ep))
+			continue;
+		if (best < 0 || load * best_weight < best_load * weight) {
+			best = idx;
 			best_load = load;
 			best_weight = weight;
 		}
 	}
-	return best;
+	return best >= 0 ? best : any;
+}
+
+static __always_inline const struct kmesh_endpoint *
+cluster_pick_least_request(struct kmesh_cluster *c, __u32 cluster_id)
+{
+	int idx = kmesh_least_request_index(cluster_id);
+
+	if (idx < 0)
+		return 0;
+	/* It looked the cluster up again: a record replaced in between may
+	 * be shorter. Then this one's own draw will do. */
+	if ((__u32)idx >= c->endpoint_count)
+		return cluster_slot_endpoint(c, bpf_get_prandom_u32());
+	return &c->endpoints[kmesh_bound(idx, KMESH_INDEX_MASK(KMESH_MAX_ENDPOINTS))];
 }
 
 /* Any endpoint outlier detection has not ejected, from a random start. */
@@ -132,12 +162,8 @@ cluster_pick_endpoint(struct kmesh_cluster *c, __u32 cluster_id)
 
 	if (c->endpoint_count == 0 || c->slot_count == 0)
 		return 0;
-	if (c->lb_policy == KMESH_LB_LEAST_REQUEST) {
-		bool skip = c->policy.outlier_failures != 0;
-
-		ep = cluster_pick_least_request(c, cluster_id, skip);
-		return ep || !skip ? ep : cluster_pick_least_request(c, cluster_id, false);
-	}
+	if (c->lb_policy == KMESH_LB_LEAST_REQUEST)
+		return cluster_pick_least_request(c, cluster_id);
 	first = ep = cluster_pick_by_slot(c);
 	if (!ep || !c->policy.outlier_failures)
 		return ep;

@@ -89,6 +89,12 @@ def test_weighted_round_robin(core):
     assert collections.Counter(got) == {"A": 6, "B": 2}, got
 
 
+def test_a_dual_stack_client_is_governed_through_the_mapped_address(core):
+    """test_dual_stack.py: connect6 takes an AF_INET6 socket's connect to
+    ::ffff:VIP as connect4 takes the VIP (nothing listens on the VIP)."""
+    assert core.cg.curl(f"http://[::ffff:{core.v}]:86/[1-3]") == ["A"] * 3
+
+
 def test_least_request_counts_and_gives_back(core):
     """test_l4.py::test_least_request_prefers_idle_endpoint."""
     k, a = core.k, core.a

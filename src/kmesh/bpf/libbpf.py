@@ -473,7 +473,8 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
 
 
 # The cgroup attach types of kmesh's programs (uapi bpf.h).
-CGROUP_ATTACH_TYPES = {"cgroup_sock_ops": 3, "cgroup_inet4_connect": 10, "cgroup_inet_sock_release": 34}
+CGROUP_ATTACH_TYPES = {"cgroup_sock_ops": 3, "cgroup_inet4_connect": 10, "cgroup_inet6_connect": 11,
+                       "cgroup_inet_sock_release": 34}
 
 
 def cgroup_programs(path: str) -> list[str]:

@@ -73,7 +73,7 @@ NO_KCONFIG = "CONFIG_HZ=0\n"
 # Programs of the core object in attach order (the splice verdict first: a
 # hand-off must never find its map without it), of the sockmap object, and
 # what each attaches to: the governed cgroup, or a map of its object.
-CORE_PROGRAMS = ("kmesh_splice", "kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4")
+CORE_PROGRAMS = ("kmesh_splice", "kmesh_sock_release", "kmesh_conn_ops", "kmesh_connect4", "kmesh_connect6")
 SOCKMAP_PROGRAMS = ("kmesh_sockops", "kmesh_sk_msg")
 PROGRAM_TARGETS = {"kmesh_sk_msg": mapnames.SOCK_HASH, "kmesh_splice": mapnames.SPLICE}
 CGROUP_PROGRAMS = tuple(p for p in CORE_PROGRAMS if p not in PROGRAM_TARGETS)
