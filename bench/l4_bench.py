@@ -77,9 +77,10 @@ TARGETS = {"conn_rate_ratio_min": 0.95, "latency_ratio_max": 1.03,
            "rate_ratio_min": 0.95, "connect4_ns_max": 500.0,
            "obs_rate_ratio_min": 0.97, "obs_latency_ratio_max": 1.03}
 
-MODES = ("direct", "kmesh", "kmesh-obs-on", "kmesh-obs-off", "kmesh-policies", "kmesh-unenrolled", "envoy")
+MODES = ("direct", "kmesh", "kmesh-obs-on", "kmesh-obs-off", "kmesh-policies", "kmesh-unenrolled", "kmesh-v6",
+         "envoy")
 MODE_LABELS = {"direct": "direct", "kmesh": "kmesh", "kmesh-obs-on": "kmesh obs on", "kmesh-obs-off": "kmesh obs off",
-               "kmesh-unenrolled": "kmesh, not enrolled",
+               "kmesh-unenrolled": "kmesh, not enrolled", "kmesh-v6": "kmesh, IPv6 VIP",
                "kmesh-policies": "kmesh + policies", "envoy": "Envoy"}
 
 
@@ -128,6 +129,7 @@ class Bench:
         self.bpf_stats_before: str | None = None
         self.backend_port = 0
         self.unenrolled_port = 0   # nginx's second port, a listener of the kmesh daemon
+        self.vip6_port = 0   # [::1]:vip6_port, where nothing listens: the kmesh daemon's IPv6 VIP
         self.unenrolled_cgroup = self.daemons["kmesh"].cgroup / "unenrolled"   # bypassed, under kmesh's
         self.close_lua = self.tmp / "close.lua"
 
@@ -179,6 +181,9 @@ class Bench:
 
     def start_nginx(self) -> None:
         self.backend_port, self.unenrolled_port = free_port(), free_port()
+        with socket.socket(socket.AF_INET6) as s:   # a port nothing listens on: a failed redirect is refused
+            s.bind(("::1", 0))
+            self.vip6_port = s.getsockname()[1]
         t = self.tmp
         conf = t / "nginx.conf"
         conf.write_text(nginx_conf(t, self.backend_port, self.unenrolled_port))
@@ -206,7 +211,8 @@ class Bench:
             config = self.tmp / f"{mode}.json"
             config.write_text(json.dumps(proxy_config(
                 VIP_IP, VIP_PORT, self.backend_port, policies=mode == "kmesh-policies",
-                unenrolled_port=self.unenrolled_port if mode == "kmesh" else 0), indent=2))
+                unenrolled_port=self.unenrolled_port if mode == "kmesh" else 0,
+                vip6_port=self.vip6_port if mode == "kmesh" else 0), indent=2))
             d.start(config)
         self.start_unenrolled()
         self.start_envoy()
@@ -215,7 +221,8 @@ class Bench:
                       "kmesh": Mode(self.daemons["kmesh"], vip),
                       **{m: Mode(d, vip) for m, d in self.daemons.items() if m != "kmesh"},
                       "kmesh-unenrolled": Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.unenrolled_port}/",
-                                               self.unenrolled_cgroup)}
+                                               self.unenrolled_cgroup),
+                      "kmesh-v6": Mode(self.daemons["kmesh"], f"http://[::1]:{self.vip6_port}/")}
         if self.envoy:
             self.modes["envoy"] = Mode(self.daemons["kmesh"], f"http://127.0.0.1:{self.envoy.port}/")
 
@@ -500,6 +507,7 @@ class Table:
         self.observability_cost()
         self.policy_cost()
         self.unenrolled_cost()
+        self.ipv6_cost()
         self.envoy_vs_direct()
 
     def kmesh_vs_direct(self) -> None:
@@ -556,6 +564,17 @@ class Table:
         c4 = {m: self.ns_per_run(m, "connect4") for m in pair}
         self.add("unenrolled/direct:connect4_ns_per_run", "connect4 ns/run (direct: listener miss; not enrolled: "
                  "listener hit, netns and cgroup lookups)", "ns", c4, *pair, better="lower")
+
+    def ipv6_cost(self) -> None:
+        """An IPv6 VIP ([::1], through connect6) against the IPv4 one
+        (connect4), to the same IPv4 nginx (reached mapped)."""
+        pair = ("kmesh-v6", "kmesh")
+        self.block = ("IPv6 VIP (connect6) vs IPv4 VIP (connect4): ratio kmesh, IPv6 VIP / kmesh, spread of kmesh; "
+                      "information")
+        self.cost_rows(pair)
+        c = {"kmesh-v6": self.ns_per_run("kmesh-v6", "connect6"), "kmesh": self.ns_per_run("kmesh", "connect4")}
+        self.add("v6/v4:connect_ns_per_run", "connect6 (IPv6 VIP) and connect4 (IPv4 VIP) ns/run", "ns", c, *pair,
+                 better="lower")
 
     def envoy_vs_direct(self) -> None:
         if "envoy" not in self.modes:
@@ -658,7 +677,7 @@ def plot(result: dict, path: Path) -> None:
 
     conns, med = result["settings"]["conns"], result["keepalive_medians"]
     styles = {"direct": ("o", "-"), "kmesh": ("s", "--"), "kmesh-obs-on": ("P", "--"), "kmesh-obs-off": ("^", ":"),
-              "kmesh-policies": ("v", "-."), "kmesh-unenrolled": ("x", ":"), "envoy": ("D", "-")}
+              "kmesh-policies": ("v", "-."), "kmesh-unenrolled": ("x", ":"), "kmesh-v6": ("*", "--"), "envoy": ("D", "-")}
     fig, axes = new_figure(2)
     for ax, pct in zip(axes, ("p50", "p99")):
         for mode, fields in med.items():

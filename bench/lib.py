@@ -357,16 +357,19 @@ class Envoy:
         attempt("stop envoy", lambda: stop_process(self.proc, "envoy"))
 
 
-def proxy_config(ip: str, port: int, backend_port: int, policies: bool = False, unenrolled_port: int = 0) -> dict:
+def proxy_config(ip: str, port: int, backend_port: int, policies: bool = False, unenrolled_port: int = 0,
+                 vip6_port: int = 0) -> dict:
     """Envoy v3 bootstrap: a tcp_proxy listener on ip:port to the nginx backend
     (kmesh reads the same shape). ``policies``: every traffic policy kmesh
     enforces, set so that none is triggered (docs/policies.md).
     ``unenrolled_port``: a second listener, on nginx's second port, for the
     workload that is not enrolled: its connects hit the listener, are found
-    not governed, and go on to nginx as the application asked."""
+    not governed, and go on to nginx as the application asked.
+    ``vip6_port``: an IPv6 VIP [::1]:vip6_port to the same backend (connect6)."""
     lst, cl = tcp_listener("bench", ip, port, "bench"), cluster("bench", lb_ep("127.0.0.1", backend_port))
+    extra = [tcp_listener("bench6", "::1", vip6_port, "bench")] if vip6_port else []
     if unenrolled_port:
-        return bootstrap([lst, tcp_listener("unenrolled", "127.0.0.1", unenrolled_port, "bench")], [cl])
+        return bootstrap([lst, tcp_listener("unenrolled", "127.0.0.1", unenrolled_port, "bench"), *extra], [cl])
     if policies:
         lst = rate_limited(lst, max_tokens=1_000_000_000, tokens_per_fill=1_000_000_000, fill_interval="0.05s")
         cl["circuit_breakers"] = {"thresholds": [{"max_connections": 1_000_000}]}

@@ -4,8 +4,8 @@
  *   cgroup/connect4      rewrites a TCP connect of an enrolled workload
  *                        to a service VIP into a connect to the endpoint
  *                        its cluster chooses;
- *   cgroup/connect6      the same for an AF_INET6 socket connecting to a
- *                        VIP's IPv4-mapped address (::ffff:a.b.c.d);
+ *   cgroup/connect6      the same for an AF_INET6 socket: IPv6 VIPs, and
+ *                        IPv4 VIPs in their mapped form (::ffff:a.b.c.d);
  *   cgroup/sock_release  gives back a LEAST_REQUEST socket's active count
  *                        (and ends the tracking of a socket that never
  *                        sent a SYN);
@@ -33,41 +33,40 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-/* A dual-stack (AF_INET6) socket reaches an IPv4 address as ::ffff:a.b.c.d:
- * the IPv4 address in the last word, behind this prefix. */
-static __always_inline int ip6_is_v4_mapped(const struct bpf_sock_addr *ctx)
+/* Point the connect at ``to``. connect4 can only go to an IPv4 address;
+ * connect6 writes all of it: an IPv4 address in its mapped form, which the
+ * kernel then connects over IPv4 (unless the socket is IPV6_V6ONLY: it
+ * fails with ENETUNREACH, as it would connecting there itself). ``v6`` is
+ * a constant at each call, so each program touches only the fields its
+ * hook allows. */
+static __always_inline void connect_rewrite(struct bpf_sock_addr *ctx, int v6, const struct kmesh_addr *to)
 {
-	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff);
+	if (v6) {
+		ctx->user_ip6[0] = to->ip6[0];
+		ctx->user_ip6[1] = to->ip6[1];
+		ctx->user_ip6[2] = to->ip6[2];
+		ctx->user_ip6[3] = to->ip6[3];
+	} else {
+		ctx->user_ip4 = to->ip6[3];
+	}
+	ctx->user_port = to->port;
 }
 
-/* The destination a connect goes to instead: the IPv4 address itself for
- * connect4, its mapped form's last word for connect6 (the prefix stays).
- * ``v6`` is a constant at each call, so each program touches only the
- * fields its hook allows. */
-static __always_inline void connect_rewrite(struct bpf_sock_addr *ctx, int v6, __u32 ip, __u16 port)
-{
-	if (v6)
-		ctx->user_ip6[3] = ip;
-	else
-		ctx->user_ip4 = ip;
-	ctx->user_port = port;
-}
-
-/* The whole connect hook, for a TCP connect to the IPv4 address ip:port. */
-static __always_inline int kmesh_connect(struct bpf_sock_addr *ctx, int v6, __u32 ip, __u16 port)
+/* The whole connect hook, for a TCP connect to ``dst``. */
+static __always_inline int kmesh_connect(struct bpf_sock_addr *ctx, int v6, const struct kmesh_addr *dst)
 {
 	const struct kmesh_endpoint *ep = 0;
 	const struct kmesh_addr *to = 0;
 	struct kmesh_cluster *c = 0;
 	__u32 cluster_id = 0, taken = 0;
 	struct kmesh_listener *l;
-	struct kmesh_addr lkey;
+	struct kmesh_addr lkey = *dst;
 	enum kmesh_decision d;
 	int l7_here;
 
 	/* A connect to anything but a VIP costs one lookup (two with the
 	 * wildcard); only a VIP's asks whose workload connects. */
-	l = listener_lookup(ip, port, &lkey);
+	l = listener_lookup(&lkey);
 	if (!l) {
 		stat_inc(KMESH_STAT_NO_LISTENER);
 		return SOCK_ALLOW;
@@ -83,15 +82,17 @@ static __always_inline int kmesh_connect(struct bpf_sock_addr *ctx, int v6, __u3
 	case KMESH_REDIRECT:
 		break;
 	case KMESH_HANDOFF:
+		if (!v6 && !addr_is_v4(to))
+			return SOCK_ALLOW; /* the daemon refuses such a hand-off address */
 		stat_inc(KMESH_STAT_L7_HANDOFFS);
-		handoff_track(bpf_get_socket_cookie(ctx), to, ip, port);
-		connect_rewrite(ctx, v6, to->ip, to->port);
+		handoff_track(bpf_get_socket_cookie(ctx), to, dst);
+		connect_rewrite(ctx, v6, to);
 		return SOCK_ALLOW;
 	case KMESH_RATE_LIMITED:
 	case KMESH_OVERFLOW:
 		/* A policy refuses the connection: connect() fails at once
 		 * with ECONNREFUSED, as if the service had refused it. */
-		stat_refused(d == KMESH_RATE_LIMITED, ip, port, cluster_id);
+		stat_refused(d == KMESH_RATE_LIMITED, dst, cluster_id);
 		if (kmesh_has_set_retval()) /* else EPERM (compat.h) */
 			bpf_set_retval(-KMESH_ECONNREFUSED);
 		return SOCK_DENY;
@@ -99,30 +100,47 @@ static __always_inline int kmesh_connect(struct bpf_sock_addr *ctx, int v6, __u3
 		stat_inc(d == KMESH_NO_CLUSTER ? KMESH_STAT_NO_CLUSTER : KMESH_STAT_NO_ENDPOINT);
 		return SOCK_ALLOW;
 	}
+	/* IPv4 listeners point at records of IPv4 endpoints only (the daemon
+	 * writes them so); this only guards against a record of the other
+	 * family. */
+	if (!v6 && !addr_is_v4(&ep->addr)) {
+		if (taken & KMESH_DECIDE_SLOT)
+			cluster_release(cluster_id);
+		stat_inc(KMESH_STAT_NO_ENDPOINT);
+		return SOCK_ALLOW;
+	}
 	stat_inc(KMESH_STAT_REDIRECTS);
-	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, c, ep, taken, ip, port);
-	connect_rewrite(ctx, v6, ep->ip, ep->port);
+	endpoint_track(bpf_get_socket_cookie(ctx), cluster_id, c, ep, taken, dst);
+	connect_rewrite(ctx, v6, &ep->addr);
 	return SOCK_ALLOW;
 }
 
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
+	struct kmesh_addr dst;
+
 	/* L4 governance is TCP only; UDP and raw sockets are left alone. */
 	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
-	return kmesh_connect(ctx, 0, ctx->user_ip4, (__u16)ctx->user_port);
+	addr_set_v4(&dst, ctx->user_ip4, (__u16)ctx->user_port);
+	return kmesh_connect(ctx, 0, &dst);
 }
 
-/* An AF_INET6 socket: a connect to an IPv4 address in its mapped form is
- * governed as connect4 governs it (the kernel then connects over IPv4, so
- * sockops sees its IPv4 addresses); other IPv6 destinations are left alone. */
+/* An AF_INET6 socket: an IPv6 destination, or an IPv4 one in its mapped
+ * form (::ffff:a.b.c.d), which is the same key as connect4's. */
 SEC("cgroup/connect6")
 int kmesh_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM || !ip6_is_v4_mapped(ctx))
+	struct kmesh_addr dst = { .port = (__u16)ctx->user_port };
+
+	if (ctx->type != SOCK_STREAM)
 		return SOCK_ALLOW;
-	return kmesh_connect(ctx, 1, ctx->user_ip6[3], (__u16)ctx->user_port);
+	dst.ip6[0] = ctx->user_ip6[0];
+	dst.ip6[1] = ctx->user_ip6[1];
+	dst.ip6[2] = ctx->user_ip6[2];
+	dst.ip6[3] = ctx->user_ip6[3];
+	return kmesh_connect(ctx, 1, &dst);
 }
 
 SEC("cgroup/sock_release")

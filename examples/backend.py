@@ -3,9 +3,11 @@
 
     backend.py NAME PORT [HOST]
 
+HOST may be an IPv6 literal (e.g. ::1): then the server is an AF_INET6 one.
 Used by the demo and the tests. It prints 'listening' once bound, so a caller
 can wait for that line instead of sleeping. HTTP/1.1 keep-alive is honoured.
 """
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -37,7 +39,10 @@ def main() -> None:
             pass  # clients that reset are normal here
 
 
-    srv = Server((host, port), Handler)
+    class Server6(Server):
+        address_family = socket.AF_INET6
+
+    srv = (Server6 if ":" in host else Server)((host, port), Handler)
     print("listening", srv.server_address[1], flush=True)
     try:
         srv.serve_forever()

@@ -56,6 +56,12 @@ kmesh_decide_at(struct kmesh_listener *l, const struct kmesh_addr *lkey, int l7_
 	if (listener_pick_cluster(l, cluster_id))
 		return KMESH_NO_CLUSTER;
 	c = bpf_map_lookup_elem(&km_cluster, cluster_id);
+	if (!c && (*cluster_id & KMESH_CLUSTER_V6)) {
+		/* An IPv6 listener names the cluster's IPv6 view, which only
+		 * a cluster with IPv6 endpoints has: else its one record. */
+		*cluster_id &= ~KMESH_CLUSTER_V6;
+		c = bpf_map_lookup_elem(&km_cluster, cluster_id);
+	}
 	*cluster = c;
 	if (!c)
 		return KMESH_NO_CLUSTER;
@@ -81,14 +87,14 @@ kmesh_decide_at(struct kmesh_listener *l, const struct kmesh_addr *lkey, int l7_
 	return KMESH_REDIRECT;
 }
 
-/* The whole decision for a connect to ip:port from a governed workload in
+/* The whole decision for a connect to ``dst`` from a governed workload in
  * the daemon's namespace (the BPF_PROG_TEST_RUN harness). */
 static __always_inline enum kmesh_decision
-kmesh_decide(__u32 ip, __u16 port, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
+kmesh_decide(const struct kmesh_addr *dst, struct kmesh_cluster **cluster, const struct kmesh_endpoint **ep,
 	     __u32 *cluster_id, __u32 *taken, const struct kmesh_addr **handoff)
 {
-	struct kmesh_addr lkey;
-	struct kmesh_listener *l = listener_lookup(ip, port, &lkey);
+	struct kmesh_addr lkey = *dst;
+	struct kmesh_listener *l = listener_lookup(&lkey);
 
 	*taken = 0;
 	if (!l)

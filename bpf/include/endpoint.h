@@ -7,6 +7,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_core_read.h>
 
+#include "addr.h"
 #include "kmesh_maps.h"
 #include "policy.h"
 #include "stats.h"
@@ -21,8 +22,7 @@ extern unsigned int CONFIG_HZ __kconfig __weak;
 
 static __always_inline __u64 endpoint_active(const struct kmesh_endpoint *ep)
 {
-	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
-	struct kmesh_ep_stats *st = bpf_map_lookup_elem(&km_ep_active, &key);
+	struct kmesh_ep_stats *st = bpf_map_lookup_elem(&km_ep_active, &ep->addr);
 
 	return st ? st->active : 0;
 }
@@ -133,16 +133,15 @@ static __always_inline __u32 sock_flags_for(const struct kmesh_cluster *c, __u32
  * the policies sockops applies (connect timeout, outlier detection). A
  * second connect() on the same socket ends what the first one recorded. */
 static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const struct kmesh_cluster *c,
-					   const struct kmesh_endpoint *ep, __u32 taken, __u32 vip_ip, __u16 vip_port)
+					   const struct kmesh_endpoint *ep, __u32 taken, const struct kmesh_addr *vip)
 {
-	struct kmesh_addr key = { .ip = ep->ip, .port = ep->port };
-	struct kmesh_sock_state fresh = { .ep = key, .cluster_id = cluster_id,
+	struct kmesh_sock_state fresh = { .ep = ep->addr, .cluster_id = cluster_id,
 					  .flags = sock_flags_for(c, taken),
-					  .vip = { .ip = vip_ip, .port = vip_port },
+					  .vip = *vip,
 					  .connect_timeout_ms = c->policy.connect_timeout_ms };
 	struct kmesh_sock_state *st;
 
-	stat_opened(&fresh.vip, cluster_id, &key);
+	stat_opened(&fresh.vip, cluster_id, &fresh.ep);
 	if (!fresh.flags && !fresh.connect_timeout_ms && !track_connections())
 		return;
 	st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
@@ -160,16 +159,15 @@ static __always_inline void endpoint_track(__u64 cookie, __u32 cluster_id, const
 		return;
 	}
 	if (fresh.flags & KMESH_SOCK_COUNTED)
-		endpoint_active_add(&key, 1);
+		endpoint_active_add(&fresh.ep, 1);
 }
 
 /* Send a connect to an L7 listener to the daemon's hand-off listener at
  * ``to``, tracked (whatever track_connections says) so that sockops can
  * publish its original destination once its source port is known. */
-static __always_inline void handoff_track(__u64 cookie, const struct kmesh_addr *to, __u32 vip_ip, __u16 vip_port)
+static __always_inline void handoff_track(__u64 cookie, const struct kmesh_addr *to, const struct kmesh_addr *vip)
 {
-	struct kmesh_sock_state fresh = { .ep = *to, .flags = KMESH_SOCK_L7,
-					  .vip = { .ip = vip_ip, .port = vip_port } };
+	struct kmesh_sock_state fresh = { .ep = *to, .flags = KMESH_SOCK_L7, .vip = *vip };
 	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
 
 	stat_opened(&fresh.vip, 0, to);
@@ -244,10 +242,9 @@ static __always_inline void conn_watch(struct bpf_sock_ops *skops)
 	if (st->flags & KMESH_SOCK_L7) {
 		/* The source address is known from here on; the daemon finds
 		 * the entry by its accepted socket's peer. */
-		struct kmesh_handoff_key src = {
-			.netns = sock_netns(skops->sk),
-			.addr = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) },
-		};
+		struct kmesh_handoff_key src = { .netns = sock_netns(skops->sk) };
+
+		sock_local_addr(skops, &src.addr);
 
 		bpf_map_update_elem(&km_orig_dst, &src, &st->vip, BPF_ANY);
 	}
@@ -334,13 +331,11 @@ static __always_inline void conn_closed(struct bpf_sock_ops *skops)
 {
 	__u64 cookie = bpf_get_socket_cookie(skops);
 	struct kmesh_sock_state *st = bpf_map_lookup_elem(&km_sock_ep, &cookie);
-	struct kmesh_conn_end end = {
-		.src = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) },
-		.result = close_result(skops->args[0]),
-	};
+	struct kmesh_conn_end end = { .result = close_result(skops->args[0]) };
 
 	if (!st)
 		return;
+	sock_local_addr(skops, &end.src);
 	conn_bytes(skops, &end);
 	if (end.result == KMESH_CONN_FAILED && (st->flags & KMESH_SOCK_OUTLIER))
 		outlier_failure(st->cluster_id, &st->ep);

@@ -6,8 +6,10 @@
  * src/kmesh/bpf/records.py are checked against the BTF that clang emits for
  * these structs (tests/unit/test_records_btf.py, and at load time by value
  * size). Every record is a flat, fixed-size struct; addresses and ports are
- * stored in network byte order, exactly as connect4 sees them in
- * bpf_sock_addr, so the hot path never converts.
+ * stored in network byte order, as the hooks see them in bpf_sock_addr.
+ * An address is 16 bytes for both families: IPv4 in its IPv4-mapped form
+ * (::ffff:a.b.c.d), which is also how a dual-stack socket names it, so an
+ * IPv4 VIP has one key whichever family's hook looks it up.
  */
 #ifndef __KMESH_RECORDS_H__
 #define __KMESH_RECORDS_H__
@@ -74,7 +76,7 @@ enum kmesh_limits {
  * that finds pins of another version migrates them (new maps, filled, then
  * swapped in under the pinned links) instead of reusing them. */
 enum kmesh_layout {
-	KMESH_LAYOUT_VERSION = 8,
+	KMESH_LAYOUT_VERSION = 9,
 };
 
 /* Key of km_workloads: a workload, named by its cgroup (the cgroup id, which
@@ -141,11 +143,12 @@ enum kmesh_lb_policy {
 	KMESH_LB_LEAST_REQUEST = 2,
 };
 
-/* An IPv4 socket address: listener key, endpoint key of the active-connection
- * counters, and what a tracked socket remembers. */
+/* A socket address of either family: listener key, endpoint key of the
+ * active-connection counters, and what a tracked socket remembers. IPv4 is
+ * stored mapped: ip6 = { 0, 0, htonl(0xffff), ipv4 }. */
 struct kmesh_addr {
-	__u32 ip;   /* network byte order */
-	__u16 port; /* network byte order */
+	__u32 ip6[4]; /* network byte order */
+	__u16 port;   /* network byte order */
 	__u16 pad;
 };
 
@@ -198,9 +201,7 @@ struct kmesh_bucket {
 };
 
 struct kmesh_endpoint {
-	__u32 ip;   /* network byte order */
-	__u16 port; /* network byte order */
-	__u16 pad;
+	struct kmesh_addr addr;
 	__u32 weight;
 };
 
@@ -213,6 +214,16 @@ struct kmesh_cluster_policy {
 	__u32 outlier_base_ms;     /* ejection time, times the endpoint's ejection count ... */
 	__u32 outlier_max_ms;      /* ... up to this */
 	__u32 outlier_max_percent; /* of the cluster's endpoints ejected at once (at least one) */
+};
+
+/* A cluster whose endpoints have addresses of both families (or IPv6 only)
+ * has two records: its IPv4 addresses under its id, and what an IPv6 client
+ * connects to (their IPv6 addresses, else IPv4 ones, mapped) under the id
+ * with this bit, which IPv6 listeners point at. A connect hook cannot change
+ * a socket's family, and an AF_INET socket has no way to an IPv6 endpoint.
+ * The two records share the cluster's max_connections. */
+enum kmesh_cluster_view {
+	KMESH_CLUSTER_V6 = 0x40000000,
 };
 
 /* Value of km_cluster, keyed by a cluster id the daemon allocates. The whole

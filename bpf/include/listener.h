@@ -4,21 +4,20 @@
 #define __KMESH_LISTENER_H__
 
 #include "kmesh_maps.h"
+#include "addr.h"
 
-#define KMESH_WILDCARD_IP 0 /* 0.0.0.0: a listener that matches any VIP */
-
-/* Exact (ip, port) first, then the wildcard 0.0.0.0:port, as Envoy prefers
- * the most specific listener address. ``*key``: the key that matched. */
+/* Exact address first, then the wildcard of its family (0.0.0.0:port or
+ * [::]:port), as Envoy prefers the most specific listener address. ``*key``:
+ * the destination in, the key that matched out. */
 static __always_inline struct kmesh_listener *
-listener_lookup(__u32 ip, __u16 port, struct kmesh_addr *key)
+listener_lookup(struct kmesh_addr *key)
 {
 	struct kmesh_listener *l;
 
-	*key = (struct kmesh_addr){ .ip = ip, .port = port };
 	l = bpf_map_lookup_elem(&km_listener, key);
 	if (l)
 		return l;
-	key->ip = KMESH_WILDCARD_IP;
+	addr_to_wildcard(key);
 	return bpf_map_lookup_elem(&km_listener, key);
 }
 

@@ -13,7 +13,7 @@
 
 #define KMESH_NS_PER_MS 1000000ULL
 /* The access log's bucket in km_rate_limit: port 0 is no listener's. */
-#define KMESH_ACCESS_LOG_BUCKET { .ip = 0, .port = 0 }
+#define KMESH_ACCESS_LOG_BUCKET { .port = 0 }
 #define KMESH_PERCENT 100
 
 /* Envoy's network local_ratelimit: a bucket of max_tokens, refilled by
@@ -61,7 +61,8 @@ enum kmesh_admit {
 static __always_inline enum kmesh_admit cluster_admit(__u32 cluster_id, __u32 max)
 {
 	struct kmesh_cluster_state zero = {};
-	struct kmesh_cluster_state *st = map_lookup_or_init(&km_cluster_state, &cluster_id, &zero);
+	__u32 key = cluster_id & ~KMESH_CLUSTER_V6; /* both families' records */
+	struct kmesh_cluster_state *st = map_lookup_or_init(&km_cluster_state, &key, &zero);
 
 	if (!st)
 		return KMESH_ADMIT_UNCOUNTED;
@@ -73,7 +74,8 @@ static __always_inline enum kmesh_admit cluster_admit(__u32 cluster_id, __u32 ma
 
 static __always_inline void cluster_release(__u32 cluster_id)
 {
-	struct kmesh_cluster_state *st = bpf_map_lookup_elem(&km_cluster_state, &cluster_id);
+	__u32 key = cluster_id & ~KMESH_CLUSTER_V6;
+	struct kmesh_cluster_state *st = bpf_map_lookup_elem(&km_cluster_state, &key);
 
 	if (st)
 		__sync_fetch_and_add(&st->active, -1);
@@ -82,7 +84,8 @@ static __always_inline void cluster_release(__u32 cluster_id)
 static __always_inline void stat_cluster(__u32 cluster_id, bool overflow)
 {
 	struct kmesh_cluster_counters zero = {};
-	struct kmesh_cluster_counters *c = map_lookup_or_init(&km_stats_cluster, &cluster_id, &zero);
+	__u32 key = cluster_id & ~KMESH_CLUSTER_V6; /* one cluster, both families */
+	struct kmesh_cluster_counters *c = map_lookup_or_init(&km_stats_cluster, &key, &zero);
 
 	if (!c)
 		return;
@@ -93,23 +96,22 @@ static __always_inline void stat_cluster(__u32 cluster_id, bool overflow)
 
 /* A connect a policy refused: the listener's rate limit (counted per VIP,
  * like opened) or the cluster's max_connections. */
-static __always_inline void stat_refused(bool rate_limited, __u32 ip, __u16 port, __u32 cluster_id)
+static __always_inline void stat_refused(bool rate_limited, const struct kmesh_addr *vip, __u32 cluster_id)
 {
-	struct kmesh_addr vip = { .ip = ip, .port = port };
 	struct kmesh_conn_counters *c;
 
 	if (!rate_limited) {
 		stat_cluster(cluster_id, true);
 		return;
 	}
-	c = conn_counters(&km_stats_listener, &vip);
+	c = conn_counters(&km_stats_listener, vip);
 	if (c)
 		c->rate_limited += 1;
 }
 
-static __always_inline struct kmesh_outlier *outlier_of(__u32 cluster_id, __u32 ip, __u16 port)
+static __always_inline struct kmesh_outlier *outlier_of(__u32 cluster_id, const struct kmesh_addr *ep)
 {
-	struct kmesh_ep_key key = { .cluster_id = cluster_id, .ep = { .ip = ip, .port = port } };
+	struct kmesh_ep_key key = { .cluster_id = cluster_id, .ep = *ep };
 
 	return bpf_map_lookup_elem(&km_outlier, &key);
 }
@@ -123,7 +125,7 @@ static __always_inline bool outlier_ejected_at(const struct kmesh_outlier *o, __
  * have an entry, so a healthy cluster pays one missed lookup. */
 static __always_inline bool endpoint_ejected(__u32 cluster_id, const struct kmesh_endpoint *ep)
 {
-	return outlier_ejected_at(outlier_of(cluster_id, ep->ip, ep->port), bpf_ktime_get_ns());
+	return outlier_ejected_at(outlier_of(cluster_id, &ep->addr), bpf_ktime_get_ns());
 }
 
 /* Ejecting one more endpoint keeps the cluster within max_ejection_percent
@@ -138,7 +140,7 @@ static __always_inline bool outlier_room(const struct kmesh_cluster *c, __u32 cl
 	for (__u32 i = 0; i < KMESH_MAX_ENDPOINTS; i++) {
 		if (i >= n)
 			break;
-		if (outlier_ejected_at(outlier_of(cluster_id, c->endpoints[i].ip, c->endpoints[i].port), now))
+		if (outlier_ejected_at(outlier_of(cluster_id, &c->endpoints[i].addr), now))
 			ejected++;
 	}
 	allowed = n * c->policy.outlier_max_percent / KMESH_PERCENT;
@@ -181,7 +183,7 @@ static __always_inline void outlier_failure(__u32 cluster_id, const struct kmesh
  * and its next ejection starts again from the base time. */
 static __always_inline void outlier_success(__u32 cluster_id, const struct kmesh_addr *ep)
 {
-	struct kmesh_outlier *o = outlier_of(cluster_id, ep->ip, ep->port);
+	struct kmesh_outlier *o = outlier_of(cluster_id, ep);
 
 	if (o && (o->failures || o->ejections)) {
 		o->failures = 0;

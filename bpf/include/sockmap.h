@@ -32,10 +32,10 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 
+#include "addr.h"
 #include "compat.h"
 #include "sockmap_maps.h"
 
-#define KMESH_AF_INET 2
 #define KMESH_O_NONBLOCK 04000 /* asm-generic (x86, arm64) */
 #define KMESH_LOOPBACK_NET 127
 
@@ -71,8 +71,10 @@ static __always_inline bool sock_nonblocking(struct sock *sk)
 
 static __always_inline void listener_remember(struct bpf_sock_ops *skops, struct sock *sk)
 {
-	struct kmesh_addr key = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
 	struct kmesh_listen_flags val = { .flags = sock_nonblocking(sk) ? KMESH_LISTEN_NONBLOCK : 0 };
+	struct kmesh_addr key;
+
+	sock_local_addr(skops, &key);
 
 	bpf_map_update_elem(&km_listen_flags, &key, &val, BPF_ANY);
 }
@@ -81,11 +83,13 @@ static __always_inline void listener_remember(struct bpf_sock_ops *skops, struct
  * bound to the address or to the wildcard. */
 static __always_inline bool listener_nonblocking(struct bpf_sock_ops *skops)
 {
-	struct kmesh_addr key = { .ip = skops->local_ip4, .port = bpf_htons((__u16)skops->local_port) };
-	struct kmesh_listen_flags *f = bpf_map_lookup_elem(&km_listen_flags, &key);
+	struct kmesh_listen_flags *f;
+	struct kmesh_addr key;
 
+	sock_local_addr(skops, &key);
+	f = bpf_map_lookup_elem(&km_listen_flags, &key);
 	if (!f) {
-		key.ip = 0;
+		addr_to_wildcard(&key);
 		f = bpf_map_lookup_elem(&km_listen_flags, &key);
 	}
 	return f && (f->flags & KMESH_LISTEN_NONBLOCK);

@@ -2,7 +2,7 @@
 /*
  * BPF_PROG_TEST_RUN harness for the connect4 decision logic.
  *
- * cgroup/connect4 programs cannot be run with BPF_PROG_TEST_RUN, so this
+ * cgroup/connect4 and connect6 programs cannot be run with BPF_PROG_TEST_RUN, so this
  * syscall program runs the very same decision (decision.h) on a
  * (VIP, port) handed in through its context and hands back the decision.
  * tests/unit/test_bpf_lb.py fills this object's maps and runs it.
@@ -15,14 +15,10 @@
 char LICENSE[] SEC("license") = "GPL";
 
 struct lb_test_ctx {
-	__u32 ip;   /* in: destination, network byte order */
-	__u16 port; /* in */
-	__u16 pad;
-	__u32 result;     /* out: enum kmesh_decision */
-	__u32 lb_policy;  /* out: of the chosen cluster */
-	__u32 ep_ip;      /* out: chosen endpoint */
-	__u16 ep_port;    /* out */
-	__u16 pad2;
+	struct kmesh_addr dst; /* in: destination */
+	__u32 result;          /* out: enum kmesh_decision */
+	__u32 lb_policy;       /* out: of the chosen cluster */
+	struct kmesh_addr ep;  /* out: chosen endpoint */
 };
 
 SEC("syscall")
@@ -34,11 +30,10 @@ int lb_decide(struct lb_test_ctx *ctx)
 
 	const struct kmesh_addr *to = 0;
 
-	ctx->result = kmesh_decide(ctx->ip, ctx->port, &c, &ep, &cluster_id, &taken, &to);
+	ctx->result = kmesh_decide(&ctx->dst, &c, &ep, &cluster_id, &taken, &to);
 	if (ctx->result == KMESH_REDIRECT && c && ep) {
 		ctx->lb_policy = c->lb_policy;
-		ctx->ep_ip = ep->ip;
-		ctx->ep_port = ep->port;
+		ctx->ep = ep->addr;
 	}
 	return 0;
 }

@@ -52,7 +52,7 @@ def line(ev: records.KmeshConnEvent, cluster_names: dict[int, str], boot_offset:
     return {
         "start_time": round(boot_offset + ev.opened_ns / 1e9, 6),
         "duration_ms": round((ev.closed_ns - ev.opened_ns) / 1e6, 3),
-        "downstream_remote_address": records.addr_text(ev.src) if ev.src.ip else None,
+        "downstream_remote_address": records.addr_text(ev.src) if not records.addr_is_zero(ev.src) else None,
         "downstream_local_address": records.addr_text(ev.vip),
         "upstream_host": records.addr_text(ev.ep),
         "upstream_cluster": cluster_names.get(ev.cluster_id, f"#{ev.cluster_id}"),

@@ -640,7 +640,11 @@ class Daemon:
         return self.accesslog.status()
 
     def cluster_names(self) -> dict[int, str]:
-        return {cid: name for name, cid in self._state.cluster_ids.items()}
+        """Cluster ids to names, the ids of IPv6 views too."""
+        out = {}
+        for name, cid in self._state.cluster_ids.items():
+            out[cid] = out[cid | records.CLUSTER_V6] = name
+        return out
 
     # -- L7 -------------------------------------------------------------------
     def _start_l7(self, dp: loader.Dataplane) -> None:
@@ -657,6 +661,11 @@ class Daemon:
         from kmesh.l7.targets import Targets
 
         ip, port = split_address(self.opts.l7_address)
+        if ":" in ip:
+            # connect4 can only send a connection to an IPv4 address; IPv6
+            # clients reach an IPv4 one in its mapped form.
+            raise StartError(f"-l7-address {self.opts.l7_address}: the hand-off listener needs an IPv4 address "
+                             "(IPv6 clients reach it too); choose one such as 127.0.0.1:15006")
         splicer = None
         # Without the splice verdict (an older kernel) the daemon relays.
         if self.opts.l7_splice_budget and self.features.on("l7_splice"):

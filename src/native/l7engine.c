@@ -1559,7 +1559,9 @@ static void on_timeout(struct engine *e, struct conn *c)
 static int lookup_vip(struct engine *e, uint64_t netns, uint32_t ip, uint16_t port_net, uint32_t *vip_ip,
 		      uint16_t *vip_port)
 {
-	struct kmesh_handoff_key key = {.netns = (__u32)netns, .addr = {.ip = ip, .port = port_net}};
+	/* Addresses are 16 bytes in the maps, IPv4 mapped (kmesh_records.h). */
+	struct kmesh_handoff_key key = {.netns = (__u32)netns,
+					.addr = {.ip6 = {0, 0, htonl(0xffff), ip}, .port = port_net}};
 	struct kmesh_addr val;
 	union bpf_attr attr;
 
@@ -1569,7 +1571,10 @@ static int lookup_vip(struct engine *e, uint64_t netns, uint32_t ip, uint16_t po
 	attr.value = (uintptr_t)&val;
 	if (syscall(__NR_bpf, BPF_MAP_LOOKUP_ELEM, &attr, sizeof(attr)) != 0)
 		return -1;
-	*vip_ip = val.ip;
+	/* The engine serves IPv4 VIPs; an IPv6 one goes to Python, untouched. */
+	if (val.ip6[0] || val.ip6[1] || val.ip6[2] != htonl(0xffff))
+		return 1;
+	*vip_ip = val.ip6[3];
 	*vip_port = ntohs(val.port);
 	return 0;
 }
@@ -1594,9 +1599,11 @@ static void on_listener(struct engine *e, uint32_t idx, uint32_t gen)
 			continue;
 		}
 		e->stats.accepted++;
-		uint32_t vip_ip;
-		uint16_t vip_port;
-		if (sa.sin_family != AF_INET || lookup_vip(e, l->netns, sa.sin_addr.s_addr, sa.sin_port, &vip_ip, &vip_port)) {
+		uint32_t vip_ip = 0;
+		uint16_t vip_port = 0;
+		int found = sa.sin_family == AF_INET ?
+			    lookup_vip(e, l->netns, sa.sin_addr.s_addr, sa.sin_port, &vip_ip, &vip_port) : -1;
+		if (found < 0) {
 			e->stats.no_destination++;
 			close(fd);
 			continue;
@@ -1615,6 +1622,13 @@ static void on_listener(struct engine *e, uint32_t idx, uint32_t gen)
 		c->peer_port = ntohs(sa.sin_port);
 		c->netns = l->netns;
 		c->nsfd = l->nsfd;
+		if (found > 0) {
+			/* an IPv6 VIP: Python looks its destination up and serves it */
+			pthread_mutex_unlock(&e->mu);
+			conn_handoff(e, c, KL7_R_DECIDE);
+			pthread_mutex_lock(&e->mu);
+			continue;
+		}
 		struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
 					 .data.u64 = tag(TAG_CONN, c->idx, c->gen, 0)};
 		if (epoll_ctl(e->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {

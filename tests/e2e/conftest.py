@@ -33,8 +33,8 @@ def cgroup():
 def backends():
     started: list[harness.Backend] = []
 
-    def start(*names: str) -> list[harness.Backend]:
-        new = [harness.start_backend(n) for n in names]
+    def start(*names: str, host: str = "127.0.0.1") -> list[harness.Backend]:
+        new = [harness.start_backend(n, host=host) for n in names]
         started.extend(new)
         return new
 
@@ -78,3 +78,10 @@ def xds():
     server = XdsServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["python", "native"])
+def engine_kmesh(request, cgroup, tmp_path, bpf_object):
+    """A daemon starter for each L7 engine in turn."""
+    with daemons(cgroup, tmp_path, (f"-l7-engine={request.param}",)) as start:
+        yield start

@@ -11,9 +11,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from tests.e2e.conftest import daemons
 from tests.e2e.test_l4 import vip
 from tests.e2e.test_observability import metrics
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep, tcp_listener
@@ -39,8 +36,8 @@ def test_a_mapped_connect_is_balanced_as_ipv4(kmesh, cgroup, backends):
 
 
 def test_an_ipv6_destination_is_left_alone(kmesh, cgroup, backends):
-    """Only the mapped form is governed: a connect to a real IPv6 address
-    keeps its destination (::1 on a port nothing listens on: refused)."""
+    """The IPv4 wildcard takes no IPv6 destination: a connect to a real
+    IPv6 address keeps it (::1 on a port nothing listens on: refused)."""
     (a,) = backends("A")
     v = vip()
     kmesh(bootstrap([tcp_listener("vip", v, 80, "c1"), tcp_listener("any", "0.0.0.0", 80, "c1")],
@@ -64,6 +61,22 @@ sys.stdin.readline()
 """
 
 
+def three_held_then_freed(k, runner, host: str, cluster: str, url: str) -> None:
+    """With max_connections 3: three AF_INET6 connections to host:80 held
+    take every slot (the 4th is refused with the kernel's errno); closed,
+    they give them back (curling ``url`` gets three "A" answers)."""
+    holder = runner.popen([sys.executable, "-c", HOLD, host, "80", "3"], stdout=subprocess.PIPE,
+                          stdin=subprocess.PIPE)
+    try:
+        got = json.loads(holder.stdout.readline())
+        assert got == {"held": 3, "next": k.refused_errno()}, got
+        assert k.get("/policies")["clusters"][cluster]["active"] == 3
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert runner.curl(url) == ["A"] * 3   # the slots are free again
+
+
 def test_policies_count_and_release_mapped_connections(kmesh, cgroup, backends):
     """max_connections counts a mapped connection when it connects and
     gives its slot back when it closes (sockops sees it as IPv4)."""
@@ -72,24 +85,9 @@ def test_policies_count_and_release_mapped_connections(kmesh, cgroup, backends):
     web = cluster("web", lb_ep(*a.addr))
     web["circuit_breakers"] = {"thresholds": [{"max_connections": 3}]}
     k = kmesh(bootstrap([tcp_listener("one", v, 80, "web")], [web]))
-    holder = cgroup.popen([sys.executable, "-c", HOLD, mapped(v), "80", "3"], stdout=subprocess.PIPE,
-                          stdin=subprocess.PIPE)
-    try:
-        got = json.loads(holder.stdout.readline())
-        assert got == {"held": 3, "next": k.refused_errno()}, got
-        assert k.get("/policies")["clusters"]["web"]["active"] == 3
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
-    assert cgroup.curl(f"http://[{mapped(v)}]/[1-3]") == ["A"] * 3   # the slots are free again
+    three_held_then_freed(k, cgroup, mapped(v), "web", f"http://[{mapped(v)}]/[1-3]")
     st = k.get("/policies")["clusters"]["web"]
     assert (st["active"], st["overflow"]) == (0, 1), st
-
-
-@pytest.fixture(params=["python", "native"])
-def engine_kmesh(request, cgroup, tmp_path, bpf_object):
-    with daemons(cgroup, tmp_path, (f"-l7-engine={request.param}",)) as start:
-        yield start
 
 
 def test_a_mapped_client_is_routed_at_l7(engine_kmesh, cgroup, backends):
@@ -107,3 +105,18 @@ def test_a_mapped_client_is_routed_at_l7(engine_kmesh, cgroup, backends):
     assert cgroup.curl(url) == ["A"] * 4
     m = metrics(k)
     assert m[("kmesh_connects_total", (("decision", "l7_handoff"),))] == 8, m
+
+
+def test_an_l7_route_of_an_ipv4_vip_reaches_ipv6_endpoints(engine_kmesh, cgroup, backends):
+    """Requests go up from the daemon's own socket, so a route may lead to
+    a cluster of IPv6 endpoints (the native engine hands such a forward to
+    the daemon's path)."""
+    a, b = backends("A", "B", host="::1")
+    v = vip()
+    engine_kmesh(bootstrap([hcm_listener("web", v, 80, [
+        {"match": {"prefix": "/", "headers": [{"name": "end-user", "string_match": {"exact": "jason"}}]},
+         "route": {"cluster": "b"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "a"}}])],
+        [cluster("a", lb_ep(*a.addr)), cluster("b", lb_ep(*b.addr))]))
+    assert cgroup.curl(f"http://{v}/[1-3]", ("-H", "end-user: jason")) == ["B"] * 3
+    assert cgroup.curl(f"http://[{mapped(v)}]/[1-3]") == ["A"] * 3

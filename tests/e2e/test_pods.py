@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from kmesh.bpf import records
 from tests.e2e.test_l7 import DEFAULT, FAULT, JASON, RBAC, curl
 from tests.e2e.test_observability import KMESHCTL
 from tests.support import pods
@@ -204,7 +205,7 @@ def orig_dst_keys(k) -> list[tuple[int, int]]:
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(k.pin_root / "map" / "km_orig_dst")],
                          capture_output=True, text=True, check=True).stdout
     keys = [bytes(int(b, 16) for b in e["key"]) for e in json.loads(out)]
-    return [(int.from_bytes(b[0:4], "little"), int.from_bytes(b[8:10], "big")) for b in keys]
+    return [(k.netns, records.port_of(k.addr.port)) for k in map(records.KmeshHandoffKey.from_buffer_copy, keys)]
 
 
 SAME_PORT = """

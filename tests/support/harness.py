@@ -55,9 +55,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{RUN_ID}-{os.getpid()}-{_counter}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` (an IPv6 literal such as ::1 works too)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -189,19 +190,23 @@ class Backend:
     name: str
     port: int
     proc: subprocess.Popen
+    host: str = "127.0.0.1"
 
     @property
     def addr(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
 
-def start_backend(name: str) -> Backend:
+def start_backend(name: str, host: str = "127.0.0.1") -> Backend:
+    """examples/backend.py answering ``name`` on ``host`` (IPv4 or an IPv6
+    literal such as ::1) and a free port."""
     for _ in range(5):
-        port = free_port()
-        p = subprocess.Popen([sys.executable, str(BACKEND), name, str(port)], stdout=subprocess.PIPE, text=True)
+        port = free_port(host)
+        p = subprocess.Popen([sys.executable, str(BACKEND), name, str(port), host], stdout=subprocess.PIPE,
+                             text=True)
         line = p.stdout.readline()
         if line.startswith("listening"):
-            return Backend(name, port, p)
+            return Backend(name, port, p, host)
         p.kill()
         p.wait()
     raise RuntimeError("backend did not start")

@@ -21,9 +21,10 @@ NO_LISTENER, NO_CLUSTER, NO_ENDPOINT, REDIRECT = 1, 2, 3, 4
 
 
 class Ctx(ctypes.Structure):
-    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16),
-                ("result", ctypes.c_uint32), ("lb_policy", ctypes.c_uint32),
-                ("ep_ip", ctypes.c_uint32), ("ep_port", ctypes.c_uint16), ("pad2", ctypes.c_uint16)]
+    """struct lb_test_ctx (bpf/tests/lb_test.bpf.c)."""
+
+    _fields_ = [("dst", records.KmeshAddr), ("result", ctypes.c_uint32), ("lb_policy", ctypes.c_uint32),
+                ("ep", records.KmeshAddr)]
 
 
 class LbHarness:
@@ -39,18 +40,22 @@ class LbHarness:
                                  records.KmeshAddr, records.KmeshEpStats)
         self.prog_fd = libbpf.bpf_program__fd(self.obj.programs()["lb_decide"])
 
-    def add_cluster(self, cid: int, policy: LbPolicy, eps: list[tuple[int, int]]) -> None:
-        """eps: (port, weight) on 127.0.0.1."""
-        self.cluster.update(records.ClusterId(cid), records.cluster_record(policy, [("127.0.0.1", p, w) for p, w in eps]))
+    def add_cluster(self, cid: int, policy: LbPolicy, eps: list[tuple[int, int]], ip: str = "127.0.0.1") -> None:
+        """eps: (port, weight) on ``ip``."""
+        self.cluster.update(records.ClusterId(cid), records.cluster_record(policy, [(ip, p, w) for p, w in eps]))
 
     def add_listener(self, ip: str, port: int, clusters: list[tuple[int, int]]) -> None:
         self.listener.update(records.addr_key(ip, port), records.listener_record(clusters))
 
-    def decide(self, ip: str, port: int) -> tuple[int, int | None]:
-        key = records.addr_key(ip, port)
-        ctx = Ctx(ip=key.ip, port=key.port)
+    def decide_at(self, ip: str, port: int) -> tuple[int, str | None]:
+        """The decision and the endpoint's "ip:port" text."""
+        ctx = Ctx(dst=records.addr_key(ip, port))
         assert libbpf.prog_test_run_syscall(self.prog_fd, ctx) == 0
-        return ctx.result, (records.port_of(ctx.ep_port) if ctx.result == REDIRECT else None)
+        return ctx.result, (records.addr_text(ctx.ep) if ctx.result == REDIRECT else None)
+
+    def decide(self, ip: str, port: int) -> tuple[int, int | None]:
+        result, ep = self.decide_at(ip, port)
+        return result, (int(ep.rpartition(":")[2]) if ep else None)
 
     def ports(self, ip: str, port: int, n: int) -> list[int]:
         return [self.decide(ip, port)[1] for _ in range(n)]
@@ -79,6 +84,35 @@ def test_exact_then_wildcard(lb):
     assert lb.decide("127.100.0.1", 80) == (REDIRECT, 1002)
     assert lb.decide("127.100.0.2", 80) == (REDIRECT, 1001)
     assert lb.decide("127.100.0.1", 81) == (NO_LISTENER, None)
+
+
+def test_each_family_falls_back_to_its_own_wildcard(lb):
+    """IPv6 keys are 16 bytes like the mapped IPv4 ones: [::]:port catches
+    IPv6 destinations only, 0.0.0.0:port IPv4 (and mapped) ones only."""
+    lb.add_cluster(1, LbPolicy.ROUND_ROBIN, [(1001, 1)])
+    lb.add_cluster(2, LbPolicy.ROUND_ROBIN, [(1002, 1)], ip="::1")
+    lb.add_cluster(3, LbPolicy.ROUND_ROBIN, [(1003, 1)], ip="::1")
+    lb.add_listener("0.0.0.0", 80, [(1, 1)])
+    lb.add_listener("::", 80, [(2, 1)])
+    lb.add_listener("fd00::7", 80, [(3, 1)])
+    assert lb.decide_at("fd00::7", 80) == (REDIRECT, "[::1]:1003")
+    assert lb.decide_at("fd00::8", 80) == (REDIRECT, "[::1]:1002")
+    assert lb.decide_at("10.0.0.1", 80) == (REDIRECT, "127.0.0.1:1001")
+    assert lb.decide_at("::ffff:10.0.0.1", 80) == (REDIRECT, "127.0.0.1:1001")
+    assert lb.decide_at("::", 81) == (NO_LISTENER, None)
+    lb.listener.delete(records.addr_key("0.0.0.0", 80))
+    assert lb.decide_at("10.0.0.1", 80) == (NO_LISTENER, None)   # never the IPv6 wildcard
+
+
+def test_an_ipv6_listener_takes_the_ipv6_view_else_the_cluster(lb):
+    """IPv6 listeners name id | CLUSTER_V6; a cluster without IPv6
+    endpoints has no such record, and its one record serves both."""
+    v6 = records.CLUSTER_V6
+    lb.add_cluster(4, LbPolicy.ROUND_ROBIN, [(1004, 1)])
+    lb.add_listener("fd00::4", 80, [(4 | v6, 1)])
+    assert lb.decide_at("fd00::4", 80) == (REDIRECT, "127.0.0.1:1004")
+    lb.add_cluster(4 | v6, LbPolicy.ROUND_ROBIN, [(1005, 1)], ip="fd00::99")
+    assert lb.decide_at("fd00::4", 80) == (REDIRECT, "[fd00::99]:1005")
 
 
 def test_missing_cluster_and_empty_cluster(lb):

@@ -47,8 +47,8 @@ def python_decides(target: Target, head: bytes) -> engine.Decision:
     h = Handoff(("127.0.0.1", 0), None, lambda vip: target, native=True)
     buf = ctypes.create_string_buffer(head, len(head))
     r = engine.Request(head=ctypes.cast(buf, ctypes.c_void_p), head_len=len(head),
-                       vip_ip=records.addr_key("10.9.9.9", 0).ip, vip_port=80,
-                       peer_ip=records.addr_key("10.1.1.1", 0).ip, peer_port=40000)
+                       vip_ip=records.ipv4_field("10.9.9.9"), vip_port=80,
+                       peer_ip=records.ipv4_field("10.1.1.1"), peer_port=40000)
     d = engine.Decision()
     h._native_decide(r, d)
     h._loop.close()

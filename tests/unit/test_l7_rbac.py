@@ -63,6 +63,21 @@ def test_destination_port_and_ip():
     assert r.allows(req(), "127.0.0.1", ("127.100.0.1", 80))
 
 
+def test_ipv6_ranges_match_ipv6_addresses_and_mapped_ones_as_ipv4():
+    r, problems, _ = compile_({"rules": {"action": "DENY", "policies": {"p": policy(
+        [{"or_rules": {"rules": [{"destination_ip": {"address_prefix": "fd96::", "prefix_len": 64}},
+                                 {"destination_ip": {"address_prefix": "fd97::7"}}]}}],
+        [{"direct_remote_ip": {"address_prefix": "fd77::", "prefix_len": 16}},
+         {"direct_remote_ip": {"address_prefix": "10.77.0.0", "prefix_len": 24}}])}}})
+    assert not problems
+    assert not r.allows(req(), "fd77:1::2", ("fd96::1", 80))
+    assert not r.allows(req(), "fd77:1::2", ("fd97::7", 80))
+    assert r.allows(req(), "fd77:1::2", ("fd97::8", 80))                # /128 without prefix_len
+    assert not r.allows(req(), "::ffff:10.77.0.3", ("fd96::1", 80))     # mapped: the IPv4 range
+    assert r.allows(req(), "fd78::2", ("fd96::1", 80))
+    assert r.allows(req(), "10.77.0.3", ("10.96.0.1", 80))             # families never cross
+
+
 def test_no_rules_and_log_let_everything_through():
     assert compile_({})[0] is None
     r, problems, notes = compile_({"rules": {"action": "LOG", "policies": {"p": policy([{"any": True}])}}})

@@ -1,7 +1,7 @@
 """Diff planning: ordering, id stability, takeover by content."""
 from __future__ import annotations
 
-from kmesh.bpf.records import LbPolicy
+from kmesh.bpf.records import NO_POLICY, LbPolicy
 from kmesh.config.model import Cluster, Endpoint, Listener, MeshConfig, WeightedCluster
 from kmesh.dataplane.plan import MapState, plan
 
@@ -83,3 +83,38 @@ def test_capacity_checked_including_transition():
     p1 = plan(MapState(), cfg({"a": [1], "b": [2]}, {}))
     with pytest.raises(CapacityError):
         plan(p1.new_state, cfg({"c": [3], "d": [4]}, {}), max_clusters=3)
+
+
+# --- IPv6 views ----------------------------------------------------------------
+
+def _mesh(eps: tuple[Endpoint, ...], keys=(("10.96.0.1", 80), ("fd96::1", 80))) -> MeshConfig:
+    return MeshConfig(listeners=tuple(Listener(f"l{i}", ip, p, (WeightedCluster("svc", 1),))
+                                      for i, (ip, p) in enumerate(keys)),
+                      clusters=(Cluster("svc", LbPolicy.ROUND_ROBIN, eps),))
+
+
+def test_ipv6_listeners_name_the_ipv6_view_written_only_where_it_differs():
+    from kmesh.bpf.records import CLUSTER_V6
+    from kmesh.dataplane.plan import plan_changes
+
+    v4 = (Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80))
+    p1 = plan(MapState(), _mesh(v4))
+    cid = p1.new_state.cluster_ids["svc"]
+    assert [c for c, _ in p1.cluster_upserts] == [cid]   # IPv6 clients reach these mapped: one record
+    specs = dict(p1.listener_upserts)
+    assert specs[("10.96.0.1", 80)][0] == ((cid, 1),) and specs[("fd96::1", 80)][0] == ((cid | CLUSTER_V6, 1),)
+    dual = (Endpoint("10.0.0.1", 80, 1, "fd00::1"), Endpoint("10.0.0.2", 80, 1, "fd00::2"))
+    p2 = plan(p1.new_state, _mesh(dual))
+    assert dict(p2.cluster_upserts) == {cid | CLUSTER_V6: (LbPolicy.ROUND_ROBIN, (("fd00::1", 80, 1),
+                                                                                  ("fd00::2", 80, 1)), NO_POLICY)}
+    assert not p2.listener_upserts and not p2.cluster_deletes   # listeners never change with the view
+    assert plan(p2.new_state, _mesh(dual)).empty
+    # an endpoint push that drops the IPv6 addresses drops the view (delta too)
+    st = p2.new_state
+    p3 = plan_changes(st, {"svc": _mesh(v4).clusters[0]}, {})
+    assert p3.cluster_deletes == [cid | CLUSTER_V6] and not p3.cluster_upserts
+    assert cid | CLUSTER_V6 not in p3.commit(st).clusters
+    # IPv6-only endpoints: the IPv4 record is empty, the view holds them
+    p4 = plan(MapState(), _mesh((Endpoint("fd00::1", 80),), keys=(("fd96::1", 80),)))
+    got = dict(p4.cluster_upserts)
+    assert got[cid][1] == () and got[cid | CLUSTER_V6][1] == (("fd00::1", 80, 1),)

@@ -6,6 +6,8 @@ import ctypes
 import json
 import subprocess
 
+import pytest
+
 from kmesh.bpf import records
 from tests.conftest import ROOT
 
@@ -71,6 +73,7 @@ LAYOUT_FINGERPRINTS = {
     6: "015f90b8b8b67e73",   # km_orig_dst keyed by network namespace too (kmesh_handoff_key)
     7: "bb90bbe5966ef164",   # + km_workloads (workloads enrolled by network namespace)
     8: "b12a59c82ce2d3da",   # km_workloads by cgroup or namespace, with a mode, and km_workload_cache; km_config: the daemon's netns and cgroup, workloads_gen
+    9: "52f78e13316f8388",   # addresses of both families: 16 bytes, IPv4 mapped (kmesh_addr); kmesh_endpoint holds one
 }
 
 
@@ -123,10 +126,19 @@ def test_struct_layouts_match_header(tmp_path):
 
 
 def test_addresses_are_network_order():
+    """16 bytes for both families, IPv4 mapped (::ffff:a.b.c.d), so an IPv4
+    VIP and its mapped form are one key."""
     k = records.addr_key("127.100.0.1", 80)
-    assert bytes(k)[:4] == bytes([127, 100, 0, 1])
-    assert bytes(k)[4:6] == (80).to_bytes(2, "big")
+    assert bytes(k)[:16] == bytes(10) + b"\xff\xff" + bytes([127, 100, 0, 1])
+    assert bytes(k)[16:18] == (80).to_bytes(2, "big")
     assert records.addr_text(k) == "127.100.0.1:80"
+    assert bytes(records.addr_key("::ffff:127.100.0.1", 80)) == bytes(k)
+    k6 = records.addr_key("fd00::a", 8080)
+    assert bytes(k6)[:16] == bytes([0xfd]) + bytes(14) + b"\x0a"
+    assert records.addr_text(k6) == "[fd00::a]:8080"
+    assert records.is_ipv6("fd00::a") and not records.is_ipv6("::ffff:10.0.0.1")
+    with pytest.raises(ValueError, match="not an IP address"):
+        records.addr_key("10.1", 80)
 
 
 def test_smooth_wrr_interleaves():

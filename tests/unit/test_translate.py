@@ -182,13 +182,11 @@ MALFORMED = [
     ("port zero on listener",
      lambda d: d[SR]["listeners"][0]["address"]["socket_address"].__setitem__("port_value", 0),
      f"{L0}.address.socket_address.port_value", "out of range"),
-    ("IPv6 endpoint",
-     lambda d: d[SR]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-     ["socket_address"].__setitem__("address", "::1"),
-     f"{EP}[0].endpoint.address.socket_address.address", "IPv6"),
-    ("IPv6 listener",
-     lambda d: d[SR]["listeners"][0]["address"]["socket_address"].__setitem__("address", "fd00::1"),
-     f"{L0}.address.socket_address.address", "IPv6"),
+    ("additional address of the same family",
+     lambda d: d[SR]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+     .__setitem__("additional_addresses", [{"address": {"socket_address": {"address": "127.0.0.9",
+                                                                           "port_value": 8080}}}]),
+     f"{EP}[0].endpoint.additional_addresses[0].address", "of the other family"),
     ("hostname endpoint",
      lambda d: d[SR]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
      ["socket_address"].__setitem__("address", "backend.local"),
@@ -403,3 +401,52 @@ def test_per_route_faults_need_the_fault_filter_in_the_chain():
     lst["filter_chains"][0]["filters"][0]["typed_config"].pop("http_filters")
     (got,) = translate(d).listeners
     assert got.route_faults              # no filter list at all: kmesh's shorthand keeps them
+
+
+# --- IPv6 ----------------------------------------------------------------------
+
+def test_ipv6_listeners_and_endpoints_are_taken_in_canonical_form():
+    """Addresses are keyed as text: IPv6 compressed, a mapped IPv4 one as
+    the IPv4 address (what an IPv4 client connects to)."""
+    svc = tcp_listener("svc", "10.96.0.1", 80, "c1")
+    svc["additional_addresses"] = [{"address": sock("FD00:0:0::0001", 80)}]
+    d = {"static_resources": {"listeners": [svc, tcp_listener("any", "::", 81, "c1"),
+                                            tcp_listener("mapped", "::ffff:10.96.0.2", 82, "c1")],
+                              "clusters": [cluster("c1", lb_ep("fd00:0:0:0:a:0:0:1", 8080), lb_ep("10.0.0.1", 8080))]}}
+    m = translate(d)
+    assert sorted((l.ip, l.port) for l in m.listeners) == [("10.96.0.1", 80), ("10.96.0.2", 82), ("::", 81),
+                                                           ("fd00::1", 80)]
+    assert m.clusters[0].endpoints == (Endpoint("fd00::a:0:0:1", 8080, 1), Endpoint("10.0.0.1", 8080, 1))
+    assert m.warnings == ()
+
+
+def test_an_endpoint_takes_an_additional_address_of_the_other_family():
+    ep = lb_ep("10.0.0.1", 8080)
+    ep["endpoint"]["additional_addresses"] = [{"address": sock("fd00::1", 8080)}]
+    d = base()
+    d["static_resources"]["clusters"] = [cluster("c1", ep)]
+    assert translate(d).clusters[0].endpoints == (Endpoint("10.0.0.1", 8080, 1, "fd00::1"),)
+
+
+def test_an_ipv4_listener_of_an_ipv6_only_cluster_is_refused():
+    d = base()
+    d["static_resources"]["clusters"] = [cluster("c1", lb_ep("fd00::1", 8080))]
+    with pytest.raises(ConfigError) as e:
+        translate(d)
+    msg = str(e.value)
+    assert "static_resources.listeners[0]" in msg and "has IPv6 endpoints only" in msg, msg
+    d["static_resources"]["listeners"] = [tcp_listener("l1", "fd96::1", 80, "c1")]
+    assert translate(d).listeners[0].clusters == (WeightedCluster("c1", 1),)
+
+
+def test_ipv6_prefix_ranges_and_wildcards():
+    lst = tcp_listener("l", "0.0.0.0", 80, "c1")
+    lst["additional_addresses"] = [{"address": sock("::", 80)}]
+    lst["filter_chains"][0]["filter_chain_match"] = {"prefix_ranges": [
+        {"address_prefix": "fd96::7", "prefix_len": 128}, {"address_prefix": "10.96.0.7", "prefix_len": 32},
+        {"address_prefix": "::", "prefix_len": 0}, {"address_prefix": "fd96::", "prefix_len": 64}]}
+    d = base()
+    d["static_resources"]["listeners"] = [lst]
+    m = translate(d)
+    assert sorted(l.ip for l in m.listeners) == ["10.96.0.7", "::", "fd96::7"]
+    assert any("prefix_ranges[3]" in w for w in m.warnings), m.warnings

@@ -77,6 +77,9 @@ def test_node_identity_is_sidecar_shaped():
     assert n.metadata.fields["NAMESPACE"].string_value == "default"
     assert n.metadata.fields["INSTANCE_IPS"].string_value == "10.244.0.9"
     assert NodeIdentity(service_node="router~1.2.3.4~x~y").node_id() == "router~1.2.3.4~x~y"
+    dual = NodeIdentity("", "", "p", "default", "10.244.0.9,fd00:10:244::9").to_proto()   # dual-stack pod
+    assert dual.id == "sidecar~10.244.0.9~p.default~default.svc.cluster.local"
+    assert dual.metadata.fields["INSTANCE_IPS"].string_value == "10.244.0.9,fd00:10:244::9"
 
 
 def test_first_requests_cds_then_lds_with_node_once():

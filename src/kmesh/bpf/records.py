@@ -38,6 +38,9 @@ KMESH_WORKLOAD_PATH_MAX = 128
 KMESH_MAX_CGROUP_DEPTH = 16
 KMESH_WORKLOAD_CACHE = 16384
 LISTENER_L7 = 1   # enum kmesh_listener_flag
+# enum kmesh_cluster_view: the bit of a cluster id that names its record for
+# IPv6 clients (kmesh_records.h).
+CLUSTER_V6 = 0x40000000
 KMESH_MAX_OUTLIER_ENDPOINTS = 65536
 KMESH_MAX_SPLICED_SOCKETS = 65536
 
@@ -69,7 +72,7 @@ LIMITS = {
 
 
 # enum kmesh_layout: see kmesh_records.h
-KMESH_LAYOUT_VERSION = 8
+KMESH_LAYOUT_VERSION = 9
 
 
 class LbPolicy(enum.IntEnum):
@@ -80,8 +83,13 @@ class LbPolicy(enum.IntEnum):
     LEAST_REQUEST = 2
 
 
+Ip6 = ctypes.c_uint32 * 4
+
+
 class KmeshAddr(ctypes.Structure):
-    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+    """struct kmesh_addr: either family, IPv4 mapped (::ffff:a.b.c.d)."""
+
+    _fields_ = [("ip6", Ip6), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class KmeshHandoffKey(ctypes.Structure):
@@ -157,12 +165,7 @@ class KmeshBucket(ctypes.Structure):
 
 
 class KmeshEndpoint(ctypes.Structure):
-    _fields_ = [
-        ("ip", ctypes.c_uint32),
-        ("port", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
-        ("weight", ctypes.c_uint32),
-    ]
+    _fields_ = [("addr", KmeshAddr), ("weight", ctypes.c_uint32)]
 
 
 class KmeshClusterPolicy(ctypes.Structure):
@@ -330,6 +333,7 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
          "kmesh_sock_flag": {"KMESH_SOCK_COUNTED": 1, "KMESH_SOCK_WATCHED": 2, "KMESH_SOCK_CLUSTER_COUNTED": 4,
                              "KMESH_SOCK_USER_TIMEOUT": 8, "KMESH_SOCK_OUTLIER": 16, "KMESH_SOCK_L7": 32},
          "kmesh_listener_flag": {"KMESH_LISTENER_L7": LISTENER_L7},
+         "kmesh_cluster_view": {"KMESH_CLUSTER_V6": CLUSTER_V6},
          "kmesh_workload_kind": {f"KMESH_WORKLOAD_{k.name}": int(k) for k in WorkloadKind},
          "kmesh_workload_mode": {f"KMESH_WORKLOAD_{m.name}": int(m) for m in WorkloadMode},
          "kmesh_workload_flag": {"KMESH_WORKLOAD_SCOPE": WORKLOAD_SCOPE},
@@ -340,19 +344,58 @@ ENUMS = {"kmesh_limits": LIMITS, "kmesh_lb_policy": {f"KMESH_LB_{p.name}": int(p
 
 
 # --- encoding -----------------------------------------------------------------
-# IPs and ports are stored in network byte order. A c_uint32 field holds the
-# native-endian integer whose memory bytes are the network-order address.
+# IPs and ports are stored in network byte order: a field's memory bytes are
+# the address as it goes on the wire. Addresses are 16 bytes, IPv4 mapped.
 
-def _ip_field(ip: str) -> int:
-    return struct.unpack("=I", socket.inet_aton(ip))[0]
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def ip_bytes(ip: str) -> bytes:
+    """The 16 bytes of a dotted IPv4 (mapped) or an IPv6 address (text);
+    ValueError for anything else."""
+    if ":" not in ip:
+        try:
+            return _V4_MAPPED + socket.inet_pton(socket.AF_INET, ip)   # dotted only (inet_aton takes "1.2")
+        except OSError:
+            raise ValueError(f"{ip!r} is not an IP address") from None
+    try:
+        raw = socket.inet_pton(socket.AF_INET6, ip)
+    except OSError:
+        raise ValueError(f"{ip!r} is not an IP address") from None
+    return raw
+
+
+def ip_text(raw: bytes) -> str:
+    """An address's text: dotted for IPv4 (mapped), compressed IPv6 else."""
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def is_ipv6(ip: str) -> bool:
+    """An address of the IPv6 family (an IPv4-mapped one counts as IPv4)."""
+    return ip_bytes(ip)[:12] != _V4_MAPPED
+
+
+def _ip_field(ip: str) -> Ip6:
+    return Ip6.from_buffer_copy(ip_bytes(ip))
+
+
+def ipv4_field(ip: str) -> int:
+    """A dotted IPv4 address as the native engine's u32 (network order)."""
+    return struct.unpack("=I", socket.inet_pton(socket.AF_INET, ip))[0]
+
+
+def ipv4_of(field: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", field))
 
 
 def _port_field(port: int) -> int:
     return struct.unpack("=H", struct.pack("!H", port))[0]
 
 
-def ip_of(field: int) -> str:
-    return socket.inet_ntoa(struct.pack("=I", field))
+def ip_of(field) -> str:
+    return ip_text(bytes(field))
 
 
 def port_of(field: int) -> int:
@@ -364,11 +407,12 @@ def handoff_key(netns: int, ip: str, port: int) -> KmeshHandoffKey:
 
 
 def addr_key(ip: str, port: int) -> KmeshAddr:
-    try:
-        packed = socket.inet_pton(socket.AF_INET, ip)   # dotted IPv4 only (inet_aton takes "1.2" too)
-    except OSError:
-        raise ValueError(f"{ip!r} is not an IPv4 address") from None
-    return KmeshAddr(struct.unpack("=I", packed)[0], _port_field(port), 0)
+    return KmeshAddr(_ip_field(ip), _port_field(port), 0)
+
+
+def host_port(ip: str, port: int) -> str:
+    """"ip:port", the IPv6 address in brackets."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def smooth_wrr_slots(weights: Sequence[int], max_slots: int = KMESH_LB_SLOTS) -> list[int]:
@@ -443,7 +487,7 @@ def cluster_record(lb_policy: LbPolicy, endpoints: Sequence[tuple[str, int, int]
     rec.policy = KmeshClusterPolicy(*policy)
     rec.endpoint_count = len(endpoints)
     for i, (ip, port, weight) in enumerate(endpoints):
-        rec.endpoints[i] = KmeshEndpoint(_ip_field(ip), _port_field(port), 0, weight)
+        rec.endpoints[i] = KmeshEndpoint(addr_key(ip, port), weight)
     slots = smooth_wrr_slots([w for _, _, w in endpoints])
     rec.slot_count = len(slots)
     for i, s in enumerate(slots):
@@ -498,7 +542,7 @@ def _policy_text(policy: tuple, none: tuple) -> str:
 
 def cluster_fingerprint(spec: ClusterSpec) -> bytes:
     lb, endpoints, policy = spec
-    return _fingerprint(f"{int(lb)}/" + ",".join(f"{_ip_field(ip)}:{port}:{w}" for ip, port, w in endpoints)
+    return _fingerprint(f"{int(lb)}/" + ",".join(f"{ip_bytes(ip).hex()}:{port}:{w}" for ip, port, w in endpoints)
                         + _policy_text(policy, NO_POLICY))
 
 
@@ -513,7 +557,7 @@ def policy_of(rec: KmeshCluster) -> ClusterPolicy:
 
 
 def cluster_spec_of(rec: KmeshCluster) -> ClusterSpec:
-    return (rec.lb_policy, tuple((ip_of(e.ip), port_of(e.port), e.weight)
+    return (rec.lb_policy, tuple((ip_of(e.addr.ip6), port_of(e.addr.port), e.weight)
                                  for e in rec.endpoints[: min(rec.endpoint_count, KMESH_MAX_ENDPOINTS)]),
             policy_of(rec))
 
@@ -528,7 +572,11 @@ def listener_spec_of(rec: KmeshListener) -> ListenerSpec:
 
 
 def addr_text(key: KmeshAddr) -> str:
-    return f"{ip_of(key.ip)}:{port_of(key.port)}"
+    return host_port(ip_of(key.ip6), port_of(key.port))
+
+
+def addr_is_zero(key: KmeshAddr) -> bool:
+    return not any(key.ip6)
 
 
 def decode_listener(rec: KmeshListener) -> dict:
@@ -546,7 +594,7 @@ def decode_cluster(rec: KmeshCluster) -> dict:
     return {
         "lb_policy": LbPolicy(rec.lb_policy).name if rec.lb_policy in iter(LbPolicy) else rec.lb_policy,
         "endpoints": [
-            {"address": f"{ip_of(e.ip)}:{port_of(e.port)}", "weight": e.weight}
+            {"address": addr_text(e.addr), "weight": e.weight}
             for e in rec.endpoints[: rec.endpoint_count]
         ],
         "slot_count": rec.slot_count,

@@ -18,9 +18,10 @@ if TYPE_CHECKING:   # the HTTP compile steps load only where a config has HTTP r
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    ip: str
+    ip: str   # canonical text: IPv4 dotted (never mapped), IPv6 compressed
     port: int
     weight: int = 1
+    alt: str = ""   # an address of the other family (Envoy's additional_addresses)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from envoy.config.route.v3 import route_components_pb2
 from google.protobuf.message import Message
 
 from kmesh.bpf.records import (KMESH_MAX_ENDPOINTS, KMESH_MAX_WEIGHTED_CLUSTERS, NO_POLICY, NO_RATE_LIMIT,
-                               ClusterPolicy, LbPolicy, RateLimit)
+                               ClusterPolicy, LbPolicy, RateLimit, host_port)
 from kmesh.config import fields, filters, policies
 from kmesh.config.errors import Problem
 from kmesh.config.model import FILTER_ORDER, Cluster, Endpoint, HttpFilters, Listener, WeightedCluster
@@ -55,8 +55,8 @@ _LB = {
 }
 _DISCOVERY_HINT = {
     _Cluster.EDS: "EDS clusters need ADS mode (-enable-ads=true)",
-    _Cluster.STRICT_DNS: "DNS clusters are not supported; list IPv4 endpoints in a STATIC cluster",
-    _Cluster.LOGICAL_DNS: "DNS clusters are not supported; list IPv4 endpoints in a STATIC cluster",
+    _Cluster.STRICT_DNS: "DNS clusters are not supported; list IP endpoints in a STATIC cluster",
+    _Cluster.LOGICAL_DNS: "DNS clusters are not supported; list IP endpoints in a STATIC cluster",
     _Cluster.ORIGINAL_DST: "ORIGINAL_DST (passthrough) clusters are not supported",
 }
 _UNHEALTHY = {health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING, health_check_pb2.TIMEOUT}
@@ -66,6 +66,8 @@ _TCP_PROXY_APPLIED = {"stat_prefix", "cluster", "weighted_clusters"}
 _PLAINTEXT_ALPN = {"http/1.1", "http/1.0", "h2c"}
 _MAX_U32 = 2**32 - 1
 WILDCARD = "0.0.0.0"
+WILDCARD6 = "::"
+WILDCARDS = (WILDCARD, WILDCARD6)
 
 # Entry priority: a more specific source of an (ip, port) entry wins.
 _P_WILDCARD, _P_DOMAIN, _P_PREFIX, _P_ADDRESS = 0, 10, 20, 30
@@ -85,14 +87,34 @@ _SHARED_ENDPOINTS: dict[tuple, Endpoint] = {}
 _SHARED_ENDPOINTS_MAX = 65536
 
 
-def _endpoint(ip: str, port: int, weight: int) -> Endpoint:
-    key = (ip, port, weight)
+def _endpoint(ip: str, port: int, weight: int, alt: str = "") -> Endpoint:
+    key = (ip, port, weight, alt)
     got = _SHARED_ENDPOINTS.get(key)
     if got is None:
         if len(_SHARED_ENDPOINTS) >= _SHARED_ENDPOINTS_MAX:
             _SHARED_ENDPOINTS.clear()
-        got = _SHARED_ENDPOINTS[key] = Endpoint(sys.intern(ip), port, weight)
+        got = _SHARED_ENDPOINTS[key] = Endpoint(sys.intern(ip), port, weight, alt)
     return got
+
+
+def _alt_address(ctx: Ctx, epath: str, ep, addr: tuple[str, int]) -> str | None:
+    """The address of the other family among an endpoint's
+    additional_addresses (Envoy tries them for Happy Eyeballs; kmesh sends
+    each client to the one of its own family), "" for none, None when
+    refused."""
+    if len(ep.additional_addresses) > 1:
+        ctx.unsupported(f"{epath}.endpoint.additional_addresses",
+                        "kmesh takes one additional address per endpoint: one of the other family")
+        return None
+    apath = f"{epath}.endpoint.additional_addresses[0].address"
+    got = _socket_address(ctx, apath, ep.additional_addresses[0].address, "an endpoint")
+    if got is None:
+        return None
+    if (":" in got[0]) == (":" in addr[0]) or got[1] != addr[1]:
+        ctx.unsupported(apath, f"{host_port(*got)}: kmesh takes an additional address of the other family "
+                        f"than {host_port(*addr)} and on the same port")
+        return None
+    return got[0]
 
 
 def _share(notes: list) -> tuple:
@@ -173,6 +195,13 @@ def _ip_version(text: str) -> int:
         return 0
 
 
+def canonical_ip(text: str) -> str:
+    """An IPv6 literal as kmesh keys it: compressed, and an IPv4-mapped one
+    as the IPv4 address it names (what an IPv4 client connects to too)."""
+    a = ipaddress.IPv6Address(text.partition("%")[0])
+    return str(a.ipv4_mapped) if a.ipv4_mapped else a.compressed
+
+
 def _set_fields(msg: Message) -> list[str]:
     return [f.name for f, _ in msg.ListFields()]
 
@@ -196,9 +225,8 @@ def _socket_address(ctx: Ctx, path: str, addr: address_pb2.Address, what: str) -
     if version == 0:
         ctx.unsupported(f"{path}.socket_address.address", f"'{ip}' is not an IP address (hostnames are not resolved)")
         return None
-    if version != 4:
-        ctx.unsupported(f"{path}.socket_address.address", f"'{ip}' is IPv6; kmesh supports IPv4 only for now")
-        return None
+    if version == 6:
+        ip = canonical_ip(ip)
     if sa.WhichOneof("port_specifier") != "port_value":
         ctx.unsupported(f"{path}.socket_address.port_value",
                         "a numeric port_value is required (named ports are not supported)")
@@ -364,9 +392,13 @@ def _endpoints(ctx: Ctx, path: str, cla) -> list[Endpoint] | None:
             if addr is None:
                 ok = ok and ctx.lenient
                 continue
+            alt = _alt_address(ctx, epath, lbe.endpoint, addr) if lbe.endpoint.additional_addresses else ""
+            if alt is None:
+                ok = ok and ctx.lenient
+                continue
             if lbe.health_status in _UNHEALTHY:
                 continue
-            by_priority.setdefault(lle.priority, []).append(_endpoint(addr[0], addr[1], weight))
+            by_priority.setdefault(lle.priority, []).append(_endpoint(addr[0], addr[1], weight, alt))
     if not ok:
         return None
     chosen = by_priority[min(by_priority)] if by_priority else []
@@ -566,16 +598,30 @@ def _http_filters(ctx: Ctx, path: str, hcm) -> tuple[HttpRateLimit | None, Rbac 
     return rate_limit, rbac, fault, fault_filter, tuple(order) if hcm.http_filters else FILTER_ORDER
 
 
-def _domain_ips(domains: Iterable[str], port: int) -> list[str]:
-    """IPv4 literals among a virtual host's domains ("10.96.1.2", "10.96.1.2:9080")."""
+def _domain_ips(domains: Iterable[str], port: int, v6: bool = False) -> list[str]:
+    """IP literals of one family among a virtual host's domains ("10.96.1.2",
+    "10.96.1.2:9080"; "[fd00::1]", "[fd00::1]:9080")."""
     out = []
     for d in domains:
-        if not d[:1].isdigit():
-            continue  # a name, or '*'
-        host, _, p = d.partition(":")
+        if v6:
+            if d[:1] != "[":
+                continue
+            host, _, rest = d[1:].partition("]")
+            p = rest[1:] if rest[:1] == ":" else ""
+            if _ip_version(host) != 6:
+                continue
+            host = canonical_ip(host)
+            if ":" not in host:
+                continue   # a mapped IPv4 address: the IPv4 wildcard's
+        else:
+            if not d[:1].isdigit():
+                continue  # a name, or '*'
+            host, _, p = d.partition(":")
+            if _ip_version(host) != 4:
+                continue
         if p and p != str(port):
             continue
-        if _ip_version(host) == 4 and host not in out:
+        if host not in out:
             out.append(host)
     return out
 
@@ -630,16 +676,16 @@ def _http_connection_manager(ctx: Ctx, path: str, hcm, keys: list[tuple[str, int
     # (ip, port, prio, virtual host index, field path of the choice)
     chosen: list[tuple[str, int, int, int, str]] = []
     for ip, port, prio in keys:
-        if ip == WILDCARD:
+        if ip in WILDCARDS:
             for i, v in enumerate(vhosts):
-                for vip in _domain_ips(v.domains, port):
+                for vip in _domain_ips(v.domains, port, ip == WILDCARD6):
                     chosen.append((vip, port, _P_DOMAIN + prio % 10, i, f"{rc_path}.virtual_hosts[{i}].domains"))
             # The wildcard itself: every connection to the port that named no
             # VIP comes to the catch-all.
             if fallback is not None:
                 chosen.append((ip, port, prio, fallback, f"{rc_path}.virtual_hosts[{fallback}]"))
         else:
-            i = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port)), fallback)
+            i = next((i for i, v in enumerate(vhosts) if ip in _domain_ips(v.domains, port, ":" in ip)), fallback)
             if i is not None:
                 chosen.append((ip, port, prio, i, f"{rc_path}.virtual_hosts[{i}]"))
     # Compiled whatever the listener's shape: its fields are checked (and
@@ -664,7 +710,7 @@ def _http_connection_manager(ctx: Ctx, path: str, hcm, keys: list[tuple[str, int
         routes = table if needs[i] else None
         # A wildcard catch-all only with a governed route: every
         # connection to the port would come to it.
-        if ip == WILDCARD and not refs:
+        if ip in WILDCARDS and not refs:
             continue
         if refs or routes:
             entries.append(_Entry(ip, port, tuple(refs or ()), prio, where, listener, routes=routes,
@@ -707,15 +753,16 @@ def _chain_keys(ctx: Ctx, cpath: str, chain, addrs: list[tuple[str, int, str]]) 
             except ValueError:
                 ctx.error(f"{mpath}.prefix_ranges[{i}].address_prefix", f"'{r.address_prefix}' is not an IP address")
                 return None
-            if ip.version == 4 and plen in (None, 32):
-                ips.append((str(ip), _P_PREFIX))
-            elif ip.version == 4 and plen == 0:
-                ips.append((WILDCARD, _P_WILDCARD))
+            full = 32 if ip.version == 4 else 128
+            if plen in (None, full):
+                ips.append((str(ip) if ip.version == 4 else canonical_ip(str(ip)), _P_PREFIX))
+            elif plen == 0:
+                ips.append((WILDCARD if ip.version == 4 else WILDCARD6, _P_WILDCARD))
             else:
-                ctx.skip(f"{mpath}.prefix_ranges[{i}]", "only single IPv4 addresses (/32) or 0.0.0.0/0 can be "
-                         "matched at connect time")
+                ctx.skip(f"{mpath}.prefix_ranges[{i}]", "only single addresses (/32, /128) or 0.0.0.0/0 and ::/0 "
+                         "can be matched at connect time")
     else:
-        ips = [(ip, _P_WILDCARD if ip == WILDCARD else _P_ADDRESS) for ip, _, _ in addrs]
+        ips = [(ip, _P_WILDCARD if ip in WILDCARDS else _P_ADDRESS) for ip, _, _ in addrs]
     if not ips:
         return None
     ports = [m.destination_port.value] if m.HasField("destination_port") else sorted({p for _, p, _ in addrs})
@@ -824,6 +871,10 @@ def translate_listener(ctx: Ctx, path: str, pb: listener_pb2.Listener, routes: M
 
 # --- the whole config ------------------------------------------------------------
 
+def _ipv6_only(c: Cluster) -> bool:
+    return bool(c.endpoints) and all(":" in e.ip and (not e.alt or ":" in e.alt) for e in c.endpoints)
+
+
 def resolve_key(ctx: Ctx, key: tuple[str, int], entries: list[_Entry],
                  outcome_of) -> tuple[Listener | None, set[str]]:
     """The most specific entry for one (ip, port), its references checked.
@@ -841,9 +892,11 @@ def resolve_key(ctx: Ctx, key: tuple[str, int], entries: list[_Entry],
             if chosen.priority == e.priority:
                 if e.priority in (_P_ADDRESS, _P_WILDCARD) and chosen.listener != e.listener and not ctx.lenient:
                     ctx.error(e.path.split(".filter_chains")[0] + ".address",
-                              f"address {e.ip}:{e.port} is already used by listener '{chosen.listener}'")
+                              f"address {host_port(e.ip, e.port)} is already used by listener "
+                              f"'{chosen.listener}'")
                 else:
-                    ctx.warn(e.path, f"{e.ip}:{e.port} is already served by {chosen.path}; this one is ignored")
+                    ctx.warn(e.path, f"{host_port(e.ip, e.port)} is already served by {chosen.path}; "
+                             "this one is ignored")
                 continue
         live = []
         for r in e.refs:
@@ -857,12 +910,23 @@ def resolve_key(ctx: Ctx, key: tuple[str, int], entries: list[_Entry],
             if outcome.cluster is None:
                 ctx.skip(r.path, f"cluster '{r.cluster}' is not governed ({outcome.reason})")
                 continue
+            # (An L7 listener's requests go up from the daemon's own socket,
+            # of any family.)
+            if r.weight > 0 and e.routes is None and ":" not in key[0] and _ipv6_only(outcome.cluster):
+                msg = (f"cluster '{r.cluster}' has IPv6 endpoints only, and a connect to the IPv4 address "
+                       f"{host_port(*key)} cannot change its socket's family; give its endpoints IPv4 addresses "
+                       "(additional_addresses), or serve it on an IPv6 address")
+                if ctx.lenient:
+                    ctx.skip(r.path, msg)
+                else:
+                    ctx.error(r.path, msg)
+                continue
             if r.weight > 0:
                 live.append(WeightedCluster(r.cluster, r.weight))
         chosen, weighted = e, tuple(live)
     if chosen is None or not (weighted or chosen.routes is not None):
         return None, referenced
-    if key[0] == WILDCARD and chosen.refs and not weighted:
+    if key[0] in WILDCARDS and chosen.refs and not weighted:
         # A wildcard's catch-all that forwards only to clusters kmesh does
         # not govern (Istio's allow_any to PassthroughCluster): connections
         # to addresses no virtual host names are left alone.

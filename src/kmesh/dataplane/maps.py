@@ -40,7 +40,7 @@ class ConfigMaps:
         for k, v in self.cluster.items():
             st.clusters[int(k.value)] = records.cluster_fingerprint(records.cluster_spec_of(v))
         for k, v in self.listener.items():
-            st.listeners[(records.ip_of(k.ip), records.port_of(k.port))] = \
+            st.listeners[(records.ip_of(k.ip6), records.port_of(k.port))] = \
                 records.listener_fingerprint(records.listener_spec_of(v))
         return st
 

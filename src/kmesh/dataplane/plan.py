@@ -9,6 +9,12 @@ Ordering is what keeps every connect consistent while a config changes:
 4. clusters nothing points at any more are deleted last, after a grace period
    for connects that read an old listener record just before step 2.
 
+A cluster whose IPv6 clients reach other addresses than its IPv4 clients
+(endpoints with an IPv6 address) has a second record, its IPv6 view, under
+its id with records.CLUSTER_V6 set. IPv6 listeners always name that id; the
+connect hook falls back to the plain id when there is no such record, so an
+endpoint change that adds or drops the view never rewrites a listener.
+
 A restarted daemon does not know which cluster id stood for which name; it
 plans against what it reads from the pinned maps and reuses an id whose record
 is byte-identical to a wanted cluster, so a restart with the same config
@@ -87,12 +93,35 @@ class CapacityError(ValueError):
     pass
 
 
+def _is_v4(ip: str) -> bool:
+    return ":" not in ip   # addresses are canonical text: IPv4 dotted, IPv6 never mapped
+
+
+def cluster_views(c: Cluster) -> tuple[records.ClusterSpec, records.ClusterSpec | None]:
+    """The cluster as IPv4 clients reach it (the IPv4 address of each
+    endpoint that has one), and as IPv6 clients do (each endpoint's IPv6
+    address, else its IPv4 one, which they reach mapped) when that differs.
+    A connect cannot change its socket's family."""
+    v4, v6 = [], []
+    for e in c.endpoints:
+        if _is_v4(e.ip):
+            v4.append((e.ip, e.port, e.weight))
+            v6.append((e.alt if e.alt and not _is_v4(e.alt) else e.ip, e.port, e.weight))
+        else:
+            v6.append((e.ip, e.port, e.weight))
+            if e.alt and _is_v4(e.alt):
+                v4.append((e.alt, e.port, e.weight))
+    base = (c.lb_policy, tuple(v4), c.policy)
+    return base, (None if v6 == v4 else (c.lb_policy, tuple(v6), c.policy))
+
+
 def cluster_spec(c: Cluster) -> records.ClusterSpec:
-    return (c.lb_policy, tuple((e.ip, e.port, e.weight) for e in c.endpoints), c.policy)
+    return cluster_views(c)[0]
 
 
 def listener_spec(lst: Listener, cluster_id) -> records.ListenerSpec:
-    return (tuple((cluster_id(w.cluster), w.weight) for w in lst.clusters if w.weight > 0), lst.rate_limit,
+    view = 0 if _is_v4(lst.ip) else records.CLUSTER_V6
+    return (tuple((cluster_id(w.cluster) | view, w.weight) for w in lst.clusters if w.weight > 0), lst.rate_limit,
             records.LISTENER_L7 if lst.routes is not None else 0)
 
 
@@ -101,7 +130,8 @@ def plan(state: MapState, config: MeshConfig,
          max_listeners: int = records.KMESH_MAX_LISTENERS) -> Plan:
     out = Plan()
     new = MapState()
-    wanted = {c.name: cluster_spec(c) for c in config.clusters}
+    views = {c.name: cluster_views(c) for c in config.clusters}
+    wanted = {name: v[0] for name, v in views.items()}
     content = {name: records.cluster_fingerprint(spec) for name, spec in wanted.items()}
 
     # Ids: keep a name's id; else adopt an unclaimed id with identical content
@@ -114,7 +144,7 @@ def plan(state: MapState, config: MeshConfig,
             claimed.add(cid)
     by_content: dict[bytes, list[int]] = {}
     for cid, raw in sorted(state.clusters.items()):
-        if cid not in claimed:
+        if cid not in claimed and not cid & records.CLUSTER_V6:
             by_content.setdefault(raw, []).append(cid)
     for name in wanted:
         if name in new.cluster_ids:
@@ -138,6 +168,12 @@ def plan(state: MapState, config: MeshConfig,
         new.clusters[cid] = content[name]
         if state.clusters.get(cid) != content[name]:
             out.cluster_upserts.append((cid, spec))
+        v6 = views[name][1]
+        if v6 is not None:
+            vid, raw = cid | records.CLUSTER_V6, records.cluster_fingerprint(v6)
+            new.clusters[vid] = raw
+            if state.clusters.get(vid) != raw:
+                out.cluster_upserts.append((vid, v6))
     out.cluster_deletes = sorted(cid for cid in state.clusters if cid not in new.clusters)
 
     for lst in config.listeners:
@@ -178,17 +214,29 @@ def plan_changes(state: MapState, clusters: dict, listeners: dict,
             if cid is not None:
                 ids[name], craw[cid] = None, None
                 out.cluster_deletes.append(cid)
+                if cid | records.CLUSTER_V6 in state.clusters:
+                    craw[cid | records.CLUSTER_V6] = None
+                    out.cluster_deletes.append(cid | records.CLUSTER_V6)
             continue
         if cid is None:
             while next_id in state.clusters or next_id in craw:
                 next_id += 1
             cid = next_id
             ids[name] = cid
-        spec = cluster_spec(c)
+        spec, v6 = cluster_views(c)
         raw = records.cluster_fingerprint(spec)
         if state.clusters.get(cid) != raw:
             out.cluster_upserts.append((cid, spec))
             craw[cid] = raw
+        vid = cid | records.CLUSTER_V6
+        if v6 is not None:
+            raw = records.cluster_fingerprint(v6)
+            if state.clusters.get(vid) != raw:
+                out.cluster_upserts.append((vid, v6))
+                craw[vid] = raw
+        elif vid in state.clusters:
+            craw[vid] = None
+            out.cluster_deletes.append(vid)
 
     def cluster_id(name: str) -> int:
         got = ids.get(name, state.cluster_ids.get(name))

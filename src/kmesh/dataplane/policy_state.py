@@ -64,7 +64,7 @@ def read(mesh: MeshConfig, cluster_ids: dict[str, int], maps: dict,
         by_id[cid] = st
     if any(st.policy.outlier_failures for st in clusters):
         for k, o in maps[mapnames.OUTLIER].items():
-            st = by_id.get(k.cluster_id)
+            st = by_id.get(k.cluster_id & ~records.CLUSTER_V6)
             if st is not None and o.ejected_until_ns > now_ns:
                 st.ejected.append(records.addr_text(k.ep))
     listeners = []
@@ -72,7 +72,7 @@ def read(mesh: MeshConfig, cluster_ids: dict[str, int], maps: dict,
         if lst.rate_limit == records.NO_RATE_LIMIT:
             continue
         bucket = maps[mapnames.RATE_LIMIT].lookup(records.addr_key(lst.ip, lst.port))
-        listeners.append(ListenerPolicyState(f"{lst.ip}:{lst.port}", lst.rate_limit,
+        listeners.append(ListenerPolicyState(records.host_port(lst.ip, lst.port), lst.rate_limit,
                                              tokens_now(bucket, lst.rate_limit, now_ns)))
     return clusters, listeners
 

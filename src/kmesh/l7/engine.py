@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmesh.bpf.records import ip_of
+from kmesh.bpf.records import ipv4_of
 
 log = logging.getLogger("kmesh.l7")
 
@@ -217,7 +217,7 @@ class Engine:
                 buffered = ctypes.string_at(h.buf, h.buf_len) if h.buf_len else b""
                 if h.buf:
                     self._lib.kl7_free_buf(h.buf)
-                yield Handoff(h.fd, h.reason, (ip_of(h.vip_ip), h.vip_port), (ip_of(h.peer_ip), h.peer_port),
+                yield Handoff(h.fd, h.reason, (ipv4_of(h.vip_ip), h.vip_port), (ipv4_of(h.peer_ip), h.peer_port),
                               h.netns, bool(h.first), buffered)
             if n < len(batch):
                 return

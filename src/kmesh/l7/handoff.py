@@ -281,13 +281,14 @@ _BODY = {"none": engine.BODY_NONE, "length": engine.BODY_LENGTH, "chunked": engi
 
 @functools.lru_cache(maxsize=4096)
 def _ip_text(field: int) -> str:
-    """A VIP or endpoint address as the maps store it, as text (cached: few)."""
-    return records.ip_of(field)
+    """A VIP or endpoint address as the engine holds it (IPv4, a u32), as
+    text (cached: few)."""
+    return records.ipv4_of(field)
 
 
 @functools.lru_cache(maxsize=4096)
 def _ip_field(ip: str) -> int:
-    return records.addr_key(ip, 0).ip
+    return records.ipv4_field(ip)
 
 
 def _native_answers() -> dict[tuple[int, bool], bytes]:
@@ -688,7 +689,7 @@ class Handoff:
         vip = self.orig_dst.lookup(records.handoff_key(inode, peer[0], peer[1]))
         if vip is None:
             return None
-        return records.ip_of(vip.ip), records.port_of(vip.port)
+        return records.ip_of(vip.ip6), records.port_of(vip.port)
 
     async def _serve(self, conn: socket.socket, peer: tuple, ns: netns.Netns | None, counted: bool = False) -> None:
         if not counted:   # else the engine counted it
@@ -927,7 +928,7 @@ class Handoff:
         names = {n.lower() for n, _ in framed.headers}
         if framed.start[2] != "HTTP/1.1" or "upgrade" in names or "expect" in names:
             return
-        peer = (records.ip_of(r.peer_ip), r.peer_port)
+        peer = (records.ipv4_of(r.peer_ip), r.peer_port)
         got = self._decide_now(target, req, framed, peer, vip)
         if got is None:   # a fault delay: the loop's path sleeps it
             return
@@ -942,7 +943,7 @@ class Handoff:
                 or cluster.lb_policy == records.LbPolicy.LEAST_REQUEST:
             return
         ep = self.balancer.first(cluster)
-        if ep is None:
+        if ep is None or ":" in ep[0]:   # the engine connects over IPv4 only
             return
         up = got.upstream_head(head, framed, 1)
         d.kind = engine.FORWARD
@@ -1370,7 +1371,8 @@ class Handoff:
         sees the workload's address."""
         loop = asyncio.get_running_loop()
         timeout = (cluster.policy.connect_timeout_ms / 1000) or DEFAULT_CONNECT_TIMEOUT
-        sock = ns.socket() if ns else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in ep[0] else socket.AF_INET
+        sock = ns.socket(family) if ns else socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:

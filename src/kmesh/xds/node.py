@@ -19,12 +19,13 @@ class NodeIdentity:
     service_cluster: str = ""
     pod_name: str = ""
     pod_namespace: str = ""
-    instance_ip: str = ""
+    instance_ip: str = ""      # one address, or one of each family comma-separated (INSTANCE_IPS)
 
     @classmethod
     def from_env(cls, service_node: str = "", service_cluster: str = "") -> "NodeIdentity":
         return cls(service_node, service_cluster, os.environ.get("POD_NAME", ""),
-                   os.environ.get("POD_NAMESPACE", ""), os.environ.get("INSTANCE_IP", ""))
+                   os.environ.get("POD_NAMESPACE", ""),
+                   os.environ.get("INSTANCE_IPS", "") or os.environ.get("INSTANCE_IP", ""))
 
     def resolved(self) -> tuple[str, str, str]:
         pod = self.pod_name or socket.gethostname()
@@ -35,8 +36,10 @@ class NodeIdentity:
     def node_id(self) -> str:
         if self.service_node:
             return self.service_node
-        pod, ns, ip = self.resolved()
-        return f"sidecar~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"
+        pod, ns, ips = self.resolved()
+        # A dual-stack node has an address of each family, comma-separated
+        # (as Istio's INSTANCE_IPS); the id names the first.
+        return f"sidecar~{ips.split(',')[0].strip()}~{pod}.{ns}~{ns}.svc.cluster.local"
 
     def to_proto(self) -> base_pb2.Node:
         """A Node as istiod expects from a sidecar: the id names the proxy type,

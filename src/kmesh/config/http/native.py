@@ -40,7 +40,7 @@ def _cluster(c: Cluster, connect_timeout_ms: int) -> bytes | None:
     eps = []
     for e in c.endpoints:
         try:
-            ip = records.addr_key(e.ip, 0).ip
+            ip = records.ipv4_field(e.ip)
         except (ValueError, OSError):
             return None   # not an IPv4 address: the daemon's path
         eps.append(struct.pack("=III", ip, e.port, max(1, e.weight)))

@@ -33,8 +33,8 @@ NOT_APPLIED = "not applied by kmesh (no per-policy stats or audit log yet)"
 class Subject:
     """What one request is matched on."""
     view: match.View
-    source: ipaddress.IPv4Address
-    destination: ipaddress.IPv4Address
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address
+    destination: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
 
 
@@ -47,21 +47,25 @@ class Rbac:
     policies: tuple[tuple[str, Matcher], ...]
 
     def allows(self, req: match.Request, source: str, destination: tuple[str, int]) -> bool:
-        s = Subject(match.View(req, False), ipaddress.IPv4Address(source),
-                    ipaddress.IPv4Address(destination[0]), destination[1])
+        s = Subject(match.View(req, False), _addr(source), _addr(destination[0]), destination[1])
         matched = any(m(s) for _, m in self.policies)
         return matched if self.action == ALLOW else not matched
 
 
-def _net(sink: match.Sink, path: str, c) -> ipaddress.IPv4Network | None:
+def _addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as a range matches it: an IPv4-mapped one as IPv4."""
+    a = ipaddress.ip_address(text)
+    return a.ipv4_mapped or a if a.version == 6 else a
+
+
+def _net(sink: match.Sink, path: str, c) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A CidrRange; without prefix_len the single address (Envoy: /32 or /128)."""
     try:
-        net = ipaddress.ip_network(f"{c.address_prefix}/{c.prefix_len.value if c.HasField('prefix_len') else 32}",
+        a = ipaddress.ip_address(c.address_prefix)
+        net = ipaddress.ip_network(f"{a}/{c.prefix_len.value if c.HasField('prefix_len') else a.max_prefixlen}",
                                    strict=False)
     except ValueError as e:
         sink.problem(path, f"not a CIDR range: {e}")
-        return None
-    if net.version != 4:
-        sink.problem(path, "kmesh routes IPv4 only: an IPv6 range never matches")
         return None
     return net
 
