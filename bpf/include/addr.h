@@ -40,30 +40,41 @@ static __always_inline void addr_to_wildcard(struct kmesh_addr *a)
 	a->ip6[3] = 0;
 }
 
+/* One u32 field of a program's context, read with a load of its own:
+ * clang would otherwise form a pointer into the context (the array of an
+ * IPv6 address, or the field a branch picked) and load through it, and the
+ * verifier refuses any context pointer but the original one. */
+#define KMESH_CTX_U32(ctx, field)                                                         \
+	({                                                                               \
+		__u32 v_;                                                                \
+		asm volatile("%0 = *(u32 *)(%1 + %2)"                                   \
+			     : "=r"(v_)                                                  \
+			     : "r"(ctx), "i"(__builtin_offsetof(typeof(*(ctx)), field)));  \
+		v_;                                                                      \
+	})
+
+/* The 16-byte form of a context's address, by the context's family: its
+ * IPv4 field mapped, or the four words of its IPv6 field (sockops, sk_msg). */
+#define kmesh_ip6_of(out, ctx, ip4, ip6)                                   \
+	do {                                                                \
+		if (KMESH_CTX_U32(ctx, family) == KMESH_AF_INET6) {         \
+			(out)[0] = KMESH_CTX_U32(ctx, ip6[0]);              \
+			(out)[1] = KMESH_CTX_U32(ctx, ip6[1]);              \
+			(out)[2] = KMESH_CTX_U32(ctx, ip6[2]);              \
+			(out)[3] = KMESH_CTX_U32(ctx, ip6[3]);              \
+		} else {                                                    \
+			(out)[0] = 0;                                       \
+			(out)[1] = 0;                                       \
+			(out)[2] = bpf_htonl(0xffff);                       \
+			(out)[3] = KMESH_CTX_U32(ctx, ip4);                 \
+		}                                                           \
+	} while (0)
+
 /* A sockops socket's own address. An AF_INET6 socket connected to an IPv4
- * address has it mapped in local_ip6 already. Each branch loads its own
- * fields (barrier_var): clang would otherwise load the last word through a
- * pointer chosen by the branch, and the verifier refuses an offset context
- * pointer. */
+ * address has it mapped in local_ip6 already. */
 static __always_inline void sock_local_addr(const struct bpf_sock_ops *skops, struct kmesh_addr *a)
 {
-	__u32 w0 = 0, w1 = 0, w2, w3;
-
-	if (skops->family == KMESH_AF_INET6) {
-		w0 = skops->local_ip6[0];
-		w1 = skops->local_ip6[1];
-		w2 = skops->local_ip6[2];
-		w3 = skops->local_ip6[3];
-		barrier_var(w3);
-	} else {
-		w2 = bpf_htonl(0xffff);
-		w3 = skops->local_ip4;
-		barrier_var(w3);
-	}
-	a->ip6[0] = w0;
-	a->ip6[1] = w1;
-	a->ip6[2] = w2;
-	a->ip6[3] = w3;
+	kmesh_ip6_of(a->ip6, skops, local_ip4, local_ip6);
 	a->port = bpf_htons((__u16)skops->local_port);
 	a->pad = 0;
 }

@@ -18,6 +18,19 @@ struct {
 	__type(value, struct kmesh_listener);
 } km_listener SEC(".maps");
 
+/* The ports some listener is on (by its port in network byte order; 1: at
+ * least one): a connect to any other port, which is most connects that are
+ * not to a service, is left alone after one array lookup instead of two
+ * hash lookups of a 20-byte address. The daemon sets a port before it
+ * writes the port's first listener and clears it after deleting its last
+ * (src/kmesh/dataplane/maps.py). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KMESH_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} km_listener_ports SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KMESH_MAX_CLUSTERS);

@@ -18,6 +18,8 @@
  * read them from the object instead of repeating the numbers. */
 enum kmesh_limits {
 	KMESH_MAX_LISTENERS = 16384,
+	/* TCP ports (km_listener_ports). */
+	KMESH_PORTS = 65536,
 	KMESH_MAX_CLUSTERS = 16384,
 	/* Endpoints stored inline in one cluster record. */
 	KMESH_MAX_ENDPOINTS = 128,
@@ -54,7 +56,7 @@ enum kmesh_limits {
 	KMESH_MAX_TRACKED_SOCKETS = 65536,
 	/* (cluster, endpoint) pairs with counters. */
 	KMESH_MAX_ENDPOINT_STATS = 65536,
-	/* Local IPv4 addresses and listening sockets remembered. */
+	/* Local addresses (either family) and listening sockets remembered. */
 	KMESH_MAX_LOCAL_ADDRS = 1024,
 	KMESH_MAX_LISTENERS_TRACKED = 16384,
 	/* Bytes one end may send in small messages without hearing back
@@ -245,8 +247,8 @@ struct kmesh_cluster {
  * Ports in host byte order, addresses in network byte order. The peer of a
  * socket is found under the reversed tuple. */
 struct kmesh_sock_key {
-	__u32 local_ip;
-	__u32 remote_ip;
+	__u32 local_ip6[4];  /* either family, IPv4 mapped (as kmesh_addr) */
+	__u32 remote_ip6[4];
 	__u16 local_port;
 	__u16 remote_port;
 };

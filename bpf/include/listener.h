@@ -12,8 +12,13 @@
 static __always_inline struct kmesh_listener *
 listener_lookup(struct kmesh_addr *key)
 {
+	__u32 port = key->port;
 	struct kmesh_listener *l;
+	__u32 *any;
 
+	any = bpf_map_lookup_elem(&km_listener_ports, &port);
+	if (!any || !*any)
+		return 0;
 	l = bpf_map_lookup_elem(&km_listener, key);
 	if (l)
 		return l;

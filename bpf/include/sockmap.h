@@ -2,7 +2,8 @@
 /* Same-host acceleration: which sockets are enrolled in km_sock_hash, and
  * the key of a socket's peer. The rules (docs/sockmap.md):
  *
- *   - IPv4 TCP only;
+ *   - TCP, either family (an AF_INET6 socket connected to an IPv4 address
+ *     too: its addresses are mapped, as its peer's key has them);
  *   - the remote end is on this host (127.0.0.0/8 or an address in
  *     km_local_ip), so its socket can be enrolled too;
  *   - no upper-layer protocol (kTLS, MPTCP) on the socket;
@@ -47,11 +48,15 @@ static __always_inline bool sockmap_enabled(void)
 	return cfg && cfg->redirect;
 }
 
-static __always_inline bool ip_is_local(__u32 ip)
+static __always_inline bool ip_is_local(const __u32 ip6[4])
 {
-	if ((bpf_ntohl(ip) >> 24) == KMESH_LOOPBACK_NET)
+	struct kmesh_addr key = { .ip6 = { ip6[0], ip6[1], ip6[2], ip6[3] } };
+
+	if (addr_is_v4(&key) && (bpf_ntohl(ip6[3]) >> 24) == KMESH_LOOPBACK_NET)
 		return true;
-	return bpf_map_lookup_elem(&km_local_ip, &ip) != 0;
+	if (!ip6[0] && !ip6[1] && !ip6[2] && ip6[3] == bpf_htonl(1)) /* ::1 */
+		return true;
+	return bpf_map_lookup_elem(&km_local_ip, &key) != 0;
 }
 
 static __always_inline bool sock_has_ulp(struct sock *sk)
@@ -98,11 +103,12 @@ static __always_inline bool listener_nonblocking(struct bpf_sock_ops *skops)
 static __always_inline struct kmesh_sock_key sock_key_of(struct bpf_sock_ops *skops)
 {
 	struct kmesh_sock_key key = {
-		.local_ip = skops->local_ip4,
-		.remote_ip = skops->remote_ip4,
 		.local_port = (__u16)skops->local_port,
 		.remote_port = (__u16)bpf_ntohl(skops->remote_port),
 	};
+
+	kmesh_ip6_of(key.local_ip6, skops, local_ip4, local_ip6);
+	kmesh_ip6_of(key.remote_ip6, skops, remote_ip4, remote_ip6);
 	return key;
 }
 
@@ -110,35 +116,47 @@ static __always_inline struct kmesh_sock_key sock_key_of(struct bpf_sock_ops *sk
 static __always_inline struct kmesh_sock_key peer_key_of(struct sk_msg_md *msg)
 {
 	struct kmesh_sock_key key = {
-		.local_ip = msg->remote_ip4,
-		.remote_ip = msg->local_ip4,
 		.local_port = (__u16)bpf_ntohl(msg->remote_port),
 		.remote_port = (__u16)msg->local_port,
 	};
+
+	kmesh_ip6_of(key.local_ip6, msg, remote_ip4, remote_ip6);
+	kmesh_ip6_of(key.remote_ip6, msg, local_ip4, local_ip6);
 	return key;
+}
+
+/* -1, 0 or 1: a total order of (address, port) ends, the same seen from
+ * either end. */
+static __always_inline int end_cmp(const __u32 *a, __u16 aport, const __u32 *b, __u16 bport)
+{
+	for (int i = 0; i < 4; i++) {
+		if (a[i] != b[i])
+			return a[i] < b[i] ? -1 : 1;
+	}
+	return aport < bport ? -1 : aport > bport;
 }
 
 /* Account a message of ``size`` bytes; false once this direction sends
  * through plain TCP. */
 static __always_inline bool turn_redirect(struct sk_msg_md *msg)
 {
-	__u32 lip = msg->local_ip4, rip = msg->remote_ip4;
 	__u16 lport = (__u16)msg->local_port, rport = (__u16)bpf_ntohl(msg->remote_port);
+	struct kmesh_sock_key key = {};
+	__u32 lip[4], rip[4];
 	bool local_first;
 	__u32 me;
 
-	/* Values, not context fields, from here on: the verifier refuses a
-	 * context pointer the compiler picked by a condition. */
-	barrier_var(lip);
-	barrier_var(rip);
-	local_first = lip < rip || (lip == rip && lport < rport);
+	/* Values, not context fields, from here on (kmesh_ip6_of). */
+	kmesh_ip6_of(lip, msg, local_ip4, local_ip6);
+	kmesh_ip6_of(rip, msg, remote_ip4, remote_ip6);
+	local_first = end_cmp(lip, lport, rip, rport) < 0;
 	me = local_first ? KMESH_DIR_A : KMESH_DIR_B;
-	struct kmesh_sock_key key = {
-		.local_ip = local_first ? lip : rip,
-		.remote_ip = local_first ? rip : lip,
-		.local_port = local_first ? lport : rport,
-		.remote_port = local_first ? rport : lport,
-	};
+	for (int i = 0; i < 4; i++) {
+		key.local_ip6[i] = local_first ? lip[i] : rip[i];
+		key.remote_ip6[i] = local_first ? rip[i] : lip[i];
+	}
+	key.local_port = local_first ? lport : rport;
+	key.remote_port = local_first ? rport : lport;
 	struct kmesh_sock_turn *t = bpf_map_lookup_elem(&km_sock_turn, &key);
 
 	if (!t) {
@@ -165,7 +183,12 @@ static __always_inline bool turn_redirect(struct sk_msg_md *msg)
 
 static __always_inline bool sockmap_eligible(struct bpf_sock_ops *skops, struct sock *sk, bool active)
 {
-	if (skops->family != KMESH_AF_INET || !ip_is_local(skops->remote_ip4))
+	__u32 remote[4];
+
+	if (skops->family != KMESH_AF_INET && skops->family != KMESH_AF_INET6)
+		return false;
+	kmesh_ip6_of(remote, skops, remote_ip4, remote_ip6);
+	if (!ip_is_local(remote))
 		return false;
 	if (sock_has_ulp(sk))
 		return false;

@@ -15,12 +15,12 @@ struct {
 	__type(value, __u64);
 } km_sock_hash SEC(".maps");
 
-/* The host's own IPv4 addresses besides 127.0.0.0/8, kept by the daemon:
- * a connection to one of them has its other end on this host. */
+/* The host's own addresses besides 127.0.0.0/8 and ::1 (port 0), kept by
+ * the daemon: a connection to one of them has its other end on this host. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KMESH_MAX_LOCAL_ADDRS);
-	__type(key, __u32);   /* network byte order */
+	__type(key, struct kmesh_addr);
 	__type(value, __u32); /* unused (1) */
 } km_local_ip SEC(".maps");
 

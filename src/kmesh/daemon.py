@@ -178,7 +178,7 @@ class Daemon:
             self.sockmap_state = {"none": "off", "removed": "off"}.get(
                 sockmap_mod.turn_off_pinned(dp.pin_root), "draining")
         self._maps = ConfigMaps(dp.maps[mapnames.LISTENER], dp.maps[mapnames.CLUSTER], dp.maps[mapnames.EP_ACTIVE],
-                                {n: dp.maps[n] for n in loader.POLICY_STATE_MAPS})
+                                {n: dp.maps[n] for n in loader.POLICY_STATE_MAPS}, dp.maps[mapnames.LISTENER_PORTS])
         self._state = self._maps.read_state()
 
         if self.ads and dp.took_over and not dp.migrating:

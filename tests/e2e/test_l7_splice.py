@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.e2e.test_ipv6 import vip6
 from tests.e2e.test_l4 import vip
 from tests.support import harness, pods
 from tests.support.envoy import bootstrap, cluster, hcm_listener, lb_ep
@@ -35,8 +36,9 @@ class Backend:
     of the accepted socket (run in its own thread)."""
 
     def __init__(self, handler, site: "Site | None" = None):
-        self.lsock = site.backend_ns.socket() if site and site.backend_ns else socket.socket()
         self.ip = site.backend_ip if site else "127.0.0.1"
+        family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+        self.lsock = site.backend_ns.socket(family) if site and site.backend_ns else socket.socket(family)
         self.lsock.bind((self.ip, 0))
         self.lsock.listen(64)
         self.port = self.lsock.getsockname()[1]
@@ -98,8 +100,11 @@ class Site:
 
 @pytest.fixture
 def site(request, cgroup):
-    """The host (default), or pods for a test parametrized with "pod"."""
-    if getattr(request, "param", "host") == "host":
+    """The host (default), or pods for a test parametrized with "pod", or
+    with "pod6": pods over IPv6 (an IPv6 VIP, the backend on the pod's IPv6
+    address)."""
+    param = getattr(request, "param", "host")
+    if param == "host":
         yield Site(cgroup)
         return
     from kmesh.l7 import netns
@@ -108,12 +113,15 @@ def site(request, cgroup):
         server, client = topo.pod("server"), topo.pod("client", parent=cgroup)
         ns = netns.Netns(f"/run/netns/{server.netns}")
         try:
-            yield Site(client, server.ip, ns, f"/run/netns/{client.netns}", client.ip)
+            if param == "pod6":
+                yield Site(client, server.ip6, ns, f"/run/netns/{client.netns}", client.ip6)
+            else:
+                yield Site(client, server.ip, ns, f"/run/netns/{client.netns}", client.ip)
         finally:
             ns.close()
 
 
-ON_HOST_AND_IN_PODS = pytest.mark.parametrize("site", ["host", "pod"], indirect=True)
+ON_HOST_AND_IN_PODS = pytest.mark.parametrize("site", ["host", "pod", "pod6"], indirect=True)
 
 
 @pytest.fixture
@@ -124,7 +132,7 @@ def splice_env(kmesh, site):
     def start(handler, routes=None, args=()):
         b = Backend(handler, site)
         made.append(b)
-        v = vip()
+        v = vip6() if ":" in b.ip else vip()
         k = kmesh(bootstrap([hcm_listener("s", v, 80, routes or l7_route())],
                             [cluster("b", lb_ep(b.ip, b.port))]), extra_args=args)
         site.enroll(k)
@@ -218,8 +226,8 @@ print("received", total, "digest", digest[:64], file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("budget, site", [(64 * 1024, "host"), (4 << 20, "host"), (4 << 20, "pod")],
-                         indirect=["site"])
+@pytest.mark.parametrize("budget, site", [(64 * 1024, "host"), (4 << 20, "host"), (4 << 20, "pod"),
+                                          (4 << 20, "pod6")], indirect=["site"])
 def test_one_gib_each_way_is_intact_and_spliced(splice_env, site, budget):
     """Full-duplex bulk: both directions keep switching between the kernel
     and the daemon (the budget is small next to what a bulk sender puts in
@@ -489,7 +497,7 @@ def test_spliced_connections_survive_a_daemon_restart(kmesh, site, tmp_path):
     b = Backend(numbered_responses, site)
     client = None
     try:
-        v = vip()
+        v = vip6() if ":" in b.ip else vip()
         k = kmesh(bootstrap([hcm_listener("s", v, 80, l7_route())], [cluster("b", lb_ep(b.ip, b.port))]),
                   env={"NOTIFY_SOCKET": store.path})
         site.enroll(k)

@@ -26,10 +26,10 @@ MiB = 1 << 20
 def server(cgroup):
     started = []
 
-    def start():
+    def start(host: str = "127.0.0.1"):
         for _ in range(5):
-            port = harness.free_port()
-            p = cgroup.popen([sys.executable, str(PEER), "serve", str(port)], stdout=subprocess.PIPE)
+            port = harness.free_port(host)
+            p = cgroup.popen([sys.executable, str(PEER), "serve", str(port), host], stdout=subprocess.PIPE)
             if p.stdout.readline().startswith("listening"):
                 started.append(p)
                 return port, p
@@ -106,6 +106,24 @@ def test_integrity_both_ways_with_half_close(kmesh, cgroup, server, bpf_stats):
     server_lines = [json.loads(srv.stdout.readline()) for _ in range(4)]   # it reports each connection
     assert [x.get("ok") for x in server_lines] == [True] * 4, server_lines
     assert wait_for(lambda: sockets(k) == 0), "stale entries after close"
+
+
+def test_ipv6_and_mapped_connections_are_accelerated(kmesh, cgroup, server, bpf_stats):
+    """[::1] on both ends, and an AF_INET6 client of an IPv4 server by its
+    mapped address (its key is mapped, as the accepted socket's is)."""
+    k = kmesh(bootstrap([], []), extra_args=("-enable-sockmap",))
+    for host, dest in (("::1", "[::1]"), ("127.0.0.1", "[::ffff:127.0.0.1]")):
+        port, srv = server(host)
+        runs = sk_msg_runs(k)
+        results = []
+        t = threading.Thread(target=lambda: results.append(send(cgroup, f"{dest}:{port}", 32 * MiB, 32 * MiB, 7)))
+        t.start()
+        assert wait_for(lambda: sockets(k) >= 2), f"{dest}: no connection was enrolled"
+        t.join(120)
+        assert results and results[0]["ok"], (dest, results)
+        assert json.loads(srv.stdout.readline()).get("ok") is True, dest
+        assert sk_msg_runs(k) - runs > 100, dest      # the bytes went through sk_msg
+        assert wait_for(lambda: sockets(k) == 0), f"{dest}: stale entries after close"
 
 
 def test_abrupt_close_mid_stream(kmesh, cgroup, server):

@@ -2,8 +2,8 @@
 """Both ends of a data-integrity transfer, with non-blocking sockets (what
 kmesh's sockmap acceleration enrolls). Run inside a test cgroup.
 
-    sockpeer.py serve PORT                      accept connections until killed; prints "listening"
-    sockpeer.py send [HOST:]PORT UP DOWN SEED [abort]
+    sockpeer.py serve PORT [HOST]               accept connections until killed; prints "listening"
+    sockpeer.py send [HOST:]PORT UP DOWN SEED [abort]   (an IPv6 HOST in brackets)
                                                 one connection (to 127.0.0.1 by default): send UP bytes,
                                                 ask for DOWN bytes back; prints JSON with the checks
 
@@ -112,11 +112,15 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def serve(port: int) -> None:
-    lsock = socket.socket()
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    lsock = socket.socket(_family(host))
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.setblocking(False)   # before listen(): kmesh reads the mode there
-    lsock.bind(("127.0.0.1", port))
+    lsock.bind((host, port))
     lsock.listen(128)
     print("listening", flush=True)
     sel = selectors.DefaultSelector()
@@ -141,9 +145,10 @@ def serve(port: int) -> None:
 
 def send(dest: str, up: int, down: int, seed: int, abort: bool) -> None:
     host, _, port = dest.rpartition(":")
-    sock = socket.socket()
+    host = host.strip("[]") or "127.0.0.1"
+    sock = socket.socket(_family(host))
     sock.setblocking(False)   # before connect(): kmesh reads the mode when it is established
-    if sock.connect_ex((host or "127.0.0.1", int(port))) not in (0, errno.EINPROGRESS):
+    if sock.connect_ex((host, int(port))) not in (0, errno.EINPROGRESS):
         raise ConnectionError("connect failed")
     wait(sock, selectors.EVENT_WRITE)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -159,6 +164,6 @@ def send(dest: str, up: int, down: int, seed: int, abort: bool) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(int(sys.argv[2]))
+        serve(int(sys.argv[2]), *sys.argv[3:4])
     else:
         send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "abort" in sys.argv[6:])

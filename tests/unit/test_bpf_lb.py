@@ -34,6 +34,8 @@ class LbHarness:
         handles = self.obj.maps()
         self.listener = libbpf.Map("km_listener", libbpf.bpf_map__fd(handles["km_listener"]),
                                    records.KmeshAddr, records.KmeshListener)
+        self.port_map = libbpf.Map("km_listener_ports", libbpf.bpf_map__fd(handles["km_listener_ports"]),
+                                ctypes.c_uint32, ctypes.c_uint32)
         self.cluster = libbpf.Map("km_cluster", libbpf.bpf_map__fd(handles["km_cluster"]),
                                   records.ClusterId, records.KmeshCluster)
         self.active = libbpf.Map("km_ep_active", libbpf.bpf_map__fd(handles["km_ep_active"]),
@@ -45,6 +47,7 @@ class LbHarness:
         self.cluster.update(records.ClusterId(cid), records.cluster_record(policy, [(ip, p, w) for p, w in eps]))
 
     def add_listener(self, ip: str, port: int, clusters: list[tuple[int, int]]) -> None:
+        self.port_map.update(ctypes.c_uint32(records.port_key(port)), ctypes.c_uint32(1))
         self.listener.update(records.addr_key(ip, port), records.listener_record(clusters))
 
     def decide_at(self, ip: str, port: int) -> tuple[int, str | None]:

@@ -73,7 +73,7 @@ LAYOUT_FINGERPRINTS = {
     6: "015f90b8b8b67e73",   # km_orig_dst keyed by network namespace too (kmesh_handoff_key)
     7: "bb90bbe5966ef164",   # + km_workloads (workloads enrolled by network namespace)
     8: "b12a59c82ce2d3da",   # km_workloads by cgroup or namespace, with a mode, and km_workload_cache; km_config: the daemon's netns and cgroup, workloads_gen
-    9: "52f78e13316f8388",   # addresses of both families: 16 bytes, IPv4 mapped (kmesh_addr); kmesh_endpoint holds one
+    9: "ac0ee9c2e9d99353",   # addresses of both families: 16 bytes, IPv4 mapped (kmesh_addr, kmesh_sock_key, km_local_ip); km_listener_ports
 }
 
 

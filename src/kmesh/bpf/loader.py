@@ -43,6 +43,7 @@ PIN_DIR = "bpf_kmesh"
 # Maps whose records the daemon reads or writes: name -> (key, value) ctypes.
 MAP_TYPES = {
     mapnames.LISTENER: (records.KmeshAddr, records.KmeshListener),
+    mapnames.LISTENER_PORTS: (ctypes.c_uint32, ctypes.c_uint32),
     mapnames.CLUSTER: (records.ClusterId, records.KmeshCluster),
     mapnames.EP_ACTIVE: (records.KmeshAddr, records.KmeshEpStats),
     mapnames.META: (ctypes.c_uint32, records.KmeshMeta),
@@ -64,7 +65,7 @@ PERCPU_MAPS = {mapnames.STATS, mapnames.STATS_LISTENER, mapnames.STATS_ENDPOINT,
 POLICY_STATE_MAPS = (mapnames.RATE_LIMIT, mapnames.CLUSTER_STATE, mapnames.STATS_CLUSTER, mapnames.OUTLIER)
 SOCKMAP_MAP_TYPES = {
     mapnames.SOCK_HASH: (records.KmeshSockKey, ctypes.c_uint64),
-    mapnames.LOCAL_IP: (ctypes.c_uint32, ctypes.c_uint32),
+    mapnames.LOCAL_IP: (records.KmeshAddr, ctypes.c_uint32),
     mapnames.SOCKMAP_CFG: (ctypes.c_uint32, records.KmeshSockmapCfg),
 }
 # The objects' __kconfig externs (bpf/include/endpoint.h), each as 0: what

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 # Routing: written by the daemon, read by connect4.
 LISTENER = "km_listener"
+LISTENER_PORTS = "km_listener_ports"
 CLUSTER = "km_cluster"
 EP_ACTIVE = "km_ep_active"
 META = "km_meta"

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 # enum kmesh_limits
 KMESH_MAX_LISTENERS = 16384
+KMESH_PORTS = 65536
 KMESH_MAX_CLUSTERS = 16384
 KMESH_MAX_ENDPOINTS = 128
 KMESH_LB_SLOTS = 256
@@ -46,6 +47,7 @@ KMESH_MAX_SPLICED_SOCKETS = 65536
 
 LIMITS = {
     "KMESH_MAX_LISTENERS": KMESH_MAX_LISTENERS,
+    "KMESH_PORTS": KMESH_PORTS,
     "KMESH_MAX_CLUSTERS": KMESH_MAX_CLUSTERS,
     "KMESH_MAX_ENDPOINTS": KMESH_MAX_ENDPOINTS,
     "KMESH_LB_SLOTS": KMESH_LB_SLOTS,
@@ -191,7 +193,7 @@ class KmeshEpStats(ctypes.Structure):
 
 
 class KmeshSockKey(ctypes.Structure):
-    _fields_ = [("local_ip", ctypes.c_uint32), ("remote_ip", ctypes.c_uint32),
+    _fields_ = [("local_ip6", Ip6), ("remote_ip6", Ip6),
                 ("local_port", ctypes.c_uint16), ("remote_port", ctypes.c_uint16)]
 
 
@@ -396,6 +398,12 @@ def _port_field(port: int) -> int:
 
 def ip_of(field) -> str:
     return ip_text(bytes(field))
+
+
+def port_key(port: int) -> int:
+    """km_listener_ports' key: the port as the hooks see it (network order
+    in the low 16 bits)."""
+    return _port_field(port)
 
 
 def port_of(field: int) -> int:

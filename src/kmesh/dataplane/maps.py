@@ -1,6 +1,8 @@
 """Apply a Plan to the pinned maps and read their state back."""
 from __future__ import annotations
 
+import collections
+import ctypes
 import logging
 import time
 
@@ -26,10 +28,25 @@ def _batches(items: list):
 class ConfigMaps:
     """The listener and cluster maps, written in Plan order."""
 
-    def __init__(self, listener: Map, cluster: Map, ep_active: Map | None = None, policy: dict | None = None):
+    def __init__(self, listener: Map, cluster: Map, ep_active: Map | None = None, policy: dict | None = None,
+                 ports: Map | None = None):
         self.listener = listener
         self.cluster = cluster
         self.ep_active = ep_active
+        # km_listener_ports: a port is set while some listener is on it.
+        # Counted from the listeners pinned (a daemon taking over), and set
+        # again for each (a daemon killed between setting a port and writing
+        # its listener left it set: harmless; the other way cannot happen).
+        self.ports = ports
+        self._keys: set[tuple[str, int]] = set()
+        self._on_port: collections.Counter = collections.Counter()
+        if ports is not None:
+            for k in listener.keys():
+                self._keys.add((records.ip_of(k.ip6), records.port_of(k.port)))
+            for key in self._keys:
+                self._on_port[key[1]] += 1
+            for port in self._on_port:
+                self._set_port(port, True)
         # km_rate_limit, km_cluster_state, km_stats_cluster, km_outlier: the
         # state of a deleted listener's or cluster's policies goes with it, so
         # that a cluster id given out again starts from nothing.
@@ -48,17 +65,33 @@ class ConfigMaps:
         for batch in _batches(plan.cluster_upserts):
             self.cluster.update_batch([(records.ClusterId(cid), records.cluster_record(*spec))
                                        for cid, spec in batch])
+        for k, _ in plan.listener_upserts:   # a port before its first listener
+            if k not in self._keys:
+                self._keys.add(k)
+                self._on_port[k[1]] += 1
+                if self._on_port[k[1]] == 1:
+                    self._set_port(k[1], True)
         for batch in _batches(plan.listener_upserts):
             self.listener.update_batch([(records.addr_key(*k), records.listener_record(*spec)) for k, spec in batch])
         for k in plan.listener_deletes:
             self.listener.delete(records.addr_key(*k))
             if mapnames.RATE_LIMIT in self.policy:
                 self.policy[mapnames.RATE_LIMIT].delete(records.addr_key(*k))
+            if k in self._keys:   # and after its last
+                self._keys.discard(k)
+                self._on_port[k[1]] -= 1
+                if not self._on_port[k[1]]:
+                    del self._on_port[k[1]]
+                    self._set_port(k[1], False)
         if plan.cluster_deletes:
             time.sleep(DELETE_GRACE_SECONDS)
             for cid in plan.cluster_deletes:
                 self.cluster.delete(records.ClusterId(cid))
             self._forget_clusters(set(plan.cluster_deletes))
+
+    def _set_port(self, port: int, on: bool) -> None:
+        if self.ports is not None:
+            self.ports.update(ctypes.c_uint32(records.port_key(port)), ctypes.c_uint32(int(on)))
 
     def _forget_clusters(self, ids: set[int]) -> None:
         for name in (mapnames.CLUSTER_STATE, mapnames.STATS_CLUSTER):

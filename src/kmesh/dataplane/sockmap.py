@@ -25,18 +25,24 @@ _ZERO = ctypes.c_uint32(0)
 _MAPS = tuple(loader.SOCKMAP_MAP_TYPES) + (mapnames.LISTEN_FLAGS, mapnames.SOCK_TURN)
 
 
-def host_ipv4_addresses() -> set[str]:
-    """The host's IPv4 addresses outside 127.0.0.0/8 (the programs treat
-    that whole block as local themselves)."""
+def host_addresses() -> set[str]:
+    """The host's addresses of both families outside 127.0.0.0/8 and ::1
+    (the programs treat those as local themselves), canonical text."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
-    return {a for a in addrs if a and not a.startswith("127.")}
+        addrs = {a.get_attr("IFA_ADDRESS") for fam in (socket.AF_INET, socket.AF_INET6)
+                 for a in ipr.get_addr(family=fam)}
+    out = set()
+    for a in filter(None, addrs):
+        text = records.ip_text(records.ip_bytes(a))
+        if not text.startswith("127.") and text != "::1":
+            out.add(text)
+    return out
 
 
-def _ip_key(ip: str) -> ctypes.c_uint32:
-    return ctypes.c_uint32(int.from_bytes(socket.inet_aton(ip), "little"))
+def _ip_key(ip: str) -> records.KmeshAddr:
+    return records.addr_key(ip, 0)
 
 
 class Sockmap:
@@ -53,10 +59,10 @@ class Sockmap:
 
     def sync_local_addresses(self) -> bool:
         """Keep km_local_ip equal to the host's addresses; True if it changed."""
-        want = host_ipv4_addresses()
+        want = host_addresses()
         if want == self._local:
             return False
-        have = {socket.inet_ntoa(int(k.value).to_bytes(4, "little")) for k in self.local_ip.keys()}
+        have = {records.ip_of(k.ip6) for k in self.local_ip.keys()}
         for ip in have - want:
             self.local_ip.delete(_ip_key(ip))
         for ip in want - have:
