@@ -42,9 +42,11 @@ class Core:
     a: harness.Backend
     b: harness.Backend
     access_log: Path
+    a6: harness.Backend      # on [::1]
+    v6_ports: tuple[int, int]   # [::1] VIPs: to a6's cluster, to A's (IPv4 only)
 
 
-def _config(v: str, a, b, hole: str) -> dict:
+def _config(v: str, a, b, hole: str, a6=None, v6_ports=()) -> dict:
     wrr = cluster("wrr", lb_ep(*a.addr, weight=3), lb_ep(*b.addr, weight=1))
     busy = cluster("busy", lb_ep(*a.addr), lb="LEAST_REQUEST")
     lr = cluster("lr", lb_ep(*a.addr), lb_ep(*b.addr), lb="LEAST_REQUEST")
@@ -59,8 +61,10 @@ def _config(v: str, a, b, hole: str) -> dict:
     v1, v2 = cluster("reviews-v1", lb_ep(*a.addr)), cluster("reviews-v2", lb_ep(*b.addr))
     listeners = [tcp_listener(name, v, port, name) for port, name in
                  ((80, "wrr"), (81, "busy"), (82, "lr"), (83, "cap"), (84, "outlier"), (85, "hole"), (86, "live"))]
+    six = [cluster("six", lb_ep(*a6.addr))] if a6 else []
+    listeners += [tcp_listener(n, "::1", p, c) for p, n, c in zip(v6_ports, ("six", "six-mapped"), ("six", "live"))]
     return bootstrap([*listeners, hcm_listener("reviews", v, 87, [JASON, DEFAULT])],
-                     [wrr, busy, lr, cap, out, black, live, v1, v2])
+                     [wrr, busy, lr, cap, out, black, live, v1, v2, *six])
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,8 @@ def core(tmp_path_factory, bpf_object):
     with contextlib.ExitStack() as stack:
         cg = harness.Cgroup()
         stack.callback(cg.remove)
-        a, b = harness.start_backend("A"), harness.start_backend("B")
-        for be in (a, b):
+        a, b, a6 = harness.start_backend("A"), harness.start_backend("B"), harness.start_backend("A6", host="::1")
+        for be in (a, b, a6):
             stack.callback(be.proc.wait)
             stack.callback(be.proc.kill)
         hole = stack.enter_context(harness.blackhole())
@@ -78,9 +82,10 @@ def core(tmp_path_factory, bpf_object):
         k = harness.Kmesh(cg, tmp / "kmesh.yaml", extra_args=("-access-log", f"-access-log-file={log}"))
         stack.callback(k.teardown)
         v = vip()
-        k.write_config(_config(v, a, b, hole))
+        v6_ports = (harness.free_port("::1"), harness.free_port("::1"))
+        k.write_config(_config(v, a, b, hole, a6, v6_ports))
         k.start()
-        yield Core(k, cg, v, a, b, log)
+        yield Core(k, cg, v, a, b, log, a6, v6_ports)
 
 
 def test_weighted_round_robin(core):
@@ -93,6 +98,17 @@ def test_a_dual_stack_client_is_governed_through_the_mapped_address(core):
     """test_dual_stack.py: connect6 takes an AF_INET6 socket's connect to
     ::ffff:VIP as connect4 takes the VIP (nothing listens on the VIP)."""
     assert core.cg.curl(f"http://[::ffff:{core.v}]:86/[1-3]") == ["A"] * 3
+
+
+def test_an_ipv6_vip_is_governed_by_connect6(core):
+    """test_ipv6.py: an IPv6 VIP ([::1] on a port nothing listens on) to an
+    IPv6 endpoint (the cluster's IPv6 view), and to an IPv4 one, reached
+    mapped; sockops counts both with their own addresses."""
+    six, mapped = core.v6_ports
+    assert core.cg.curl(f"http://[::1]:{six}/[1-3]") == ["A6"] * 3
+    assert core.cg.curl(f"http://[::1]:{mapped}/[1-3]") == ["A"] * 3
+    labels = (("destination_cluster", "six"), ("destination_service", "six"), ("endpoint", f"[::1]:{core.a6.port}"))
+    assert wait_for(lambda: metrics(core.k).get(("kmesh_tcp_connections_closed_total", labels)) == 3)
 
 
 def test_least_request_counts_and_gives_back(core):
