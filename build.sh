@@ -22,7 +22,7 @@ DESTDIR="${DESTDIR:-}"
 
 APT_PACKAGES=(clang-19 llvm-19 bpftool libbpf-dev libbpf1 curl wrk nginx-light iperf3 iproute2 procps shellcheck systemd
               rpm rpmlint debootstrap systemd-container python3-pip python3-setuptools python3-wheel python3-venv
-              qemu-system-x86 busybox-static cpio zstd)
+              qemu-system-x86 busybox-static cpio zstd podman buildah runc containernetworking-plugins)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }

@@ -20,6 +20,7 @@ MAY_IMPORT = {
     "metrics": {"bpf"},
     "admin": {"metrics"},
     "daemon": {"bpf", "config", "dataplane", "l7", "xds", "accesslog", "metrics", "admin"},
+    "cni": set(),                                  # the CNI plugin runs on nodes without kmesh: stdlib only
     "cli": {"bpf", "config", "dataplane", "admin", "daemon"},
 }
 

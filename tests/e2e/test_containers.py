@@ -1,0 +1,114 @@
+"""Containers under real podman with kmesh-cni chained into a test CNI
+network: a container is enrolled by the runtime's own CNI call, with no
+manual step; a bypass label keeps one out; removing it leaves nothing."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.support import containers, harness
+from tests.support import envoy as e
+
+pytestmark = pytest.mark.skipif(bool(containers.available()), reason=containers.available() or "")
+
+VIP_PORT = 80
+
+
+@pytest.fixture(scope="session")
+def busybox():
+    image = containers.build_busybox()
+    yield image
+    containers.remove_image(image)
+
+
+def httpd(pm: containers.Podman, image: str, name: str, ip: str) -> str:
+    """A container answering ``name`` over HTTP on ip:8080 (busybox httpd)."""
+    return pm.run(name, image, "sh", "-c", f"mkdir -p /www && echo {name} > /www/index.html && "
+                  "exec httpd -f -p 8080 -h /www", ip=ip, cni_args="istio.io/dataplane-mode=none")
+
+
+def fetch(pm: containers.Podman, name: str, host: str, port: int) -> subprocess.CompletedProcess:
+    """GET / from inside container ``name``; stdout is the body's last line.
+    (busybox nc: Debian's static busybox wget crashes in a container.)"""
+    r = pm.exec(name, "sh", "-c", f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}", check=False)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode == 0 and not (lines and lines[0].startswith("HTTP/1.") and " 200 " in lines[0]):
+        r.returncode = 1
+    r.stdout = lines[-1].strip() if lines else ""
+    return r
+
+
+def workloads(k) -> list[dict]:
+    return [w for w in k.get("/workloads")["workloads"] if w["kind"] == "netns"]
+
+
+def wait_for(pred, what: str, timeout: float = 10):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_cni_plugin_enrolls_a_new_container_and_bypasses_a_labelled_one(kmesh, cgroup, tmp_path, busybox):
+    with containers.podman(tmp_path / "pm", cgroup) as pm:
+        vip = f"10.203.{pm.subnet.rsplit('.', 1)[1]}.1"
+        a, b = pm.ip(10), pm.ip(11)
+        k = kmesh(e.bootstrap([e.tcp_listener("svc", vip, VIP_PORT)],
+                              [e.cluster("c1", e.lb_ep(a, 8080), e.lb_ep(b, 8080))]),
+                  extra_args=("-workloads=enrolled",))
+        pm.install_cni({"admin_socket": str(k.admin_socket)})
+        httpd(pm, busybox, "A", a)
+        httpd(pm, busybox, "B", b)
+        # The backends carry the bypass label: CNI told kmesh so.
+        assert {w["path"]: w["mode"] for w in workloads(k)} == {
+            pm.netns(f"{pm.network}-A"): "bypass", pm.netns(f"{pm.network}-B"): "bypass"}
+
+        client = pm.run("client", busybox, "sleep", "3600")
+        ns = pm.netns(client)
+        assert ns.startswith("/run/netns/") and {"path": ns, "mode": "enrolled"}.items() <= \
+            next(w for w in workloads(k) if w["path"] == ns).items()
+        got = []
+        for _ in range(4):
+            r = fetch(pm, client, vip, VIP_PORT)
+            assert r.returncode == 0, r.stderr
+            got.append(r.stdout.strip())
+        assert sorted(got) == ["A", "A", "B", "B"]          # round robin, exact
+
+        # The bypass label: the same connect is not redirected, and fails
+        # inside the network (no route to the VIP).
+        other = pm.run("bypassed", busybox, "sleep", "3600", cni_args="IgnoreUnknown=1;istio.io/dataplane-mode=none")
+        assert next(w for w in workloads(k) if w["path"] == pm.netns(other))["mode"] == "bypass"
+        r = fetch(pm, other, vip, VIP_PORT)
+        assert r.returncode != 0 and "unreachable" in r.stderr.lower(), r.stderr
+        assert fetch(pm, other, a, 8080).stdout.strip() == "A"   # its own traffic is its own
+
+        # Removed: CNI DEL unenrolls at once (not the daemon's 5 s sweep).
+        for name in (client, other):
+            path = pm.netns(name)
+            pm.rm(name)
+            assert path not in {w["path"] for w in workloads(k)}
+        log = [json.loads(line) for line in pm.cni_log.read_text().splitlines()]
+        assert [x["event"] for x in log].count("enrolled") == 1 and [x["event"] for x in log].count("unenrolled") == 2
+        pm.rm(f"{pm.network}-A")
+        pm.rm(f"{pm.network}-B")
+        assert workloads(k) == [] and not list(pm.cni_state.iterdir())
+
+
+def test_kmesh_down_fails_a_container_start_only_when_fail_closed(cgroup, tmp_path, busybox):
+    """Fail open (the default): kmesh down does not stop a container; with
+    fail_closed the runtime's start fails and says why."""
+    with containers.podman(tmp_path / "pm", cgroup) as pm:
+        pm.install_cni({"admin_socket": str(tmp_path / "nobody.sock"), "timeout": 0.5})
+        c = pm.run("open", busybox, "sleep", "3600")
+        assert pm.podman("inspect", "--format", "{{.State.Running}}", c) == "true"
+        assert "kmesh unreachable" in pm.cni_log.read_text()
+        pm.install_cni({"admin_socket": str(tmp_path / "nobody.sock"), "timeout": 0.5, "fail_closed": True})
+        with pytest.raises(RuntimeError) as err:
+            pm.run("closed", busybox, "sleep", "3600")
+        assert "fail_closed is true" in str(err.value)
