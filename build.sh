@@ -7,6 +7,8 @@
 #   -c  clean build outputs
 #   -u  uninstall (detaches and unpins first)
 #   rpm [RELEASE]  build the RPM (packaging/rpm) into build/rpm/RPMS
+#   image [TAG [ARCHIVE]]  build the OCI image offline (packaging/image), as
+#       TAG (default localhost/kmesh:VERSION), also to ARCHIVE (oci-archive)
 # and the two commands of the README:
 #   setup  install what building and testing need (apt packages, .venv)
 #   demo   setup + build, then run kmesh-daemon on the bundled standalone example
@@ -159,6 +161,16 @@ do_rpm() {
     ls "$top"/RPMS/*/kmesh-"$version"-"$release".*.rpm
 }
 
+# The OCI image, from Debian's packages and the wheel (docs/containers.md).
+do_image() {
+    need_root "building the image (debootstrap, buildah)"
+    do_setup
+    do_build
+    local version
+    version=$("$VENV/bin/python" -c 'import kmesh; print(kmesh.__version__)')
+    PYTHON="$VENV/bin/python" sh "$ROOT/packaging/image/build-image.sh" "$ROOT" "$BUILD" "${1:-localhost/kmesh:$version}" "${2:-}"
+}
+
 do_test() {
     need_root "the test suite"
     do_setup
@@ -187,8 +199,9 @@ case "${1:-}" in
     -c|clean) do_clean ;;
     -u|uninstall) do_uninstall ;;
     rpm) shift; do_rpm "$@" ;;
+    image) shift; do_image "$@" ;;
     setup) do_setup ;;
     test) shift; do_test "$@" ;;
     demo) shift; do_demo "$@" ;;
-    *) sed -n "2,12p" "$0" | sed "s/^# \{0,1\}//"; exit 2 ;;
+    *) sed -n "2,14p" "$0" | sed "s/^# \{0,1\}//"; exit 2 ;;
 esac

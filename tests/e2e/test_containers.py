@@ -4,6 +4,7 @@ manual step; a bypass label keeps one out; removing it leaves nothing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -24,16 +25,32 @@ def busybox():
     containers.remove_image(image)
 
 
+@pytest.fixture(scope="session")
+def kmesh_image():
+    """The README's ``./build.sh image``, from this tree (about 2 minutes);
+    KMESH_TEST_IMAGE names one already built instead (kept)."""
+    if os.environ.get("KMESH_TEST_IMAGE"):
+        yield os.environ["KMESH_TEST_IMAGE"]
+        return
+    tag = containers.build_image()
+    yield tag
+    containers.remove_image(tag)
+
+
 def httpd(pm: containers.Podman, image: str, name: str, ip: str) -> str:
-    """A container answering ``name`` over HTTP on ip:8080 (busybox httpd)."""
-    return pm.run(name, image, "sh", "-c", f"mkdir -p /www && echo {name} > /www/index.html && "
-                  "exec httpd -f -p 8080 -h /www", ip=ip, cni_args="istio.io/dataplane-mode=none")
+    """A container answering ``name`` over HTTP on ip:8080 (busybox httpd),
+    at / and at /v1 and /v2."""
+    return pm.run(name, image, "sh", "-c", f"mkdir -p /www && for f in index.html v1 v2; do echo {name} > /www/$f; "
+                  "done && exec httpd -f -p 8080 -h /www", ip=ip, cni_args="istio.io/dataplane-mode=none")
 
 
-def fetch(pm: containers.Podman, name: str, host: str, port: int) -> subprocess.CompletedProcess:
-    """GET / from inside container ``name``; stdout is the body's last line.
-    (busybox nc: Debian's static busybox wget crashes in a container.)"""
-    r = pm.exec(name, "sh", "-c", f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {host} {port}", check=False)
+def fetch(pm: containers.Podman, name: str, host: str, port: int, path: str = "/") -> subprocess.CompletedProcess:
+    """GET ``path`` from inside container ``name``; stdout is the body's last
+    line. (busybox nc: Debian's static busybox wget crashes in a container.)"""
+    r = pm.exec(name, "sh", "-c", f"printf 'GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n' | "
+                f"nc -w 3 {host} {port}",
+                check=False)
+    r.raw = r.stdout
     lines = r.stdout.strip().splitlines()
     if r.returncode == 0 and not (lines and lines[0].startswith("HTTP/1.") and " 200 " in lines[0]):
         r.returncode = 1
@@ -112,3 +129,69 @@ def test_kmesh_down_fails_a_container_start_only_when_fail_closed(cgroup, tmp_pa
         with pytest.raises(RuntimeError) as err:
             pm.run("closed", busybox, "sleep", "3600")
         assert "fail_closed is true" in str(err.value)
+
+
+LOOP = """ok=0; failed=0
+while [ ! -e /stop ]; do
+  if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vip} {port} | head -1 | grep -q ' 200 '; then
+    ok=$((ok+1)); else failed=$((failed+1)); fi
+done
+echo "$ok $failed"
+"""
+
+
+def test_the_image_runs_as_a_daemonset_pod_would_and_restarts_under_load_without_a_failed_connection(
+        cgroup, tmp_path, busybox, kmesh_image):
+    """kmesh's image under podman (host network and PID, the host's bpffs,
+    cgroups and /run/netns, capabilities, not --privileged) with kmesh-cni:
+    L4 and per-request L7 from a CNI container, the same checks as the host
+    daemon's; a container restart under a client loop fails no connection
+    and takes the pins (routes, enrollments) over."""
+    with containers.podman(tmp_path / "pm", cgroup) as pm:
+        third = pm.subnet.rsplit(".", 1)[1]
+        vip, vip7 = f"10.203.{third}.1", f"10.203.{third}.2"
+        a, b = pm.ip(10), pm.ip(11)
+        routes = [{"match": {"prefix": "/v1"}, "route": {"cluster": "ca"}},
+                  {"match": {"prefix": "/"}, "route": {"cluster": "cb"}}]
+        cfg = e.bootstrap([e.tcp_listener("svc", vip, VIP_PORT),
+                           e.http_listener("web", vip7, VIP_PORT, [{"name": "vh", "domains": ["*"],
+                                                                     "routes": routes}])],
+                          [e.cluster("c1", e.lb_ep(a, 8080), e.lb_ep(b, 8080)),
+                           e.cluster("ca", e.lb_ep(a, 8080)), e.cluster("cb", e.lb_ep(b, 8080))])
+        k = containers.ContainerKmesh(cgroup, tmp_path / "kmesh.yaml", extra_args=("-workloads=enrolled",),
+                                      pm=pm, name=f"{pm.network}-kmesh", image=kmesh_image)
+        try:
+            k.write_config(cfg)
+            k.start()
+            assert k.attached_programs() == harness.PROGRAMS
+            pm.install_cni({"admin_socket": str(k.admin_socket)})
+            httpd(pm, busybox, "A", a)
+            httpd(pm, busybox, "B", b)
+            client = pm.run("client", busybox, "sleep", "3600")
+
+            def smoke():
+                got = sorted(fetch(pm, client, vip, VIP_PORT).stdout for _ in range(4))
+                assert got == ["A", "A", "B", "B"]
+                for path, want in (("/v1", "A"), ("/v2", "B"), ("/v1", "A")):
+                    r = fetch(pm, client, vip7, VIP_PORT, path)
+                    assert (r.returncode, r.stdout) == (0, want), (r.raw, r.stderr, k.log()[-3000:])
+
+            smoke()
+            before = {w["path"]: w["mode"] for w in workloads(k)}
+            assert before[pm.netns(client)] == "enrolled"
+
+            loop = subprocess.Popen(["podman", "exec", client, "sh", "-c", LOOP.format(vip=vip, port=VIP_PORT)],
+                                    stdout=subprocess.PIPE, text=True, env=pm.env)
+            time.sleep(1)
+            assert k.stop() == 0
+            time.sleep(1)                      # connects go on with no daemon at all
+            k.start()
+            time.sleep(1)
+            pm.exec(client, "touch", "/stop")
+            ok, failed = map(int, loop.communicate(timeout=60)[0].split())
+            assert failed == 0 and ok > 20, (ok, failed, k.log()[-4000:])
+            assert "takeover=True" in k.log()
+            assert {w["path"]: w["mode"] for w in workloads(k)} == before
+            smoke()
+        finally:
+            k.teardown()

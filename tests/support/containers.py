@@ -20,9 +20,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import harness
@@ -146,10 +148,10 @@ class Podman:
         remove_cgroup_dirs(self.cgroup.path.name)
 
 
-def remove_cgroup_dirs(name: str) -> None:
+def remove_cgroup_dirs(name: str, whole: bool = False) -> None:
     """What cgroupfs made for containers under /<name>: its subdirs in the
-    cgroup2 tree (the test's own dir is the harness's to remove) and the
-    whole dir in each v1 hierarchy."""
+    cgroup2 tree (the test's own dir is the harness's to remove, unless
+    ``whole``) and the whole dir in each v1 hierarchy."""
     tops = [harness.CGROUP2_ROOT / name] + [d / name for d in V1_ROOT.iterdir()
                                            if d != harness.CGROUP2_ROOT and (d / name).is_dir()]
     for top in tops:
@@ -159,7 +161,7 @@ def remove_cgroup_dirs(name: str) -> None:
             try:
                 for d in subdirs:
                     d.rmdir()
-                if top.parent != harness.CGROUP2_ROOT and top.exists():
+                if (whole or top.parent != harness.CGROUP2_ROOT) and top.exists():
                     top.rmdir()
                 break
             except OSError:
@@ -173,3 +175,60 @@ def podman(tmp: Path, cgroup: harness.Cgroup, cni_settings: dict | None = None):
         yield p
     finally:
         p.close()
+
+
+# -- kmesh itself in a container, as a DaemonSet pod runs it ---------------------
+IMAGE_TAG = f"localhost/kmesh-test:{harness.RUN_ID}"
+# What the daemon needs of the host (the same list as deploy/kmesh.yaml):
+# bpf() and perf events (BPF, PERFMON; SYS_ADMIN on kernels before 5.8 and
+# for setns into workloads' namespaces), its sockets' options and the
+# hand-off listeners' namespaces (NET_ADMIN), other processes' /proc/PID/ns
+# (SYS_PTRACE), the memlock limit on kernels before 5.11 (SYS_RESOURCE).
+CAPS = ("SYS_ADMIN", "BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYS_RESOURCE")
+
+
+def build_image(tag: str = IMAGE_TAG) -> str:
+    """``./build.sh image`` from this tree (the test of the README's command)."""
+    r = subprocess.run([str(harness.ROOT / "build.sh"), "image", tag], capture_output=True, text=True, timeout=1200)
+    if r.returncode:
+        raise RuntimeError(f"./build.sh image: exit {r.returncode}:\n{r.stderr[-4000:]}")
+    return tag
+
+
+@dataclass
+class ContainerKmesh(harness.Kmesh):
+    """The daemon from the kmesh image under podman: host network, PID and
+    cgroup namespaces, the host's bpffs, cgroup tree and /run/netns, the
+    capabilities in CAPS, not --privileged. ``podman run`` stays in the
+    foreground, so ``proc`` is its client (signals are proxied)."""
+
+    image: str = IMAGE_TAG
+    pm: "Podman | None" = None
+    name: str = ""
+
+    def argv(self, *extra: str) -> list[str]:
+        self.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+        cfg_dir = self.config_path.parent
+        flags = super().argv(*extra)[1:]
+        return ["podman", "run", "--rm", "--name", self.name, "--network", "host", "--pid", "host",
+                "--cgroupns", "host", "--cap-drop", "all", *(f"--cap-add={c}" for c in CAPS),
+                f"--cgroup-parent=/{self.pm.cgroup.path.relative_to(harness.CGROUP2_ROOT)}-daemon",
+                "-v", "/sys/fs/bpf:/sys/fs/bpf", "-v", "/sys/fs/cgroup:/sys/fs/cgroup",
+                "-v", "/run/netns:/run/netns:rslave", "-v", f"{cfg_dir}:{cfg_dir}:ro",
+                "-v", f"{self.admin_socket.parent}:{self.admin_socket.parent}",
+                self.image, *flags]
+
+    def start(self, wait: bool = True) -> "ContainerKmesh":
+        self.env = {"CONTAINERS_CONF": self.pm.env["CONTAINERS_CONF"]}
+        return super().start(wait)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        code = super().stop(sig, timeout)
+        if sig == signal.SIGKILL:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", self.name], capture_output=True, env=self.pm.env)
+        return code
+
+    def teardown(self) -> None:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", self.name], capture_output=True, env=self.pm.env)
+        super().teardown()
+        remove_cgroup_dirs(self.pm.cgroup.path.name + "-daemon", whole=True)
