@@ -20,6 +20,7 @@ SUITE=${KMESH_IMAGE_SUITE:-bookworm}
 MIRROR=${KMESH_IMAGE_MIRROR:-http://deb.debian.org/debian}
 say() { printf '==> %s\n' "$*" >&2; }
 
+# shellcheck disable=SC2012  # the newest wheel by time; build.sh names them plainly
 wheel=$(ls -t "$build"/dist/kmesh-*.whl 2>/dev/null | head -1)
 [ -n "$wheel" ] || { echo "build-image.sh: no wheel in $build/dist: run ./build.sh first" >&2; exit 1; }
 version=$(basename "$wheel" | cut -d- -f2)

@@ -22,6 +22,7 @@ START_PRE = SYSTEMD / "kmesh-start-pre.sh"
 STOP_POST = SYSTEMD / "kmesh-stop-post.sh"
 SYSCONFIG = SYSTEMD / "kmesh.sysconfig"
 LAYOUT = ROOT / "packaging" / "install-layout.sh"
+IMAGE = ROOT / "packaging" / "image" / "build-image.sh"
 
 # Executables the unit names, as installed by build.sh -i and the RPM.
 INSTALLED = {
@@ -228,14 +229,14 @@ def test_sysconfig_is_shell_compatible():
 
 # -- the helper scripts -----------------------------------------------------
 
-@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT, IMAGE], ids=lambda p: p.name)
 def test_script_syntax(script: Path):
     assert script.read_text().startswith("#!/bin/sh\n")
     res = run(["sh", "-n", str(script)])
     assert res.returncode == 0 and res.stderr == "", res.stderr
 
 
-@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [START_PRE, STOP_POST, LAYOUT, IMAGE], ids=lambda p: p.name)
 def test_script_shellcheck(script: Path):
     exe = shutil.which("shellcheck")
     if exe is None:
