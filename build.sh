@@ -107,7 +107,7 @@ do_clean() { rm -rf "$BUILD" "$ROOT"/src/*.egg-info; say "cleaned"; }
 LIBDIR="$DESTDIR$PREFIX/lib/kmesh"
 LAYOUT="$ROOT/packaging/install-layout.sh"
 # Everything install puts down, for uninstall (the config in /etc is kept).
-INSTALLED_PATHS=("$PREFIX/lib/kmesh" "$PREFIX/bin/kmesh-daemon" "$PREFIX/bin/kmesh-cmd" "$PREFIX/bin/kmeshctl"
+INSTALLED_PATHS=("$PREFIX/lib/kmesh" "$PREFIX/bin/kmesh-daemon" "$PREFIX/bin/kmesh-cmd" "$PREFIX/bin/kmeshctl" "$PREFIX/bin/kmesh-cni"
                  "$PREFIX/lib/systemd/system/kmesh.service" "$PREFIX/share/doc/kmesh"
                  "$PREFIX/share/licenses/kmesh")
 

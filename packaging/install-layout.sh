@@ -14,7 +14,8 @@
 # reinstall keeps local changes (the RPM marks them %config(noreplace)).
 #
 # Installed layout (PREFIX=/usr):
-#   /usr/bin/kmesh-daemon, kmesh-cmd, kmeshctl      wrappers around the venv's CLIs
+#   /usr/bin/kmesh-daemon, kmesh-cmd, kmeshctl,     wrappers around the venv's CLIs
+#            kmesh-cni
 #   /usr/lib/kmesh/venv/                           private Python venv (kmesh, xds-protos)
 #   /usr/lib/kmesh/scripts/kmesh-*.sh              the unit's ExecStartPre/ExecStopPost helpers
 #   /usr/lib/kmesh/bpf/*.bpf.o                     CO-RE BPF objects (per architecture)
@@ -35,7 +36,7 @@ files() {
     install -m 0644 "$build"/bpf/*.bpf.o "$lib/bpf/"
     install -m 0644 "$build"/bpf/legacy/*.bpf.o "$lib/bpf/legacy/"
     install -m 0755 "$build"/native/libkmesh_l7.so "$lib/native/"
-    for b in kmesh-daemon kmesh-cmd kmeshctl; do
+    for b in kmesh-daemon kmesh-cmd kmeshctl kmesh-cni; do
         # shellcheck disable=SC2016  # the wrapper expands $KMESH_*_DIR and $@ itself
         printf '#!/bin/sh\nKMESH_BPF_DIR=${KMESH_BPF_DIR:-%s/lib/kmesh/bpf} KMESH_NATIVE_DIR=${KMESH_NATIVE_DIR:-%s/lib/kmesh/native} exec %s/lib/kmesh/venv/bin/%s "$@"\n' \
             "$prefix" "$prefix" "$prefix" "$b" > "$dest$prefix/bin/$b"

@@ -164,6 +164,13 @@ def test_the_image_runs_as_a_daemonset_pod_would_and_restarts_under_load_without
             k.write_config(cfg)
             k.start()
             assert k.attached_programs() == harness.PROGRAMS
+            # The DaemonSet's probe, and a read as the image's non-root user.
+            assert pm.podman("exec", k.name, "/usr/bin/kmeshctl", f"--admin=127.0.0.1:{k.admin_port}",
+                             "ready") == "ready"
+            assert "kmesh-daemon" in pm.podman("run", "--rm", "--network", "host", "--user", "kmesh",
+                                               f"--cgroup-parent={k.cgroup_parent}",
+                                               "--entrypoint", "/usr/bin/kmeshctl", kmesh_image,
+                                               f"--admin=127.0.0.1:{k.admin_port}", "version")
             pm.install_cni({"admin_socket": str(k.admin_socket)})
             httpd(pm, busybox, "A", a)
             httpd(pm, busybox, "B", b)

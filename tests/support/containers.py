@@ -210,13 +210,18 @@ class ContainerKmesh(harness.Kmesh):
         self.admin_socket.parent.mkdir(parents=True, exist_ok=True)
         cfg_dir = self.config_path.parent
         flags = super().argv(*extra)[1:]
-        return ["podman", "run", "--rm", "--name", self.name, "--network", "host", "--pid", "host",
+        return ["podman", "run", "--rm", "--name", self.name, "--read-only", "--network", "host", "--pid", "host",
                 "--cgroupns", "host", "--cap-drop", "all", *(f"--cap-add={c}" for c in CAPS),
-                f"--cgroup-parent=/{self.pm.cgroup.path.relative_to(harness.CGROUP2_ROOT)}-daemon",
+                f"--cgroup-parent={self.cgroup_parent}",
                 "-v", "/sys/fs/bpf:/sys/fs/bpf", "-v", "/sys/fs/cgroup:/sys/fs/cgroup",
                 "-v", "/run/netns:/run/netns:rslave", "-v", f"{cfg_dir}:{cfg_dir}:ro",
                 "-v", f"{self.admin_socket.parent}:{self.admin_socket.parent}",
                 self.image, *flags]
+
+    @property
+    def cgroup_parent(self) -> str:
+        """Beside the governed cgroup, not in it (removed at teardown)."""
+        return f"/{self.pm.cgroup.path.relative_to(harness.CGROUP2_ROOT)}-daemon"
 
     def start(self, wait: bool = True) -> "ContainerKmesh":
         self.env = {"CONTAINERS_CONF": self.pm.env["CONTAINERS_CONF"]}

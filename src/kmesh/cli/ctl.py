@@ -84,6 +84,14 @@ def version(obj):
 
 @main.command()
 @click.pass_obj
+def ready(obj):
+    """Exit 0 when the daemon serves its config (GET /ready): a probe for
+    a DaemonSet or a script."""
+    click.echo(_request(obj["admin"], "/ready").decode().strip())
+
+
+@main.command()
+@click.pass_obj
 def dump(obj):
     """Listeners and clusters as the BPF maps hold them."""
     maps = _get_json(obj["admin"], "/bpf/kmesh/maps")

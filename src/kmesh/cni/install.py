@@ -77,9 +77,10 @@ def install_plugin(bin_dir: Path, python: str) -> Path:
     return dst
 
 
-def kubernetes_block(conf_dir: Path, host_conf_dir: str, sa_dir: Path = SA_DIR) -> dict | None:
+def kubernetes_block(conf_dir: Path, host_conf_dir: str, sa_dir: Path | None = None) -> dict | None:
     """Copy the pod's service account token and CA next to the config (as
     Istio's kubeconfig for its plugin) and name them, with the API server."""
+    sa_dir = sa_dir or SA_DIR
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     if not host or not (sa_dir / "token").exists():
         return None
