@@ -25,6 +25,6 @@ def test_every_module_and_bpf_source_is_in_the_pieces_table():
 
 def test_the_table_names_no_file_that_is_gone():
     exists = {p.name for p in [*ROOT.glob("src/kmesh/**/*.py"), *ROOT.glob("bpf/**/*"), *ROOT.glob("tests/**/*.py"),
-                               *ROOT.glob("src/native/*"), *ROOT.glob("*/*.sh"), *ROOT.glob("*.sh")]}
+                               *ROOT.glob("src/native/*"), *ROOT.glob("*/*.sh"), *ROOT.glob("*/*/*.sh"), *ROOT.glob("*.sh")]}
     gone = sorted(n for n in named() if n.endswith((".py", ".h", ".c", ".sh")) and n not in exists)
     assert not gone, gone
