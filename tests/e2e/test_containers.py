@@ -13,9 +13,14 @@ import pytest
 from tests.support import containers, harness
 from tests.support import envoy as e
 
-pytestmark = pytest.mark.skipif(bool(containers.available()), reason=containers.available() or "")
-
 VIP_PORT = 80
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _podman_here():
+    why = containers.available()
+    if why:
+        pytest.fail(why)
 
 
 @pytest.fixture(scope="session")
@@ -60,16 +65,6 @@ def fetch(pm: containers.Podman, name: str, host: str, port: int, path: str = "/
 
 def workloads(k) -> list[dict]:
     return [w for w in k.get("/workloads")["workloads"] if w["kind"] == "netns"]
-
-
-def wait_for(pred, what: str, timeout: float = 10):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_cni_plugin_enrolls_a_new_container_and_bypasses_a_labelled_one(kmesh, cgroup, tmp_path, busybox):
