@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tarfile
 import time
 
 import pytest
@@ -31,15 +32,34 @@ def busybox():
 
 
 @pytest.fixture(scope="session")
-def kmesh_image():
-    """The README's ``./build.sh image``, from this tree (about 2 minutes);
-    KMESH_TEST_IMAGE names one already built instead (kept)."""
+def image_and_archive(tmp_path_factory):
+    """The README's ``./build.sh image TAG ARCHIVE``, from this tree (about
+    2 minutes); KMESH_TEST_IMAGE names one already built instead (kept)."""
     if os.environ.get("KMESH_TEST_IMAGE"):
-        yield os.environ["KMESH_TEST_IMAGE"]
+        yield os.environ["KMESH_TEST_IMAGE"], None
         return
-    tag = containers.build_image()
-    yield tag
+    archive = tmp_path_factory.mktemp("image") / "kmesh.tar"
+    tag = containers.build_image(archive=archive)
+    yield tag, archive
     containers.remove_image(tag)
+
+
+@pytest.fixture(scope="session")
+def kmesh_image(image_and_archive):
+    return image_and_archive[0]
+
+
+def test_the_image_archive_is_an_oci_archive_of_the_tag(image_and_archive):
+    """ARCHIVE: what ``ctr images import`` or ``podman load`` takes."""
+    tag, archive = image_and_archive
+    if archive is None:
+        pytest.skip("KMESH_TEST_IMAGE: no archive was built in this run")
+    with tarfile.open(archive) as t:
+        layout = json.load(t.extractfile("oci-layout"))
+        index = json.load(t.extractfile("index.json"))
+    assert layout["imageLayoutVersion"] == "1.0.0"
+    (manifest,) = index["manifests"]
+    assert manifest["annotations"]["org.opencontainers.image.ref.name"] == tag
 
 
 def httpd(pm: containers.Podman, image: str, name: str, ip: str) -> str:

@@ -187,9 +187,10 @@ IMAGE_TAG = f"localhost/kmesh-test:{harness.RUN_ID}"
 CAPS = ("SYS_ADMIN", "BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYS_RESOURCE")
 
 
-def build_image(tag: str = IMAGE_TAG) -> str:
-    """``./build.sh image`` from this tree (the test of the README's command)."""
-    r = subprocess.run([str(harness.ROOT / "build.sh"), "image", tag], capture_output=True, text=True, timeout=1200)
+def build_image(tag: str = IMAGE_TAG, archive: Path | None = None) -> str:
+    """``./build.sh image TAG [ARCHIVE]`` from this tree (the test of the README's command)."""
+    r = subprocess.run([str(harness.ROOT / "build.sh"), "image", tag, *([str(archive)] if archive else [])],
+                       capture_output=True, text=True, timeout=1200)
     if r.returncode:
         raise RuntimeError(f"./build.sh image: exit {r.returncode}:\n{r.stderr[-4000:]}")
     return tag
