@@ -281,3 +281,37 @@ def test_install_refuses_a_bad_setting_and_a_missing_network(tmp_path, capsys):
     assert "timeout" in capsys.readouterr().err
     assert install.main(["install", f"--bin-dir={tmp_path}", f"--conf-dir={tmp_path}", "--network=nope"]) == 1
     assert "no CNI network config named 'nope'" in capsys.readouterr().err
+
+
+def test_a_daemon_speaking_garbage_or_a_bug_fails_only_a_fail_closed_add(tmp_path, monkeypatch):
+    """Not HTTP on the admin socket (http.client's own exceptions), and an
+    unexpected exception: fail-open passes the result through, DEL succeeds."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "admin.sock"))
+    srv.listen(8)
+
+    def garbage():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.recv(4096)
+            c.sendall(b"SSH-2.0-not-http\r\n")
+            c.close()
+
+    threading.Thread(target=garbage, daemon=True).start()
+    try:
+        code, out = plugin.run(env("ADD"), stdin(tmp_path))
+        assert code == 0 and json.loads(out) == PREV
+        code, out = plugin.run(env("ADD"), stdin(tmp_path, fail_closed=True))
+        assert code == 1 and json.loads(out)["code"] == plugin.E_TRY_LATER
+    finally:
+        srv.close()
+    monkeypatch.setattr(plugin, "decide", lambda *a: 1 / 0)
+    code, out = plugin.run(env("ADD"), stdin(tmp_path))
+    assert code == 0 and json.loads(out) == PREV
+    code, out = plugin.run(env("ADD"), stdin(tmp_path, fail_closed=True))
+    assert code == 1 and "internal error" in json.loads(out)["msg"]
+    monkeypatch.setattr(plugin, "load_state", lambda *a: 1 / 0)
+    assert plugin.run(env("DEL"), stdin(tmp_path)) == (0, "")

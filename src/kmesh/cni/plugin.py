@@ -167,7 +167,7 @@ def admin(conf: dict, method: str, path: str) -> tuple[int, dict]:
                 return r.status, json.loads(body or b"{}")
             except ValueError:
                 return r.status, {"error": body.decode(errors="replace")}
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             if time.monotonic() + delay >= end:
                 raise Unreachable(f"kmesh-daemon does not answer at {conf['admin_socket']}: {e}") from None
         finally:
@@ -269,7 +269,7 @@ def cmd_add(conf: dict, env: dict) -> dict:
     cni_args = parse_cni_args(env.get("CNI_ARGS", ""))
     try:
         labels, ns_labels, namespace, annotations = pod_facts(conf, cni_args)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         # Without the labels the rule cannot be applied: leave the workload
         # to the daemon's scope rather than guess.
         log(conf, "labels unavailable", container=cid, error=str(e))
@@ -343,9 +343,20 @@ def run(env: dict, stdin: str) -> tuple[int, str]:
         conf = parse_config(stdin)
         version = conf["cniVersion"]
         if command == "ADD":
-            return 0, json.dumps(cmd_add(conf, env))
+            try:
+                return 0, json.dumps(cmd_add(conf, env))
+            except CniError:
+                raise
+            except Exception as e:   # a bug here must not stop a container that fail-open lets start
+                log(conf, "internal error", error=repr(e))
+                if conf["fail_closed"]:
+                    raise CniError(E_KMESH, f"{PLUGIN_TYPE}: internal error: {e!r}") from None
+                return 0, json.dumps(passthrough(conf))
         if command == "DEL":
-            cmd_del(conf, env)
+            try:
+                cmd_del(conf, env)
+            except Exception as e:   # DEL never fails
+                log(conf, "internal error", error=repr(e))
             return 0, ""
         if command == "CHECK":
             cmd_check(conf, env)
