@@ -86,6 +86,7 @@ def kubernetes_block(conf_dir: Path, host_conf_dir: str, sa_dir: Path | None = N
         return None
     d = conf_dir / "kmesh-cni.d"
     d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)      # also when an earlier install (or someone) made it: the token is a credential
     for f in ("token", "ca.crt"):
         if (sa_dir / f).exists():
             shutil.copyfile(sa_dir / f, d / f)
